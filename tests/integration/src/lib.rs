@@ -1,0 +1,309 @@
+//! Helpers for the end-to-end tests: find the `skiff` binary, the test guest and the smoke kernel,
+//! run `skiff` with a deadline, and fail with the guest's serial log attached.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the test guest ELF built by this crate's build script.
+pub fn test_guest() -> PathBuf {
+    PathBuf::from(env!("SKIFF_TEST_GUEST"))
+}
+
+/// Root of the repository.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
+}
+
+/// Path of the `skiff` binary of the same build profile as this test.
+///
+/// `cargo test --workspace` builds it because the `vmm` package has integration tests of its own.
+pub fn skiff_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SKIFF_BIN") {
+        return PathBuf::from(p);
+    }
+    // The test executable lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let bin = profile_dir.join("skiff");
+    assert!(
+        bin.exists(),
+        "{} not found: run the tests with `cargo test --workspace` (which builds skiff) or set SKIFF_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// True when this host's KVM emulates guest kernel code (nested KVM on PVM, see shared/HOST.md):
+/// Linux guests then need `clearcpuid=` and cannot run userspace.
+pub fn emulating_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The `clearcpuid=` option a Linux guest needs on an emulating host (empty elsewhere).
+pub fn linux_cpu_workaround() -> &'static str {
+    if emulating_host() {
+        "clearcpuid=xsave,cx16,popcnt,fsgsbase,rdpid,pcid,invpcid,movbe,erms,fsrm,smap,smep"
+    } else {
+        ""
+    }
+}
+
+/// Result of one `skiff` run.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit status (None when it had to be killed at the deadline).
+    pub status: Option<ExitStatus>,
+    /// Standard output (the guest's serial output with `--serial stdout`).
+    pub stdout: String,
+    /// Standard error (skiff's log and error messages).
+    pub stderr: String,
+    /// Wall-clock time of the run.
+    pub elapsed: Duration,
+}
+
+impl Run {
+    /// Exit code, or None if killed by a signal or the deadline.
+    pub fn code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+
+    /// Everything the run printed, for failure messages.
+    pub fn log(&self) -> String {
+        format!(
+            "exit: {:?} after {:.1}s\n----- stdout (serial) -----\n{}\n----- stderr -----\n{}",
+            self.status,
+            self.elapsed.as_secs_f64(),
+            self.stdout,
+            self.stderr
+        )
+    }
+
+    /// Assert the run exited with `code`, printing the logs otherwise.
+    pub fn assert_code(&self, code: i32) {
+        assert_eq!(
+            self.code(),
+            Some(code),
+            "unexpected exit status\n{}",
+            self.log()
+        );
+    }
+
+    /// Assert that the serial output contains `needle`.
+    pub fn assert_stdout_has(&self, needle: &str) {
+        assert!(
+            self.stdout.contains(needle),
+            "serial output lacks {needle:?}\n{}",
+            self.log()
+        );
+    }
+
+    /// The first line of stdout starting with `prefix`.
+    pub fn line_starting(&self, prefix: &str) -> Option<&str> {
+        self.stdout.lines().find(|l| l.starts_with(prefix))
+    }
+}
+
+/// Run `skiff` with `args`, killing it after `deadline`.
+pub fn run_skiff<S: AsRef<std::ffi::OsStr>>(args: &[S], deadline: Duration) -> Run {
+    run_command(Command::new(skiff_bin()).args(args), deadline)
+}
+
+/// Run a prepared command with captured output and a deadline.
+pub fn run_command(cmd: &mut Command, deadline: Duration) -> Run {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn skiff");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if start.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Directory with the smoke kernel (vmlinux, bzImage, initramfs.cpio), built by
+/// `resources/guest/build-kernel.sh`; None (with the reason) when it has not been built.
+pub fn smoke_kernel_dir() -> Result<PathBuf, String> {
+    if let Some(d) = std::env::var_os("SKIFF_KERNEL_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let script = repo_root().join("resources/guest/build-kernel.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("--print-dir")
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let dir = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let dir = PathBuf::from(dir);
+    if out.status.success() && dir.join(".done").exists() {
+        Ok(dir)
+    } else {
+        Err(format!(
+            "the smoke kernel is not built ({}): run `bash resources/guest/build-kernel.sh` (scripts/test.sh does)",
+            dir.display()
+        ))
+    }
+}
+
+/// A fresh temporary directory for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("skiff-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+/// A running `skiff` whose output is collected in the background, for tests that act while the
+/// guest runs (signals now; the API later).
+pub struct SkiffProcess {
+    child: std::process::Child,
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    start: Instant,
+}
+
+fn collect<R: Read + Send + 'static>(
+    mut r: R,
+    into: std::sync::Arc<std::sync::Mutex<String>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => into
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+    })
+}
+
+impl SkiffProcess {
+    /// Start `skiff` with `args`.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
+        let mut child = Command::new(skiff_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn skiff");
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), stdout.clone()),
+            collect(child.stderr.take().unwrap(), stderr.clone()),
+        ];
+        Self {
+            child,
+            stdout,
+            stderr,
+            readers,
+            start: Instant::now(),
+        }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait until the serial output contains `needle`; on timeout or early exit, kill the process
+    /// and panic with everything it printed.
+    pub fn wait_for_output(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stdout.lock().unwrap().contains(needle) {
+                return;
+            }
+            let exited = self.child.try_wait().ok().flatten().is_some();
+            if exited || Instant::now() > deadline {
+                let _ = self.child.kill();
+                let run = self.wait(Duration::from_secs(5));
+                panic!("serial output never showed {needle:?}\n{}", run.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Send signal `sig` (e.g. "TERM", "INT") with kill(1).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{sig} {} failed", self.pid());
+    }
+
+    /// Wait for the process to exit (killing it after `timeout`) and return what it printed.
+    pub fn wait(&mut self, timeout: Duration) -> Run {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let stdout = self.stdout.lock().unwrap().clone();
+        let stderr = self.stderr.lock().unwrap().clone();
+        Run {
+            status,
+            stdout,
+            stderr,
+            elapsed: self.start.elapsed(),
+        }
+    }
+}

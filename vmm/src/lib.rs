@@ -1,0 +1,13 @@
+//! skiff's VMM: KVM VM and vCPUs, guest memory, boot, ACPI, device wiring and the control loop.
+
+pub mod acpi;
+pub mod boot;
+pub mod config;
+pub mod control;
+pub mod cpu_template;
+pub mod cpuid;
+pub mod layout;
+pub mod memory;
+pub mod timing;
+pub mod vcpu;
+pub mod vm;

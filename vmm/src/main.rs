@@ -1,0 +1,140 @@
+//! `skiff`: run one microVM. With no arguments it boots the built-in demo guest.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use devices::ExitReason;
+use vmm::config::{self, VmConfig};
+use vmm::control::{self, VmOutcome};
+use vmm::timing;
+use vmm::vm::Vm;
+
+/// Exit status when the guest powered off.
+const EXIT_POWER_OFF: u8 = 0;
+/// Exit status for errors: bad host set-up, VMM failure, or a guest crash (triple fault, KVM error).
+const EXIT_ERROR: u8 = 1;
+/// Exit status for an invalid command line or configuration (nothing was started).
+const EXIT_USAGE: u8 = 2;
+/// Exit status when the guest asked for a reboot (skiff does not restart the VM itself).
+const EXIT_REBOOT: u8 = 3;
+
+const AFTER_HELP: &str = "\
+With no options skiff boots its built-in demo guest, which checks the virtual hardware and powers off.
+
+Exit status:
+  0        the guest powered off
+  1        error: the VM could not be built, or the guest crashed (triple fault, KVM internal error)
+  2        invalid command line or configuration (nothing was started)
+  3        the guest asked for a reboot (skiff ends the VM; restart it if you want a reboot)
+  128+N    stopped cleanly on signal N (130 for SIGINT, 143 for SIGTERM)";
+
+/// Command-line options, in Cloud Hypervisor's style.
+#[derive(Parser, Debug)]
+#[command(name = "skiff", version, about = "skiff: a KVM microVM monitor", after_help = AFTER_HELP)]
+struct Cli {
+    /// Kernel to boot: an ELF vmlinux (PVH or 64-bit entry) or a bzImage. Default: the built-in demo guest.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initramfs (cpio archive) to load with the kernel.
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
+    cmdline: Option<String>,
+    /// vCPUs: boot=N.
+    #[arg(long, value_name = "boot=N")]
+    cpus: Option<String>,
+    /// Guest RAM: size=SIZE with an optional K/M/G/T unit (default 512M).
+    #[arg(long, value_name = "size=SIZE")]
+    memory: Option<String>,
+    /// Serial port (COM1) output: stdout, file=PATH or off.
+    #[arg(long, value_name = "stdout|file=PATH|off")]
+    serial: Option<String>,
+    /// JSON file of CPUID masks applied on top of the CPUID KVM supports (a common CPU baseline).
+    #[arg(long, value_name = "PATH")]
+    cpu_template: Option<PathBuf>,
+    /// More logging on stderr (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+impl Cli {
+    fn into_config(self) -> Result<VmConfig, config::ConfigError> {
+        let mut c = VmConfig::default();
+        if let Some(s) = &self.cpus {
+            c.cpus = config::parse_cpus(s)?;
+        }
+        if let Some(s) = &self.memory {
+            c.memory = config::parse_memory(s)?;
+        }
+        if let Some(s) = &self.serial {
+            c.serial = config::parse_serial(s)?;
+        }
+        c.payload.kernel = self.kernel;
+        c.payload.initramfs = self.initramfs;
+        c.payload.cmdline = self.cmdline;
+        c.cpu_template = self.cpu_template;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_env("SKIFF_LOG")
+        .format_timestamp_micros()
+        .init();
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("skiff: error: {msg}");
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    timing::mark_start();
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let config = match cli.into_config() {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let signals = match control::block_termination_signals() {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_ERROR, e),
+    };
+    let mut vm = match Vm::new(config) {
+        Ok(vm) => vm,
+        Err(e) => return fail(EXIT_ERROR, e),
+    };
+    if let Err(e) = vm.start() {
+        return fail(EXIT_ERROR, e);
+    }
+    let outcome = control::run_until_exit(vm.exit_event(), signals);
+    timing::log_memory_overhead("at VM exit");
+    vm.shutdown();
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    match outcome {
+        Err(e) => fail(EXIT_ERROR, e),
+        Ok(VmOutcome::Guest(ExitReason::PowerOff)) => {
+            log::info!("guest powered off");
+            ExitCode::from(EXIT_POWER_OFF)
+        }
+        Ok(VmOutcome::Guest(ExitReason::Reset)) => {
+            log::warn!("guest requested a reboot; ending the VM");
+            ExitCode::from(EXIT_REBOOT)
+        }
+        Ok(VmOutcome::Guest(ExitReason::VcpuError)) => {
+            fail(EXIT_ERROR, "the guest crashed (see the vCPU error above)")
+        }
+        Ok(VmOutcome::Signal(sig)) => ExitCode::from(128u8.saturating_add(sig as u8)),
+    }
+}

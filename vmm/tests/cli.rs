@@ -1,0 +1,47 @@
+//! CLI surface of the `skiff` binary (help and version). Having an integration test here also makes
+//! `cargo test --workspace` build the `skiff` binary that `tests/integration` runs.
+
+use std::process::Command;
+
+#[test]
+fn help_lists_options_and_exit_statuses() {
+    let out = Command::new(env!("CARGO_BIN_EXE_skiff"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--kernel",
+        "--initramfs",
+        "--cmdline",
+        "--cpus",
+        "--memory",
+        "--serial",
+        "--cpu-template",
+        "-v",
+    ] {
+        assert!(text.contains(opt), "--help lacks {opt}:\n{text}");
+    }
+    assert!(text.contains("the guest asked for a reboot"), "{text}");
+}
+
+#[test]
+fn unknown_option_is_a_usage_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_skiff"))
+        .arg("--bogus")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bogus"));
+}
+
+#[test]
+fn version() {
+    let out = Command::new(env!("CARGO_BIN_EXE_skiff"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("skiff "));
+}
