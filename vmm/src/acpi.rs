@@ -395,7 +395,8 @@ fn build_dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         vec![
             &pci0,
             &MotherboardResources,
-            &Com1,
+            &COM1,
+            &RTC,
             &PowerButton,
             &GenericEventDevice,
         ],
@@ -517,20 +518,47 @@ impl Aml for MotherboardResources {
     }
 }
 
-/// `\_SB_.COM1`: the 16550 UART at 0x3F8, IRQ 4.
-struct Com1;
+/// A legacy ISA device with one I/O range and one edge-triggered IRQ (COM1, the RTC).
+struct IsaDevice {
+    /// ACPI name of the device object.
+    name: &'static str,
+    /// PNP hardware id.
+    hid: &'static str,
+    /// I/O base.
+    port: u16,
+    /// I/O length.
+    len: u8,
+    /// ISA IRQ.
+    irq: u8,
+}
 
-impl Aml for Com1 {
+/// `\_SB_.COM1`: the 16550 UART at 0x3F8, IRQ 4.
+const COM1: IsaDevice = IsaDevice {
+    name: "COM1",
+    hid: "PNP0501",
+    port: layout::SERIAL_PORT,
+    len: SERIAL_PORT_LEN,
+    irq: layout::SERIAL_IRQ as u8,
+};
+
+/// `\_SB_.RTC_`: the MC146818 RTC/CMOS at 0x70, IRQ 8.
+const RTC: IsaDevice = IsaDevice {
+    name: "RTC_",
+    hid: "PNP0B00",
+    port: layout::CMOS_PORT,
+    len: 2,
+    irq: 8,
+};
+
+impl Aml for IsaDevice {
     fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
-        let hid = Name::new(Path::new("_HID"), &EISAName::new("PNP0501"));
+        let hid = Name::new(Path::new("_HID"), &EISAName::new(self.hid));
         let uid = Name::new(Path::new("_UID"), &aml::ZERO);
-        let io = IO::new(layout::SERIAL_PORT, layout::SERIAL_PORT, 1, SERIAL_PORT_LEN);
-        let irq = IrqNoFlags {
-            irq: layout::SERIAL_IRQ as u8,
-        };
+        let io = IO::new(self.port, self.port, 1, self.len);
+        let irq = IrqNoFlags { irq: self.irq };
         let crs_template = ResourceTemplate::new(vec![&io, &irq]);
         let crs = Name::new(Path::new("_CRS"), &crs_template);
-        Device::new(Path::new("COM1"), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
+        Device::new(Path::new(self.name), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
     }
 }
 const _: () = assert!(layout::SERIAL_IRQ < 16);
@@ -865,6 +893,7 @@ mod tests {
             b"PCI0",
             b"MBRD",
             b"COM1",
+            b"RTC_",
             b"PWRB",
             b"GED_",
             b"_EVT",
@@ -885,6 +914,8 @@ mod tests {
         assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x03]));
         assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0c, 0x02]));
         assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x05, 0x01]));
+        // EisaId("PNP0B00") for the RTC.
+        assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0b, 0x00]));
         assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0c, 0x0c]));
         assert!(contains(&dsdt, b"ACPI0013\0"));
         // Name(_S5_, Package(4) { 5, 0, 0, 0 }).

@@ -81,6 +81,8 @@ pub const SERIAL_PORT: u16 = 0x3f8;
 pub const SERIAL_IRQ: u32 = 4;
 /// i8042 controller data port (0x60) .. command port (0x64).
 pub const I8042_PORT: u16 = 0x60;
+/// CMOS/RTC index port (0x70); the data port follows at 0x71.
+pub const CMOS_PORT: u16 = 0x70;
 /// PCI configuration address port (0xCF8); the data port follows at 0xCFC.
 pub const PCI_CONFIG_IO_PORT: u16 = 0xcf8;
 /// Size of the 0xCF8..0xCFF configuration I/O range.

@@ -333,7 +333,7 @@ impl Vm {
             },
             LegacyDevice {
                 id: "cmos",
-                port: 0x70,
+                port: CMOS_PORT,
                 len: 2,
                 device: Arc::new(Mutex::new(Cmos::new(below_4g, above_4g))),
             },
