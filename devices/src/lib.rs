@@ -5,6 +5,11 @@
 pub mod bus;
 pub mod exit;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use exit::{ExitReason, VmExitEvent};
+
+/// Guest memory as devices see it: mmap'ed regions with a dirty bitmap (VMM-side writes are
+/// tracked for migration).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

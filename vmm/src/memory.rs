@@ -13,7 +13,7 @@ use vm_memory::{FileOffset, GuestAddress};
 use crate::boot::ram_ranges;
 
 /// Guest memory with a dirty bitmap on every region, so VMM-side writes are tracked for migration.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMemoryMmap = devices::GuestMemoryMmap;
 /// One mapped region of guest memory.
 pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
 

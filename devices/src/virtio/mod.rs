@@ -1,0 +1,155 @@
+//! Virtio devices, independent of their transport (the virtio-pci transport lives in `pci/`).
+//!
+//! A device offers features, a configuration space and a number of queues. When the driver sets
+//! DRIVER_OK the transport calls [`VirtioDevice::activate`] with the guest memory, the configured
+//! queues (each with the ioeventfd the guest's notifications arrive on) and a [`VirtioInterrupt`]
+//! to signal used buffers. The device then serves its queues on its own worker thread
+//! ([`worker::Worker`]): ioeventfd → worker → irqfd, no VMM round trip on the data path.
+
+pub mod worker;
+
+use std::io;
+use std::sync::Arc;
+
+use thiserror::Error;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::GuestMemoryMmap;
+
+/// Virtio device type ids (virtio 1.x, section 5).
+pub mod device_type {
+    /// Network card.
+    pub const NET: u32 = 1;
+    /// Block device.
+    pub const BLOCK: u32 = 2;
+    /// Console.
+    pub const CONSOLE: u32 = 3;
+    /// Entropy source.
+    pub const RNG: u32 = 4;
+    /// IOMMU.
+    pub const IOMMU: u32 = 23;
+}
+
+/// Transport-independent feature bits (virtio 1.x, section 6).
+pub mod features {
+    /// The driver may use indirect descriptors.
+    pub const VIRTIO_F_INDIRECT_DESC: u64 = 1 << 28;
+    /// used_event / avail_event suppression (event index).
+    pub const VIRTIO_F_EVENT_IDX: u64 = 1 << 29;
+    /// Virtio 1.x (modern) device.
+    pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+    /// The device accesses memory through the platform's IOMMU (addresses are IOVAs).
+    pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
+}
+
+/// Device status bits (virtio 1.x, section 2.1).
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u8 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u8 = 2;
+    /// The driver is ready to drive the device.
+    pub const DRIVER_OK: u8 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u8 = 8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const DEVICE_NEEDS_RESET: u8 = 64;
+    /// The driver gave up on the device.
+    pub const FAILED: u8 = 128;
+}
+
+/// Which interrupt a device raises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtioInterruptType {
+    /// The configuration space changed.
+    Config,
+    /// Queue `n` has new used buffers.
+    Queue(u16),
+}
+
+/// How a device signals the driver; implemented by the transport (an MSI-X vector's irqfd, or INTx
+/// plus the ISR status register).
+pub trait VirtioInterrupt: Send + Sync {
+    /// Raise the interrupt for `int`.
+    fn trigger(&self, int: VirtioInterruptType) -> io::Result<()>;
+}
+
+/// A queue handed to an activated device.
+pub struct ActivatedQueue {
+    /// Queue index within the device.
+    pub index: u16,
+    /// The queue as the driver configured it (size, ring addresses, ready, event-idx).
+    pub queue: Queue,
+    /// The ioeventfd the driver's notifications for this queue arrive on.
+    pub kick: EventFd,
+}
+
+/// Errors of virtio devices.
+#[derive(Debug, Error)]
+pub enum VirtioError {
+    /// The driver set up the device in a way it cannot run with.
+    #[error("{id}: cannot activate: {reason}")]
+    Activate {
+        /// Device id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// The worker thread could not be started or controlled.
+    #[error("{id}: worker: {reason}")]
+    Worker {
+        /// Device id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// An I/O error on a host resource (image file, TAP, ...).
+    #[error("{id}: {source}")]
+    Io {
+        /// Device id.
+        id: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A virtio device, as the transport sees it.
+pub trait VirtioDevice: Send {
+    /// Stable id (from the configuration; used by the API, counters and migration).
+    fn id(&self) -> &str;
+    /// Virtio device type (see [`device_type`]).
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Features the device offers (including [`features::VIRTIO_F_VERSION_1`]).
+    fn avail_features(&self) -> u64;
+    /// Record the features the driver accepted (a subset of `avail_features`).
+    fn set_acked_features(&mut self, features: u64);
+    /// Read from the device-specific configuration space; bytes beyond it read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Write to the device-specific configuration space (ignored unless the device has writable fields).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Start serving the queues (called when the driver sets DRIVER_OK).
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), VirtioError>;
+    /// Stop serving queues and drop them (driver reset); the device can be activated again.
+    fn reset(&mut self);
+    /// Stop touching guest memory and raising interrupts until [`VirtioDevice::resume`].
+    fn pause(&mut self) -> Result<(), VirtioError> {
+        Ok(())
+    }
+    /// Continue after [`VirtioDevice::pause`].
+    fn resume(&mut self) -> Result<(), VirtioError> {
+        Ok(())
+    }
+    /// I/O counters reported by `vm.counters` (name, value).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+}
