@@ -31,5 +31,6 @@ if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
     echo "setup: warning: /dev/kvm is missing or not accessible; skiff cannot run VMs here" >&2
 fi
 
-echo "setup: smoke kernel (cached after the first build)" >&2
+echo "setup: smoke kernel and root filesystem (cached after the first build)" >&2
 bash resources/guest/build-kernel.sh >/dev/null
+bash resources/guest/build-rootfs.sh >/dev/null

@@ -90,6 +90,93 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// CPU template (JSON file of CPUID masks) applied on top of KVM's supported CPUID.
     pub cpu_template: Option<PathBuf>,
+    /// virtio-blk disks, in PCI slot order.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net devices.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
+    /// virtio-console.
+    #[serde(default = "ConsoleConfig::off")]
+    pub console: ConsoleConfig,
+    /// virtio-rng, when present.
+    #[serde(default)]
+    pub rng: Option<RngConfig>,
+}
+
+/// A virtio-blk disk backed by a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Device id (default `diskN`).
+    pub id: Option<String>,
+    /// Serial number reported by GET_ID (default: the id).
+    pub serial: Option<String>,
+    /// Put the device behind the virtual IOMMU.
+    #[serde(default)]
+    pub iommu: bool,
+}
+
+/// Where a virtio-net device's TAP comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TapConfig {
+    /// A TAP interface by name (created when absent).
+    Name(String),
+    /// An already open TAP file descriptor inherited from the parent.
+    Fd(i32),
+}
+
+/// A virtio-net device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The TAP backend.
+    pub tap: TapConfig,
+    /// MAC address (`aa:bb:cc:dd:ee:ff`); random locally administered when absent.
+    pub mac: Option<[u8; 6]>,
+    /// Device id (default `netN`).
+    pub id: Option<String>,
+    /// Put the device behind the virtual IOMMU.
+    #[serde(default)]
+    pub iommu: bool,
+}
+
+/// Where the virtio-console's output goes (and input comes from).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ConsoleConfig {
+    /// No virtio-console device.
+    Off,
+    /// skiff's stdout (and stdin, when it is a terminal).
+    Stdout,
+    /// A file (created or truncated); no input.
+    File(PathBuf),
+    /// A new pseudo-terminal; its path is logged.
+    Pty,
+}
+
+impl ConsoleConfig {
+    /// The default: no console device.
+    pub fn off() -> Self {
+        Self::Off
+    }
+}
+
+/// A virtio-rng device fed from the host's getrandom.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngConfig {
+    /// Device id (default `rng0`).
+    pub id: Option<String>,
+    /// Put the device behind the virtual IOMMU.
+    #[serde(default)]
+    pub iommu: bool,
 }
 
 impl Default for VmConfig {
@@ -104,6 +191,10 @@ impl Default for VmConfig {
             payload: PayloadConfig::default(),
             serial: SerialConfig::Stdout,
             cpu_template: None,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            console: ConsoleConfig::Off,
+            rng: None,
         }
     }
 }
@@ -143,6 +234,32 @@ impl VmConfig {
                 "--initramfs needs --kernel (the built-in demo guest takes no initramfs)".into(),
             ));
         }
+        for d in &self.disks {
+            check_readable_file("--disk path=", &d.path)?;
+        }
+        if self.serial == SerialConfig::Stdout && self.console == ConsoleConfig::Stdout {
+            return Err(ConfigError::Invalid(
+                "--serial stdout and --console stdout cannot both use stdout; send one to a file or turn it off"
+                    .into(),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for id in self.device_ids() {
+            if id.is_empty()
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "device id {id:?}: use letters, digits, '-' and '_'"
+                )));
+            }
+            if !seen.insert(id.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "device id {id:?} is used twice"
+                )));
+            }
+        }
         for (what, path) in [
             ("--kernel", &self.payload.kernel),
             ("--initramfs", &self.payload.initramfs),
@@ -153,6 +270,26 @@ impl VmConfig {
             }
         }
         Ok(())
+    }
+}
+
+impl VmConfig {
+    /// The id of every configurable device, defaults filled in, in creation order.
+    pub fn device_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = Vec::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            ids.push(d.id.clone().unwrap_or_else(|| format!("disk{i}")));
+        }
+        for (i, n) in self.nets.iter().enumerate() {
+            ids.push(n.id.clone().unwrap_or_else(|| format!("net{i}")));
+        }
+        if self.console != ConsoleConfig::Off {
+            ids.push("console0".into());
+        }
+        if let Some(r) = &self.rng {
+            ids.push(r.id.clone().unwrap_or_else(|| "rng0".into()));
+        }
+        ids
     }
 }
 
@@ -265,6 +402,128 @@ pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
     }
 }
 
+fn on_off(option: &'static str, key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(ConfigError::Parse {
+            option,
+            reason: format!("{key}={v:?}: expected on or off"),
+        }),
+    }
+}
+
+/// Parse `--disk path=IMG[,readonly=on][,id=NAME][,serial=S][,iommu=on]`.
+pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
+    let o = parse_options("disk", s, &["path", "readonly", "id", "serial", "iommu"])?;
+    let path = o
+        .get("path")
+        .filter(|p| !p.is_empty())
+        .ok_or(ConfigError::Parse {
+            option: "disk",
+            reason: "missing path=IMAGE".into(),
+        })?;
+    Ok(DiskConfig {
+        path: PathBuf::from(path),
+        readonly: o
+            .get("readonly")
+            .map(|v| on_off("disk", "readonly", v))
+            .transpose()?
+            .unwrap_or(false),
+        id: o.get("id").cloned(),
+        serial: o.get("serial").cloned(),
+        iommu: o
+            .get("iommu")
+            .map(|v| on_off("disk", "iommu", v))
+            .transpose()?
+            .unwrap_or(false),
+    })
+}
+
+/// Parse a MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(option: &'static str, s: &str) -> Result<[u8; 6], ConfigError> {
+    let err = || ConfigError::Parse {
+        option,
+        reason: format!("mac={s:?}: expected six hex bytes like 52:54:00:12:34:56"),
+    };
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(err());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(err());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| err())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(ConfigError::Parse {
+            option,
+            reason: format!("mac={s}: a multicast address cannot be a NIC address"),
+        });
+    }
+    Ok(mac)
+}
+
+/// Parse `--net tap=NAME|fd=N[,mac=MAC][,id=NAME][,iommu=on]`.
+pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
+    let o = parse_options("net", s, &["tap", "fd", "mac", "id", "iommu"])?;
+    let tap = match (o.get("tap"), o.get("fd")) {
+        (Some(t), None) if !t.is_empty() && t.len() < 16 => TapConfig::Name(t.clone()),
+        (Some(t), None) => {
+            return Err(ConfigError::Parse {
+                option: "net",
+                reason: format!("tap={t:?}: interface names have 1 to 15 characters"),
+            })
+        }
+        (None, Some(fd)) => TapConfig::Fd(fd.parse().ok().filter(|n: &i32| *n >= 0).ok_or(
+            ConfigError::Parse {
+                option: "net",
+                reason: format!("fd={fd:?} is not a file descriptor number"),
+            },
+        )?),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Parse {
+                option: "net",
+                reason: "give either tap=NAME or fd=N, not both".into(),
+            })
+        }
+        (None, None) => {
+            return Err(ConfigError::Parse {
+                option: "net",
+                reason: "missing tap=NAME or fd=N".into(),
+            })
+        }
+    };
+    Ok(NetConfig {
+        tap,
+        mac: o.get("mac").map(|m| parse_mac("net", m)).transpose()?,
+        id: o.get("id").cloned(),
+        iommu: o
+            .get("iommu")
+            .map(|v| on_off("net", "iommu", v))
+            .transpose()?
+            .unwrap_or(false),
+    })
+}
+
+/// Parse `--console off|stdout|file=PATH|pty`.
+pub fn parse_console(s: &str) -> Result<ConsoleConfig, ConfigError> {
+    match s {
+        "off" => Ok(ConsoleConfig::Off),
+        "stdout" => Ok(ConsoleConfig::Stdout),
+        "pty" => Ok(ConsoleConfig::Pty),
+        _ => match s.split_once('=') {
+            Some(("file", p)) if !p.is_empty() => Ok(ConsoleConfig::File(PathBuf::from(p))),
+            _ => Err(ConfigError::Parse {
+                option: "console",
+                reason: format!("{s:?}: expected off, stdout, file=PATH or pty"),
+            }),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,6 +583,64 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not a regular file"));
+    }
+
+    #[test]
+    fn device_options() {
+        let d = parse_disk("path=/tmp/a.img,readonly=on,id=root").unwrap();
+        assert_eq!((d.readonly, d.id.as_deref()), (true, Some("root")));
+        assert!(parse_disk("readonly=on").is_err());
+        assert!(parse_disk("path=/x,readonly=maybe").is_err());
+        assert!(parse_disk("path=/x,colour=red").is_err());
+        let n = parse_net("tap=tap0,mac=52:54:00:12:34:56").unwrap();
+        assert_eq!(n.tap, TapConfig::Name("tap0".into()));
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert_eq!(parse_net("fd=3").unwrap().tap, TapConfig::Fd(3));
+        assert!(parse_net("tap=a,fd=3").is_err());
+        assert!(parse_net("fd=-1").is_err());
+        assert!(parse_net("tap=averyveryverylongname").is_err());
+        assert!(parse_net("tap=t,mac=01:00:00:00:00:00").is_err());
+        assert!(parse_net("tap=t,mac=zz:00:00:00:00:00").is_err());
+        assert_eq!(parse_console("pty").unwrap(), ConsoleConfig::Pty);
+        assert!(parse_console("tty").is_err());
+    }
+
+    #[test]
+    fn ids_must_be_unique_and_consoles_not_both_stdout() {
+        let img = std::env::temp_dir().join(format!("skiff-cfg-{}.img", std::process::id()));
+        std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        let disk = |id: Option<&str>| DiskConfig {
+            path: img.clone(),
+            readonly: false,
+            id: id.map(String::from),
+            serial: None,
+            iommu: false,
+        };
+        let mut c = VmConfig {
+            disks: vec![disk(None), disk(None)],
+            ..Default::default()
+        };
+        assert!(c.validate().is_ok());
+        assert_eq!(c.device_ids(), vec!["disk0", "disk1"]);
+        c.disks = vec![disk(Some("a")), disk(Some("a"))];
+        assert!(c.validate().unwrap_err().to_string().contains("used twice"));
+        c.disks = vec![disk(Some("disk1")), disk(None)];
+        assert!(
+            c.validate().is_err(),
+            "a given id may not clash with a default one"
+        );
+        c.disks = vec![disk(Some("bad id"))];
+        assert!(c.validate().is_err());
+        c.disks.clear();
+        c.console = ConsoleConfig::Stdout;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("both use stdout"));
+        c.serial = SerialConfig::Off;
+        assert!(c.validate().is_ok());
+        let _ = std::fs::remove_file(&img);
     }
 
     #[test]

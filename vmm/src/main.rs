@@ -51,6 +51,18 @@ struct Cli {
     /// Serial port (COM1) output: stdout, file=PATH or off.
     #[arg(long, value_name = "stdout|file=PATH|off")]
     serial: Option<String>,
+    /// virtio-blk disk: path=IMAGE[,readonly=on][,id=NAME][,serial=S][,iommu=on] (repeatable).
+    #[arg(long, value_name = "path=IMAGE,...")]
+    disk: Vec<String>,
+    /// virtio-net device: tap=NAME|fd=N[,mac=MAC][,id=NAME][,iommu=on] (repeatable).
+    #[arg(long, value_name = "tap=NAME|fd=N,...")]
+    net: Vec<String>,
+    /// virtio-console: off, stdout, file=PATH or pty (default off).
+    #[arg(long, value_name = "off|stdout|file=PATH|pty")]
+    console: Option<String>,
+    /// Add a virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
     /// JSON file of CPUID masks applied on top of the CPUID KVM supports (a common CPU baseline).
     #[arg(long, value_name = "PATH")]
     cpu_template: Option<PathBuf>,
@@ -70,6 +82,18 @@ impl Cli {
         }
         if let Some(s) = &self.serial {
             c.serial = config::parse_serial(s)?;
+        }
+        for d in &self.disk {
+            c.disks.push(config::parse_disk(d)?);
+        }
+        for n in &self.net {
+            c.nets.push(config::parse_net(n)?);
+        }
+        if let Some(s) = &self.console {
+            c.console = config::parse_console(s)?;
+        }
+        if self.rng {
+            c.rng = Some(config::RngConfig::default());
         }
         c.payload.kernel = self.kernel;
         c.payload.initramfs = self.initramfs;

@@ -180,6 +180,16 @@ pub struct Vm {
 impl Vm {
     /// Build the VM from a validated configuration: KVM, memory, kernel, ACPI, devices, vCPUs.
     pub fn new(config: VmConfig) -> Result<Self> {
+        if !config.disks.is_empty()
+            || !config.nets.is_empty()
+            || config.rng.is_some()
+            || config.console != crate::config::ConsoleConfig::Off
+        {
+            return Err(VmError::Device {
+                id: config.device_ids().join(","),
+                reason: "virtio devices are not wired into the VM yet".into(),
+            });
+        }
         let kvm_sys = open_kvm()?;
         for (cap, name) in [
             (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),

@@ -18,6 +18,10 @@ fn help_lists_options_and_exit_statuses() {
         "--cpus",
         "--memory",
         "--serial",
+        "--disk",
+        "--net",
+        "--console",
+        "--rng",
         "--cpu-template",
         "-v",
     ] {

@@ -51,12 +51,20 @@ fn cargo_build(manifest: &Path, target_dir: &Path) -> std::io::Result<std::proce
     cmd.output()
 }
 
-/// Build the test guest and return the path of its ELF image.
+/// Build the test guest and return the path of its ELF image (`SKIFF_PREBUILT_GUEST` names a
+/// ready-made one instead).
 ///
 /// Prints `cargo:rerun-if-changed` lines for the guest's sources. Panics (failing the calling
 /// build script with the message) when the guest cannot be built; if the target is missing and
 /// `rustup` is available, it is installed first.
 pub fn build() -> PathBuf {
+    println!("cargo:rerun-if-env-changed=SKIFF_PREBUILT_GUEST");
+    if let Some(p) = env::var_os("SKIFF_PREBUILT_GUEST") {
+        // A guest ELF built elsewhere (e.g. while the guest sources are being edited).
+        let p = PathBuf::from(p);
+        assert!(p.exists(), "SKIFF_PREBUILT_GUEST={} does not exist", p.display());
+        return p;
+    }
     let dir = guest_dir();
     for f in ["src", "Cargo.toml", "Cargo.lock", "build.rs", "linker.ld"] {
         println!("cargo:rerun-if-changed={}", dir.join(f).display());

@@ -307,3 +307,111 @@ impl SkiffProcess {
         }
     }
 }
+
+/// A network namespace with a persistent, up TAP interface in it: a "host" for network tests.
+pub struct NetNamespace {
+    /// Namespace name (under /var/run/netns).
+    pub name: String,
+    /// TAP interface name inside it.
+    pub tap: String,
+}
+
+impl NetNamespace {
+    /// Create namespace `skiff-<tag>-<pid>` with TAP `tap0` up; None (with a note) when this host
+    /// cannot (no `ip`, no CAP_NET_ADMIN, no /dev/net/tun).
+    pub fn create(tag: &str) -> Option<Self> {
+        let name = format!("skiff-{tag}-{}", std::process::id());
+        let ns = Self {
+            name,
+            tap: "tap0".into(),
+        };
+        let steps: [&[&str]; 3] = [
+            &["netns", "add", &ns.name],
+            &[
+                "-n", &ns.name, "tuntap", "add", "dev", &ns.tap, "mode", "tap",
+            ],
+            &["-n", &ns.name, "link", "set", &ns.tap, "up"],
+        ];
+        for args in steps {
+            let out = Command::new("ip").args(args).output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => {
+                    eprintln!(
+                        "cannot set up network namespace (ip {args:?}): {}",
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    eprintln!("cannot run ip: {e}");
+                    return None;
+                }
+            }
+        }
+        Some(ns)
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// Open an AF_PACKET socket bound to the TAP inside the namespace (from a helper thread, so
+    /// the test's own thread keeps its namespace).
+    pub fn packet_socket(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        let ns_path = format!("/var/run/netns/{}", self.name);
+        let tap = self.tap.clone();
+        std::thread::spawn(move || -> std::io::Result<std::os::fd::OwnedFd> {
+            use std::os::fd::{AsRawFd, FromRawFd};
+            let ns = std::fs::File::open(&ns_path)?;
+            // SAFETY: setns on this (helper) thread only; `ns` is a valid namespace fd.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+            // SAFETY: plain socket(2) call; the fd is owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is a new descriptor we own.
+            let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+            let cname = std::ffi::CString::new(tap).unwrap();
+            // SAFETY: `cname` is a valid C string.
+            let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+            if ifindex == 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: sockaddr_ll is plain data; zeroed is a valid initial value.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = proto as u16;
+            addr.sll_ifindex = ifindex as i32;
+            // SAFETY: `addr` is a valid sockaddr_ll of the size passed.
+            let rc = unsafe {
+                libc::bind(
+                    sock.as_raw_fd(),
+                    &addr as *const _ as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(sock)
+        })
+        .join()
+        .expect("netns thread")
+    }
+}
+
+impl Drop for NetNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
