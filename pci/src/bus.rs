@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
+use crate::configuration::BarMove;
 use crate::device::PciDevice;
 use crate::host_bridge::PciHostBridge;
 
@@ -16,6 +17,11 @@ pub const HOST_BRIDGE_SLOT: u8 = 0;
 
 /// A shared PCI device.
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+
+/// Called with `(slot, move)` when a guest configuration write moved a BAR of the device in
+/// `slot`. It runs on the vCPU thread that made the write, with the [`PciBus`] locked (it must not
+/// lock the bus again) but not the device.
+pub type BarMoveHandler = Box<dyn Fn(u8, BarMove) + Send>;
 
 /// Errors from [`PciBus`].
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -40,6 +46,7 @@ pub enum PciBusError {
 /// Bus 0 of PCI segment 0. Only function 0 of each slot is populated.
 pub struct PciBus {
     slots: Vec<Option<SharedPciDevice>>,
+    bar_move_handler: Option<BarMoveHandler>,
 }
 
 impl Default for PciBus {
@@ -53,7 +60,16 @@ impl PciBus {
     pub fn new() -> Self {
         let mut slots: Vec<Option<SharedPciDevice>> = vec![None; NUM_SLOTS as usize];
         slots[HOST_BRIDGE_SLOT as usize] = Some(Arc::new(Mutex::new(PciHostBridge::new())));
-        Self { slots }
+        Self {
+            slots,
+            bar_move_handler: None,
+        }
+    }
+
+    /// Install the callback that follows BAR moves (the VMM moves the device's bus range and
+    /// ioeventfds). Without one, moves are only logged.
+    pub fn set_bar_move_handler(&mut self, handler: BarMoveHandler) {
+        self.bar_move_handler = Some(handler);
     }
 
     /// Plug `device` into `slot`, or into the lowest free slot when `None`; returns the slot.
@@ -67,12 +83,15 @@ impl PciBus {
             Some(s) if s >= NUM_SLOTS => return Err(PciBusError::InvalidSlot(s)),
             Some(s) if self.slots[s as usize].is_some() => return Err(PciBusError::SlotTaken(s)),
             Some(s) => s,
-            None => (1..NUM_SLOTS)
-                .find(|&s| self.slots[s as usize].is_none())
-                .ok_or(PciBusError::NoFreeSlot)?,
+            None => self.free_slot().ok_or(PciBusError::NoFreeSlot)?,
         };
         self.slots[slot as usize] = Some(device);
         Ok(slot)
+    }
+
+    /// The lowest free slot, if any.
+    pub fn free_slot(&self) -> Option<u8> {
+        (1..NUM_SLOTS).find(|&s| self.slots[s as usize].is_none())
     }
 
     /// Unplug the device in `slot` (not the host bridge) and return it.
@@ -128,10 +147,24 @@ impl PciBus {
         offset: u64,
         data: &[u8],
     ) {
-        if let Some(d) = self.lookup(bus, dev, func) {
-            d.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .config_write(reg_idx, offset, data);
+        let Some(d) = self.lookup(bus, dev, func) else {
+            return;
+        };
+        let moved = {
+            let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+            d.config_write(reg_idx, offset, data);
+            d.take_bar_move()
+        };
+        if let Some(m) = moved {
+            log::debug!(
+                "PCI 00:{dev:02x}.0: BAR {} moved from {:#x} to {:#x}",
+                m.index,
+                m.old_addr,
+                m.new_addr
+            );
+            if let Some(h) = &self.bar_move_handler {
+                h(dev, m);
+            }
         }
     }
 }
@@ -139,10 +172,10 @@ impl PciBus {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::configuration::{ConfigSpaceSize, PciConfiguration, PciHeader};
+    use crate::configuration::{BarKind, ConfigSpaceSize, PciConfiguration, PciHeader, BAR0_REG};
 
     /// A plain device for tests: a configuration space with the given ids.
-    pub(crate) struct TestDevice(pub PciConfiguration);
+    pub(crate) struct TestDevice(pub PciConfiguration, pub Option<BarMove>);
 
     impl TestDevice {
         pub(crate) fn shared(vendor: u16, device: u16) -> SharedPciDevice {
@@ -151,10 +184,11 @@ pub(crate) mod tests {
                 device_id: device,
                 ..Default::default()
             };
-            Arc::new(Mutex::new(TestDevice(PciConfiguration::new(
-                &header,
-                ConfigSpaceSize::Legacy,
-            ))))
+            let mut config = PciConfiguration::new(&header, ConfigSpaceSize::Legacy);
+            config
+                .add_bar(0, 0x1000, BarKind::Io, 0x1000)
+                .expect("valid BAR");
+            Arc::new(Mutex::new(TestDevice(config, None)))
         }
     }
 
@@ -163,10 +197,13 @@ pub(crate) mod tests {
             self.0.read_reg(reg_idx)
         }
         fn config_write(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
-            self.0.write_reg(reg_idx, offset, data);
+            self.1 = self.0.write_reg(reg_idx, offset, data);
         }
         fn id(&self) -> String {
             "test".into()
+        }
+        fn take_bar_move(&mut self) -> Option<BarMove> {
+            self.1.take()
         }
     }
 
@@ -216,5 +253,23 @@ pub(crate) mod tests {
         bus.config_write(0, 2, 0, 1, 0, &[0xff]);
         bus.config_write(0, 1, 0, 1, 0, &[0x02]);
         assert_eq!(bus.config_read(0, 1, 0, 1), 0x2);
+    }
+
+    #[test]
+    fn bar_moves_reach_the_handler() {
+        let mut bus = PciBus::new();
+        bus.add_device(Some(3), TestDevice::shared(1, 2)).unwrap();
+        // Without a handler a move is only logged.
+        bus.config_write(0, 3, 0, BAR0_REG, 0, &0x2000u32.to_le_bytes());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        bus.set_bar_move_handler(Box::new(move |slot, m| {
+            s.lock().unwrap().push((slot, m.old_addr, m.new_addr))
+        }));
+        // Sizing and restoring is not a move; a new address is.
+        bus.config_write(0, 3, 0, BAR0_REG, 0, &0xffff_ffffu32.to_le_bytes());
+        bus.config_write(0, 3, 0, BAR0_REG, 0, &0x2000u32.to_le_bytes());
+        bus.config_write(0, 3, 0, BAR0_REG, 0, &0x3000u32.to_le_bytes());
+        assert_eq!(*seen.lock().unwrap(), [(3, 0x2000, 0x3000)]);
     }
 }

@@ -380,6 +380,12 @@ impl PciConfiguration {
         *r = (*r & !0xFF00) | u32::from(pin) << 8;
     }
 
+    /// Set the interrupt line register (what firmware stores: the GSI INTx is routed to).
+    pub fn set_interrupt_line(&mut self, line: u8) {
+        let r = &mut self.registers[INTERRUPT_REG];
+        *r = (*r & !0xFF) | u32::from(line);
+    }
+
     /// Append a capability whose first byte is its id. Its second byte (the next pointer) is
     /// filled in, the previous capability (or the capabilities pointer) is linked to it, and status
     /// bit 4 is set. The capability's body is read-only; use [`Self::set_writable_bits`] for
@@ -459,6 +465,35 @@ impl PciConfiguration {
             self.bar_upper[index + 1] = true;
         }
         self.bars[index] = Some(BarInfo { size, kind });
+        self.bar_addr[index] = addr;
+        Ok(())
+    }
+
+    /// Move BAR `index` to `addr` on the device's (VMM's) behalf, e.g. after allocating its
+    /// address; not reported as a guest move. `addr` must be aligned to the BAR size and
+    /// reachable for its kind.
+    pub fn set_bar_address(&mut self, index: usize, addr: u64) -> Result<(), PciConfigError> {
+        let info = self.bar(index).ok_or(PciConfigError::BarIndex(index))?;
+        let last_addr = match info.kind {
+            BarKind::Io => 0xFFFF,
+            BarKind::Mem32 { .. } => 0xFFFF_FFFF,
+            BarKind::Mem64 { .. } => u64::MAX,
+        };
+        let fits = addr
+            .checked_add(info.size - 1)
+            .is_some_and(|last| last <= last_addr);
+        if addr & (info.size - 1) != 0 || !fits {
+            return Err(PciConfigError::BarAddress {
+                addr,
+                size: info.size,
+                kind: info.kind,
+            });
+        }
+        let reg = BAR0_REG + index;
+        self.registers[reg] = (addr as u32 & info.kind.addr_mask()) | info.kind.type_bits();
+        if matches!(info.kind, BarKind::Mem64 { .. }) {
+            self.registers[reg + 1] = (addr >> 32) as u32;
+        }
         self.bar_addr[index] = addr;
         Ok(())
     }
@@ -739,6 +774,22 @@ mod tests {
         write32(&mut c, BAR0_REG + 1, 0xFFFF_FFFF);
         assert_eq!(c.read_reg(BAR0_REG), 0x0000_000C);
         assert_eq!(c.read_reg(BAR0_REG + 1), 0xFFFF_FFFC);
+    }
+
+    #[test]
+    fn set_bar_address_is_not_a_guest_move() {
+        let mut c = cfg();
+        let kind = BarKind::Mem64 {
+            prefetchable: false,
+        };
+        c.add_bar(0, 0x4000, kind, 0).unwrap();
+        c.set_bar_address(0, 0x10_0000_4000).unwrap();
+        assert_eq!(c.bar_address(0), Some(0x10_0000_4000));
+        assert_eq!(c.read_reg(BAR0_REG), 0x4004);
+        assert_eq!(write32(&mut c, BAR0_REG, 0x4000), None);
+        assert!(c.set_bar_address(0, 0x2000).is_err());
+        assert!(c.set_bar_address(1, 0).is_err());
+        assert!(c.set_bar_address(0, u64::MAX - 0x3fff + 1).is_err());
     }
 
     #[test]

@@ -482,9 +482,44 @@ impl Aml for PciHostBridge<'_> {
     }
 }
 
-/// Per-slot objects and `_PRT` of `\_SB_.PCI0`. Devices use MSI/MSI-X today, so there are none.
+/// Per-slot objects and `_PRT` of `\_SB_.PCI0`: the INTx routing of every slot (1..=31, pins
+/// INTA#..INTD#) straight to the IOAPIC GSIs of [`crate::pci_devices::intx_gsi`]. Entries name
+/// no link device (source 0), so the OS treats them as level-triggered, active-low PCI
+/// interrupts; GSIs 16..=23 need no MADT override.
 fn pci_slot_objects(_cfg: &AcpiConfig) -> Vec<Box<dyn Aml>> {
-    Vec::new()
+    vec![Box::new(PciRoutingTable)]
+}
+
+/// `Name (_PRT, Package () { Package () { 0xSSSSFFFF, pin, 0, gsi }, ... })`.
+struct PciRoutingTable;
+
+impl PciRoutingTable {
+    /// `(address, pin, gsi)` of every entry: address is `slot << 16 | 0xFFFF` (any function).
+    fn entries() -> Vec<(u32, u8, u32)> {
+        (1..pci::bus::NUM_SLOTS)
+            .flat_map(|slot| {
+                (0..4u8).map(move |pin| {
+                    (
+                        u32::from(slot) << 16 | 0xFFFF,
+                        pin,
+                        crate::pci_devices::intx_gsi(slot, pin),
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+impl Aml for PciRoutingTable {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        let entries = Self::entries();
+        let packages: Vec<Package> = entries
+            .iter()
+            .map(|(addr, pin, gsi)| Package::new(vec![addr, pin, &aml::ZERO, gsi]))
+            .collect();
+        let refs: Vec<&dyn Aml> = packages.iter().map(|p| p as &dyn Aml).collect();
+        Name::new(Path::new("_PRT"), &Package::new(refs)).to_aml_bytes(sink);
+    }
 }
 
 /// `\_SB_.MBRD`: motherboard resources — the ECAM and the ACPI PM and GED I/O ports — so that
@@ -900,13 +935,7 @@ mod tests {
             b"GDAT",
             b"_PRT",
         ] {
-            let expected = name != b"_PRT";
-            assert_eq!(
-                contains(&dsdt, name),
-                expected,
-                "{}",
-                String::from_utf8_lossy(name)
-            );
+            assert!(contains(&dsdt, name), "{}", String::from_utf8_lossy(name));
         }
         // EisaId("PNP0A08") == 0x080AD041: a DWordConst.
         assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
@@ -953,6 +982,29 @@ mod tests {
         assert!(contains(
             &dsdt,
             &[0x47, 1, 0xf8, 0x03, 0xf8, 0x03, 1, 8, 0x22, 0x10, 0x00]
+        ));
+    }
+
+    #[test]
+    fn prt_routes_every_slot_and_pin() {
+        let entries = PciRoutingTable::entries();
+        assert_eq!(entries.len(), 31 * 4);
+        assert_eq!(entries[0], (0x0001_ffff, 0, 17));
+        assert_eq!(entries[3], (0x0001_ffff, 3, 20));
+        assert_eq!(entries[4 * 7 + 1], (0x0008_ffff, 1, 17));
+        assert!(entries.iter().all(|e| (16..24).contains(&e.2)));
+        let mem = guest_memory();
+        create_acpi_tables(&mem, &config(1)).unwrap();
+        let dsdt = dsdt(&mem);
+        // Package (4) { 0x0001FFFF, Zero, Zero, 17 } for slot 1 INTA#.
+        assert!(contains(
+            &dsdt,
+            &[0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x01, 0x00, 0x00, 0x00, 0x0a, 0x11]
+        ));
+        // Slot 31 INTD#: pin 3, GSI 16 + (31 + 3) % 8 = 18.
+        assert!(contains(
+            &dsdt,
+            &[0x12, 0x0c, 0x04, 0x0c, 0xff, 0xff, 0x1f, 0x00, 0x0a, 0x03, 0x00, 0x0a, 0x12]
         ));
     }
 

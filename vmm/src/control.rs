@@ -54,6 +54,8 @@ struct ControlSubscriber {
     exit: Arc<VmExitEvent>,
     signals: OwnedFd,
     outcome: Option<VmOutcome>,
+    intx_resample: Vec<std::os::fd::RawFd>,
+    on_intx_resample: Box<dyn FnMut() + Send>,
 }
 
 impl ControlSubscriber {
@@ -84,11 +86,17 @@ impl MutEventSubscriber for ControlSubscriber {
                 log::info!("received signal {sig}; stopping the VM");
                 self.outcome.get_or_insert(VmOutcome::Signal(sig));
             }
+        } else if self.intx_resample.contains(&events.fd()) {
+            let mut buf = [0u8; 8];
+            // SAFETY: reading 8 bytes from an eventfd we watch into a valid buffer.
+            unsafe { libc::read(events.fd(), buf.as_mut_ptr() as *mut libc::c_void, 8) };
+            (self.on_intx_resample)();
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [self.exit.eventfd().as_raw_fd(), self.signals.as_raw_fd()] {
+        let fds = [self.exit.eventfd().as_raw_fd(), self.signals.as_raw_fd()];
+        for fd in fds.into_iter().chain(self.intx_resample.iter().copied()) {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 log::error!("cannot watch fd {fd}: {e}");
             }
@@ -96,14 +104,28 @@ impl MutEventSubscriber for ControlSubscriber {
     }
 }
 
+/// INTx resample eventfds and what to do when one fires (re-assert lines still pending).
+pub struct IntxResample {
+    /// The resample eventfds.
+    pub fds: Vec<std::os::fd::RawFd>,
+    /// Called when any of them is readable.
+    pub handler: Box<dyn FnMut() + Send>,
+}
+
 /// Run the control loop until the VM ends; returns how it ended.
-pub fn run_until_exit(exit: Arc<VmExitEvent>, signals: OwnedFd) -> Result<VmOutcome, ControlError> {
+pub fn run_until_exit(
+    exit: Arc<VmExitEvent>,
+    signals: OwnedFd,
+    intx: IntxResample,
+) -> Result<VmOutcome, ControlError> {
     let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| ControlError::EventLoop(e.to_string()))?;
     let sub = Arc::new(Mutex::new(ControlSubscriber {
         exit,
         signals,
         outcome: None,
+        intx_resample: intx.fds,
+        on_intx_resample: intx.handler,
     }));
     manager.add_subscriber(sub.clone());
     loop {

@@ -142,7 +142,11 @@ fn main() -> ExitCode {
     if let Err(e) = vm.start() {
         return fail(EXIT_ERROR, e);
     }
-    let outcome = control::run_until_exit(vm.exit_event(), signals);
+    let intx = control::IntxResample {
+        fds: vm.pci_devices().intx_resample_fds(),
+        handler: vm.pci_devices().intx_resample_handler(),
+    };
+    let outcome = control::run_until_exit(vm.exit_event(), signals, intx);
     timing::log_memory_overhead("at VM exit");
     vm.shutdown();
     let _ = std::io::Write::flush(&mut std::io::stdout());

@@ -24,7 +24,9 @@ use crate::cpu_template::CpuTemplate;
 use crate::cpuid::{apply_host_quirks, vcpu_cpuid};
 use crate::layout::*;
 use crate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
+use crate::pci_devices::PciDevices;
 use crate::vcpu::{self, Vcpu, VcpuControl, VcpuError};
+use crate::virtio_devices::create_virtio_devices;
 
 /// The built-in demo guest (the no_std test guest), embedded at build time.
 pub static DEMO_GUEST: &[u8] = include_bytes!(env!("SKIFF_DEMO_GUEST"));
@@ -108,6 +110,9 @@ pub enum VmError {
         /// What went wrong.
         reason: String,
     },
+    /// Pausing or resuming a device failed.
+    #[error("device state: {0}")]
+    State(String),
     /// vCPU set-up or control failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -163,7 +168,7 @@ struct LegacyDevice {
 pub struct Vm {
     config: VmConfig,
     _kvm: Kvm,
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
     _memfd: File,
     pio: Arc<Bus>,
@@ -174,22 +179,13 @@ pub struct Vm {
     threads: Vec<JoinHandle<()>>,
     serial: Option<Arc<Mutex<Serial>>>,
     ged: Arc<Mutex<AcpiGed>>,
+    pci_devices: PciDevices,
     _triggers: Vec<EventFdTrigger>,
 }
 
 impl Vm {
     /// Build the VM from a validated configuration: KVM, memory, kernel, ACPI, devices, vCPUs.
     pub fn new(config: VmConfig) -> Result<Self> {
-        if !config.disks.is_empty()
-            || !config.nets.is_empty()
-            || config.rng.is_some()
-            || config.console != crate::config::ConsoleConfig::Off
-        {
-            return Err(VmError::Device {
-                id: config.device_ids().join(","),
-                reason: "virtio devices are not wired into the VM yet".into(),
-            });
-        }
         let kvm_sys = open_kvm()?;
         for (cap, name) in [
             (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
@@ -234,7 +230,7 @@ impl Vm {
             None => None,
         };
 
-        let vm_fd = kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+        let vm_fd = Arc::new(kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?);
         vm_fd
             .set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(kvm("KVM_SET_TSS_ADDR"))?;
@@ -387,7 +383,10 @@ impl Vm {
                 })?;
         }
         mmio.insert(
-            Arc::new(Mutex::new(PciConfigMmio::new(pci_bus, PCI_LAST_BUS))),
+            Arc::new(Mutex::new(PciConfigMmio::new(
+                pci_bus.clone(),
+                PCI_LAST_BUS,
+            ))),
             PCI_ECAM_START,
             boot::ecam_size(),
         )
@@ -395,6 +394,32 @@ impl Vm {
             id: "pci-ecam".into(),
             reason: e.to_string(),
         })?;
+
+        let mut pci_devices = PciDevices::new(
+            vm_fd.clone(),
+            pci_bus.clone(),
+            mmio.clone(),
+            (PCI_MMIO32_START, PCI_MMIO32_SIZE),
+            (mmio64_start, PCI_MMIO64_SIZE),
+        )
+        .map_err(|e| VmError::Device {
+            id: "pci".into(),
+            reason: e.to_string(),
+        })?;
+        let virtio = create_virtio_devices(&config).map_err(|e| VmError::Device {
+            id: e.id.clone(),
+            reason: e.to_string(),
+        })?;
+        for dev in virtio {
+            let id = dev.id().to_string();
+            let info = pci_devices
+                .add_virtio(dev, mem.clone())
+                .map_err(|e| VmError::Device {
+                    id: id.clone(),
+                    reason: e.to_string(),
+                })?;
+            log::debug!("{id}: PCI 00:{:02x}.0, BARs {:x?}", info.slot, info.bars);
+        }
 
         vcpu::install_kick_handler()?;
         let mut supported = kvm_sys
@@ -446,6 +471,7 @@ impl Vm {
             threads: Vec::new(),
             serial,
             ged,
+            pci_devices,
             _triggers: triggers,
         })
     }
@@ -460,12 +486,23 @@ impl Vm {
 
     /// Stop every vCPU; when this returns no vCPU is executing guest code.
     pub fn pause(&self) -> Result<()> {
-        Ok(self.control.pause(&self.threads, PAUSE_TIMEOUT)?)
+        self.control.pause(&self.threads, PAUSE_TIMEOUT)?;
+        if let Err(e) = self.pci_devices.pause() {
+            // Leave the VM as it was: running.
+            let _ = self.pci_devices.resume();
+            self.control.resume();
+            return Err(VmError::State(e.to_string()));
+        }
+        Ok(())
     }
 
-    /// Let the vCPUs continue.
-    pub fn resume(&self) {
+    /// Let the devices and then the vCPUs continue.
+    pub fn resume(&self) -> Result<()> {
+        self.pci_devices
+            .resume()
+            .map_err(|e| VmError::State(e.to_string()))?;
         self.control.resume();
+        Ok(())
     }
 
     /// Stop and join every vCPU thread.
@@ -492,7 +529,7 @@ impl Vm {
     }
 
     /// The KVM VM.
-    pub fn vm_fd(&self) -> &VmFd {
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
         &self.vm_fd
     }
 
@@ -509,6 +546,11 @@ impl Vm {
     /// The ACPI generic event device (power button).
     pub fn ged(&self) -> &Arc<Mutex<AcpiGed>> {
         &self.ged
+    }
+
+    /// The PCI devices (virtio) and their interrupt routing.
+    pub fn pci_devices(&self) -> &PciDevices {
+        &self.pci_devices
     }
 
     /// Number of vCPUs currently parked.

@@ -52,7 +52,7 @@ fn pause_and_resume_all_vcpus() {
             3,
             "every vCPU must be parked after pause()"
         );
-        vm.resume();
+        vm.resume().expect("resume");
         let deadline = Instant::now() + Duration::from_secs(10);
         while vm.parked_vcpus() != 0 {
             assert!(

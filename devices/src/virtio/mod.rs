@@ -6,6 +6,10 @@
 //! to signal used buffers. The device then serves its queues on its own worker thread
 //! ([`worker::Worker`]): ioeventfd → worker → irqfd, no VMM round trip on the data path.
 
+pub mod block;
+pub mod console;
+pub mod net;
+pub mod rng;
 pub mod worker;
 
 use std::io;

@@ -86,13 +86,19 @@ impl<B: WorkerBody> Worker<B> {
     /// Start a worker thread named `name` serving `body`.
     pub fn spawn(name: String, body: B) -> io::Result<Self> {
         let control = Arc::new(Control {
-            state: Mutex::new(ControlState { command: Command::Run, parked: false }),
+            state: Mutex::new(ControlState {
+                command: Command::Run,
+                parked: false,
+            }),
             cv: Condvar::new(),
             wake: EventFd::new(EFD_NONBLOCK)?,
         });
         let mut manager: EventManager<Arc<Mutex<Harness<B>>>> =
             EventManager::new().map_err(|e| io::Error::other(e.to_string()))?;
-        let harness = Arc::new(Mutex::new(Harness { body, control: control.clone() }));
+        let harness = Arc::new(Mutex::new(Harness {
+            body,
+            control: control.clone(),
+        }));
         manager.add_subscriber(harness.clone());
         let ctl = control.clone();
         let thread = std::thread::Builder::new().name(name).spawn(move || {
@@ -125,7 +131,10 @@ impl<B: WorkerBody> Worker<B> {
                 Err(_) => unreachable!("the event manager, the only other owner, was dropped"),
             }
         })?;
-        Ok(Self { control, thread: Some(thread) })
+        Ok(Self {
+            control,
+            thread: Some(thread),
+        })
     }
 
     /// Stop processing; returns once the worker has parked (it then touches nothing).
@@ -138,7 +147,10 @@ impl<B: WorkerBody> Worker<B> {
             .wait_timeout_while(st, PAUSE_TIMEOUT, |s| !s.parked)
             .unwrap_or_else(|e| e.into_inner());
         if timeout.timed_out() && !st.parked {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "worker did not pause"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "worker did not pause",
+            ));
         }
         Ok(())
     }
@@ -192,7 +204,10 @@ mod tests {
     fn wait_until(f: impl Fn() -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !f() {
-            assert!(std::time::Instant::now() < deadline, "condition not reached");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "condition not reached"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -201,14 +216,21 @@ mod tests {
     fn pause_holds_events_until_resume() {
         let kick = EventFd::new(EFD_NONBLOCK).unwrap();
         let seen = Arc::new(AtomicU64::new(0));
-        let body = Counter { kick: kick.try_clone().unwrap(), seen: seen.clone() };
+        let body = Counter {
+            kick: kick.try_clone().unwrap(),
+            seen: seen.clone(),
+        };
         let w = Worker::spawn("test-worker".into(), body).unwrap();
         kick.write(2).unwrap();
         wait_until(|| seen.load(Ordering::SeqCst) == 2);
         w.pause().unwrap();
         kick.write(3).unwrap();
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(seen.load(Ordering::SeqCst), 2, "a paused worker must not process");
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            2,
+            "a paused worker must not process"
+        );
         w.resume().unwrap();
         wait_until(|| seen.load(Ordering::SeqCst) == 5);
         let body = w.stop().expect("body back");

@@ -62,7 +62,11 @@ pub fn build() -> PathBuf {
     if let Some(p) = env::var_os("SKIFF_PREBUILT_GUEST") {
         // A guest ELF built elsewhere (e.g. while the guest sources are being edited).
         let p = PathBuf::from(p);
-        assert!(p.exists(), "SKIFF_PREBUILT_GUEST={} does not exist", p.display());
+        assert!(
+            p.exists(),
+            "SKIFF_PREBUILT_GUEST={} does not exist",
+            p.display()
+        );
         return p;
     }
     let dir = guest_dir();

@@ -14,12 +14,14 @@ extern crate alloc;
 pub mod acpi;
 pub mod arch;
 pub mod bootinfo;
+pub mod dma;
 pub mod heap;
 pub mod pci;
 pub mod power;
 pub mod scenario;
 pub mod serial;
 pub mod sync;
+pub mod virtio;
 
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicBool, Ordering};

@@ -1,5 +1,8 @@
 //! PCI configuration space access (ECAM and the legacy 0xCF8/0xCFC ports) and bus enumeration.
 
+pub mod bar;
+pub mod msix;
+
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -141,6 +144,15 @@ impl fmt::Display for PciFunction {
 }
 
 impl PciFunction {
+    /// The virtio device name ("virtio-blk", ...) when this is a virtio function.
+    pub fn virtio_name(&self) -> Option<&'static str> {
+        if self.vendor == 0x1af4 {
+            virtio_name(self.device)
+        } else {
+            None
+        }
+    }
+
     /// A short human-readable description ("host bridge", "virtio-blk", ...).
     pub fn description(&self) -> &'static str {
         if self.vendor == 0x1af4 {
@@ -233,4 +245,56 @@ pub fn scan_bus(cfg: &dyn ConfigSpace, bus: u8) -> Vec<PciFunction> {
         }
     }
     found
+}
+
+/// Command register bits.
+pub mod command {
+    /// I/O space decoding.
+    pub const IO: u16 = 1 << 0;
+    /// Memory space decoding.
+    pub const MEMORY: u16 = 1 << 1;
+    /// Bus mastering (DMA, MSI).
+    pub const BUS_MASTER: u16 = 1 << 2;
+    /// INTx disable.
+    pub const INTX_DISABLE: u16 = 1 << 10;
+}
+
+/// Read the command register.
+pub fn read_command(cfg: &dyn ConfigSpace, bdf: Bdf) -> u16 {
+    cfg.read16(bdf, 0x04)
+}
+
+/// Write the command register (the status half of the dword is written as 0: its bits are
+/// read-only or write-1-to-clear).
+pub fn write_command(cfg: &dyn ConfigSpace, bdf: Bdf, value: u16) {
+    cfg.write32(bdf, 0x04, u32::from(value));
+}
+
+/// Set and clear command register bits.
+pub fn update_command(cfg: &dyn ConfigSpace, bdf: Bdf, set: u16, clear: u16) {
+    let cmd = read_command(cfg, bdf);
+    write_command(cfg, bdf, (cmd & !clear) | set);
+}
+
+/// Write a 16-bit field (read-modify-write of its dword).
+pub fn write16(cfg: &dyn ConfigSpace, bdf: Bdf, reg: u16, value: u16) {
+    let shift = (reg & 2) * 8;
+    let old = cfg.read32(bdf, reg & !3);
+    let new = (old & !(0xFFFF << shift)) | (u32::from(value) << shift);
+    cfg.write32(bdf, reg & !3, new);
+}
+
+/// Offsets of the capabilities in the standard list, in list order (bounded against loops).
+/// Each item is `(offset, capability id)`.
+pub fn capabilities(cfg: &dyn ConfigSpace, bdf: Bdf) -> Vec<(u16, u8)> {
+    let mut caps = Vec::new();
+    if cfg.read16(bdf, 0x06) & (1 << 4) == 0 {
+        return caps;
+    }
+    let mut ptr = u16::from(cfg.read8(bdf, 0x34) & 0xFC);
+    while ptr >= 0x40 && caps.len() < 48 {
+        caps.push((ptr, cfg.read8(bdf, ptr)));
+        ptr = u16::from(cfg.read8(bdf, ptr + 1) & 0xFC);
+    }
+    caps
 }

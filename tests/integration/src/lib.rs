@@ -185,6 +185,25 @@ pub fn smoke_kernel_dir() -> Result<PathBuf, String> {
     }
 }
 
+/// The ext4 root filesystem image built by `resources/guest/build-rootfs.sh`.
+pub fn smoke_rootfs() -> Result<PathBuf, String> {
+    let script = repo_root().join("resources/guest/build-rootfs.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("--print-path")
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    let img = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if out.status.success() && img.exists() {
+        Ok(img)
+    } else {
+        Err(format!(
+            "the smoke root filesystem is not built ({}): run `bash resources/guest/build-rootfs.sh` (scripts/test.sh does)",
+            img.display()
+        ))
+    }
+}
+
 /// A fresh temporary directory for one test.
 pub fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("skiff-test-{}-{name}", std::process::id()));

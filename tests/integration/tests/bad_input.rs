@@ -216,3 +216,61 @@ fn kvm_missing_is_explained() {
     assert_refused(&run, 1, "/dev/kvm");
     assert!(run.stderr.contains("KVM is not available"), "{}", run.log());
 }
+
+#[test]
+fn device_options_are_checked_before_the_guest_starts() {
+    let dir = temp_dir("devopts");
+    let img = dir.join("d.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let d = |extra: &str| format!("path={}{extra}", img.display());
+    // Missing image.
+    assert_refused(
+        &run_skiff(&["--disk", "path=/nonexistent/disk.img"], DEADLINE),
+        2,
+        "/nonexistent/disk.img",
+    );
+    // Conflicting ids, given or defaulted.
+    assert_refused(
+        &run_skiff(&["--disk", &d(",id=a"), "--disk", &d(",id=a")], DEADLINE),
+        2,
+        "used twice",
+    );
+    assert_refused(
+        &run_skiff(&["--disk", &d(",id=disk1"), "--disk", &d("")], DEADLINE),
+        2,
+        "used twice",
+    );
+    // Malformed options.
+    assert_refused(
+        &run_skiff(&["--disk", &d(",readonly=yes")], DEADLINE),
+        2,
+        "expected on or off",
+    );
+    assert_refused(
+        &run_skiff(&["--net", "tap=a,mac=nonsense"], DEADLINE),
+        2,
+        "mac=",
+    );
+    assert_refused(
+        &run_skiff(&["--net", "bridge=br0"], DEADLINE),
+        2,
+        "unknown key",
+    );
+    assert_refused(
+        &run_skiff(&["--console", "tty"], DEADLINE),
+        2,
+        "expected off, stdout",
+    );
+    assert_refused(
+        &run_skiff(&["--console", "stdout"], DEADLINE),
+        2,
+        "both use stdout",
+    );
+    // A TAP fd that is not open, and a file descriptor that is not a TAP.
+    assert_refused(&run_skiff(&["--net", "fd=987"], DEADLINE), 1, "net0");
+    // An empty image cannot be a disk.
+    let empty = dir.join("empty.img");
+    std::fs::write(&empty, b"").unwrap();
+    let e = format!("path={}", empty.display());
+    assert_refused(&run_skiff(&["--disk", &e], DEADLINE), 1, "empty.img");
+}

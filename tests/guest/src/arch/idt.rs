@@ -1,5 +1,7 @@
 //! A minimal IDT: every CPU exception panics with a description (vector, error code, RIP, CR2),
-//! which then triple-faults like any other panic. Interrupts are never enabled.
+//! which then triple-faults like any other panic. Vectors 32..=255 go to
+//! [`super::interrupts`] (counted, then EOI); interrupts stay disabled unless a scenario enables
+//! them.
 
 use core::arch::{asm, global_asm};
 
@@ -32,14 +34,19 @@ global_asm!(
 .global isr_stubs
 isr_stubs:
 .set vec, 0
-.rept 32
+.rept 256
     .balign 16
+    .if vec < 32
     .if (vec == 8) || (vec == 10) || (vec == 11) || (vec == 12) || (vec == 13) || (vec == 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
     .else
     pushq $0
     .endif
     pushq $vec
     jmp isr_common
+    .else
+    pushq $vec
+    jmp irq_common
+    .endif
     .set vec, vec + 1
 .endr
 
@@ -51,8 +58,39 @@ isr_common:
 1:  cli
     hlt
     jmp 1b
+
+/* External interrupt: save the caller-saved registers (soft-float target: no SSE state), call
+ * the Rust dispatcher with the vector, restore, return. The CPU aligned RSP to 16 before pushing
+ * its 40-byte frame; vector + 9 registers + 8 bytes of padding keep the call 16-byte aligned. */
+irq_common:
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    cld
+    movq 72(%rsp), %rdi
+    subq $8, %rsp
+    call {irq}
+    addq $8, %rsp
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rax
+    addq $8, %rsp
+    iretq
 "#,
     handler = sym exception_handler,
+    irq = sym super::interrupts::irq_dispatch,
     options(att_syntax)
 );
 
@@ -66,7 +104,7 @@ const STUB_STRIDE: u64 = 16;
 #[derive(Clone, Copy)]
 struct Gate([u64; 2]);
 
-static IDT: RacyCell<[Gate; 32]> = RacyCell::new([Gate([0, 0]); 32]);
+static IDT: RacyCell<[Gate; 256]> = RacyCell::new([Gate([0, 0]); 256]);
 
 const EXCEPTION_NAMES: [&str; 32] = [
     "divide error",
@@ -138,7 +176,7 @@ pub fn load() {
         base: u64,
     }
     let idtr = Idtr {
-        limit: (core::mem::size_of::<[Gate; 32]>() - 1) as u16,
+        limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16,
         base: IDT.get() as u64,
     };
     // SAFETY: the IDT is static and its gates point at the stubs above.

@@ -6,6 +6,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 pub const DEFAULT_BASE: u64 = 0xFEE0_0000;
 
 const REG_ID: u64 = 0x20;
+const REG_EOI: u64 = 0xB0;
 const REG_SVR: u64 = 0xF0;
 const REG_ESR: u64 = 0x280;
 const REG_ICR_LOW: u64 = 0x300;
@@ -47,6 +48,11 @@ pub fn id() -> u32 {
 /// Software-enable the LAPIC (spurious vector 0xFF). Interrupts stay masked by `cli`.
 pub fn enable() {
     write(REG_SVR, read(REG_SVR) | 0x1FF);
+}
+
+/// Signal end-of-interrupt for the interrupt being serviced on this CPU.
+pub fn eoi() {
+    write(REG_EOI, 0);
 }
 
 /// Wait (bounded) until the ICR reports the last IPI as delivered. Returns false on timeout.

@@ -2,6 +2,8 @@
 
 pub mod boot;
 pub mod idt;
+pub mod interrupts;
+pub mod ioapic;
 pub mod lapic;
 pub mod port;
 pub mod smp;

@@ -89,11 +89,17 @@ pub fn run(boot: &BootInfo) {
         Vec::new()
     });
     for f in &pci_ecam {
-        println!("pci-ecam: {}", f);
+        match f.virtio_name() {
+            Some(name) => println!("pci-ecam: {} {}", f, name),
+            None => println!("pci-ecam: {}", f),
+        }
     }
     let pci_cf8 = platform::pci_cf8();
     for f in &pci_cf8 {
-        println!("pci-cf8: {}", f);
+        match f.virtio_name() {
+            Some(name) => println!("pci-cf8: {} {}", f, name),
+            None => println!("pci-cf8: {}", f),
+        }
     }
 
     // (6) summary

@@ -7,11 +7,19 @@
 
 mod boot;
 mod demo;
+mod hostile;
 mod idle;
+mod intx;
+mod msix;
 mod panic;
 mod platform;
 mod poweroff;
 mod reboot;
+pub mod report;
+mod virtio_blk;
+mod virtio_console;
+mod virtio_net;
+mod virtio_rng;
 
 use crate::bootinfo::BootInfo;
 
@@ -59,6 +67,41 @@ pub static SCENARIOS: &[Scenario] = &[
         name: "poweroff",
         about: "power off through ACPI at once (the shortest successful run)",
         run: poweroff::run,
+    },
+    Scenario {
+        name: "virtio-blk",
+        about: "virtio-blk: capacity, sector 0 vs blk.expect=, write/flush/read back, GET_ID, read-only device",
+        run: virtio_blk::run,
+    },
+    Scenario {
+        name: "virtio-net",
+        about: "virtio-net: MAC, send a 0x88B5 broadcast, wait for the host's reply frame",
+        run: virtio_net::run,
+    },
+    Scenario {
+        name: "virtio-console",
+        about: "virtio-console: write a line through the transmit queue",
+        run: virtio_console::run,
+    },
+    Scenario {
+        name: "virtio-rng",
+        about: "virtio-rng: two 64-byte reads that are not constant and differ",
+        run: virtio_rng::run,
+    },
+    Scenario {
+        name: "msix",
+        about: "MSI-X on virtio-rng: delivery, mask + pending bit, unmask, re-target to a new vector",
+        run: msix::run,
+    },
+    Scenario {
+        name: "intx",
+        about: "INTx of virtio-rng through the I/O APIC (intx.gsi= or the Interrupt Line)",
+        run: intx::run,
+    },
+    Scenario {
+        name: "hostile",
+        about: "malformed descriptor chains against virtio-blk/rng; the device must keep serving",
+        run: hostile::run,
     },
 ];
 

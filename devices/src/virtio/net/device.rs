@@ -1,0 +1,371 @@
+//! The virtio-net device as the transport sees it: features, configuration space, activation,
+//! reset, pause/resume and snapshot.
+
+use std::sync::Arc;
+
+use migration::{Pausable, Snapshottable, StateError, StateSection};
+use virtio_queue::{Queue, QueueState, QueueT};
+
+use super::common::{queue_from_state, WorkerSlot};
+use super::event_handler::NetWorker;
+use super::features as nf;
+use super::metrics::NetMetrics;
+use super::persist::NetState;
+use super::tap::Tap;
+use super::{queues, MacAddr, NetBackend, NetConfig, NetError, TapSource, NET_QUEUE_SIZE};
+use crate::legacy::log_limit::LogLimiter;
+use crate::virtio::features::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1};
+use crate::virtio::{device_type, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt};
+use crate::GuestMemoryMmap;
+
+/// Link status bit of the configuration space's `status` field.
+const VIRTIO_NET_S_LINK_UP: u16 = 1;
+
+/// A virtio-net device with one RX/TX queue pair.
+///
+/// While active, the backend lives on the worker thread; it comes back on reset and moves to the
+/// next activation.
+pub struct Net {
+    id: String,
+    mac: MacAddr,
+    iommu: bool,
+    backend: Option<Box<dyn NetBackend>>,
+    acked_features: u64,
+    metrics: Arc<NetMetrics>,
+    worker: WorkerSlot<NetWorker>,
+    /// Queue states from a restore, applied at the next activation.
+    restored_queues: Option<Vec<QueueState>>,
+    bad_config: LogLimiter,
+}
+
+impl Net {
+    /// Open the configured TAP and build the device.
+    pub fn new(config: NetConfig) -> Result<Self, NetError> {
+        let tap = match &config.tap {
+            TapSource::Name(name) => Tap::open(name)?,
+            TapSource::Fd(fd) => Tap::from_fd(*fd)?,
+        };
+        let dev = Self::with_backend(config.id, config.mac, config.iommu, Box::new(tap));
+        log::info!(
+            "{}: virtio-net on {}, MAC {}",
+            dev.id,
+            dev.backend_description(),
+            dev.mac
+        );
+        Ok(dev)
+    }
+
+    /// Build the device on any backend (tests, benchmarks, other frame transports).
+    pub fn with_backend(
+        id: impl Into<String>,
+        mac: Option<MacAddr>,
+        iommu: bool,
+        backend: Box<dyn NetBackend>,
+    ) -> Self {
+        let id = id.into();
+        Self {
+            worker: WorkerSlot::new(format!("skiff-{id}")),
+            id,
+            mac: mac.unwrap_or_else(MacAddr::random_local),
+            iommu,
+            backend: Some(backend),
+            acked_features: 0,
+            metrics: Arc::new(NetMetrics::default()),
+            restored_queues: None,
+            bad_config: LogLimiter::new(),
+        }
+    }
+
+    /// The guest-visible MAC address.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// The device's counters (shared with its worker).
+    pub fn metrics(&self) -> Arc<NetMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn backend_description(&self) -> String {
+        self.backend
+            .as_ref()
+            .map(|b| b.describe())
+            .unwrap_or_else(|| "its backend".into())
+    }
+
+    fn activate_error(&self, reason: impl Into<String>) -> VirtioError {
+        VirtioError::Activate {
+            id: self.id.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// `TUN_F_*` offloads the guest can receive, from its acked features.
+    pub(crate) fn tun_offloads(acked: u64) -> u32 {
+        let mut f = 0;
+        if acked & nf::GUEST_CSUM != 0 {
+            f |= libc::TUN_F_CSUM;
+            if acked & nf::GUEST_TSO4 != 0 {
+                f |= libc::TUN_F_TSO4;
+            }
+            if acked & nf::GUEST_TSO6 != 0 {
+                f |= libc::TUN_F_TSO6;
+            }
+            if acked & (nf::GUEST_TSO4 | nf::GUEST_TSO6) != 0 && acked & nf::GUEST_ECN != 0 {
+                f |= libc::TUN_F_TSO_ECN;
+            }
+        }
+        f
+    }
+
+    fn config_bytes(&self) -> [u8; 10] {
+        let mut c = [0u8; 10];
+        c[..6].copy_from_slice(&self.mac.0);
+        c[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        c[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
+        c
+    }
+
+    fn queue_states(&mut self) -> Vec<QueueState> {
+        match self.worker.body_mut() {
+            Some(b) => vec![b.rx.state(), b.tx.state()],
+            None => self.restored_queues.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Stop the worker (if any) and take the backend back.
+    fn stop_worker(&mut self) {
+        if let Some(body) = self.worker.take() {
+            self.backend = Some(body.backend);
+        } else if self.worker.is_active() || self.backend.is_none() {
+            log::error!("{}: worker thread lost its backend", self.id);
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![NET_QUEUE_SIZE, NET_QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1
+            | VIRTIO_F_EVENT_IDX
+            | nf::MAC
+            | nf::STATUS
+            | nf::CSUM
+            | nf::GUEST_CSUM
+            | nf::GUEST_TSO4
+            | nf::GUEST_TSO6
+            | nf::GUEST_ECN
+            | nf::HOST_TSO4
+            | nf::HOST_TSO6
+            | nf::HOST_ECN;
+        if self.iommu {
+            f |= VIRTIO_F_ACCESS_PLATFORM;
+        }
+        f
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = self.config_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| cfg.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is read-only for modern drivers (VIRTIO_NET_F_CTRL_MAC_ADDR is not offered).
+        if self.bad_config.allow() {
+            log::debug!(
+                "{}: ignoring a {}-byte configuration write at {offset:#x}",
+                self.id,
+                data.len()
+            );
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), VirtioError> {
+        if self.worker.is_active() {
+            return Err(self.activate_error("already active"));
+        }
+        if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(self.activate_error("the driver did not accept VIRTIO_F_VERSION_1"));
+        }
+        let mut rx = None;
+        let mut tx = None;
+        for q in queues {
+            match q.index {
+                queues::RX => rx = Some(q),
+                queues::TX => tx = Some(q),
+                i => return Err(self.activate_error(format!("no queue {i}"))),
+            }
+        }
+        let (Some(rx), Some(tx)) = (rx, tx) else {
+            return Err(self.activate_error("needs both the RX and the TX queue"));
+        };
+        let restored = self.restored_queues.clone();
+        let event_idx = self.acked_features & VIRTIO_F_EVENT_IDX != 0;
+        let prepare = |mut q: Queue, idx: usize| -> Result<Queue, VirtioError> {
+            if let Some(s) = restored.as_ref().and_then(|r| r.get(idx)) {
+                q.set_next_avail(s.next_avail);
+                q.set_next_used(s.next_used);
+            }
+            q.set_event_idx(event_idx);
+            if !q.is_valid(&mem) {
+                return Err(self.activate_error(format!(
+                    "queue {idx} is not ready or lies outside guest memory"
+                )));
+            }
+            Ok(q)
+        };
+        let rx_q = prepare(rx.queue, 0)?;
+        let tx_q = prepare(tx.queue, 1)?;
+        let Some(mut backend) = self.backend.take() else {
+            return Err(self.activate_error("the backend was lost when a worker thread failed"));
+        };
+        let offloads = Self::tun_offloads(self.acked_features);
+        if let Err(e) = backend.set_offload(offloads) {
+            let err = self.activate_error(format!(
+                "cannot set offloads {offloads:#x} on {}: {e}",
+                backend.describe()
+            ));
+            self.backend = Some(backend);
+            return Err(err);
+        }
+        let body = NetWorker::new(
+            self.id.clone(),
+            mem,
+            interrupt,
+            rx_q,
+            tx_q,
+            rx.kick,
+            tx.kick,
+            backend,
+            self.metrics.clone(),
+        );
+        self.restored_queues = None;
+        self.worker.start(&self.id, body)
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+        self.restored_queues = None;
+    }
+
+    fn pause(&mut self) -> Result<(), VirtioError> {
+        self.worker.pause(&self.id)
+    }
+
+    fn resume(&mut self) -> Result<(), VirtioError> {
+        self.worker.resume(&self.id)
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.metrics.values()
+    }
+}
+
+impl Pausable for Net {
+    fn pause(&mut self) -> Result<(), StateError> {
+        VirtioDevice::pause(self).map_err(|e| StateError::Pause {
+            id: self.id.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn resume(&mut self) -> Result<(), StateError> {
+        VirtioDevice::resume(self).map_err(|e| StateError::Resume {
+            id: self.id.clone(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+impl Snapshottable for Net {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    fn snapshot(&mut self) -> Result<StateSection, StateError> {
+        if self.worker.is_active() && !self.worker.is_paused() {
+            return Err(StateError::Pause {
+                id: self.id.clone(),
+                reason: "snapshot of a running device; pause it first".into(),
+            });
+        }
+        let state = NetState {
+            acked_features: self.acked_features,
+            mac: self.mac,
+            queues: self.queue_states(),
+        };
+        Ok(state.encode(&self.id))
+    }
+
+    /// Restores features, MAC and queue positions. On an activated (paused) device the queues are
+    /// replaced at once; otherwise they are applied when the transport activates the device.
+    fn restore(&mut self, section: &StateSection) -> Result<(), StateError> {
+        if self.worker.is_active() && !self.worker.is_paused() {
+            return Err(StateError::Malformed {
+                id: self.id.clone(),
+                reason: "restore into a running device; pause it first".into(),
+            });
+        }
+        let state = NetState::decode(section, &self.id)?;
+        if state.acked_features & !self.avail_features() != 0 {
+            return Err(StateError::Malformed {
+                id: self.id.clone(),
+                reason: format!(
+                    "saved features {:#x} include some this device does not offer ({:#x})",
+                    state.acked_features,
+                    self.avail_features()
+                ),
+            });
+        }
+        let restored: Vec<Queue> = state
+            .queues
+            .iter()
+            .map(|s| queue_from_state(&self.id, *s))
+            .collect::<Result<_, _>>()?;
+        self.acked_features = state.acked_features;
+        self.mac = state.mac;
+        if let Some(body) = self.worker.body_mut() {
+            let mut it = restored.into_iter();
+            if let (Some(rx), Some(tx)) = (it.next(), it.next()) {
+                body.rx = rx;
+                body.tx = tx;
+                return Ok(());
+            }
+            // Active here but the saved device was not: back to the reset state.
+            self.stop_worker();
+        }
+        self.restored_queues = (!state.queues.is_empty()).then_some(state.queues);
+        Ok(())
+    }
+}

@@ -1,0 +1,509 @@
+//! virtio-rng (entropy device): one request queue whose device-writable buffers are filled from
+//! the host's `getrandom(2)`.
+//!
+//! A single request is served up to [`MAX_REQUEST`] bytes (the used length says how many), so a
+//! guest posting gigabytes of buffers cannot make the worker churn through them in one go.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events};
+use migration::{Pausable, Snapshottable, StateError, StateSection};
+use virtio_queue::{Queue, QueueState, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::net::common::{
+    avail_ok, notify, queue_from_state, read_queue_states, return_chain, write_queue_states,
+    write_to_ranges, ChainError, DescChain, WorkerSlot,
+};
+use super::worker::WorkerBody;
+use super::{device_type, features, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt};
+use crate::legacy::log_limit::LogLimiter;
+use crate::legacy::state::{StateReader, StateWriter};
+use crate::GuestMemoryMmap;
+
+/// Largest size of the request queue.
+pub const RNG_QUEUE_SIZE: u16 = 256;
+/// Bytes served for one request at most.
+pub const MAX_REQUEST: usize = 64 << 10;
+/// Version of the rng state section.
+pub const RNG_STATE_VERSION: u16 = 1;
+
+/// Configuration of a virtio-rng device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RngConfig {
+    /// Device id (counters, API, migration).
+    pub id: String,
+    /// Offer VIRTIO_F_ACCESS_PLATFORM (the device sits behind the virtual IOMMU).
+    pub iommu: bool,
+}
+
+/// virtio-rng counters.
+#[derive(Debug, Default)]
+pub struct RngMetrics {
+    /// Random bytes delivered to the guest.
+    pub bytes: AtomicU64,
+    /// Requests served.
+    pub requests: AtomicU64,
+    /// Descriptor chains rejected as malformed.
+    pub invalid_descriptors: AtomicU64,
+}
+
+impl RngMetrics {
+    /// The counters as `(name, value)` pairs.
+    pub fn values(&self) -> Vec<(&'static str, u64)> {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("bytes", g(&self.bytes)),
+            ("requests", g(&self.requests)),
+            ("invalid_descriptors", g(&self.invalid_descriptors)),
+        ]
+    }
+}
+
+/// Fill `buf` from getrandom(2) (blocking only until the host pool is initialised, at boot).
+fn fill_random(buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// A virtio-rng device.
+pub struct Rng {
+    id: String,
+    iommu: bool,
+    acked_features: u64,
+    metrics: Arc<RngMetrics>,
+    worker: WorkerSlot<RngWorker>,
+    restored_queue: Option<QueueState>,
+}
+
+impl Rng {
+    /// Build the device.
+    pub fn new(config: RngConfig) -> Self {
+        Self {
+            worker: WorkerSlot::new(format!("skiff-{}", config.id)),
+            id: config.id,
+            iommu: config.iommu,
+            acked_features: 0,
+            metrics: Arc::new(RngMetrics::default()),
+            restored_queue: None,
+        }
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<RngMetrics> {
+        self.metrics.clone()
+    }
+
+    fn activate_error(&self, reason: impl Into<String>) -> VirtioError {
+        VirtioError::Activate {
+            id: self.id.clone(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn device_type(&self) -> u32 {
+        device_type::RNG
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![RNG_QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        let mut f = features::VIRTIO_F_VERSION_1;
+        if self.iommu {
+            f |= features::VIRTIO_F_ACCESS_PLATFORM;
+        }
+        f
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    /// virtio-rng has no configuration space.
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<(), VirtioError> {
+        if self.worker.is_active() {
+            return Err(self.activate_error("already active"));
+        }
+        let mut queues = queues.into_iter();
+        let (Some(q), None) = (queues.next(), queues.next()) else {
+            return Err(self.activate_error("needs exactly one queue"));
+        };
+        if q.index != 0 {
+            return Err(self.activate_error(format!("no queue {}", q.index)));
+        }
+        let mut queue = q.queue;
+        if let Some(s) = self.restored_queue {
+            queue.set_next_avail(s.next_avail);
+            queue.set_next_used(s.next_used);
+        }
+        queue.set_event_idx(false);
+        if !queue.is_valid(&mem) {
+            return Err(self.activate_error("queue 0 is not ready or lies outside guest memory"));
+        }
+        let body = RngWorker {
+            id: self.id.clone(),
+            mem,
+            interrupt,
+            queue,
+            kick: q.kick,
+            metrics: self.metrics.clone(),
+            chain: DescChain::default(),
+            buf: vec![0; MAX_REQUEST],
+            invalid: LogLimiter::new(),
+            irq: LogLimiter::new(),
+            entropy: LogLimiter::new(),
+        };
+        self.restored_queue = None;
+        self.worker.start(&self.id, body)
+    }
+
+    fn reset(&mut self) {
+        self.worker.take();
+        self.restored_queue = None;
+    }
+
+    fn pause(&mut self) -> Result<(), VirtioError> {
+        self.worker.pause(&self.id)
+    }
+
+    fn resume(&mut self) -> Result<(), VirtioError> {
+        self.worker.resume(&self.id)
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.metrics.values()
+    }
+}
+
+impl Pausable for Rng {
+    fn pause(&mut self) -> Result<(), StateError> {
+        VirtioDevice::pause(self).map_err(|e| StateError::Pause {
+            id: self.id.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn resume(&mut self) -> Result<(), StateError> {
+        VirtioDevice::resume(self).map_err(|e| StateError::Resume {
+            id: self.id.clone(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+impl Snapshottable for Rng {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    /// Layout (version 1): acked features `u64`, queue count `u8` (0 or 1), queue state.
+    fn snapshot(&mut self) -> Result<StateSection, StateError> {
+        if self.worker.is_active() && !self.worker.is_paused() {
+            return Err(StateError::Pause {
+                id: self.id.clone(),
+                reason: "snapshot of a running device; pause it first".into(),
+            });
+        }
+        let queues: Vec<QueueState> = match self.worker.body_mut() {
+            Some(b) => vec![b.queue.state()],
+            None => self.restored_queue.into_iter().collect(),
+        };
+        let mut w = StateWriter::new();
+        w.u64(self.acked_features);
+        write_queue_states(&mut w, &queues);
+        Ok(w.into_section(&self.id, RNG_STATE_VERSION))
+    }
+
+    fn restore(&mut self, section: &StateSection) -> Result<(), StateError> {
+        let malformed = |reason: String| StateError::Malformed {
+            id: self.id.clone(),
+            reason,
+        };
+        if self.worker.is_active() && !self.worker.is_paused() {
+            return Err(malformed(
+                "restore into a running device; pause it first".into(),
+            ));
+        }
+        let mut r = StateReader::open(section, &self.id, RNG_STATE_VERSION)?;
+        let acked = r.u64()?;
+        let queues = read_queue_states(&mut r, 1)?;
+        r.finish()?;
+        if acked & !self.avail_features() != 0 {
+            return Err(malformed(format!(
+                "saved features {acked:#x} are not all offered"
+            )));
+        }
+        let rebuilt: Option<Queue> = queues
+            .first()
+            .map(|s| queue_from_state(&self.id, *s))
+            .transpose()?;
+        self.acked_features = acked;
+        if let Some(body) = self.worker.body_mut() {
+            if let Some(q) = rebuilt {
+                body.queue = q;
+                return Ok(());
+            }
+            self.worker.take();
+        }
+        self.restored_queue = queues.first().copied();
+        Ok(())
+    }
+}
+
+/// The rng worker thread body.
+struct RngWorker {
+    id: String,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    queue: Queue,
+    kick: EventFd,
+    metrics: Arc<RngMetrics>,
+    chain: DescChain,
+    buf: Vec<u8>,
+    invalid: LogLimiter,
+    irq: LogLimiter,
+    entropy: LogLimiter,
+}
+
+impl RngWorker {
+    fn process(&mut self) {
+        let mem = self.mem.clone();
+        if !avail_ok(&self.queue, &mem) {
+            self.metrics
+                .invalid_descriptors
+                .fetch_add(1, Ordering::Relaxed);
+            if self.invalid.allow() {
+                log::warn!("{}: available index out of range; queue ignored", self.id);
+            }
+            return;
+        }
+        let mut used = false;
+        while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
+            let res = match self.chain.fill(chain, &mem) {
+                Ok(()) if !self.chain.readable.is_empty() => Err(ChainError::Direction("readable")),
+                r => r,
+            };
+            let len = match res {
+                Ok(()) => {
+                    let n = (self.chain.writable_len as usize).min(MAX_REQUEST);
+                    match fill_random(&mut self.buf[..n]) {
+                        Ok(()) => {
+                            let n = write_to_ranges(&mem, &self.chain.writable, &self.buf[..n]);
+                            self.metrics.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                            self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+                            n as u32
+                        }
+                        Err(e) => {
+                            if self.entropy.allow() {
+                                log::warn!("{}: getrandom failed: {e}", self.id);
+                            }
+                            0
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.metrics
+                        .invalid_descriptors
+                        .fetch_add(1, Ordering::Relaxed);
+                    if self.invalid.allow() {
+                        log::warn!("{}: dropping malformed descriptor chain: {e}", self.id);
+                    }
+                    0
+                }
+            };
+            used = true;
+            let head = self.chain.head;
+            if return_chain(&mut self.queue, &mem, head, len).is_err() {
+                break;
+            }
+        }
+        if used {
+            notify(
+                &mut self.queue,
+                &mem,
+                &*self.interrupt,
+                0,
+                &mut self.irq,
+                &self.id,
+            );
+        }
+    }
+}
+
+impl WorkerBody for RngWorker {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new_raw(self.kick.as_raw_fd(), EventSet::IN)) {
+            log::error!("{}: cannot watch the queue eventfd: {e:?}", self.id);
+        }
+        self.process();
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.kick.read();
+        RngWorker::process(self);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::net::tests_support::*;
+
+    fn active() -> (Rng, TestEnv) {
+        let mut dev = Rng::new(RngConfig {
+            id: "rng0".into(),
+            iommu: false,
+        });
+        let env = TestEnv::new(1);
+        dev.set_acked_features(features::VIRTIO_F_VERSION_1);
+        dev.activate(env.mem.clone(), env.irq.clone(), env.activated_queues())
+            .unwrap();
+        (dev, env)
+    }
+
+    #[test]
+    fn buffers_are_filled_with_random_bytes() {
+        let (dev, env) = active();
+        let head = env.q(0).add_writable(&env.mem, &[100, 28]);
+        env.kick(0);
+        env.wait_used(0, 1);
+        assert_eq!(env.used_elem(0, 0), (u32::from(head), 128));
+        let data = env.q(0).buffer(&env.mem, head, 128);
+        assert!(
+            data.iter().any(|&b| b != data[0]),
+            "random bytes are not all equal"
+        );
+        assert_eq!(dev.metrics().bytes.load(Ordering::Relaxed), 128);
+        assert!(env.irq.counts[0].load(Ordering::SeqCst) >= 1);
+        assert_eq!(dev.counters()[0], ("bytes", 128));
+    }
+
+    #[test]
+    fn huge_requests_are_capped() {
+        let (dev, env) = active();
+        // 4 MiB of buffers (inside guest RAM): only MAX_REQUEST bytes are served.
+        let a = env.q(0).alloc(4 << 20);
+        env.q(0).add_descs(&env.mem, &[(a.0, 4 << 20, F_WRITE)]);
+        env.kick(0);
+        env.wait_used(0, 1);
+        assert_eq!(env.used_elem(0, 0).1 as usize, MAX_REQUEST);
+        assert_eq!(
+            dev.metrics().bytes.load(Ordering::Relaxed) as usize,
+            MAX_REQUEST
+        );
+    }
+
+    #[test]
+    fn hostile_chains_are_rejected_and_serving_continues() {
+        let (dev, env) = active();
+        let q = env.q(0);
+        let mem = &env.mem;
+        // Out of guest RAM.
+        q.add_descs(mem, &[(MEM_SIZE - 8, 64, F_WRITE)]);
+        // Huge length.
+        q.add_descs(mem, &[(0x200000, u32::MAX, F_WRITE)]);
+        // Wrong direction (device-readable).
+        q.add_readable(mem, &[b"not for the device"]);
+        // A loop: a descriptor that points at itself.
+        let i = q.alloc_descs(1);
+        q.write_desc(mem, i, 0x200000, 16, F_WRITE | F_NEXT, i);
+        q.push_avail(mem, i);
+        // Next index beyond the queue.
+        let i = q.alloc_descs(1);
+        q.write_desc(mem, i, 0x200000, 16, F_WRITE | F_NEXT, 999);
+        q.push_avail(mem, i);
+        // Indirect table outside RAM.
+        let i = q.alloc_descs(1);
+        q.write_desc(mem, i, MEM_SIZE + 0x1000, 64, F_INDIRECT, 0);
+        q.push_avail(mem, i);
+        // Zero-length buffer: served with 0 bytes.
+        q.add_descs(mem, &[(0x200000, 0, F_WRITE)]);
+        // And a good one afterwards.
+        let good = q.add_writable(mem, &[32]);
+        env.kick(0);
+        env.wait_used(0, 8);
+        for n in 0..7 {
+            assert_eq!(env.used_elem(0, n).1, 0, "hostile chain {n} got bytes");
+        }
+        assert_eq!(env.used_elem(0, 7), (u32::from(good), 32));
+        assert_eq!(dev.metrics().invalid_descriptors.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn bogus_avail_index_is_ignored() {
+        let (dev, env) = active();
+        env.q(0).set_avail_idx(&env.mem, 1000);
+        env.kick(0);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert_eq!(env.used_idx(0), 0);
+        assert!(dev.metrics().invalid_descriptors.load(Ordering::Relaxed) >= 1);
+    }
+
+    #[test]
+    fn pause_snapshot_restore() {
+        let (mut dev, env) = active();
+        env.q(0).add_writable(&env.mem, &[8]);
+        env.kick(0);
+        env.wait_used(0, 1);
+        Pausable::pause(&mut dev).unwrap();
+        // Requests while paused wait for resume.
+        env.q(0).add_writable(&env.mem, &[8]);
+        env.kick(0);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(env.used_idx(0), 1);
+        let s = dev.snapshot().unwrap();
+        let mut fresh = Rng::new(RngConfig {
+            id: "rng0".into(),
+            iommu: false,
+        });
+        fresh.restore(&s).unwrap();
+        assert_eq!(fresh.snapshot().unwrap(), s);
+        // Restore into the paused device itself, then resume: the pending request is served.
+        dev.restore(&s).unwrap();
+        Pausable::resume(&mut dev).unwrap();
+        env.wait_used(0, 2);
+        // Another id or a truncated section is refused.
+        let mut other = Rng::new(RngConfig {
+            id: "rng1".into(),
+            iommu: false,
+        });
+        assert!(other.restore(&s).is_err());
+        let mut bad = s.clone();
+        bad.data.pop();
+        assert!(fresh.restore(&bad).is_err());
+    }
+}

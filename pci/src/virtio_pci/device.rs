@@ -1,0 +1,655 @@
+//! [`VirtioPciDevice`]: configuration space, BAR dispatch, feature negotiation and activation.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use devices::bus::BusDevice;
+use devices::legacy::{LogLimiter, StateReader, StateWriter};
+use devices::virtio::{
+    features, status, ActivatedQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+};
+use devices::GuestMemoryMmap;
+use migration::{Pausable, Snapshottable, StateError, StateSection};
+use thiserror::Error;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::common_config::{CommonConfig, CommonWrite};
+use super::interrupt::{IntxState, VirtioPciInterrupt};
+use super::*;
+use crate::configuration::{
+    BarKind, BarMove, ConfigSpaceSize, PciConfigError, PciConfiguration, PciHeader,
+    CAP_ID_VENDOR_SPECIFIC, COMMAND_INTX_DISABLE, COMMAND_STATUS_REG,
+};
+use crate::device::PciDevice;
+use crate::interrupt::InterruptManager;
+use crate::msix::{MsixConfig, MSIX_CAP_WRITABLE_MASK};
+
+/// Version of the virtio-pci transport state section.
+pub const VIRTIO_PCI_STATE_VERSION: u16 = 1;
+
+/// Errors building a [`VirtioPciDevice`].
+#[derive(Debug, Error)]
+pub enum VirtioPciError {
+    /// The device has more queues than the BAR layout allows.
+    #[error("{id}: {queues} queues exceed the virtio-pci maximum of {max}")]
+    TooManyQueues {
+        /// Device id.
+        id: String,
+        /// Its queue count.
+        queues: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// Allocating MSI vectors or the INTx line failed.
+    #[error("{id}: interrupt set-up: {source}")]
+    Interrupts {
+        /// Device id.
+        id: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Creating a queue ioeventfd failed.
+    #[error("{id}: ioeventfd: {source}")]
+    EventFd {
+        /// Device id.
+        id: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Building the configuration space (BAR, capabilities) failed.
+    #[error("{id}: configuration space: {source}")]
+    Config {
+        /// Device id.
+        id: String,
+        /// The error.
+        #[source]
+        source: PciConfigError,
+    },
+}
+
+/// A virtio device behind the virtio-pci modern transport.
+///
+/// Share it as `Arc<Mutex<VirtioPciDevice>>`: the same object is the [`PciDevice`] on the PCI bus
+/// and the [`BusDevice`] registered on the MMIO bus at BAR 0's address.
+pub struct VirtioPciDevice {
+    id: String,
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    config: PciConfiguration,
+    common: CommonConfig,
+    msix: Arc<Mutex<MsixConfig>>,
+    msix_cap_reg: usize,
+    intx: Arc<IntxState>,
+    intx_gsi: Option<u32>,
+    resamplefd: Option<EventFd>,
+    interrupt: Arc<VirtioPciInterrupt>,
+    ioeventfds: Vec<EventFd>,
+    activated: bool,
+    pending_bar_move: Option<BarMove>,
+    bad_access: LogLimiter,
+}
+
+impl std::fmt::Debug for VirtioPciDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioPciDevice")
+            .field("id", &self.id)
+            .field("status", &self.common.status)
+            .field("activated", &self.activated)
+            .finish()
+    }
+}
+
+/// A virtio vendor capability (`virtio_pci_cap`), plus `notify_off_multiplier` for NOTIFY.
+fn virtio_cap(cfg_type: u8, offset: u64, length: u64, multiplier: Option<u32>) -> Vec<u8> {
+    let len = if multiplier.is_some() { 20 } else { 16 };
+    let mut cap = vec![
+        CAP_ID_VENDOR_SPECIFIC,
+        0,
+        len,
+        cfg_type,
+        VIRTIO_BAR_INDEX as u8,
+        0,
+        0,
+        0,
+    ];
+    cap.extend_from_slice(&(offset as u32).to_le_bytes());
+    cap.extend_from_slice(&(length as u32).to_le_bytes());
+    if let Some(m) = multiplier {
+        cap.extend_from_slice(&m.to_le_bytes());
+    }
+    cap
+}
+
+fn within(offset: u64, len: usize, start: u64, size: u64) -> bool {
+    offset >= start
+        && offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= start + size)
+}
+
+impl VirtioPciDevice {
+    /// Wrap `device`. MSI-X gets one vector per queue plus one for configuration changes, each
+    /// with a GSI from `interrupt_manager`; `intx` is `(pin, gsi)` (pin 1 = INTA#) for the INTx
+    /// fallback, `None` for an MSI-X-only device. BAR 0 starts at address 0: the VMM allocates
+    /// the BARs listed by [`Self::bar_requests`] and programs them with [`Self::set_bar`].
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt_manager: Arc<dyn InterruptManager>,
+        intx: Option<(u8, u32)>,
+    ) -> Result<Self, VirtioPciError> {
+        let id = device.id().to_string();
+        let queue_max_sizes = device.queue_max_sizes();
+        let num_queues = queue_max_sizes.len();
+        if num_queues > MAX_QUEUES {
+            return Err(VirtioPciError::TooManyQueues {
+                id,
+                queues: num_queues,
+                max: MAX_QUEUES,
+            });
+        }
+        let irq_err = |id: &str| {
+            let id = id.to_string();
+            move |source| VirtioPciError::Interrupts { id, source }
+        };
+        let num_vectors = num_queues as u16 + 1;
+        let msix = MsixConfig::new(num_vectors, interrupt_manager.clone()).map_err(irq_err(&id))?;
+
+        let device_type = device.device_type();
+        let (class_code, subclass, prog_if) = class_code(device_type);
+        let header = PciHeader {
+            vendor_id: VIRTIO_PCI_VENDOR_ID,
+            device_id: VIRTIO_PCI_DEVICE_ID_BASE.wrapping_add(device_type as u16),
+            revision_id: 1,
+            class_code,
+            subclass,
+            prog_if,
+            subsystem_vendor_id: VIRTIO_PCI_VENDOR_ID,
+            subsystem_id: VIRTIO_PCI_SUBSYSTEM_ID,
+            multifunction: false,
+        };
+        let mut config = PciConfiguration::new(&header, ConfigSpaceSize::Legacy);
+        let cfg_err = |id: &str| {
+            let id = id.to_string();
+            move |source| VirtioPciError::Config { id, source }
+        };
+        config
+            .add_bar(
+                VIRTIO_BAR_INDEX,
+                VIRTIO_BAR_SIZE,
+                BarKind::Mem64 {
+                    prefetchable: false,
+                },
+                0,
+            )
+            .map_err(cfg_err(&id))?;
+        let notify_len = (num_queues.max(1) as u64) * u64::from(NOTIFY_OFF_MULTIPLIER);
+        for cap in [
+            virtio_cap(
+                VIRTIO_PCI_CAP_COMMON_CFG,
+                COMMON_CFG_OFFSET,
+                COMMON_CFG_LEN,
+                None,
+            ),
+            virtio_cap(VIRTIO_PCI_CAP_ISR_CFG, ISR_OFFSET, ISR_LEN, None),
+            virtio_cap(
+                VIRTIO_PCI_CAP_DEVICE_CFG,
+                DEVICE_CFG_OFFSET,
+                DEVICE_CFG_LEN,
+                None,
+            ),
+            virtio_cap(
+                VIRTIO_PCI_CAP_NOTIFY_CFG,
+                NOTIFY_OFFSET,
+                notify_len,
+                Some(NOTIFY_OFF_MULTIPLIER),
+            ),
+        ] {
+            config.add_capability(&cap).map_err(cfg_err(&id))?;
+        }
+        let msix_cap = msix.capability(
+            VIRTIO_BAR_INDEX as u8,
+            MSIX_TABLE_OFFSET as u32,
+            VIRTIO_BAR_INDEX as u8,
+            MSIX_PBA_OFFSET as u32,
+        );
+        let msix_cap_reg = config.add_capability(&msix_cap).map_err(cfg_err(&id))? / 4;
+        config.set_writable_bits(msix_cap_reg, MSIX_CAP_WRITABLE_MASK);
+
+        let (intx_gsi, irqfd, resamplefd) = match intx {
+            Some((pin, gsi)) => {
+                let line = interrupt_manager.intx_irqfd(gsi).map_err(irq_err(&id))?;
+                config.set_interrupt_pin(pin);
+                // Like firmware: the line register names the GSI the _PRT routes the pin to.
+                config.set_interrupt_line(u8::try_from(gsi).unwrap_or(0xff));
+                (Some(gsi), Some(line.irqfd), Some(line.resamplefd))
+            }
+            None => (None, None, None),
+        };
+        let intx = Arc::new(IntxState {
+            isr: AtomicU8::new(0),
+            disabled: AtomicBool::new(false),
+            irqfd,
+        });
+        let ioeventfds = (0..num_queues)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|source| VirtioPciError::EventFd {
+                id: id.clone(),
+                source,
+            })?;
+        let common = CommonConfig::new(&queue_max_sizes, device.avail_features(), num_vectors);
+        let msix = Arc::new(Mutex::new(msix));
+        let interrupt = Arc::new(VirtioPciInterrupt {
+            msix: msix.clone(),
+            vectors: common.vectors.clone(),
+            intx: intx.clone(),
+        });
+        Ok(Self {
+            id,
+            device,
+            mem,
+            config,
+            common,
+            msix,
+            msix_cap_reg,
+            intx,
+            intx_gsi,
+            resamplefd,
+            interrupt,
+            ioeventfds,
+            activated: false,
+            pending_bar_move: None,
+            bad_access: LogLimiter::new(),
+        })
+    }
+
+    /// The device id.
+    pub fn device_id(&self) -> &str {
+        &self.id
+    }
+
+    /// The wrapped virtio device (counters, type).
+    pub fn virtio_device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// The configuration space.
+    pub fn configuration(&self) -> &PciConfiguration {
+        &self.config
+    }
+
+    /// Whether the device was activated (the driver set DRIVER_OK and activation succeeded).
+    pub fn activated(&self) -> bool {
+        self.activated
+    }
+
+    /// BARs the VMM must allocate: `(index, size, kind)`.
+    pub fn bar_requests(&self) -> Vec<(usize, u64, BarKind)> {
+        (0..crate::configuration::NUM_BAR_REGS)
+            .filter_map(|i| self.config.bar(i).map(|b| (i, b.size, b.kind)))
+            .collect()
+    }
+
+    /// Program BAR `index` at `addr` (chosen by the VMM's allocator).
+    pub fn set_bar(&mut self, index: usize, addr: u64) -> Result<(), VirtioPciError> {
+        self.config
+            .set_bar_address(index, addr)
+            .map_err(|source| VirtioPciError::Config {
+                id: self.id.clone(),
+                source,
+            })
+    }
+
+    /// The address BAR `index` decodes now.
+    pub fn bar_address(&self, index: usize) -> Option<u64> {
+        self.config.bar_address(index)
+    }
+
+    /// The queue ioeventfds and the guest-physical notification address of each, for BAR 0 at
+    /// `bar_base`. Register each with KVM (`KVM_IOEVENTFD`, MMIO, any length, no datamatch).
+    pub fn ioeventfds(&self, bar_base: u64) -> Vec<(&EventFd, u64)> {
+        self.ioeventfds
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| {
+                (
+                    fd,
+                    bar_base + NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_OFF_MULTIPLIER),
+                )
+            })
+            .collect()
+    }
+
+    /// The GSIs of the MSI-X vectors.
+    pub fn msix_gsis(&self) -> Vec<u32> {
+        self.lock_msix().gsis()
+    }
+
+    /// The INTx GSI, when the device has INTx.
+    pub fn intx_gsi(&self) -> Option<u32> {
+        self.intx_gsi
+    }
+
+    /// The fd KVM signals after the guest acknowledged the INTx interrupt; when it is readable,
+    /// call [`Self::handle_intx_resample`].
+    pub fn intx_resample_fd(&self) -> Option<&EventFd> {
+        self.resamplefd.as_ref()
+    }
+
+    /// Consume the resample event and re-assert INTx if the ISR still has bits set.
+    pub fn handle_intx_resample(&self) -> io::Result<()> {
+        if let Some(fd) = &self.resamplefd {
+            // Non-blocking: nothing to read is fine.
+            let _ = fd.read();
+        }
+        self.intx.resample()
+    }
+
+    fn lock_msix(&self) -> MutexGuard<'_, MsixConfig> {
+        self.msix.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn log_bad(&mut self, what: std::fmt::Arguments<'_>) {
+        if self.bad_access.allow() {
+            log::warn!(
+                "{}: ignoring {what} (occurrence {})",
+                self.id,
+                self.bad_access.count()
+            );
+        }
+    }
+
+    /// Reset the device and the transport (status 0).
+    fn reset(&mut self) {
+        if self.activated || self.common.status != 0 {
+            self.device.reset();
+        }
+        self.activated = false;
+        self.common.reset();
+        self.intx.isr.store(0, Ordering::SeqCst);
+        for fd in &self.ioeventfds {
+            let _ = fd.read();
+        }
+    }
+
+    fn write_status(&mut self, value: u8) {
+        if value == 0 {
+            log::debug!("{}: driver reset", self.id);
+            self.reset();
+            return;
+        }
+        let old = self.common.status;
+        let mut new = value | (old & status::DEVICE_NEEDS_RESET);
+        if new & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
+            let acked = self.common.driver_features;
+            let offered = self.device.avail_features();
+            if acked & !offered != 0 || acked & features::VIRTIO_F_VERSION_1 == 0 {
+                self.log_bad(format_args!(
+                    "FEATURES_OK with features {acked:#x} (offered {offered:#x})"
+                ));
+                new &= !status::FEATURES_OK;
+            } else {
+                self.device.set_acked_features(acked);
+            }
+        }
+        self.common.status = new;
+        if new & status::DRIVER_OK != 0
+            && old & status::DRIVER_OK == 0
+            && new & status::DEVICE_NEEDS_RESET == 0
+            && !self.activated
+        {
+            if let Err(reason) = self.activate(false) {
+                log::error!("{}: activation failed: {reason}", self.id);
+                self.common.status |= status::DEVICE_NEEDS_RESET;
+                if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Config) {
+                    log::error!("{}: cannot raise the config interrupt: {e}", self.id);
+                }
+            }
+        }
+    }
+
+    /// Build the enabled queues from what the driver programmed. When `restoring`, the queues
+    /// resume at the used index found in guest memory.
+    fn build_queues(&self, restoring: bool) -> Result<Vec<ActivatedQueue>, String> {
+        let event_idx = self.common.driver_features & features::VIRTIO_F_EVENT_IDX != 0;
+        let mut queues = Vec::new();
+        for (i, q) in self.common.queues.iter().enumerate() {
+            if !q.enabled {
+                continue;
+            }
+            let bad = |e: virtio_queue::Error| format!("queue {i}: {e}");
+            let mut queue = Queue::new(q.max_size).map_err(bad)?;
+            queue.try_set_size(q.size).map_err(bad)?;
+            queue
+                .try_set_desc_table_address(GuestAddress(q.desc))
+                .map_err(bad)?;
+            queue
+                .try_set_avail_ring_address(GuestAddress(q.driver))
+                .map_err(bad)?;
+            queue
+                .try_set_used_ring_address(GuestAddress(q.device))
+                .map_err(bad)?;
+            queue.set_event_idx(event_idx);
+            queue.set_ready(true);
+            if !queue.is_valid(&self.mem) {
+                return Err(format!(
+                    "queue {i}: rings at {:#x}/{:#x}/{:#x} (size {}) are not in guest memory",
+                    q.desc, q.driver, q.device, q.size
+                ));
+            }
+            if restoring {
+                let used = queue
+                    .used_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+                    .map_err(bad)?;
+                queue.set_next_avail(used.0);
+                queue.set_next_used(used.0);
+            }
+            let kick = self.ioeventfds[i]
+                .try_clone()
+                .map_err(|e| format!("queue {i}: ioeventfd: {e}"))?;
+            queues.push(ActivatedQueue {
+                index: i as u16,
+                queue,
+                kick,
+            });
+        }
+        Ok(queues)
+    }
+
+    fn activate(&mut self, restoring: bool) -> Result<(), String> {
+        if self.common.status & status::FEATURES_OK == 0 {
+            return Err("DRIVER_OK without FEATURES_OK".into());
+        }
+        let queues = self.build_queues(restoring)?;
+        let n = queues.len();
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        self.device
+            .activate(self.mem.clone(), interrupt, queues)
+            .map_err(|e| e.to_string())?;
+        self.activated = true;
+        log::info!(
+            "{}: driver ready, activated with {n} queue(s), features {:#x}",
+            self.id,
+            self.common.driver_features
+        );
+        Ok(())
+    }
+
+    fn read_bar(&mut self, offset: u64, data: &mut [u8]) {
+        let len = data.len();
+        if within(offset, len, COMMON_CFG_OFFSET, COMMON_CFG_LEN) {
+            self.common.read(offset - COMMON_CFG_OFFSET, data);
+        } else if within(offset, len, ISR_OFFSET, ISR_LEN) {
+            data[0] = self.intx.isr.swap(0, Ordering::SeqCst);
+        } else if within(offset, len, DEVICE_CFG_OFFSET, DEVICE_CFG_LEN) {
+            self.device.read_config(offset - DEVICE_CFG_OFFSET, data);
+        } else if within(
+            offset,
+            len,
+            MSIX_TABLE_OFFSET,
+            self.lock_msix().table_size(),
+        ) {
+            self.lock_msix()
+                .read_table(offset - MSIX_TABLE_OFFSET, data);
+        } else if within(offset, len, MSIX_PBA_OFFSET, self.lock_msix().pba_size()) {
+            self.lock_msix().read_pba(offset - MSIX_PBA_OFFSET, data);
+        } else {
+            data.fill(0);
+            if !within(
+                offset,
+                len,
+                NOTIFY_OFFSET,
+                MSIX_TABLE_OFFSET - NOTIFY_OFFSET,
+            ) {
+                self.log_bad(format_args!("BAR read of {len} bytes at {offset:#x}"));
+            }
+        }
+    }
+
+    fn write_bar(&mut self, offset: u64, data: &[u8]) {
+        let len = data.len();
+        if within(offset, len, COMMON_CFG_OFFSET, COMMON_CFG_LEN) {
+            if let CommonWrite::Status(v) = self.common.write(offset - COMMON_CFG_OFFSET, data) {
+                self.write_status(v);
+            }
+        } else if within(offset, len, DEVICE_CFG_OFFSET, DEVICE_CFG_LEN) {
+            self.device.write_config(offset - DEVICE_CFG_OFFSET, data);
+        } else if within(
+            offset,
+            len,
+            NOTIFY_OFFSET,
+            self.ioeventfds.len() as u64 * u64::from(NOTIFY_OFF_MULTIPLIER),
+        ) {
+            // Reached only when the ioeventfd is not registered with KVM.
+            let q = ((offset - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER)) as usize;
+            if let Err(e) = self.ioeventfds[q].write(1) {
+                log::error!("{}: cannot signal queue {q}: {e}", self.id);
+            }
+        } else if within(
+            offset,
+            len,
+            MSIX_TABLE_OFFSET,
+            self.lock_msix().table_size(),
+        ) {
+            self.lock_msix()
+                .write_table(offset - MSIX_TABLE_OFFSET, data);
+        } else if within(offset, len, MSIX_PBA_OFFSET, self.lock_msix().pba_size()) {
+            self.lock_msix().write_pba(offset - MSIX_PBA_OFFSET, data);
+        } else {
+            self.log_bad(format_args!("BAR write of {len} bytes at {offset:#x}"));
+        }
+    }
+
+    fn sync_config_hooks(&mut self, reg_idx: usize) {
+        if reg_idx == self.msix_cap_reg {
+            let control = (self.config.read_reg(reg_idx) >> 16) as u16;
+            self.lock_msix().set_message_control(control);
+        }
+        if reg_idx == COMMAND_STATUS_REG {
+            let disabled = self.config.command() & COMMAND_INTX_DISABLE != 0;
+            self.intx.disabled.store(disabled, Ordering::SeqCst);
+        }
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config_read(&mut self, reg_idx: usize) -> u32 {
+        self.config.read_reg(reg_idx)
+    }
+
+    fn config_write(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
+        if let Some(m) = self.config.write_reg(reg_idx, offset, data) {
+            self.pending_bar_move = Some(m);
+        }
+        self.sync_config_hooks(reg_idx);
+    }
+
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    fn take_bar_move(&mut self) -> Option<BarMove> {
+        self.pending_bar_move.take()
+    }
+}
+
+impl BusDevice for VirtioPciDevice {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        self.read_bar(offset, data);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        self.write_bar(offset, data);
+    }
+}
+
+impl Pausable for VirtioPciDevice {
+    fn pause(&mut self) -> Result<(), StateError> {
+        self.device.pause().map_err(|e| StateError::Pause {
+            id: self.id.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn resume(&mut self) -> Result<(), StateError> {
+        self.device.resume().map_err(|e| StateError::Resume {
+            id: self.id.clone(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The transport's state section: configuration space, MSI-X, common configuration, ISR and
+/// whether the device was active. The wrapped device's own state (worker queues, backends) is a
+/// separate section its owner saves; on restore an active device is re-activated with queues
+/// resuming at the used index in guest memory (devices complete in-flight requests before
+/// pausing).
+impl Snapshottable for VirtioPciDevice {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    fn snapshot(&mut self) -> Result<StateSection, StateError> {
+        let mut w = StateWriter::new();
+        self.config.save(&mut w);
+        self.lock_msix().save(&mut w);
+        self.common.save(&mut w);
+        w.u8(self.intx.isr.load(Ordering::SeqCst))
+            .u8(u8::from(self.activated));
+        Ok(w.into_section(&self.id, VIRTIO_PCI_STATE_VERSION))
+    }
+
+    fn restore(&mut self, section: &StateSection) -> Result<(), StateError> {
+        let id = self.id.clone();
+        let mut r = StateReader::open(section, &id, VIRTIO_PCI_STATE_VERSION)?;
+        if self.activated {
+            self.device.reset();
+            self.activated = false;
+        }
+        self.config.restore(&mut r)?;
+        self.lock_msix().restore(&mut r)?;
+        self.common.restore(&mut r)?;
+        let isr = r.u8()?;
+        let activated = r.u8()? != 0;
+        r.finish()?;
+        self.intx.isr.store(isr, Ordering::SeqCst);
+        self.sync_config_hooks(COMMAND_STATUS_REG);
+        if self.common.status & status::FEATURES_OK != 0 {
+            self.device.set_acked_features(self.common.driver_features);
+        }
+        if activated {
+            self.activate(true)
+                .map_err(|reason| StateError::Malformed {
+                    id: id.clone(),
+                    reason: format!("cannot re-activate: {reason}"),
+                })?;
+        }
+        Ok(())
+    }
+}

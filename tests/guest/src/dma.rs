@@ -1,0 +1,58 @@
+//! DMA memory: zeroed, leaked heap allocations whose (identity-mapped) address is what devices
+//! are given. Access goes through volatile reads/writes because devices change it behind the
+//! compiler's back.
+
+use alloc::vec::Vec;
+use core::alloc::Layout;
+
+/// Allocate `len` zeroed bytes aligned to `align` (a power of two) and return their physical
+/// address. The memory is never freed.
+pub fn alloc(len: usize, align: usize) -> u64 {
+    let layout = Layout::from_size_align(len.max(1), align).expect("bad DMA layout");
+    // SAFETY: the layout has a non-zero size.
+    let p = unsafe { alloc::alloc::alloc_zeroed(layout) };
+    assert!(!p.is_null(), "out of heap for a {len}-byte DMA buffer");
+    p as u64
+}
+
+/// Read a value of `T` at `addr`.
+pub fn read<T: Copy>(addr: u64) -> T {
+    // SAFETY: callers pass addresses inside DMA buffers from `alloc` (or MMIO registers), which
+    // are identity mapped and suitably aligned for `T`.
+    unsafe { core::ptr::read_volatile(addr as *const T) }
+}
+
+/// Write a value of `T` at `addr`.
+pub fn write<T: Copy>(addr: u64, value: T) {
+    // SAFETY: as in `read`.
+    unsafe { core::ptr::write_volatile(addr as *mut T, value) }
+}
+
+/// Copy `bytes` to `addr`.
+pub fn write_bytes(addr: u64, bytes: &[u8]) {
+    for (i, &b) in bytes.iter().enumerate() {
+        write::<u8>(addr + i as u64, b);
+    }
+}
+
+/// Fill `len` bytes at `addr` with `value`.
+pub fn fill(addr: u64, len: usize, value: u8) {
+    for i in 0..len {
+        write::<u8>(addr + i as u64, value);
+    }
+}
+
+/// Copy `len` bytes from `addr`.
+pub fn read_bytes(addr: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|i| read::<u8>(addr + i as u64)).collect()
+}
+
+/// Lowercase hex of `bytes`, no separators.
+pub fn hex(bytes: &[u8]) -> alloc::string::String {
+    use core::fmt::Write;
+    let mut s = alloc::string::String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
