@@ -1,8 +1,13 @@
 //! State traits every skiff component implements: pause/resume and versioned save/restore.
 //!
 //! Layered as pausable → snapshottable: a component gets pause/save/restore by implementing two small
-//! methods. The wire format, dirty-bitmap helpers and the migration planner arrive with the
-//! snapshot and migration issues; this crate must not know about KVM, PCI or HTTP.
+//! methods. [`codec`] is the little-endian encoding of a section's payload, [`snapshot`] the
+//! versioned binary file (and stream) format that carries sections, and [`memory_file`] the sparse
+//! guest RAM image written next to it. This crate must not know about KVM, PCI or HTTP.
+
+pub mod codec;
+pub mod memory_file;
+pub mod snapshot;
 
 use thiserror::Error;
 

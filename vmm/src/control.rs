@@ -1,10 +1,12 @@
 //! The control thread's event loop (event-manager): it waits for the guest or a vCPU to end the VM
 //! and for SIGTERM/SIGINT, and decides how `skiff` exits. API requests join this loop later.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
-use devices::{ExitReason, VmExitEvent};
+use devices::ExitReason;
+
+use crate::vmm::{AfterAction, Vmm};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use thiserror::Error;
 use vmm_sys_util::epoll::EventSet;
@@ -16,6 +18,8 @@ pub enum VmOutcome {
     Guest(ExitReason),
     /// skiff received a termination signal.
     Signal(i32),
+    /// The API asked the VMM to exit (vmm.shutdown).
+    VmmShutdown,
 }
 
 /// Errors of the control loop.
@@ -50,12 +54,25 @@ pub fn block_termination_signals() -> Result<OwnedFd, ControlError> {
     }
 }
 
+/// The API's request channel and the eventfd its server writes after each request.
+pub struct ApiChannel {
+    /// Requests from the API thread.
+    pub requests: std::sync::mpsc::Receiver<api_server::ApiRequest>,
+    /// Written by the API thread after queueing a request.
+    pub wake: vmm_sys_util::eventfd::EventFd,
+}
+
 struct ControlSubscriber {
-    exit: Arc<VmExitEvent>,
+    vmm: Vmm,
     signals: OwnedFd,
+    api: Option<ApiChannel>,
+    /// End the process when the guest ends the VM (CLI mode); with the API the VMM keeps serving.
+    exit_on_vm_end: bool,
+    /// fds of the current VM being watched: its exit event and INTx resample fds.
+    vm_fds: Vec<RawFd>,
+    exit_fd: Option<RawFd>,
+    on_intx_resample: Option<Box<dyn FnMut() + Send>>,
     outcome: Option<VmOutcome>,
-    intx_resample: Vec<std::os::fd::RawFd>,
-    on_intx_resample: Box<dyn FnMut() + Send>,
 }
 
 impl ControlSubscriber {
@@ -72,69 +89,155 @@ impl ControlSubscriber {
                 .then_some(info.ssi_signo as i32)
         }
     }
+
+    /// Stop watching the current VM's fds (before it may be torn down).
+    fn unwatch_vm(&mut self, ops: &mut EventOps) {
+        for fd in self.vm_fds.drain(..) {
+            let _ = ops.remove(Events::empty_raw(fd));
+        }
+        self.exit_fd = None;
+        self.on_intx_resample = None;
+    }
+
+    /// Watch the current VM's fds, if there is a VM.
+    fn watch_vm(&mut self, ops: &mut EventOps) {
+        let Some(vm) = self.vmm.vm() else { return };
+        let exit = vm.exit_event();
+        let exit_fd = exit.eventfd().as_raw_fd();
+        let mut fds = vec![exit_fd];
+        fds.extend(vm.pci_devices().intx_resample_fds());
+        self.on_intx_resample = Some(vm.pci_devices().intx_resample_handler());
+        for fd in &fds {
+            if let Err(e) = ops.add(Events::new_raw(*fd, EventSet::IN)) {
+                log::error!("cannot watch fd {fd}: {e}");
+            }
+        }
+        self.exit_fd = Some(exit_fd);
+        self.vm_fds = fds;
+    }
+
+    fn on_guest_exit(&mut self, ops: &mut EventOps) {
+        let Some(vm) = self.vmm.vm() else { return };
+        let exit = vm.exit_event();
+        let _ = exit.eventfd().read();
+        let Some(reason) = exit.reason() else { return };
+        if self.exit_on_vm_end {
+            self.outcome.get_or_insert(VmOutcome::Guest(reason));
+            return;
+        }
+        self.unwatch_vm(ops);
+        match reason {
+            ExitReason::PowerOff => {
+                let _ = self.vmm.shutdown("guest power-off");
+            }
+            ExitReason::Reset => {
+                let _ = self.vmm.shutdown("guest reset");
+                if let Err(e) = self.vmm.boot() {
+                    log::error!("reboot after a guest reset failed: {}", e.message);
+                }
+            }
+            ExitReason::VcpuError => {
+                log::error!("the guest crashed; the VM is shut down");
+                crate::events::emit(
+                    "vm",
+                    "device-error",
+                    serde_json::json!({"reason": "guest crashed"}),
+                );
+                let _ = self.vmm.shutdown("guest crashed");
+            }
+        }
+        self.watch_vm(ops);
+    }
+
+    fn on_api(&mut self, ops: &mut EventOps) {
+        let Some(api) = &self.api else { return };
+        let _ = api.wake.read();
+        let requests: Vec<api_server::ApiRequest> = api.requests.try_iter().collect();
+        for req in requests {
+            self.unwatch_vm(ops);
+            let (reply, after) = self.vmm.handle_action(req.action);
+            self.watch_vm(ops);
+            let _ = req.respond.send(reply);
+            if after == AfterAction::ExitProcess {
+                self.outcome.get_or_insert(VmOutcome::VmmShutdown);
+            }
+        }
+    }
 }
 
 impl MutEventSubscriber for ControlSubscriber {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.exit.eventfd().as_raw_fd() {
-            let _ = self.exit.eventfd().read();
-            if let Some(reason) = self.exit.reason() {
-                self.outcome.get_or_insert(VmOutcome::Guest(reason));
-            }
-        } else if events.fd() == self.signals.as_raw_fd() {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if Some(fd) == self.exit_fd {
+            self.on_guest_exit(ops);
+        } else if fd == self.signals.as_raw_fd() {
             if let Some(sig) = self.read_signal() {
                 log::info!("received signal {sig}; stopping the VM");
                 self.outcome.get_or_insert(VmOutcome::Signal(sig));
             }
-        } else if self.intx_resample.contains(&events.fd()) {
+        } else if self.api.as_ref().is_some_and(|a| a.wake.as_raw_fd() == fd) {
+            self.on_api(ops);
+        } else if self.vm_fds.contains(&fd) {
             let mut buf = [0u8; 8];
             // SAFETY: reading 8 bytes from an eventfd we watch into a valid buffer.
-            unsafe { libc::read(events.fd(), buf.as_mut_ptr() as *mut libc::c_void, 8) };
-            (self.on_intx_resample)();
+            unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, 8) };
+            if let Some(h) = self.on_intx_resample.as_mut() {
+                h();
+            }
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        let fds = [self.exit.eventfd().as_raw_fd(), self.signals.as_raw_fd()];
-        for fd in fds.into_iter().chain(self.intx_resample.iter().copied()) {
+        let mut fds = vec![self.signals.as_raw_fd()];
+        if let Some(api) = &self.api {
+            fds.push(api.wake.as_raw_fd());
+        }
+        for fd in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 log::error!("cannot watch fd {fd}: {e}");
             }
         }
+        self.watch_vm(ops);
     }
 }
 
-/// INTx resample eventfds and what to do when one fires (re-assert lines still pending).
-pub struct IntxResample {
-    /// The resample eventfds.
-    pub fds: Vec<std::os::fd::RawFd>,
-    /// Called when any of them is readable.
-    pub handler: Box<dyn FnMut() + Send>,
-}
-
-/// Run the control loop until the VM ends; returns how it ended.
-pub fn run_until_exit(
-    exit: Arc<VmExitEvent>,
+/// Run the control loop until skiff should exit: the guest ended the VM (CLI mode), vmm.shutdown,
+/// or a termination signal. Returns how it ended and the VMM (so its VM can be shut down cleanly).
+pub fn run(
+    vmm: Vmm,
     signals: OwnedFd,
-    intx: IntxResample,
-) -> Result<VmOutcome, ControlError> {
+    api: Option<ApiChannel>,
+    exit_on_vm_end: bool,
+) -> Result<(VmOutcome, Vmm), ControlError> {
     let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| ControlError::EventLoop(e.to_string()))?;
     let sub = Arc::new(Mutex::new(ControlSubscriber {
-        exit,
+        vmm,
         signals,
+        api,
+        exit_on_vm_end,
+        vm_fds: Vec::new(),
+        exit_fd: None,
+        on_intx_resample: None,
         outcome: None,
-        intx_resample: intx.fds,
-        on_intx_resample: intx.handler,
     }));
     manager.add_subscriber(sub.clone());
     loop {
-        match manager.run() {
-            Ok(_) => {}
-            Err(e) => return Err(ControlError::EventLoop(e.to_string())),
+        if let Err(e) = manager.run() {
+            return Err(ControlError::EventLoop(e.to_string()));
         }
-        if let Some(o) = sub.lock().unwrap_or_else(|e| e.into_inner()).outcome {
-            return Ok(o);
+        let outcome = sub.lock().unwrap_or_else(|e| e.into_inner()).outcome;
+        if let Some(o) = outcome {
+            drop(manager);
+            let vmm = match Arc::try_unwrap(sub) {
+                Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()).vmm,
+                Err(_) => {
+                    return Err(ControlError::EventLoop(
+                        "control subscriber still shared".into(),
+                    ))
+                }
+            };
+            return Ok((o, vmm));
         }
     }
 }

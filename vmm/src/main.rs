@@ -3,12 +3,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use api_server::ApiServer;
 use clap::Parser;
 use devices::ExitReason;
 use vmm::config::{self, VmConfig};
 use vmm::control::{self, VmOutcome};
+use vmm::events;
 use vmm::timing;
-use vmm::vm::Vm;
+use vmm::vmm::Vmm;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Exit status when the guest powered off.
 const EXIT_POWER_OFF: u8 = 0;
@@ -27,7 +30,10 @@ Exit status:
   1        error: the VM could not be built, or the guest crashed (triple fault, KVM internal error)
   2        invalid command line or configuration (nothing was started)
   3        the guest asked for a reboot (skiff ends the VM; restart it if you want a reboot)
-  128+N    stopped cleanly on signal N (130 for SIGINT, 143 for SIGTERM)";
+  128+N    stopped cleanly on signal N (130 for SIGINT, 143 for SIGTERM)
+
+With --api-socket the VMM keeps serving after the guest powers off (the VM is then Shutdown) and
+exits 0 on vmm.shutdown.";
 
 /// Command-line options, in Cloud Hypervisor's style.
 #[derive(Parser, Debug)]
@@ -66,12 +72,34 @@ struct Cli {
     /// JSON file of CPUID masks applied on top of the CPUID KVM supports (a common CPU baseline).
     #[arg(long, value_name = "PATH")]
     cpu_template: Option<PathBuf>,
+    /// Serve the REST API on this Unix socket. Without VM options skiff then starts with no VM
+    /// and waits for vm.create; with them it boots that VM and serves the API alongside.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Write one JSON line per lifecycle event to FILE: path=FILE.
+    #[arg(long, value_name = "path=FILE")]
+    event_monitor: Option<String>,
     /// More logging on stderr (-v info, -vv debug, -vvv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
 }
 
 impl Cli {
+    /// Whether any option describing a VM was given.
+    fn has_vm_options(&self) -> bool {
+        self.kernel.is_some()
+            || self.initramfs.is_some()
+            || self.cmdline.is_some()
+            || self.cpus.is_some()
+            || self.memory.is_some()
+            || self.serial.is_some()
+            || !self.disk.is_empty()
+            || !self.net.is_empty()
+            || self.console.is_some()
+            || self.rng
+            || self.cpu_template.is_some()
+    }
+
     fn into_config(self) -> Result<VmConfig, config::ConfigError> {
         let mut c = VmConfig::default();
         if let Some(s) = &self.cpus {
@@ -127,6 +155,23 @@ fn main() -> ExitCode {
     timing::mark_start();
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    if let Some(em) = &cli.event_monitor {
+        let path = match config::parse_options("event-monitor", em, &["path"]) {
+            Ok(o) => match o.get("path").filter(|p| !p.is_empty()) {
+                Some(p) => PathBuf::from(p),
+                None => return fail(EXIT_USAGE, "--event-monitor: missing path=FILE"),
+            },
+            Err(e) => return fail(EXIT_USAGE, e),
+        };
+        if let Err(e) = events::open(&path) {
+            return fail(
+                EXIT_USAGE,
+                format!("--event-monitor {}: {e}", path.display()),
+            );
+        }
+    }
+    let api_socket = cli.api_socket.clone();
+    let boot_now = api_socket.is_none() || cli.has_vm_options();
     let config = match cli.into_config() {
         Ok(c) => c,
         Err(e) => return fail(EXIT_USAGE, e),
@@ -135,34 +180,61 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(EXIT_ERROR, e),
     };
-    let mut vm = match Vm::new(config) {
-        Ok(vm) => vm,
-        Err(e) => return fail(EXIT_ERROR, e),
+    let mut api_server = None;
+    let api = match &api_socket {
+        None => None,
+        Some(path) => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let wake = match EventFd::new(EFD_NONBLOCK) {
+                Ok(w) => w,
+                Err(e) => return fail(EXIT_ERROR, format!("cannot create an eventfd: {e}")),
+            };
+            let server_wake = match wake.try_clone() {
+                Ok(w) => w,
+                Err(e) => return fail(EXIT_ERROR, format!("cannot create an eventfd: {e}")),
+            };
+            match ApiServer::start(path, tx, server_wake) {
+                Ok(s) => api_server = Some(s),
+                Err(e) => return fail(EXIT_ERROR, format!("--api-socket {}: {e}", path.display())),
+            }
+            Some(control::ApiChannel { requests: rx, wake })
+        }
     };
-    if let Err(e) = vm.start() {
-        return fail(EXIT_ERROR, e);
+    let mut vmm = Vmm::new();
+    if boot_now {
+        if let Err(e) = vmm.create(config) {
+            return fail(EXIT_USAGE, e.message);
+        }
+        if let Err(e) = vmm.boot() {
+            return fail(EXIT_ERROR, e.message);
+        }
     }
-    let intx = control::IntxResample {
-        fds: vm.pci_devices().intx_resample_fds(),
-        handler: vm.pci_devices().intx_resample_handler(),
-    };
-    let outcome = control::run_until_exit(vm.exit_event(), signals, intx);
+    let outcome = control::run(vmm, signals, api, api_socket.is_none());
     timing::log_memory_overhead("at VM exit");
-    vm.shutdown();
-    let _ = std::io::Write::flush(&mut std::io::stdout());
-    match outcome {
+    let code = match outcome {
         Err(e) => fail(EXIT_ERROR, e),
-        Ok(VmOutcome::Guest(ExitReason::PowerOff)) => {
-            log::info!("guest powered off");
-            ExitCode::from(EXIT_POWER_OFF)
+        Ok((outcome, mut vmm)) => {
+            if vmm.vm().is_some() {
+                let _ = vmm.shutdown("skiff exiting");
+            }
+            match outcome {
+                VmOutcome::Guest(ExitReason::PowerOff) => {
+                    log::info!("guest powered off");
+                    ExitCode::from(EXIT_POWER_OFF)
+                }
+                VmOutcome::Guest(ExitReason::Reset) => {
+                    log::warn!("guest requested a reboot; ending the VM");
+                    ExitCode::from(EXIT_REBOOT)
+                }
+                VmOutcome::Guest(ExitReason::VcpuError) => {
+                    fail(EXIT_ERROR, "the guest crashed (see the vCPU error above)")
+                }
+                VmOutcome::VmmShutdown => ExitCode::from(EXIT_POWER_OFF),
+                VmOutcome::Signal(sig) => ExitCode::from(128u8.saturating_add(sig as u8)),
+            }
         }
-        Ok(VmOutcome::Guest(ExitReason::Reset)) => {
-            log::warn!("guest requested a reboot; ending the VM");
-            ExitCode::from(EXIT_REBOOT)
-        }
-        Ok(VmOutcome::Guest(ExitReason::VcpuError)) => {
-            fail(EXIT_ERROR, "the guest crashed (see the vCPU error above)")
-        }
-        Ok(VmOutcome::Signal(sig)) => ExitCode::from(128u8.saturating_add(sig as u8)),
-    }
+    };
+    drop(api_server);
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    code
 }

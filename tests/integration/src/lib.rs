@@ -434,3 +434,50 @@ impl Drop for NetNamespace {
             .status();
     }
 }
+
+/// Path of the `skiff-remote` binary of the same build profile (built because `api_server` has
+/// integration tests of its own).
+pub fn skiff_remote_bin() -> PathBuf {
+    let bin = skiff_bin().with_file_name("skiff-remote");
+    assert!(
+        bin.exists(),
+        "{} not found: run the tests with `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+/// Run `skiff-remote --api-socket SOCKET args...`; returns (exit code, stdout, stderr).
+pub fn remote(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(skiff_remote_bin())
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run skiff-remote");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Wait until `path` exists (a socket skiff creates).
+pub fn wait_for_path(path: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl SkiffProcess {
+    /// The serial output so far.
+    pub fn stdout_now(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+}

@@ -6,6 +6,7 @@
 //! VM exit).
 
 mod boot;
+mod counter;
 mod demo;
 mod hostile;
 mod idle;
@@ -52,6 +53,11 @@ pub static SCENARIOS: &[Scenario] = &[
         name: "panic",
         about: "panic on purpose (a guest panic must become a failing VM exit)",
         run: panic::run,
+    },
+    Scenario {
+        name: "counter",
+        about: "print an increasing counter and a checksum of memory it keeps rewriting (pause/snapshot tests)",
+        run: counter::run,
     },
     Scenario {
         name: "idle",

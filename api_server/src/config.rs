@@ -1,0 +1,752 @@
+//! The VM configuration and the parsing of Cloud Hypervisor-style option strings (`boot=2`,
+//! `size=512M`, `file=/path`). The CLI and the API's `vm.create` body share this model.
+//!
+//! JSON model (the `vm.create` body, also what `vm.info` reports): every top-level part may be
+//! omitted and takes the CLI's default (1 vCPU, 512 MiB, serial on stdout, no devices, the
+//! built-in demo guest); unknown fields are rejected. Enumerations with a payload are externally
+//! tagged: `"serial": "off" | "stdout" | {"file": "/path"}`, `"tap": {"name": "tap0"} | {"fd": 3}`.
+//! MAC addresses are strings (`"52:54:00:12:34:56"`). The OpenAPI spec
+//! (`api_server/openapi/skiff.yaml`) documents the same model.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Default number of vCPUs.
+pub const DEFAULT_VCPUS: u32 = 1;
+/// Default guest RAM size.
+pub const DEFAULT_MEMORY_SIZE: u64 = 512 << 20;
+/// Smallest guest RAM skiff accepts.
+pub const MIN_MEMORY_SIZE: u64 = 16 << 20;
+/// Most vCPUs skiff supports (xAPIC IDs in the MADT are 8 bits; 255 is the broadcast ID).
+pub const MAX_VCPUS: u32 = 254;
+/// Command line given to the built-in demo guest.
+pub const DEMO_CMDLINE: &str = "scenario=demo";
+/// Command line given to a user kernel when `--cmdline` is absent.
+pub const DEFAULT_KERNEL_CMDLINE: &str = "console=ttyS0";
+
+/// Errors in a VM configuration.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// An option string could not be parsed.
+    #[error("--{option}: {reason}")]
+    Parse {
+        /// The option (e.g. `cpus`).
+        option: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A value is out of range or the combination is impossible.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// vCPU configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CpusConfig {
+    /// Number of vCPUs started at boot.
+    pub boot_vcpus: u32,
+}
+
+/// Guest RAM configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// RAM size in bytes.
+    pub size: u64,
+}
+
+/// What the VM boots.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PayloadConfig {
+    /// Kernel image (ELF vmlinux or bzImage); `None` boots the built-in demo guest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line; `None` uses the default for the kernel kind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+}
+
+/// Where the 16550 serial port's output goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SerialConfig {
+    /// No serial port.
+    Off,
+    /// The skiff process's standard output.
+    Stdout,
+    /// A file (created or truncated).
+    File(PathBuf),
+}
+
+/// The whole VM configuration. Every part may be omitted from JSON and takes its default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmConfig {
+    /// vCPUs.
+    pub cpus: CpusConfig,
+    /// RAM.
+    pub memory: MemoryConfig,
+    /// Kernel, initramfs and command line.
+    pub payload: PayloadConfig,
+    /// Serial port output.
+    pub serial: SerialConfig,
+    /// CPU template (JSON file of CPUID masks) applied on top of KVM's supported CPUID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<PathBuf>,
+    /// virtio-blk disks, in PCI slot order.
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net devices.
+    pub nets: Vec<NetConfig>,
+    /// virtio-console.
+    pub console: ConsoleConfig,
+    /// virtio-rng, when present.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rng: Option<RngConfig>,
+}
+
+/// A virtio-blk disk backed by a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Device id (default `diskN`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Serial number reported by GET_ID (default: the id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// Put the device behind the virtual IOMMU.
+    #[serde(default)]
+    pub iommu: bool,
+}
+
+/// Where a virtio-net device's TAP comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum TapConfig {
+    /// A TAP interface by name (created when absent).
+    Name(String),
+    /// An already open TAP file descriptor inherited from the parent.
+    Fd(i32),
+}
+
+/// A virtio-net device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The TAP backend.
+    pub tap: TapConfig,
+    /// MAC address (`aa:bb:cc:dd:ee:ff`, a string in JSON); random locally administered when
+    /// absent.
+    #[serde(default, with = "mac_string", skip_serializing_if = "Option::is_none")]
+    pub mac: Option<[u8; 6]>,
+    /// Device id (default `netN`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Put the device behind the virtual IOMMU.
+    #[serde(default)]
+    pub iommu: bool,
+}
+
+/// Where the virtio-console's output goes (and input comes from).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ConsoleConfig {
+    /// No virtio-console device (the default).
+    #[default]
+    Off,
+    /// skiff's stdout (and stdin, when it is a terminal).
+    Stdout,
+    /// A file (created or truncated); no input.
+    File(PathBuf),
+    /// A new pseudo-terminal; its path is logged.
+    Pty,
+}
+
+impl ConsoleConfig {
+    /// The default: no console device.
+    pub fn off() -> Self {
+        Self::Off
+    }
+}
+
+/// A virtio-rng device fed from the host's getrandom.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RngConfig {
+    /// Device id (default `rng0`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Put the device behind the virtual IOMMU.
+    #[serde(default)]
+    pub iommu: bool,
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        Self {
+            boot_vcpus: DEFAULT_VCPUS,
+        }
+    }
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            size: DEFAULT_MEMORY_SIZE,
+        }
+    }
+}
+
+/// `Option<[u8; 6]>` as an optional `"aa:bb:cc:dd:ee:ff"` string.
+mod mac_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(mac: &Option<[u8; 6]>, s: S) -> Result<S::Ok, S::Error> {
+        match mac {
+            None => s.serialize_none(),
+            Some(m) => s.serialize_str(&super::format_mac(m)),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[u8; 6]>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| super::parse_mac("net", &s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Format a MAC address as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            cpus: CpusConfig::default(),
+            memory: MemoryConfig::default(),
+            payload: PayloadConfig::default(),
+            serial: SerialConfig::Stdout,
+            cpu_template: None,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            console: ConsoleConfig::Off,
+            rng: None,
+        }
+    }
+}
+
+impl VmConfig {
+    /// The command line the guest gets.
+    pub fn effective_cmdline(&self) -> &str {
+        match (&self.payload.cmdline, &self.payload.kernel) {
+            (Some(c), _) => c,
+            (None, None) => DEMO_CMDLINE,
+            (None, Some(_)) => DEFAULT_KERNEL_CMDLINE,
+        }
+    }
+
+    /// Checks that do not need KVM or the host: counts and sizes in range, files present.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let n = self.cpus.boot_vcpus;
+        if n == 0 {
+            return Err(ConfigError::Invalid(
+                "--cpus: boot=0: a VM needs at least one vCPU".into(),
+            ));
+        }
+        if n > MAX_VCPUS {
+            return Err(ConfigError::Invalid(format!(
+                "--cpus: boot={n}: skiff supports at most {MAX_VCPUS} vCPUs"
+            )));
+        }
+        if self.memory.size < MIN_MEMORY_SIZE {
+            return Err(ConfigError::Invalid(format!(
+                "--memory: size={}: a VM needs at least {} MiB",
+                self.memory.size,
+                MIN_MEMORY_SIZE >> 20
+            )));
+        }
+        if self.payload.initramfs.is_some() && self.payload.kernel.is_none() {
+            return Err(ConfigError::Invalid(
+                "--initramfs needs --kernel (the built-in demo guest takes no initramfs)".into(),
+            ));
+        }
+        for d in &self.disks {
+            check_readable_file("--disk path=", &d.path)?;
+        }
+        if self.serial == SerialConfig::Stdout && self.console == ConsoleConfig::Stdout {
+            return Err(ConfigError::Invalid(
+                "--serial stdout and --console stdout cannot both use stdout; send one to a file or turn it off"
+                    .into(),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for id in self.device_ids() {
+            if id.is_empty()
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "device id {id:?}: use letters, digits, '-' and '_'"
+                )));
+            }
+            if !seen.insert(id.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "device id {id:?} is used twice"
+                )));
+            }
+        }
+        for (what, path) in [
+            ("--kernel", &self.payload.kernel),
+            ("--initramfs", &self.payload.initramfs),
+            ("--cpu-template", &self.cpu_template),
+        ] {
+            if let Some(p) = path {
+                check_readable_file(what, p)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VmConfig {
+    /// The id of every configurable device, defaults filled in, in creation order.
+    pub fn device_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = Vec::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            ids.push(d.id.clone().unwrap_or_else(|| format!("disk{i}")));
+        }
+        for (i, n) in self.nets.iter().enumerate() {
+            ids.push(n.id.clone().unwrap_or_else(|| format!("net{i}")));
+        }
+        if self.console != ConsoleConfig::Off {
+            ids.push("console0".into());
+        }
+        if let Some(r) = &self.rng {
+            ids.push(r.id.clone().unwrap_or_else(|| "rng0".into()));
+        }
+        ids
+    }
+}
+
+fn check_readable_file(what: &str, p: &std::path::Path) -> Result<(), ConfigError> {
+    match std::fs::metadata(p) {
+        Err(e) => Err(ConfigError::Invalid(format!("{what} {}: {e}", p.display()))),
+        Ok(m) if !m.is_file() => Err(ConfigError::Invalid(format!(
+            "{what} {}: not a regular file",
+            p.display()
+        ))),
+        Ok(_) => std::fs::File::open(p)
+            .map(|_| ())
+            .map_err(|e| ConfigError::Invalid(format!("{what} {}: {e}", p.display()))),
+    }
+}
+
+/// Split `key=value,key=value` into a map, rejecting unknown and repeated keys.
+pub fn parse_options(
+    option: &'static str,
+    s: &str,
+    known: &[&str],
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let err = |reason: String| ConfigError::Parse { option, reason };
+    let mut out = BTreeMap::new();
+    for part in s.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| err(format!("expected key=value, got {part:?}")))?;
+        if !known.contains(&k) {
+            return Err(err(format!(
+                "unknown key {k:?} (known: {})",
+                known.join(", ")
+            )));
+        }
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(err(format!("key {k:?} given twice")));
+        }
+    }
+    Ok(out)
+}
+
+/// Parse a size such as `512M`, `2G`, `65536K` or `1048576` into bytes.
+pub fn parse_size(option: &'static str, s: &str) -> Result<u64, ConfigError> {
+    let err = |reason: String| ConfigError::Parse { option, reason };
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    if digits.is_empty() {
+        return Err(err(format!(
+            "size {s:?} is not a number with an optional K/M/G/T unit"
+        )));
+    }
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => {
+            return Err(err(format!(
+                "size {s:?}: unknown unit {unit:?} (use K, M, G or T)"
+            )))
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| err(format!("size {s:?} is too large")))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| err(format!("size {s:?} is too large")))
+}
+
+/// Parse `--cpus boot=N`.
+pub fn parse_cpus(s: &str) -> Result<CpusConfig, ConfigError> {
+    let opts = parse_options("cpus", s, &["boot"])?;
+    let boot = opts.get("boot").ok_or(ConfigError::Parse {
+        option: "cpus",
+        reason: "missing boot=N".into(),
+    })?;
+    let boot_vcpus = boot.parse().map_err(|_| ConfigError::Parse {
+        option: "cpus",
+        reason: format!("boot={boot:?} is not a number"),
+    })?;
+    Ok(CpusConfig { boot_vcpus })
+}
+
+/// Parse `--memory size=SIZE`.
+pub fn parse_memory(s: &str) -> Result<MemoryConfig, ConfigError> {
+    let opts = parse_options("memory", s, &["size"])?;
+    let size = opts.get("size").ok_or(ConfigError::Parse {
+        option: "memory",
+        reason: "missing size=SIZE".into(),
+    })?;
+    Ok(MemoryConfig {
+        size: parse_size("memory", size)?,
+    })
+}
+
+/// Parse `--serial off|stdout|file=PATH`.
+pub fn parse_serial(s: &str) -> Result<SerialConfig, ConfigError> {
+    match s {
+        "off" => Ok(SerialConfig::Off),
+        "stdout" => Ok(SerialConfig::Stdout),
+        _ => match s.split_once('=') {
+            Some(("file", p)) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+            _ => Err(ConfigError::Parse {
+                option: "serial",
+                reason: format!("{s:?}: expected off, stdout or file=PATH"),
+            }),
+        },
+    }
+}
+
+fn on_off(option: &'static str, key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(ConfigError::Parse {
+            option,
+            reason: format!("{key}={v:?}: expected on or off"),
+        }),
+    }
+}
+
+/// Parse `--disk path=IMG[,readonly=on][,id=NAME][,serial=S][,iommu=on]`.
+pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
+    let o = parse_options("disk", s, &["path", "readonly", "id", "serial", "iommu"])?;
+    let path = o
+        .get("path")
+        .filter(|p| !p.is_empty())
+        .ok_or(ConfigError::Parse {
+            option: "disk",
+            reason: "missing path=IMAGE".into(),
+        })?;
+    Ok(DiskConfig {
+        path: PathBuf::from(path),
+        readonly: o
+            .get("readonly")
+            .map(|v| on_off("disk", "readonly", v))
+            .transpose()?
+            .unwrap_or(false),
+        id: o.get("id").cloned(),
+        serial: o.get("serial").cloned(),
+        iommu: o
+            .get("iommu")
+            .map(|v| on_off("disk", "iommu", v))
+            .transpose()?
+            .unwrap_or(false),
+    })
+}
+
+/// Parse a MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(option: &'static str, s: &str) -> Result<[u8; 6], ConfigError> {
+    let err = || ConfigError::Parse {
+        option,
+        reason: format!("mac={s:?}: expected six hex bytes like 52:54:00:12:34:56"),
+    };
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(err());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(err());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| err())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(ConfigError::Parse {
+            option,
+            reason: format!("mac={s}: a multicast address cannot be a NIC address"),
+        });
+    }
+    Ok(mac)
+}
+
+/// Parse `--net tap=NAME|fd=N[,mac=MAC][,id=NAME][,iommu=on]`.
+pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
+    let o = parse_options("net", s, &["tap", "fd", "mac", "id", "iommu"])?;
+    let tap = match (o.get("tap"), o.get("fd")) {
+        (Some(t), None) if !t.is_empty() && t.len() < 16 => TapConfig::Name(t.clone()),
+        (Some(t), None) => {
+            return Err(ConfigError::Parse {
+                option: "net",
+                reason: format!("tap={t:?}: interface names have 1 to 15 characters"),
+            })
+        }
+        (None, Some(fd)) => TapConfig::Fd(fd.parse().ok().filter(|n: &i32| *n >= 0).ok_or(
+            ConfigError::Parse {
+                option: "net",
+                reason: format!("fd={fd:?} is not a file descriptor number"),
+            },
+        )?),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Parse {
+                option: "net",
+                reason: "give either tap=NAME or fd=N, not both".into(),
+            })
+        }
+        (None, None) => {
+            return Err(ConfigError::Parse {
+                option: "net",
+                reason: "missing tap=NAME or fd=N".into(),
+            })
+        }
+    };
+    Ok(NetConfig {
+        tap,
+        mac: o.get("mac").map(|m| parse_mac("net", m)).transpose()?,
+        id: o.get("id").cloned(),
+        iommu: o
+            .get("iommu")
+            .map(|v| on_off("net", "iommu", v))
+            .transpose()?
+            .unwrap_or(false),
+    })
+}
+
+/// Parse `--console off|stdout|file=PATH|pty`.
+pub fn parse_console(s: &str) -> Result<ConsoleConfig, ConfigError> {
+    match s {
+        "off" => Ok(ConsoleConfig::Off),
+        "stdout" => Ok(ConsoleConfig::Stdout),
+        "pty" => Ok(ConsoleConfig::Pty),
+        _ => match s.split_once('=') {
+            Some(("file", p)) if !p.is_empty() => Ok(ConsoleConfig::File(PathBuf::from(p))),
+            _ => Err(ConfigError::Parse {
+                option: "console",
+                reason: format!("{s:?}: expected off, stdout, file=PATH or pty"),
+            }),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("memory", "512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("memory", "2g").unwrap(), 2 << 30);
+        assert_eq!(parse_size("memory", "4096").unwrap(), 4096);
+        assert!(parse_size("memory", "").is_err());
+        assert!(parse_size("memory", "12Q").is_err());
+        assert!(parse_size("memory", "lots").is_err());
+        assert!(parse_size("memory", "99999999999T").is_err());
+    }
+
+    #[test]
+    fn option_strings() {
+        assert_eq!(parse_cpus("boot=4").unwrap().boot_vcpus, 4);
+        assert!(parse_cpus("4").is_err());
+        assert!(parse_cpus("boot=x").is_err());
+        assert!(parse_cpus("boot=1,boot=2").is_err());
+        assert!(parse_cpus("max=2").is_err());
+        assert_eq!(parse_memory("size=1G").unwrap().size, 1 << 30);
+        assert!(parse_memory("size=").is_err());
+        assert_eq!(parse_serial("off").unwrap(), SerialConfig::Off);
+        assert_eq!(
+            parse_serial("file=/tmp/x").unwrap(),
+            SerialConfig::File("/tmp/x".into())
+        );
+        assert!(parse_serial("tty").is_err());
+        assert!(parse_serial("file=").is_err());
+    }
+
+    #[test]
+    fn validation() {
+        let mut c = VmConfig::default();
+        assert!(c.validate().is_ok());
+        assert_eq!(c.effective_cmdline(), DEMO_CMDLINE);
+        c.cpus.boot_vcpus = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("at least one vCPU"));
+        c.cpus.boot_vcpus = 255;
+        assert!(c.validate().is_err());
+        c.cpus.boot_vcpus = 1;
+        c.memory.size = 0;
+        assert!(c.validate().is_err());
+        c.memory.size = DEFAULT_MEMORY_SIZE;
+        c.payload.kernel = Some("/nonexistent/vmlinux".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/vmlinux"), "{e}");
+        c.payload.kernel = Some("/".into());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not a regular file"));
+    }
+
+    #[test]
+    fn device_options() {
+        let d = parse_disk("path=/tmp/a.img,readonly=on,id=root").unwrap();
+        assert_eq!((d.readonly, d.id.as_deref()), (true, Some("root")));
+        assert!(parse_disk("readonly=on").is_err());
+        assert!(parse_disk("path=/x,readonly=maybe").is_err());
+        assert!(parse_disk("path=/x,colour=red").is_err());
+        let n = parse_net("tap=tap0,mac=52:54:00:12:34:56").unwrap();
+        assert_eq!(n.tap, TapConfig::Name("tap0".into()));
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert_eq!(parse_net("fd=3").unwrap().tap, TapConfig::Fd(3));
+        assert!(parse_net("tap=a,fd=3").is_err());
+        assert!(parse_net("fd=-1").is_err());
+        assert!(parse_net("tap=averyveryverylongname").is_err());
+        assert!(parse_net("tap=t,mac=01:00:00:00:00:00").is_err());
+        assert!(parse_net("tap=t,mac=zz:00:00:00:00:00").is_err());
+        assert_eq!(parse_console("pty").unwrap(), ConsoleConfig::Pty);
+        assert!(parse_console("tty").is_err());
+    }
+
+    #[test]
+    fn ids_must_be_unique_and_consoles_not_both_stdout() {
+        let img = std::env::temp_dir().join(format!("skiff-cfg-{}.img", std::process::id()));
+        std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        let disk = |id: Option<&str>| DiskConfig {
+            path: img.clone(),
+            readonly: false,
+            id: id.map(String::from),
+            serial: None,
+            iommu: false,
+        };
+        let mut c = VmConfig {
+            disks: vec![disk(None), disk(None)],
+            ..Default::default()
+        };
+        assert!(c.validate().is_ok());
+        assert_eq!(c.device_ids(), vec!["disk0", "disk1"]);
+        c.disks = vec![disk(Some("a")), disk(Some("a"))];
+        assert!(c.validate().unwrap_err().to_string().contains("used twice"));
+        c.disks = vec![disk(Some("disk1")), disk(None)];
+        assert!(
+            c.validate().is_err(),
+            "a given id may not clash with a default one"
+        );
+        c.disks = vec![disk(Some("bad id"))];
+        assert!(c.validate().is_err());
+        c.disks.clear();
+        c.console = ConsoleConfig::Stdout;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("both use stdout"));
+        c.serial = SerialConfig::Off;
+        assert!(c.validate().is_ok());
+        let _ = std::fs::remove_file(&img);
+    }
+
+    #[test]
+    fn config_json_round_trip() {
+        let c = VmConfig {
+            serial: SerialConfig::File("/tmp/s".into()),
+            ..Default::default()
+        };
+        let j = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&j).unwrap(), c);
+        assert!(serde_json::from_str::<VmConfig>(r#"{"cpus":{"boot_vcpus":1,"x":1}}"#).is_err());
+    }
+
+    #[test]
+    fn json_defaults_and_strictness() {
+        let c: VmConfig = serde_json::from_str(r#"{"payload": {"kernel": "/k"}}"#).unwrap();
+        assert_eq!(
+            c.payload.kernel.as_deref(),
+            Some(std::path::Path::new("/k"))
+        );
+        assert_eq!(c.cpus.boot_vcpus, DEFAULT_VCPUS);
+        assert_eq!(c.memory.size, DEFAULT_MEMORY_SIZE);
+        assert_eq!(c.serial, SerialConfig::Stdout);
+        assert_eq!(c.console, ConsoleConfig::Off);
+        assert_eq!(
+            serde_json::from_str::<VmConfig>("{}").unwrap(),
+            VmConfig::default()
+        );
+        let c: VmConfig = serde_json::from_str(
+            r#"{"cpus": {}, "serial": {"file": "/s"}, "console": "pty", "rng": {},
+                "disks": [{"path": "/d", "readonly": true}],
+                "nets": [{"tap": {"name": "tap0"}, "mac": "52:54:00:12:34:56"}, {"tap": {"fd": 3}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.cpus.boot_vcpus, DEFAULT_VCPUS);
+        assert_eq!(c.serial, SerialConfig::File("/s".into()));
+        assert_eq!(c.rng, Some(RngConfig::default()));
+        assert!(c.disks[0].readonly);
+        assert_eq!(c.nets[0].mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert_eq!(c.nets[1].tap, TapConfig::Fd(3));
+        let j = serde_json::to_value(&c).unwrap();
+        assert_eq!(j["nets"][0]["mac"], "52:54:00:12:34:56");
+        assert_eq!(serde_json::from_value::<VmConfig>(j).unwrap(), c);
+        for bad in [
+            r#"{"cpu": {}}"#,
+            r#"{"cpus": {"boot_vcpus": "two"}}"#,
+            r#"{"memory": {"size": -1}}"#,
+            r#"{"serial": "tty"}"#,
+            r#"{"disks": [{"readonly": true}]}"#,
+            r#"{"nets": [{"tap": {"name": "t"}, "mac": "01:00:00:00:00:00"}]}"#,
+            r#"{"nets": [{"tap": {"name": "t"}, "mac": [82, 84, 0, 18, 52, 86]}]}"#,
+        ] {
+            assert!(serde_json::from_str::<VmConfig>(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,571 @@
+//! The API server against a fake control thread: every endpoint and status code, the OpenAPI spec,
+//! bad requests, concurrency and socket handling.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::channel;
+use std::time::Duration;
+
+use api_server::config::VmConfig;
+use api_server::openapi::Spec;
+use api_server::{
+    ApiAction, ApiClient, ApiErrorBody, ApiServer, ApiServerError, ClientError, ServerOptions,
+    VmState, ROUTES,
+};
+use common::{socket_path, Harness};
+use serde_json::{json, Value};
+use vmm_sys_util::eventfd::EventFd;
+
+const V1: &str = "/api/v1/";
+
+fn err_body(r: &api_server::client::RawResponse) -> ApiErrorBody {
+    assert_eq!(r.content_type.as_deref(), Some("application/json"));
+    serde_json::from_slice(&r.body)
+        .unwrap_or_else(|e| panic!("error body {:?}: {e}", String::from_utf8_lossy(&r.body)))
+}
+
+fn api_status(r: Result<(), ClientError>) -> (u16, String, Option<VmState>) {
+    match r {
+        Err(ClientError::Api {
+            status,
+            message,
+            state,
+        }) => (status, message, state),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[test]
+fn lifecycle_and_conflicts() {
+    let h = Harness::start("life");
+    let c = h.client();
+    let ping = c.ping().unwrap();
+    assert_eq!(ping.pid, std::process::id());
+
+    // Nothing exists yet: boot, pause, info are conflicts without a state.
+    let (st, msg, state) = api_status(c.boot());
+    assert_eq!((st, state), (409, None));
+    assert!(msg.contains("create one first"), "{msg}");
+    assert_eq!(c.info().unwrap_err().status(), Some(409));
+
+    let cfg: VmConfig = serde_json::from_value(json!({"cpus": {"boot_vcpus": 2}})).unwrap();
+    c.create(&cfg).unwrap();
+    assert_eq!(h.state(), Some(VmState::Created));
+    assert_eq!(api_status(c.create(&cfg)).0, 409);
+    assert_eq!(
+        api_status(c.pause()),
+        (
+            409,
+            "vm.pause: the VM is Created".into(),
+            Some(VmState::Created)
+        )
+    );
+    c.boot().unwrap();
+    c.pause().unwrap();
+    let (st, _, state) = api_status(c.pause());
+    assert_eq!(
+        (st, state),
+        (409, Some(VmState::Paused)),
+        "pause a paused VM"
+    );
+    c.snapshot("file:///tmp/snap").unwrap();
+    let info = c.info().unwrap();
+    assert_eq!(info.state, VmState::Paused);
+    assert_eq!(info.config.cpus.boot_vcpus, 2);
+    c.resume().unwrap();
+    assert_eq!(
+        api_status(c.restore("file:///tmp/snap", false)).2,
+        Some(VmState::Running),
+        "restore into a running VM"
+    );
+    assert_eq!(c.counters().unwrap()["disk0"]["read_ops"], 3);
+    c.power_button().unwrap();
+    c.reboot().unwrap();
+    c.shutdown().unwrap();
+    assert_eq!(h.state(), Some(VmState::Shutdown));
+    c.boot().unwrap();
+    c.delete().unwrap();
+    assert_eq!(h.state(), None);
+    c.restore("file:///tmp/snap", true).unwrap();
+    assert_eq!(h.state(), Some(VmState::Running));
+    c.delete().unwrap();
+    c.shutdown_vmm().unwrap();
+}
+
+/// Every endpoint, in states that make it succeed and fail, answers only what the spec
+/// documents, with bodies of the documented shape; undocumented paths get 404.
+#[test]
+fn server_conforms_to_the_openapi_spec() {
+    let spec = Spec::load();
+    let h = Harness::start("spec");
+    let c = h.client();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut check = |method: &str, ep: &str, body: Option<Value>| -> u16 {
+        let path = format!("{V1}{ep}");
+        let r = c
+            .raw(method, &path, body.map(|b| serde_json::to_vec(&b).unwrap()))
+            .unwrap();
+        spec.check_response(&path, method, r.status, &r.body)
+            .unwrap_or_else(|e| panic!("{e}"));
+        seen.insert((path, r.status));
+        r.status
+    };
+    // No VM: every vm.* action but create/restore/delete conflicts.
+    assert_eq!(check("GET", "vmm.ping", None), 200);
+    for ep in [
+        "vm.boot",
+        "vm.pause",
+        "vm.resume",
+        "vm.shutdown",
+        "vm.reboot",
+        "vm.power-button",
+    ] {
+        assert_eq!(check("PUT", ep, None), 409, "{ep}");
+    }
+    assert_eq!(check("GET", "vm.info", None), 409);
+    assert_eq!(check("GET", "vm.counters", None), 409);
+    let snap = json!({"destination_url": "file:///tmp/s"});
+    assert_eq!(check("PUT", "vm.snapshot", Some(snap.clone())), 409);
+    // Bad bodies, for every endpoint that takes one and one that does not.
+    assert_eq!(check("PUT", "vm.create", Some(json!({"cpus": 1}))), 400);
+    assert_eq!(check("PUT", "vm.snapshot", Some(json!({}))), 400);
+    assert_eq!(
+        check("PUT", "vm.restore", Some(json!({"source_url": 3}))),
+        400
+    );
+    assert_eq!(check("PUT", "vm.boot", Some(json!({"x": 1}))), 400);
+    assert_eq!(check("GET", "vm.info", Some(json!([1]))), 400);
+    // Successes.
+    let create = json!({"disks": [], "nets": [{"tap": {"name": "tap0"}, "mac": "52:54:00:00:00:01"}],
+                        "rng": {}, "serial": "off", "console": "pty"});
+    assert_eq!(check("PUT", "vm.create", Some(create)), 204);
+    assert_eq!(check("PUT", "vm.boot", None), 204);
+    assert_eq!(check("GET", "vm.info", None), 200);
+    assert_eq!(check("GET", "vm.counters", None), 200);
+    assert_eq!(check("PUT", "vm.power-button", None), 204);
+    assert_eq!(check("PUT", "vm.reboot", None), 204);
+    assert_eq!(check("PUT", "vm.pause", None), 204);
+    assert_eq!(check("PUT", "vm.snapshot", Some(snap)), 204);
+    let fail = json!({"destination_url": "file:///fail/x"});
+    assert_eq!(check("PUT", "vm.snapshot", Some(fail)), 500);
+    assert_eq!(check("PUT", "vm.resume", Some(json!({}))), 204);
+    assert_eq!(check("PUT", "vm.shutdown", None), 204);
+    let restore = json!({"source_url": "file:///tmp/s", "resume": true});
+    assert_eq!(check("PUT", "vm.restore", Some(restore.clone())), 409);
+    assert_eq!(check("PUT", "vm.delete", None), 204);
+    assert_eq!(check("PUT", "vm.restore", Some(restore)), 204);
+    assert_eq!(check("GET", "vm.info", None), 200);
+    // Wrong methods: 405 is documented for every operation.
+    for r in ROUTES {
+        let other = if r.method == "GET" { "PUT" } else { "GET" };
+        let resp = c.raw(other, r.path, None).unwrap();
+        assert_eq!(resp.status, 405, "{other} {}", r.path);
+        assert_eq!(resp.allow.as_deref(), Some(r.method));
+        let doc = spec.responses(r.path, r.method).unwrap();
+        let schema = doc[&405].schema.as_ref().unwrap();
+        spec.validate(schema, &serde_json::from_slice(&resp.body).unwrap())
+            .unwrap();
+    }
+    assert_eq!(check("PUT", "vmm.shutdown", None), 204);
+    // Every documented operation was exercised.
+    for (path, _) in spec.routes() {
+        assert!(seen.iter().any(|(p, _)| *p == path), "{path} not exercised");
+    }
+    // Undocumented paths are 404 with the error body.
+    let documented: Vec<String> = spec.routes().into_iter().map(|(p, _)| p).collect();
+    for p in [
+        "/",
+        "/api/v1",
+        "/api/v1/",
+        "/api/v1/vm.nope",
+        "/api/v1/vm.info/",
+        "/api/v1/vm.info/x",
+        "/api/v2/vm.info",
+        "/api/v1/VM.INFO",
+        "/vm.info",
+    ] {
+        assert!(!documented.contains(&p.to_string()));
+        for m in ["GET", "PUT", "POST", "DELETE"] {
+            let r = c.raw(m, p, None).unwrap();
+            assert_eq!(r.status, 404, "{m} {p}");
+            let e = err_body(&r);
+            assert!(e.error.contains("no endpoint"), "{}", e.error);
+            let nf = spec
+                .resolve(&json!({"$ref": "#/components/responses/NotFound"}))
+                .clone();
+            spec.validate(
+                &nf["content"]["application/json"]["schema"],
+                &serde_json::to_value(&e).unwrap(),
+            )
+            .unwrap();
+        }
+    }
+}
+
+#[test]
+fn wrong_method_is_405_with_allow() {
+    let h = Harness::start("405");
+    let c = h.client();
+    for (m, p, allow) in [
+        ("POST", "vm.pause", "PUT"),
+        ("DELETE", "vm.delete", "PUT"),
+        ("PUT", "vm.info", "GET"),
+        ("PATCH", "vmm.ping", "GET"),
+        ("GET", "vm.create", "PUT"),
+    ] {
+        let r = c.raw(m, &format!("{V1}{p}"), None).unwrap();
+        assert_eq!(r.status, 405, "{m} {p}");
+        assert_eq!(r.allow.as_deref(), Some(allow));
+        assert!(err_body(&r).error.contains("method not allowed"));
+    }
+    assert!(
+        h.vm.lock().unwrap().log.is_empty(),
+        "nothing reached the VMM"
+    );
+}
+
+#[test]
+fn bad_bodies_are_400_and_leave_the_vm_alone() {
+    let h = Harness::start("400");
+    let c = h.client();
+    c.create_raw(br#"{"payload": {}}"#.to_vec()).unwrap();
+    c.boot().unwrap();
+    let create = format!("{V1}vm.create");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("vm.create", b"{".to_vec(), "EOF"),
+        ("vm.create", b"not json".to_vec(), "expected"),
+        ("vm.create", b"".to_vec(), "JSON body is required"),
+        (
+            "vm.create",
+            br#"{"cpus": {"boot_vcpus": 1}, "colour": 1}"#.to_vec(),
+            "unknown field `colour`",
+        ),
+        (
+            "vm.create",
+            br#"{"cpus": {"boot_vcpus": "two"}}"#.to_vec(),
+            "invalid type",
+        ),
+        (
+            "vm.create",
+            br#"{"memory": {"size": -5}}"#.to_vec(),
+            "invalid value",
+        ),
+        (
+            "vm.create",
+            br#"{"cpus": {"boot_vcpus": 0}}"#.to_vec(),
+            "boot_vcpus",
+        ),
+        (
+            "vm.create",
+            br#"{"payload": {"initramfs": "/nonexistent/i"}}"#.to_vec(),
+            "--initramfs needs --kernel",
+        ),
+        (
+            "vm.create",
+            br#"{"serial": "stdout", "console": "stdout"}"#.to_vec(),
+            "cannot both use stdout",
+        ),
+        (
+            "vm.create",
+            br#"{"payload": {"kernel": "/nonexistent/k"}}"#.to_vec(),
+            "/nonexistent/k",
+        ),
+        (
+            "vm.create",
+            br#"{"serial": "tty"}"#.to_vec(),
+            "unknown variant",
+        ),
+        ("vm.create", br#"[]"#.to_vec(), "expected object"),
+        (
+            "vm.create",
+            br#"{"cpus": [2]}"#.to_vec(),
+            "$.cpus: expected object",
+        ),
+        (
+            "vm.restore",
+            br#"["file:///x", true]"#.to_vec(),
+            "expected object",
+        ),
+        (
+            "vm.snapshot",
+            br#"{"destination_url": "/tmp/x"}"#.to_vec(),
+            "file://",
+        ),
+        (
+            "vm.snapshot",
+            br#"{"destination_url": "file:///x", "compress": true}"#.to_vec(),
+            "unknown field",
+        ),
+        (
+            "vm.restore",
+            br#"{"source_url": "file:///x", "resume": "yes"}"#.to_vec(),
+            "invalid type",
+        ),
+        (
+            "vm.restore",
+            br#"{"resume": true}"#.to_vec(),
+            "missing field `source_url`",
+        ),
+        (
+            "vm.pause",
+            br#"{"now": true}"#.to_vec(),
+            "takes no request body",
+        ),
+        ("vm.pause", b"garbage".to_vec(), "takes no request body"),
+    ];
+    for (ep, body, want) in cases {
+        let r = c
+            .raw("PUT", &format!("{V1}{ep}"), Some(body.clone()))
+            .unwrap();
+        let e = err_body(&r);
+        assert_eq!(
+            r.status,
+            400,
+            "{ep} {:?}: {}",
+            String::from_utf8_lossy(&body),
+            e.error
+        );
+        assert!(e.error.contains(want), "{ep}: {:?} lacks {want:?}", e.error);
+        assert!(e.error.starts_with(ep), "{}", e.error);
+    }
+    // Body size limit: just under is parsed, over is refused and names the limit.
+    let mut big = br#"{"payload": {"cmdline": ""#.to_vec();
+    big.resize(70 * 1024, b'a');
+    big.extend_from_slice(br#""}}"#);
+    let r = c.raw("PUT", &create, Some(big)).unwrap();
+    assert_eq!(r.status, 400);
+    assert!(err_body(&r).error.contains("65536 bytes"));
+    let mut ok = br#"{"payload": {"cmdline": ""#.to_vec();
+    ok.resize(60 * 1024, b'a');
+    ok.extend_from_slice(br#""}}"#);
+    let r = c.raw("PUT", &create, Some(ok)).unwrap();
+    assert_eq!(
+        r.status, 409,
+        "a valid config reaches the VMM, which already has a VM"
+    );
+    // The VM kept running through all of it; only the two creates and boot reached it.
+    assert_eq!(h.state(), Some(VmState::Running));
+    assert_eq!(
+        h.vm.lock().unwrap().log,
+        vec!["vm.create", "vm.boot", "vm.create"]
+    );
+    c.pause().unwrap();
+}
+
+/// A chunked body without Content-Length over the limit is refused too (raw socket request).
+#[test]
+fn chunked_body_over_limit() {
+    let h = Harness::start_with(
+        "chunk",
+        ServerOptions {
+            body_limit: 1024,
+            ..Default::default()
+        },
+    );
+    let mut s = UnixStream::connect(&h.path).unwrap();
+    let chunk = vec![b' '; 900];
+    let mut req = b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for _ in 0..3 {
+        req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        req.extend_from_slice(&chunk);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    s.write_all(&req).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("limit of 1024 bytes"), "{out}");
+    assert!(h.vm.lock().unwrap().log.is_empty());
+}
+
+#[test]
+fn many_clients_at_once() {
+    let h = Harness::start("many");
+    let path = h.path.clone();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let c = ApiClient::new(&path).unwrap();
+                for i in 0..50 {
+                    let p = c.ping().unwrap();
+                    assert_eq!(p.pid, std::process::id(), "thread {t} ping {i}");
+                    // And a 400 in between, which must not disturb anyone.
+                    if i % 10 == 0 {
+                        let r = c
+                            .raw("PUT", "/api/v1/vm.create", Some(b"{oops".to_vec()))
+                            .unwrap();
+                        assert_eq!(r.status, 400);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(h.vm.lock().unwrap().log.len(), 400);
+}
+
+/// Connections are served concurrently: a VMM that answers only once it holds two requests
+/// gets both while the first client is still waiting.
+#[test]
+fn requests_wait_concurrently() {
+    let path = socket_path("conc");
+    let (tx, rx) = channel::<api_server::ApiRequest>();
+    let wake = EventFd::new(0).unwrap();
+    let _server = ApiServer::start(&path, tx, wake).unwrap();
+    std::thread::spawn(move || {
+        let a = rx.recv().unwrap();
+        let b = rx.recv().unwrap();
+        for r in [b, a] {
+            let _ = r.respond.send(Ok(api_server::ApiReply::Empty));
+        }
+    });
+    let p2 = path.clone();
+    let t = std::thread::spawn(move || ApiClient::new(&p2).unwrap().pause());
+    std::thread::sleep(Duration::from_millis(50));
+    ApiClient::new(&path).unwrap().resume().unwrap();
+    t.join().unwrap().unwrap();
+}
+
+#[test]
+fn vmm_trouble_is_500_or_503() {
+    // A VMM that drops requests unanswered: 500.
+    let path = socket_path("drop");
+    let (tx, rx) = channel::<api_server::ApiRequest>();
+    let opts = ServerOptions {
+        reply_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let _s = ApiServer::start_with(&path, tx, EventFd::new(0).unwrap(), opts.clone()).unwrap();
+    let vmm = std::thread::spawn(move || {
+        let r = rx.recv().unwrap();
+        assert_eq!(r.action, ApiAction::Pause);
+        drop(r);
+        // The next one is never answered: 503 after the timeout.
+        let held = rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        drop(held);
+        // Then the VMM is gone: 503 at once.
+    });
+    let c = ApiClient::new(&path).unwrap();
+    let (st, msg, _) = api_status(c.pause());
+    assert_eq!(st, 500, "{msg}");
+    assert!(msg.contains("dropped"), "{msg}");
+    let t0 = std::time::Instant::now();
+    let (st, msg, _) = api_status(c.resume());
+    assert_eq!(st, 503, "{msg}");
+    assert!(msg.contains("did not answer"), "{msg}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    vmm.join().unwrap();
+    let (st, msg, _) = api_status(c.boot());
+    assert_eq!(st, 503, "{msg}");
+    let spec = Spec::load();
+    let r = c.raw("PUT", "/api/v1/vm.boot", None).unwrap();
+    spec.check_response("/api/v1/vm.boot", "PUT", r.status, &r.body)
+        .unwrap();
+}
+
+#[test]
+fn socket_path_handling() {
+    // A live server is not displaced.
+    let h = Harness::start("sock");
+    let (tx, _rx) = channel();
+    let e = ApiServer::start(&h.path, tx.clone(), EventFd::new(0).unwrap()).unwrap_err();
+    assert!(matches!(e, ApiServerError::InUse(_)), "{e}");
+    assert!(e.to_string().contains("already serving"));
+    h.client().ping().unwrap();
+
+    // A stale socket file is replaced; stop removes the socket.
+    let stale = socket_path("stale");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let mut s = ApiServer::start(&stale, tx.clone(), EventFd::new(0).unwrap()).unwrap();
+    assert_eq!(s.socket_path(), stale.as_path());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&stale).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    s.stop();
+    assert!(!stale.exists(), "stop removes the socket");
+    s.stop();
+    drop(s);
+
+    // A regular file is not deleted.
+    let file = socket_path("file");
+    std::fs::write(&file, b"precious").unwrap();
+    let e = ApiServer::start(&file, tx.clone(), EventFd::new(0).unwrap()).unwrap_err();
+    assert!(matches!(e, ApiServerError::NotASocket(_)), "{e}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+
+    // A missing directory is named.
+    let missing = std::path::Path::new("/nonexistent-skiff-dir/api.sock");
+    let e = ApiServer::start(missing, tx.clone(), EventFd::new(0).unwrap()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("/nonexistent-skiff-dir does not exist"),
+        "{e}"
+    );
+
+    // Drop stops the server too.
+    let p = socket_path("drop2");
+    let s = ApiServer::start(&p, tx, EventFd::new(0).unwrap()).unwrap();
+    drop(s);
+    assert!(!p.exists());
+    let e = ApiClient::new(&p).unwrap().ping().unwrap_err();
+    assert!(e.to_string().contains("--api-socket"), "{e}");
+}
+
+#[test]
+fn eventfd_is_written_per_request() {
+    let path = socket_path("wake");
+    let (tx, rx) = channel::<api_server::ApiRequest>();
+    let wake = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let probe = wake.try_clone().unwrap();
+    let _s = ApiServer::start(&path, tx, wake).unwrap();
+    std::thread::spawn(move || {
+        for r in rx {
+            let _ = r.respond.send(Ok(api_server::ApiReply::Empty));
+        }
+    });
+    let c = ApiClient::new(&path).unwrap();
+    for _ in 0..3 {
+        c.pause().unwrap();
+    }
+    assert_eq!(probe.read().unwrap(), 3);
+}
+
+/// The control thread answers vmm.shutdown and stops the server right away: the client still
+/// gets its 204, and a request waiting for the VMM does not hold the stop up for long.
+#[test]
+fn stop_right_after_answering_delivers_the_answer() {
+    for _ in 0..20 {
+        let path = socket_path("stop");
+        let (tx, rx) = channel::<api_server::ApiRequest>();
+        let server = ApiServer::start(&path, tx, EventFd::new(0).unwrap()).unwrap();
+        let vmm = std::thread::spawn(move || {
+            let mut server = server;
+            let r = rx.recv().unwrap();
+            assert_eq!(r.action, ApiAction::VmmShutdown);
+            let _ = r.respond.send(Ok(api_server::ApiReply::Empty));
+            server.stop();
+        });
+        ApiClient::new(&path).unwrap().shutdown_vmm().unwrap();
+        vmm.join().unwrap();
+        assert!(!path.exists());
+    }
+    let path = socket_path("stop2");
+    let (tx, rx) = channel::<api_server::ApiRequest>();
+    let mut server = ApiServer::start(&path, tx, EventFd::new(0).unwrap()).unwrap();
+    let p = path.clone();
+    let waiting = std::thread::spawn(move || ApiClient::new(&p).unwrap().pause());
+    let held = rx.recv().unwrap();
+    let t0 = std::time::Instant::now();
+    server.stop();
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    assert!(waiting.join().unwrap().is_err());
+    drop(held);
+}
