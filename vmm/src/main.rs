@@ -76,6 +76,10 @@ struct Cli {
     /// and waits for vm.create; with them it boots that VM and serves the API alongside.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Restore a VM from a snapshot instead of booting: source_url=file:///DIR[,resume=on]. The VM
+    /// comes up paused (resume it with the API) unless resume=on.
+    #[arg(long, value_name = "source_url=URL[,resume=on]")]
+    restore: Option<String>,
     /// Write one JSON line per lifecycle event to FILE: path=FILE.
     #[arg(long, value_name = "path=FILE")]
     event_monitor: Option<String>,
@@ -171,7 +175,36 @@ fn main() -> ExitCode {
         }
     }
     let api_socket = cli.api_socket.clone();
-    let boot_now = api_socket.is_none() || cli.has_vm_options();
+    let restore = match &cli.restore {
+        None => None,
+        Some(r) => {
+            if cli.has_vm_options() {
+                return fail(EXIT_USAGE, "--restore takes the VM configuration from the snapshot; do not combine it with VM options");
+            }
+            let o = match config::parse_options("restore", r, &["source_url", "resume"]) {
+                Ok(o) => o,
+                Err(e) => return fail(EXIT_USAGE, e),
+            };
+            let Some(url) = o.get("source_url").cloned() else {
+                return fail(EXIT_USAGE, "--restore: missing source_url=file:///DIR");
+            };
+            let resume = match o.get("resume").map(String::as_str) {
+                None | Some("off") => false,
+                Some("on") => true,
+                Some(v) => {
+                    return fail(
+                        EXIT_USAGE,
+                        format!("--restore: resume={v:?}: expected on or off"),
+                    )
+                }
+            };
+            if !resume && api_socket.is_none() {
+                log::warn!("the restored VM stays paused: pass resume=on, or --api-socket to resume it later");
+            }
+            Some((url, resume))
+        }
+    };
+    let boot_now = restore.is_none() && (api_socket.is_none() || cli.has_vm_options());
     let config = match cli.into_config() {
         Ok(c) => c,
         Err(e) => return fail(EXIT_USAGE, e),
@@ -201,6 +234,11 @@ fn main() -> ExitCode {
         }
     };
     let mut vmm = Vmm::new();
+    if let Some((url, resume)) = &restore {
+        if let Err(e) = vmm.restore(url, *resume) {
+            return fail(EXIT_ERROR, e.message);
+        }
+    }
     if boot_now {
         if let Err(e) = vmm.create(config) {
             return fail(EXIT_USAGE, e.message);

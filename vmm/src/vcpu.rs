@@ -321,6 +321,13 @@ impl VcpuControl {
         Ok(())
     }
 
+    /// Make vCPU threads park before their first KVM_RUN (a restored VM starts paused).
+    pub fn start_paused(&self) {
+        self.lock().pause = true;
+        self.requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Let paused vCPUs continue.
     pub fn resume(&self) {
         let mut st = self.lock();
@@ -354,10 +361,14 @@ impl VcpuControl {
         }
     }
 
-    /// Park while a pause is requested. Returns false when the thread must exit.
-    fn checkpoint(&self) -> bool {
+    /// Park while a pause is requested, calling `before_park` first (outside the lock). Returns
+    /// false when the thread must exit.
+    fn checkpoint(&self, before_park: impl FnOnce()) -> bool {
         if !self.requested.load(std::sync::atomic::Ordering::SeqCst) {
             return true;
+        }
+        if self.lock().pause {
+            before_park();
         }
         let mut st = self.lock();
         if st.stop {
@@ -411,8 +422,9 @@ pub fn install_kick_handler() -> Result<()> {
 pub struct Vcpu {
     /// vCPU index (also its APIC ID).
     pub index: u32,
-    /// The KVM vCPU.
-    pub fd: VcpuFd,
+    /// The KVM vCPU; the vCPU thread holds the lock only inside `KVM_RUN`, so the control thread
+    /// can save or restore its state while it is paused.
+    pub fd: Arc<Mutex<VcpuFd>>,
     /// Port I/O bus.
     pub pio: Arc<Bus>,
     /// MMIO bus.
@@ -438,25 +450,50 @@ impl Vcpu {
             .map_err(|e| VcpuError::Spawn(index, e))
     }
 
-    fn run(mut self) {
-        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+    fn run(self) {
+        let lock = || self.fd.lock().unwrap_or_else(|e| e.into_inner());
+        let run_ptr: *mut kvm_run = lock().get_kvm_run();
         KVM_RUN.with(|p| p.set(run_ptr));
         let mut unhandled = UnhandledAccessLog::default();
+        // Before parking, finish any port/MMIO access KVM is waiting to complete (an `in` whose
+        // value we supplied is only written to the registers by the next KVM_RUN), so the saved
+        // state is consistent: KVM_RUN with immediate_exit completes it and returns EINTR at once.
+        let complete_pending_io = || {
+            let mut fd = lock();
+            fd.set_kvm_immediate_exit(1);
+            match fd.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => log::warn!(
+                    "vCPU {}: completing pending I/O before pausing: {e}",
+                    self.index
+                ),
+                Ok(_) => log::warn!(
+                    "vCPU {}: unexpected exit while completing pending I/O",
+                    self.index
+                ),
+            }
+            fd.set_kvm_immediate_exit(0);
+        };
         loop {
-            if !self.control.checkpoint() {
+            if !self.control.checkpoint(complete_pending_io) {
                 break;
             }
             if self.index == 0 {
                 timing::mark_first_kvm_run();
             }
-            let outcome = match self.fd.run() {
-                Ok(exit) => handle_exit(self.index, exit, &self.pio, &self.mmio, &mut unhandled),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.fd.set_kvm_immediate_exit(0);
-                    Outcome::Continue
-                }
-                Err(e) => {
-                    Outcome::Exit(ExitReason::VcpuError, Some(format!("KVM_RUN failed: {e}")))
+            let outcome = {
+                let mut fd = lock();
+                match fd.run() {
+                    Ok(exit) => {
+                        handle_exit(self.index, exit, &self.pio, &self.mmio, &mut unhandled)
+                    }
+                    Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                        fd.set_kvm_immediate_exit(0);
+                        Outcome::Continue
+                    }
+                    Err(e) => {
+                        Outcome::Exit(ExitReason::VcpuError, Some(format!("KVM_RUN failed: {e}")))
+                    }
                 }
             };
             if let Outcome::Exit(reason, what) = outcome {
@@ -464,7 +501,7 @@ impl Vcpu {
                     log::error!(
                         "vCPU {}: {what}; {}",
                         self.index,
-                        describe_registers(&self.fd)
+                        describe_registers(&lock())
                     );
                 }
                 self.exit.request(reason);

@@ -18,6 +18,7 @@ use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::acpi::{create_acpi_tables, AcpiConfig};
+use crate::boot::EntryPoint;
 use crate::boot::{self, BootError, LoadedKernel};
 use crate::config::{SerialConfig, VmConfig};
 use crate::cpu_template::CpuTemplate;
@@ -26,7 +27,13 @@ use crate::layout::*;
 use crate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
 use crate::pci_devices::PciDevices;
 use crate::vcpu::{self, Vcpu, VcpuControl, VcpuError};
+use crate::vcpu_state::{restore_vcpu, save_vcpu};
 use crate::virtio_devices::create_virtio_devices;
+use crate::vm_state::{restore_vm, save_vm};
+use kvm_ioctls::VcpuFd;
+use migration::memory_file::{restore_memory_file, write_memory_file};
+use migration::snapshot::{require_section, require_sections, write_snapshot, SnapshotReader};
+use migration::{Snapshottable, StateSection};
 
 /// The built-in demo guest (the no_std test guest), embedded at build time.
 pub static DEMO_GUEST: &[u8] = include_bytes!(env!("SKIFF_DEMO_GUEST"));
@@ -110,6 +117,9 @@ pub enum VmError {
         /// What went wrong.
         reason: String,
     },
+    /// Writing or reading a snapshot failed.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// Pausing or resuming a device failed.
     #[error("device state: {0}")]
     State(String),
@@ -167,7 +177,7 @@ struct LegacyDevice {
 /// A built VM, ready to start.
 pub struct Vm {
     config: VmConfig,
-    _kvm: Kvm,
+    kvm: Kvm,
     vm_fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
     _memfd: File,
@@ -180,12 +190,80 @@ pub struct Vm {
     serial: Option<Arc<Mutex<Serial>>>,
     ged: Arc<Mutex<AcpiGed>>,
     pci_devices: PciDevices,
+    legacy_state: Vec<Arc<Mutex<dyn Snapshottable + Send>>>,
+    vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
+    paused_at_start: bool,
     _triggers: Vec<EventFdTrigger>,
+}
+
+/// Where a VM's initial state comes from.
+enum Source<'a> {
+    /// Load the kernel and boot.
+    Boot,
+    /// A snapshot: its state sections and its memory file (the VM comes up paused).
+    Snapshot {
+        sections: &'a [StateSection],
+        memory: &'a mut File,
+    },
+}
+
+/// File names inside a snapshot directory.
+pub mod snapshot_files {
+    /// The VM configuration (JSON).
+    pub const CONFIG: &str = "config.json";
+    /// The versioned state sections.
+    pub const STATE: &str = "state.bin";
+    /// Guest RAM, sparse.
+    pub const MEMORY: &str = "memory.bin";
 }
 
 impl Vm {
     /// Build the VM from a validated configuration: KVM, memory, kernel, ACPI, devices, vCPUs.
     pub fn new(config: VmConfig) -> Result<Self> {
+        Self::build(config, Source::Boot)
+    }
+
+    /// Build a VM from a snapshot directory (written by [`Vm::snapshot`]); it comes up paused.
+    /// Any inconsistency (other version, truncated or corrupt file, config that does not match the
+    /// state) is an error and nothing is started.
+    pub fn restore(dir: &std::path::Path) -> Result<Self> {
+        use snapshot_files::*;
+        let open = |name: &str| {
+            let path = dir.join(name);
+            File::open(&path).map_err(|source| VmError::Open {
+                what: "restore",
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        let config: VmConfig = serde_json::from_reader(std::io::BufReader::new(open(CONFIG)?))
+            .map_err(|e| VmError::Snapshot(format!("{}: {e}", dir.join(CONFIG).display())))?;
+        config.validate().map_err(|e| {
+            VmError::Snapshot(format!("the saved configuration is not usable here: {e}"))
+        })?;
+        let sections = SnapshotReader::read_all(std::io::BufReader::new(open(STATE)?))
+            .map_err(|e| VmError::Snapshot(format!("{}: {e}", dir.join(STATE).display())))?;
+        let mut required = vec![
+            "irqchip".to_string(),
+            "pit".to_string(),
+            "clock".to_string(),
+        ];
+        required.extend((0..config.cpus.boot_vcpus).map(crate::vcpu_state::section_id));
+        let required: Vec<&str> = required.iter().map(String::as_str).collect();
+        require_sections(&sections, &required).map_err(|e| {
+            VmError::Snapshot(format!("the state does not match the configuration: {e}"))
+        })?;
+        let mut memory = open(MEMORY)?;
+        Self::build(
+            config,
+            Source::Snapshot {
+                sections: &sections,
+                memory: &mut memory,
+            },
+        )
+    }
+
+    fn build(config: VmConfig, mut source: Source<'_>) -> Result<Self> {
         let kvm_sys = open_kvm()?;
         for (cap, name) in [
             (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
@@ -256,29 +334,19 @@ impl Vm {
                 .map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
-        let kernel = load_payload(&config, &mem)?;
-        let rsdp = create_acpi_tables(
-            &mem,
-            &AcpiConfig {
+        let entry = match &mut source {
+            Source::Boot => Some(Self::load_and_configure(
+                &config,
+                &mem,
                 num_cpus,
-                pci_mmio64_start: mmio64_start,
-                pci_mmio64_size: PCI_MMIO64_SIZE,
-            },
-        )
-        .map_err(|e| VmError::Acpi(e.to_string()))?;
-        let cmdline = boot::build_cmdline(&kernel, config.effective_cmdline())?;
-        let initramfs = match &config.payload.initramfs {
-            Some(p) => {
-                let mut f = File::open(p).map_err(|source| VmError::Open {
-                    what: "--initramfs",
-                    path: p.display().to_string(),
-                    source,
-                })?;
-                Some(boot::load_initramfs(&mem, &kernel, mem_size, &mut f)?)
+                mmio64_start,
+            )?),
+            Source::Snapshot { memory, .. } => {
+                restore_memory_file(&mem, *memory, true)
+                    .map_err(|e| VmError::Snapshot(format!("memory: {e}")))?;
+                None
             }
-            None => None,
         };
-        boot::configure_system(&mem, &kernel, &cmdline, initramfs, mem_size, rsdp)?;
 
         let exit = Arc::new(VmExitEvent::new().map_err(|e| VmError::Device {
             id: "exit-event".into(),
@@ -330,28 +398,36 @@ impl Vm {
             [(_, low)] => (*low, 0),
             _ => (0, 0),
         };
+        let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
+        let cmos = Arc::new(Mutex::new(Cmos::new(below_4g, above_4g)));
+        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(
+            exit.clone(),
+            ACPI_S5_SLEEP_TYPE,
+            ACPI_RESET_VALUE,
+        )));
+        let mut legacy_state: Vec<Arc<Mutex<dyn Snapshottable + Send>>> =
+            vec![i8042.clone(), cmos.clone(), acpi_pm.clone(), ged.clone()];
+        if let Some(s) = &serial {
+            legacy_state.push(s.clone());
+        }
         let mut legacy = vec![
             LegacyDevice {
                 id: "i8042",
                 port: I8042_PORT,
                 len: 5,
-                device: Arc::new(Mutex::new(I8042::new(exit.clone()))),
+                device: i8042,
             },
             LegacyDevice {
                 id: "cmos",
                 port: CMOS_PORT,
                 len: 2,
-                device: Arc::new(Mutex::new(Cmos::new(below_4g, above_4g))),
+                device: cmos,
             },
             LegacyDevice {
                 id: "acpi-pm",
                 port: ACPI_PM_PORT,
                 len: ACPI_PM_SIZE,
-                device: Arc::new(Mutex::new(AcpiPm::new(
-                    exit.clone(),
-                    ACPI_S5_SLEEP_TYPE,
-                    ACPI_RESET_VALUE,
-                ))),
+                device: acpi_pm,
             },
             LegacyDevice {
                 id: "acpi-ged",
@@ -430,7 +506,12 @@ impl Vm {
             log::info!("CPUID: {quirk}");
         }
         let control = Arc::new(VcpuControl::default());
+        if matches!(source, Source::Snapshot { .. }) {
+            // A restored VM comes up paused: its vCPU threads park before their first KVM_RUN.
+            control.start_paused();
+        }
         let mut pending_vcpus = Vec::new();
+        let mut vcpu_fds = Vec::new();
         for index in 0..num_cpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(index))
@@ -438,9 +519,20 @@ impl Vm {
             let cpuid = vcpu_cpuid(&supported, index, num_cpus, template.as_ref())
                 .map_err(|e| VmError::Cpuid(e.to_string()))?;
             vcpu::configure_common(&fd, index, &cpuid)?;
-            if index == 0 {
-                vcpu::configure_boot_vcpu(&fd, index, &mem, kernel.entry)?;
+            match (&source, entry) {
+                (Source::Boot, Some(entry)) if index == 0 => {
+                    vcpu::configure_boot_vcpu(&fd, index, &mem, entry)?
+                }
+                (Source::Snapshot { sections, .. }, _) => {
+                    let section = require_section(sections, &crate::vcpu_state::section_id(index))
+                        .map_err(|e| VmError::Snapshot(e.to_string()))?;
+                    restore_vcpu(&fd, index, &kvm_sys, section)
+                        .map_err(|e| VmError::Snapshot(e.to_string()))?;
+                }
+                _ => {}
             }
+            let fd = Arc::new(Mutex::new(fd));
+            vcpu_fds.push(fd.clone());
             pending_vcpus.push(Vcpu {
                 index,
                 fd,
@@ -450,16 +542,32 @@ impl Vm {
                 control: control.clone(),
             });
         }
+        if let Source::Snapshot { sections, .. } = &source {
+            restore_vm(&vm_fd, sections).map_err(|e| VmError::Snapshot(e.to_string()))?;
+            for dev in &legacy_state {
+                let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+                let id = d.id();
+                let section =
+                    require_section(sections, &id).map_err(|e| VmError::Snapshot(e.to_string()))?;
+                d.restore(section)
+                    .map_err(|e| VmError::Snapshot(e.to_string()))?;
+            }
+            pci_devices
+                .restore(sections)
+                .map_err(|e| VmError::Snapshot(e.to_string()))?;
+        }
         log::info!(
-            "VM ready: {num_cpus} vCPU(s), {} MiB RAM, {:?} entry at {:#x}, cmdline {:?}",
+            "VM ready: {num_cpus} vCPU(s), {} MiB RAM{}",
             mem_size >> 20,
-            kernel.entry.protocol,
-            kernel.entry.addr.0,
-            config.effective_cmdline()
+            if entry.is_none() {
+                ", restored from a snapshot (paused)"
+            } else {
+                ""
+            }
         );
         Ok(Self {
             config,
-            _kvm: kvm_sys,
+            kvm: kvm_sys,
             vm_fd,
             mem,
             _memfd: memfd,
@@ -472,8 +580,51 @@ impl Vm {
             serial,
             ged,
             pci_devices,
+            legacy_state,
+            vcpu_fds,
+            paused_at_start: entry.is_none(),
             _triggers: triggers,
         })
+    }
+
+    /// Load the kernel (and initramfs), write the ACPI tables and the boot structures.
+    fn load_and_configure(
+        config: &VmConfig,
+        mem: &GuestMemoryMmap,
+        num_cpus: u32,
+        mmio64_start: u64,
+    ) -> Result<EntryPoint> {
+        let mem_size = config.memory.size;
+        let kernel = load_payload(config, mem)?;
+        let rsdp = create_acpi_tables(
+            mem,
+            &AcpiConfig {
+                num_cpus,
+                pci_mmio64_start: mmio64_start,
+                pci_mmio64_size: PCI_MMIO64_SIZE,
+            },
+        )
+        .map_err(|e| VmError::Acpi(e.to_string()))?;
+        let cmdline = boot::build_cmdline(&kernel, config.effective_cmdline())?;
+        let initramfs = match &config.payload.initramfs {
+            Some(p) => {
+                let mut f = File::open(p).map_err(|source| VmError::Open {
+                    what: "--initramfs",
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                Some(boot::load_initramfs(mem, &kernel, mem_size, &mut f)?)
+            }
+            None => None,
+        };
+        boot::configure_system(mem, &kernel, &cmdline, initramfs, mem_size, rsdp)?;
+        log::info!(
+            "kernel: {:?} entry at {:#x}, cmdline {:?}",
+            kernel.entry.protocol,
+            kernel.entry.addr.0,
+            config.effective_cmdline()
+        );
+        Ok(kernel.entry)
     }
 
     /// Start every vCPU thread.
@@ -551,6 +702,54 @@ impl Vm {
     /// The PCI devices (virtio) and their interrupt routing.
     pub fn pci_devices(&self) -> &PciDevices {
         &self.pci_devices
+    }
+
+    /// Whether the VM was restored from a snapshot and starts paused.
+    pub fn starts_paused(&self) -> bool {
+        self.paused_at_start
+    }
+
+    /// Write a snapshot of this PAUSED VM into `dir` (created if missing): the configuration, the
+    /// state of every vCPU, the irqchip/PIT/clock and every device as versioned sections, and
+    /// guest RAM as a sparse file.
+    pub fn snapshot(&self, dir: &std::path::Path) -> Result<()> {
+        use snapshot_files::*;
+        let fail =
+            |what: &str, e: &dyn std::fmt::Display| VmError::Snapshot(format!("{what}: {e}"));
+        std::fs::create_dir_all(dir).map_err(|e| fail(&dir.display().to_string(), &e))?;
+        let mut sections = save_vm(&self.vm_fd).map_err(|e| fail("VM state", &e))?;
+        for (i, fd) in self.vcpu_fds.iter().enumerate() {
+            let fd = fd.lock().unwrap_or_else(|e| e.into_inner());
+            sections.push(save_vcpu(&fd, i as u32, &self.kvm).map_err(|e| fail("vCPU state", &e))?);
+        }
+        for dev in &self.legacy_state {
+            let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+            sections.push(d.snapshot().map_err(|e| fail("device state", &e))?);
+        }
+        sections.extend(
+            self.pci_devices
+                .snapshot()
+                .map_err(|e| fail("PCI device state", &e))?,
+        );
+        let create = |name: &str| {
+            let p = dir.join(name);
+            File::create(&p).map_err(|e| fail(&p.display().to_string(), &e))
+        };
+        let config = serde_json::to_vec_pretty(&self.config).map_err(|e| fail("config", &e))?;
+        std::io::Write::write_all(&mut create(CONFIG)?, &config).map_err(|e| fail(CONFIG, &e))?;
+        let mut state = write_snapshot(std::io::BufWriter::new(create(STATE)?), &sections)
+            .map_err(|e| fail(STATE, &e))?;
+        std::io::Write::flush(&mut state).map_err(|e| fail(STATE, &e))?;
+        let mut memory = create(MEMORY)?;
+        let stats = write_memory_file(&self.mem, &mut memory).map_err(|e| fail(MEMORY, &e))?;
+        log::info!(
+            "snapshot written to {}: {} sections, {} MiB RAM of which {} MiB data",
+            dir.display(),
+            sections.len(),
+            stats.ram_bytes >> 20,
+            stats.data_bytes >> 20
+        );
+        Ok(())
     }
 
     /// Number of vCPUs currently parked.

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use api_server::models::{DeviceInfo, PingResponse, VmInfo, VmState};
+use api_server::models::{file_url_path, DeviceInfo, PingResponse, VmInfo, VmState};
 use api_server::{ApiAction, ApiError, ApiReply, ApiResponse};
 use devices::legacy::GedEvent;
 use serde_json::json;
@@ -42,14 +42,6 @@ fn conflict(state: Option<VmState>, what: &str) -> ApiError {
     ApiError {
         status: 409,
         message,
-        state,
-    }
-}
-
-fn not_implemented(what: &str, state: Option<VmState>) -> ApiError {
-    ApiError {
-        status: 501,
-        message: format!("{what}: snapshot and restore are not available in this build yet"),
         state,
     }
 }
@@ -136,6 +128,51 @@ impl Vmm {
         }
         self.state = Some(VmState::Shutdown);
         events::emit("vm", "shutdown", json!({ "reason": reason }));
+        Ok(())
+    }
+
+    /// Write a snapshot of the paused VM to a `file://` URL (vm.snapshot).
+    pub fn snapshot(&mut self, url: &str) -> Result<(), ApiError> {
+        let vm = match (self.state, &self.vm) {
+            (Some(VmState::Paused), Some(vm)) => vm,
+            (s, _) => return Err(conflict(s, "vm.snapshot (the VM must be paused)")),
+        };
+        let dir = file_url_path(url).map_err(|e| ApiError {
+            status: 400,
+            message: e.to_string(),
+            state: None,
+        })?;
+        vm.snapshot(&dir).map_err(|e| internal("vm.snapshot", e))?;
+        events::emit("vm", "snapshotted", json!({ "destination_url": url }));
+        Ok(())
+    }
+
+    /// Build the VM from a snapshot at a `file://` URL (vm.restore, `--restore`); it comes up
+    /// paused unless `resume`.
+    pub fn restore(&mut self, url: &str, resume: bool) -> Result<(), ApiError> {
+        match self.state {
+            None | Some(VmState::Created) | Some(VmState::Shutdown) => {}
+            s => return Err(conflict(s, "vm.restore (a VM is running)")),
+        }
+        let dir = file_url_path(url).map_err(|e| ApiError {
+            status: 400,
+            message: e.to_string(),
+            state: None,
+        })?;
+        let mut vm = Vm::restore(&dir).map_err(|e| internal("vm.restore", e))?;
+        vm.start().map_err(|e| internal("vm.restore", e))?;
+        self.config = Some(vm.config().clone());
+        self.vm = Some(vm);
+        self.state = Some(VmState::Paused);
+        events::emit("vm", "restored", json!({ "source_url": url }));
+        if resume {
+            if let Some(vm) = &self.vm {
+                vm.resume()
+                    .map_err(|e| internal("vm.restore (resume)", e))?;
+                self.state = Some(VmState::Running);
+                events::emit("vm", "resumed", serde_json::Value::Null);
+            }
+        }
         Ok(())
     }
 
@@ -269,21 +306,13 @@ impl Vmm {
                 }
                 None => (Err(conflict(self.state, "vm.counters")), Continue),
             },
-            // State checks first, so a misuse is a 409 like every other action.
-            ApiAction::Snapshot(_) => match self.state {
-                Some(VmState::Paused) => {
-                    (Err(not_implemented("vm.snapshot", self.state)), Continue)
-                }
-                s => (
-                    Err(conflict(s, "vm.snapshot (the VM must be paused)")),
-                    Continue,
-                ),
+            ApiAction::Snapshot(req) => match self.snapshot(&req.destination_url) {
+                Ok(()) => ok(Continue),
+                Err(e) => (Err(e), Continue),
             },
-            ApiAction::Restore(_) => match self.state {
-                None | Some(VmState::Created) | Some(VmState::Shutdown) => {
-                    (Err(not_implemented("vm.restore", self.state)), Continue)
-                }
-                s => (Err(conflict(s, "vm.restore (a VM is running)")), Continue),
+            ApiAction::Restore(req) => match self.restore(&req.source_url, req.resume) {
+                Ok(()) => ok(VmStarted),
+                Err(e) => (Err(e), Continue),
             },
             ApiAction::Delete => match self.state {
                 Some(VmState::Running) | Some(VmState::Paused) => {

@@ -478,6 +478,13 @@ impl VirtioDevice for Console {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         self.metrics.values()
     }
+    fn save_state(&mut self) -> Result<Option<StateSection>, StateError> {
+        Snapshottable::snapshot(self).map(Some)
+    }
+
+    fn restore_state(&mut self, section: &StateSection) -> Result<(), StateError> {
+        Snapshottable::restore(self, section)
+    }
 }
 
 impl Pausable for Console {

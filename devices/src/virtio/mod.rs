@@ -156,4 +156,26 @@ pub trait VirtioDevice: Send {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+    /// Save the device's own state (acked features, queue positions, device config), or `None`
+    /// for a device without any. Call only while paused ([`VirtioDevice::pause`]); a running
+    /// device refuses with [`migration::StateError::Pause`].
+    fn save_state(&mut self) -> Result<Option<migration::StateSection>, migration::StateError> {
+        Ok(None)
+    }
+    /// Restore a section written by [`VirtioDevice::save_state`] of the same device. Call on a
+    /// device that is not activated (or is paused) and *before* the transport activates it: the
+    /// saved queue positions are applied by the next [`VirtioDevice::activate`]. Wrong id, version
+    /// or a malformed payload is refused with a [`migration::StateError`].
+    fn restore_state(
+        &mut self,
+        section: &migration::StateSection,
+    ) -> Result<(), migration::StateError> {
+        Err(migration::StateError::Malformed {
+            id: self.id().to_string(),
+            reason: format!(
+                "device has no state (got section {:?} version {})",
+                section.id, section.version
+            ),
+        })
+    }
 }

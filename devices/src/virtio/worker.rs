@@ -54,6 +54,18 @@ impl Control {
 struct Harness<B: WorkerBody> {
     body: B,
     control: Arc<Control>,
+    /// Whether `body.init` ran; a worker spawned paused runs it on the first resume (an init
+    /// may already serve queues).
+    body_ready: bool,
+}
+
+impl<B: WorkerBody> Harness<B> {
+    fn init_body_if_running(&mut self, ops: &mut EventOps) {
+        if !self.body_ready && self.control.lock().command == Command::Run {
+            self.body_ready = true;
+            self.body.init(ops);
+        }
+    }
 }
 
 impl<B: WorkerBody> MutEventSubscriber for Harness<B> {
@@ -61,12 +73,13 @@ impl<B: WorkerBody> MutEventSubscriber for Harness<B> {
         if let Err(e) = ops.add(Events::new(&self.control.wake, EventSet::IN)) {
             log::error!("worker: cannot watch its control eventfd: {e}");
         }
-        self.body.init(ops);
+        self.init_body_if_running(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if events.fd() == self.control.wake.as_raw_fd() {
             let _ = self.control.wake.read();
+            self.init_body_if_running(ops);
         } else if self.control.lock().command == Command::Run {
             self.body.process(events, ops);
         }
@@ -85,19 +98,35 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 impl<B: WorkerBody> Worker<B> {
     /// Start a worker thread named `name` serving `body`.
     pub fn spawn(name: String, body: B) -> io::Result<Self> {
+        Self::spawn_with(name, body, Command::Run)
+    }
+
+    /// Start a worker thread that is paused from the start: `body` (including its
+    /// [`WorkerBody::init`]) runs nothing until [`Worker::resume`]. Used when a device is activated
+    /// while paused, as on restore of a paused VM.
+    pub fn spawn_paused(name: String, body: B) -> io::Result<Self> {
+        Self::spawn_with(name, body, Command::Pause)
+    }
+
+    fn spawn_with(name: String, body: B, command: Command) -> io::Result<Self> {
         let control = Arc::new(Control {
             state: Mutex::new(ControlState {
-                command: Command::Run,
+                command,
                 parked: false,
             }),
             cv: Condvar::new(),
             wake: EventFd::new(EFD_NONBLOCK)?,
         });
+        if command != Command::Run {
+            // Make the first event-loop iteration return at once, so the thread parks.
+            control.wake.write(1)?;
+        }
         let mut manager: EventManager<Arc<Mutex<Harness<B>>>> =
             EventManager::new().map_err(|e| io::Error::other(e.to_string()))?;
         let harness = Arc::new(Mutex::new(Harness {
             body,
             control: control.clone(),
+            body_ready: false,
         }));
         manager.add_subscriber(harness.clone());
         let ctl = control.clone();
@@ -235,5 +264,40 @@ mod tests {
         wait_until(|| seen.load(Ordering::SeqCst) == 5);
         let body = w.stop().expect("body back");
         assert_eq!(body.seen.load(Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn spawn_paused_waits_for_resume() {
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let seen = Arc::new(AtomicU64::new(0));
+        let body = Counter {
+            kick: kick.try_clone().unwrap(),
+            seen: seen.clone(),
+        };
+        kick.write(4).unwrap();
+        let w = Worker::spawn_paused("test-worker".into(), body).unwrap();
+        // Pausing a worker that was spawned paused returns once it parked.
+        w.pause().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            0,
+            "spawned paused but processed"
+        );
+        w.resume().unwrap();
+        wait_until(|| seen.load(Ordering::SeqCst) == 4);
+        kick.write(1).unwrap();
+        wait_until(|| seen.load(Ordering::SeqCst) == 5);
+        // Stopping a worker that never ran works too.
+        let body = EventFd::new(EFD_NONBLOCK).unwrap();
+        let w = Worker::spawn_paused(
+            "test-worker".into(),
+            Counter {
+                kick: body,
+                seen: Arc::new(AtomicU64::new(0)),
+            },
+        )
+        .unwrap();
+        assert!(w.stop().is_some());
     }
 }

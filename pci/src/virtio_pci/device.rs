@@ -28,7 +28,9 @@ use crate::interrupt::InterruptManager;
 use crate::msix::{MsixConfig, MSIX_CAP_WRITABLE_MASK};
 
 /// Version of the virtio-pci transport state section.
-pub const VIRTIO_PCI_STATE_VERSION: u16 = 1;
+pub const VIRTIO_PCI_STATE_VERSION: u16 = 2;
+/// Prefix of a virtio-pci device's state section id (followed by the device id).
+pub const VIRTIO_PCI_SECTION_PREFIX: &str = "virtio-pci/";
 
 /// Errors building a [`VirtioPciDevice`].
 #[derive(Debug, Error)]
@@ -605,48 +607,150 @@ impl Pausable for VirtioPciDevice {
     }
 }
 
-/// The transport's state section: configuration space, MSI-X, common configuration, ISR and
-/// whether the device was active. The wrapped device's own state (worker queues, backends) is a
-/// separate section its owner saves; on restore an active device is re-activated with queues
-/// resuming at the used index in guest memory (devices complete in-flight requests before
-/// pausing).
+/// Largest embedded device-state payload accepted on restore (64 MiB; real ones are a few KiB).
+const MAX_DEVICE_STATE_LEN: usize = 64 << 20;
+
+impl VirtioPciDevice {
+    /// Id of this device's state section: [`VIRTIO_PCI_SECTION_PREFIX`] + the device id, so that
+    /// it cannot collide with other components' sections (`serial0`, `cpu0`, ...).
+    pub fn section_id(&self) -> String {
+        format!("{VIRTIO_PCI_SECTION_PREFIX}{}", self.id)
+    }
+
+    fn save_transport(&self, w: &mut StateWriter) {
+        self.config.save(w);
+        self.lock_msix().save(w);
+        self.common.save(w);
+        w.u8(self.intx.isr.load(Ordering::SeqCst))
+            .u8(u8::from(self.activated));
+    }
+
+    /// Load the configuration space, MSI-X and the common configuration from `r`; returns the
+    /// saved ISR and "activated" flag without applying them.
+    fn restore_transport(&mut self, r: &mut StateReader<'_>) -> Result<(u8, bool), StateError> {
+        self.config.restore(r)?;
+        self.lock_msix().restore(r)?;
+        self.common.restore(r)?;
+        let isr = r.u8()?;
+        let activated = match r.u8()? {
+            0 => false,
+            1 => true,
+            v => return Err(r.malformed(format!("activated flag {v}"))),
+        };
+        Ok((isr, activated))
+    }
+
+    /// Parse a whole version-2 payload into the live transport; the embedded device section is
+    /// returned, not applied.
+    fn load_section(
+        &mut self,
+        r: &mut StateReader<'_>,
+    ) -> Result<(u8, bool, Option<StateSection>), StateError> {
+        let (isr, activated) = self.restore_transport(r)?;
+        let device_state = match r.u8()? {
+            0 => None,
+            1 => {
+                let id = std::str::from_utf8(r.bytes(migration::snapshot::MAX_ID_LEN)?)
+                    .map_err(|_| r.malformed("device section id is not UTF-8"))?
+                    .to_string();
+                let version = r.u16()?;
+                let data = r.bytes(MAX_DEVICE_STATE_LEN)?.to_vec();
+                Some(StateSection { id, version, data })
+            }
+            v => return Err(r.malformed(format!("device state flag {v}"))),
+        };
+        Ok((isr, activated, device_state))
+    }
+}
+
+/// The state of a virtio-pci device: the transport (configuration space with the BAR addresses,
+/// MSI-X table, PBA and routes, common configuration with status, features and queue set-up, ISR,
+/// whether the device was active) plus the wrapped device's own section
+/// ([`VirtioDevice::save_state`]: acked features, queue positions), in one section with id
+/// [`VirtioPciDevice::section_id`].
+///
+/// Layout of version 2 (little endian): configuration space, MSI-X, common configuration (each
+/// with its own version), `isr: u8`, `activated: u8` (0/1), `has_device_state: u8` (0/1), then
+/// when 1 the device section: `id` (u32 length + UTF-8), `version: u16`, `data` (u32 length +
+/// bytes).
+///
+/// [`Snapshottable::snapshot`] needs the device paused ([`Pausable::pause`]); devices that keep
+/// state refuse otherwise. [`Snapshottable::restore`] is meant for a freshly built, never
+/// activated device with the same configuration: it restores the transport, then the device's
+/// section, pauses the device and, when the saved device was active, re-activates it. The device
+/// stays **paused** (its worker does not touch guest memory) until [`Pausable::resume`]. Guest
+/// memory must already hold the saved contents (queue rings are read on re-activation).
 impl Snapshottable for VirtioPciDevice {
     fn id(&self) -> String {
-        self.id.clone()
+        self.section_id()
     }
 
     fn snapshot(&mut self) -> Result<StateSection, StateError> {
+        let device_state = self.device.save_state()?;
         let mut w = StateWriter::new();
-        self.config.save(&mut w);
-        self.lock_msix().save(&mut w);
-        self.common.save(&mut w);
-        w.u8(self.intx.isr.load(Ordering::SeqCst))
-            .u8(u8::from(self.activated));
-        Ok(w.into_section(&self.id, VIRTIO_PCI_STATE_VERSION))
+        self.save_transport(&mut w);
+        match &device_state {
+            None => {
+                w.u8(0);
+            }
+            Some(s) => {
+                if u32::try_from(s.data.len()).is_err() || s.data.len() > MAX_DEVICE_STATE_LEN {
+                    return Err(StateError::Malformed {
+                        id: self.id.clone(),
+                        reason: format!("device state of {} bytes is too large", s.data.len()),
+                    });
+                }
+                w.u8(1).bytes(s.id.as_bytes()).u16(s.version).bytes(&s.data);
+            }
+        }
+        Ok(w.into_section(&self.section_id(), VIRTIO_PCI_STATE_VERSION))
     }
 
     fn restore(&mut self, section: &StateSection) -> Result<(), StateError> {
-        let id = self.id.clone();
-        let mut r = StateReader::open(section, &id, VIRTIO_PCI_STATE_VERSION)?;
+        let sid = self.section_id();
+        let mut r = StateReader::open(section, &sid, VIRTIO_PCI_STATE_VERSION)?;
+        // Keep the current transport state to put back if the section turns out malformed.
+        let mut backup = StateWriter::new();
+        self.save_transport(&mut backup);
+        let backup = backup.into_bytes();
+        let rollback = |dev: &mut Self| {
+            let mut b = StateReader::from_bytes(&sid, &backup);
+            if let Err(e) = dev.restore_transport(&mut b) {
+                log::error!("{}: cannot roll back the transport state: {e}", dev.id);
+            }
+        };
+        let loaded = self
+            .load_section(&mut r)
+            .and_then(|loaded| r.finish().map(|()| loaded));
+        let (isr, activated, device_state) = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                rollback(self);
+                return Err(e);
+            }
+        };
         if self.activated {
             self.device.reset();
             self.activated = false;
         }
-        self.config.restore(&mut r)?;
-        self.lock_msix().restore(&mut r)?;
-        self.common.restore(&mut r)?;
-        let isr = r.u8()?;
-        let activated = r.u8()? != 0;
-        r.finish()?;
         self.intx.isr.store(isr, Ordering::SeqCst);
         self.sync_config_hooks(COMMAND_STATUS_REG);
+        self.sync_config_hooks(self.msix_cap_reg);
         if self.common.status & status::FEATURES_OK != 0 {
             self.device.set_acked_features(self.common.driver_features);
         }
+        if let Some(s) = &device_state {
+            if let Err(e) = self.device.restore_state(s) {
+                rollback(self);
+                return Err(e);
+            }
+        }
+        // The restored VM comes up paused: activation must not start serving queues.
+        Pausable::pause(self)?;
         if activated {
             self.activate(true)
                 .map_err(|reason| StateError::Malformed {
-                    id: id.clone(),
+                    id: sid.clone(),
                     reason: format!("cannot re-activate: {reason}"),
                 })?;
         }

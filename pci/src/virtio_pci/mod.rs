@@ -22,7 +22,9 @@ mod interrupt;
 #[cfg(test)]
 mod tests;
 
-pub use device::{VirtioPciDevice, VirtioPciError, VIRTIO_PCI_STATE_VERSION};
+pub use device::{
+    VirtioPciDevice, VirtioPciError, VIRTIO_PCI_SECTION_PREFIX, VIRTIO_PCI_STATE_VERSION,
+};
 
 /// Vendor id of virtio devices (Red Hat, Inc.).
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;

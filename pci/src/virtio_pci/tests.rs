@@ -599,7 +599,18 @@ fn snapshot_and_restore() {
     // Truncated or foreign sections are rejected.
     let mut short = section.clone();
     short.data.truncate(short.data.len() - 1);
-    assert!(setup().dev.restore(&short).is_err());
+    let mut fresh = setup().dev;
+    assert!(fresh.restore(&short).is_err());
+    // Nothing of a refused section is applied: the transport is as it was.
+    assert!(!fresh.activated());
+    assert_eq!(status(&mut fresh), 0);
+    assert_eq!(section.id, "virtio-pci/fake0");
+    let mut newer = section.clone();
+    newer.version += 1;
+    assert!(matches!(
+        setup().dev.restore(&newer),
+        Err(migration::StateError::Version { .. })
+    ));
     let mut other = section.clone();
     other.id = "other".into();
     assert!(setup().dev.restore(&other).is_err());

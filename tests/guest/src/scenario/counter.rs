@@ -6,10 +6,57 @@
 //! Output, every `counter.every` iterations (default 8): `counter: N checksum 0xXXXXXXXXXXXXXXXX`.
 //! A page that does not hold what the guest last wrote there ends the run with
 //! `counter: memory check FAIL at page P` and a panic.
+//!
+//! With `counter.blk=1` the guest first writes a pattern to sectors 0..8 of the first virtio-blk
+//! disk (`counter: blk pattern written`) and then, every `counter.every` iterations, reads them
+//! back through the device and verifies them (`counter: N blk ok`) — so a restored VM proves its
+//! disk data and its virtio-blk queues survived.
+
+use alloc::vec::Vec;
 
 use crate::bootinfo::BootInfo;
-use crate::scenario::report::param_u64;
+use crate::dma;
+use crate::scenario::report::{fail, or_fail, param_u64};
 use crate::sync::RacyCell;
+use crate::virtio::blk::{self, Blk, S_OK};
+use crate::virtio::{types, Platform};
+
+const BLK_LEN: usize = 8 * blk::SECTOR;
+
+fn blk_pattern(i: usize) -> u8 {
+    (i as u8).wrapping_mul(37) ^ ((i / blk::SECTOR) as u8) ^ 0x5C
+}
+
+/// Open the first virtio-blk disk and write the pattern to sectors 0..8.
+fn blk_setup(boot: &BootInfo) -> (Blk, u64) {
+    let mut p = Platform::discover(boot);
+    let Some(&first) = p.virtio_devices(types::BLOCK).first() else {
+        fail("counter.blk=1 but there is no virtio-blk device");
+    };
+    let t = or_fail(p.open(first));
+    let mut b = or_fail(Blk::init(t, 0));
+    let buf = dma::alloc(BLK_LEN, 4096);
+    let data: Vec<u8> = (0..BLK_LEN).map(blk_pattern).collect();
+    dma::write_bytes(buf, &data);
+    let st = or_fail(b.write(0, buf, BLK_LEN as u32));
+    if st != S_OK {
+        fail(alloc::format!("counter: blk write status {st}"));
+    }
+    crate::println!("counter: blk pattern written");
+    (b, buf)
+}
+
+/// Read sectors 0..8 back and verify them.
+fn blk_verify(b: &mut Blk, buf: u64, n: u64) {
+    dma::fill(buf, BLK_LEN, 0);
+    let st = or_fail(b.read(0, buf, BLK_LEN as u32));
+    let data = dma::read_bytes(buf, BLK_LEN);
+    if st != S_OK || data.iter().enumerate().any(|(i, &v)| v != blk_pattern(i)) {
+        crate::println!("counter: {n} blk FAIL (status {st})");
+        panic!("virtio-blk data changed under the counter");
+    }
+    crate::println!("counter: {n} blk ok");
+}
 
 const PAGES: usize = 256;
 const PAGE_WORDS: usize = 512; // 4 KiB of u64s
@@ -37,6 +84,7 @@ pub fn run(boot: &BootInfo) {
     let every = param_u64(boot, "counter.every", 8).max(1);
     let delay = param_u64(boot, "counter.delay_ms", 25);
     let limit = param_u64(boot, "counter.limit", 0);
+    let mut disk = (param_u64(boot, "counter.blk", 0) != 0).then(|| blk_setup(boot));
     // SAFETY: only the BSP runs this scenario; nothing else touches REGION.
     let region = unsafe { &mut *REGION.get() };
     // Which iteration last wrote each page (0 = never: all zero).
@@ -71,6 +119,9 @@ pub fn run(boot: &BootInfo) {
         checksum = checksum.wrapping_add(page_sum(n, page));
         if n.is_multiple_of(every) {
             crate::println!("counter: {n} checksum {checksum:#018x}");
+            if let Some((b, buf)) = disk.as_mut() {
+                blk_verify(b, *buf, n);
+            }
         }
         if limit != 0 && n >= limit {
             crate::println!("counter: reached the limit of {limit}");
