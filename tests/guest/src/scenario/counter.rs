@@ -14,7 +14,7 @@
 
 use alloc::vec::Vec;
 
-use crate::bootinfo::BootInfo;
+use crate::bootinfo::{BootInfo, MemoryKind};
 use crate::dma;
 use crate::scenario::report::{fail, or_fail, param_u64};
 use crate::sync::RacyCell;
@@ -79,12 +79,42 @@ fn page_sum(i: u64, page: usize) -> u64 {
     })
 }
 
+/// Where `counter.fill_mb` starts writing (above the guest image, heap and DMA areas).
+const FILL_START: u64 = 32 << 20;
+
+/// Dirty `mb` MiB of RAM from [`FILL_START`] with a non-zero pattern (benchmarks of snapshot
+/// throughput need real data, not holes). Refuses ranges outside the e820 RAM map.
+fn fill_memory(boot: &BootInfo, mb: u64) {
+    let end = FILL_START + (mb << 20);
+    let in_ram = boot
+        .memory_map
+        .iter()
+        .any(|e| e.kind == MemoryKind::Ram && e.addr <= FILL_START && e.addr + e.size >= end);
+    if !in_ram || end > 1 << 32 {
+        fail(alloc::format!(
+            "counter.fill_mb={mb}: [{FILL_START:#x}, {end:#x}) is not RAM below 4 GiB"
+        ));
+    }
+    let mut a = FILL_START;
+    while a < end {
+        // SAFETY: the range is RAM (checked against the e820 map), identity mapped, and used by
+        // nothing else in this scenario.
+        unsafe { core::ptr::write_volatile(a as *mut u64, a ^ 0x5a5a_5a5a_5a5a_5a5a) };
+        a += 8;
+    }
+    crate::println!("counter: filled {mb} MiB");
+}
+
 /// Count, rewrite one page per iteration, keep the running checksum, print.
 pub fn run(boot: &BootInfo) {
     let every = param_u64(boot, "counter.every", 8).max(1);
     let delay = param_u64(boot, "counter.delay_ms", 25);
     let limit = param_u64(boot, "counter.limit", 0);
     let mut disk = (param_u64(boot, "counter.blk", 0) != 0).then(|| blk_setup(boot));
+    let fill_mb = param_u64(boot, "counter.fill_mb", 0);
+    if fill_mb != 0 {
+        fill_memory(boot, fill_mb);
+    }
     // SAFETY: only the BSP runs this scenario; nothing else touches REGION.
     let region = unsafe { &mut *REGION.get() };
     // Which iteration last wrote each page (0 = never: all zero).
