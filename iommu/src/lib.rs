@@ -1,0 +1,16 @@
+//! skiff's virtual IOMMU (virtio-iommu).
+//!
+//! - [`protocol`]: the virtio-iommu wire format and request parsing (the only place guest request
+//!   bytes are trusted or rejected).
+//! - [`domain`]: one translation domain, its mappings and IOVA → guest-physical translation.
+//! - [`iommu`]: the device state machine (endpoints, domains, attach/detach/map/unmap/probe), the
+//!   [`iommu::ExternalMappingListener`] trait VFIO uses to follow the guest's mappings, the
+//!   thread-safe [`iommu::Translator`] devices call, and versioned save/restore.
+
+pub mod domain;
+pub mod iommu;
+pub mod protocol;
+
+pub use domain::{Access, Domain, Fault, FaultReason, Mapping};
+pub use iommu::{ExternalMappingListener, IommuState, Translator};
+pub use protocol::{IommuConfig, IommuStatus, Request};
