@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
-use migration::{Pausable, Snapshottable, StateError, StateSection};
+use migration::{Snapshottable, StateError, StateSection};
 use thiserror::Error;
 use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
@@ -487,21 +487,7 @@ impl VirtioDevice for Console {
     }
 }
 
-impl Pausable for Console {
-    fn pause(&mut self) -> Result<(), StateError> {
-        VirtioDevice::pause(self).map_err(|e| StateError::Pause {
-            id: self.id.clone(),
-            reason: e.to_string(),
-        })
-    }
-
-    fn resume(&mut self) -> Result<(), StateError> {
-        VirtioDevice::resume(self).map_err(|e| StateError::Resume {
-            id: self.id.clone(),
-            reason: e.to_string(),
-        })
-    }
-}
+crate::virtio::pausable_via_virtio_device!(Console);
 
 impl Snapshottable for Console {
     fn id(&self) -> String {
@@ -905,7 +891,7 @@ mod tests {
         env.q(TXQ).add_readable(&env.mem, &[b"x"]);
         env.kick(TXQ);
         env.wait_used(TXQ, 1);
-        Pausable::pause(&mut dev).unwrap();
+        migration::Pausable::pause(&mut dev).unwrap();
         let s = dev.snapshot().unwrap();
         let mut fresh = Console::with_io("console0", false, Box::new(io::sink()), None);
         fresh.restore(&s).unwrap();
@@ -914,6 +900,6 @@ mod tests {
         let mut bad = s.clone();
         bad.data.truncate(5);
         assert!(fresh.restore(&bad).is_err());
-        Pausable::resume(&mut dev).unwrap();
+        migration::Pausable::resume(&mut dev).unwrap();
     }
 }

@@ -179,3 +179,30 @@ pub trait VirtioDevice: Send {
         })
     }
 }
+
+/// Implements `migration::Pausable` for a virtio device by delegating to its
+/// [`VirtioDevice::pause`]/[`VirtioDevice::resume`] (one definition for every device).
+macro_rules! pausable_via_virtio_device {
+    ($device:ty) => {
+        impl migration::Pausable for $device {
+            fn pause(&mut self) -> Result<(), migration::StateError> {
+                $crate::virtio::VirtioDevice::pause(self).map_err(|e| {
+                    migration::StateError::Pause {
+                        id: $crate::virtio::VirtioDevice::id(self).to_string(),
+                        reason: e.to_string(),
+                    }
+                })
+            }
+
+            fn resume(&mut self) -> Result<(), migration::StateError> {
+                $crate::virtio::VirtioDevice::resume(self).map_err(|e| {
+                    migration::StateError::Resume {
+                        id: $crate::virtio::VirtioDevice::id(self).to_string(),
+                        reason: e.to_string(),
+                    }
+                })
+            }
+        }
+    };
+}
+pub(crate) use pausable_via_virtio_device;

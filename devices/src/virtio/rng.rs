@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
-use migration::{Pausable, Snapshottable, StateError, StateSection};
+use migration::{Snapshottable, StateError, StateSection};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -216,21 +216,7 @@ impl VirtioDevice for Rng {
     }
 }
 
-impl Pausable for Rng {
-    fn pause(&mut self) -> Result<(), StateError> {
-        VirtioDevice::pause(self).map_err(|e| StateError::Pause {
-            id: self.id.clone(),
-            reason: e.to_string(),
-        })
-    }
-
-    fn resume(&mut self) -> Result<(), StateError> {
-        VirtioDevice::resume(self).map_err(|e| StateError::Resume {
-            id: self.id.clone(),
-            reason: e.to_string(),
-        })
-    }
-}
+crate::virtio::pausable_via_virtio_device!(Rng);
 
 impl Snapshottable for Rng {
     fn id(&self) -> String {
@@ -486,7 +472,7 @@ mod tests {
         env.q(0).add_writable(&env.mem, &[8]);
         env.kick(0);
         env.wait_used(0, 1);
-        Pausable::pause(&mut dev).unwrap();
+        migration::Pausable::pause(&mut dev).unwrap();
         // Requests while paused wait for resume.
         env.q(0).add_writable(&env.mem, &[8]);
         env.kick(0);
@@ -501,7 +487,7 @@ mod tests {
         assert_eq!(fresh.snapshot().unwrap(), s);
         // Restore into the paused device itself, then resume: the pending request is served.
         dev.restore(&s).unwrap();
-        Pausable::resume(&mut dev).unwrap();
+        migration::Pausable::resume(&mut dev).unwrap();
         env.wait_used(0, 2);
         // Another id or a truncated section is refused.
         let mut other = Rng::new(RngConfig {

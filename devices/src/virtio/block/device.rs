@@ -504,21 +504,7 @@ impl VirtioDevice for Block {
     }
 }
 
-impl migration::Pausable for Block {
-    fn pause(&mut self) -> Result<(), migration::StateError> {
-        VirtioDevice::pause(self).map_err(|e| migration::StateError::Pause {
-            id: self.id.clone(),
-            reason: e.to_string(),
-        })
-    }
-
-    fn resume(&mut self) -> Result<(), migration::StateError> {
-        VirtioDevice::resume(self).map_err(|e| migration::StateError::Resume {
-            id: self.id.clone(),
-            reason: e.to_string(),
-        })
-    }
-}
+crate::virtio::pausable_via_virtio_device!(Block);
 
 #[cfg(test)]
 mod tests {

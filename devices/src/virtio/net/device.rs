@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use migration::{Pausable, Snapshottable, StateError, StateSection};
+use migration::{Snapshottable, StateError, StateSection};
 use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::common::{queue_from_state, WorkerSlot};
@@ -299,21 +299,7 @@ impl VirtioDevice for Net {
     }
 }
 
-impl Pausable for Net {
-    fn pause(&mut self) -> Result<(), StateError> {
-        VirtioDevice::pause(self).map_err(|e| StateError::Pause {
-            id: self.id.clone(),
-            reason: e.to_string(),
-        })
-    }
-
-    fn resume(&mut self) -> Result<(), StateError> {
-        VirtioDevice::resume(self).map_err(|e| StateError::Resume {
-            id: self.id.clone(),
-            reason: e.to_string(),
-        })
-    }
-}
+crate::virtio::pausable_via_virtio_device!(Net);
 
 impl Snapshottable for Net {
     fn id(&self) -> String {

@@ -3,7 +3,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use migration::{Pausable, Snapshottable};
+use migration::Snapshottable;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
@@ -353,7 +353,7 @@ fn state_round_trip_and_restore_continues_where_it_stopped() {
     peer.recv(&mut buf).unwrap();
 
     assert!(dev.snapshot().is_err(), "snapshot needs a paused device");
-    Pausable::pause(&mut dev).unwrap();
+    migration::Pausable::pause(&mut dev).unwrap();
     let s = dev.snapshot().unwrap();
     assert_eq!(s.id, "net0");
     assert_eq!(s.version, NET_STATE_VERSION);
@@ -383,7 +383,7 @@ fn state_round_trip_and_restore_continues_where_it_stopped() {
         fresh.restore(&bad).is_err(),
         "restore into a running device"
     );
-    Pausable::pause(&mut fresh).unwrap();
+    migration::Pausable::pause(&mut fresh).unwrap();
     assert!(fresh.restore(&bad).is_err(), "truncated");
     let mut bad = s.clone();
     bad.data[..8].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -393,7 +393,7 @@ fn state_round_trip_and_restore_continues_where_it_stopped() {
     assert!(fresh.restore(&bad).is_err(), "version");
     // Restoring into the paused, active device replaces its queues.
     fresh.restore(&s).unwrap();
-    Pausable::resume(&mut fresh).unwrap();
+    migration::Pausable::resume(&mut fresh).unwrap();
 }
 
 #[test]
