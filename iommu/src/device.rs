@@ -379,12 +379,7 @@ impl VirtioDevice for VirtioIommu {
     /// Layout (version 1): acked features `u64`, queue count `u8` (0 or 2) and queue states, the
     /// IOMMU state's version `u16` and its payload as length-prefixed bytes.
     fn save_state(&mut self) -> Result<Option<StateSection>, StateError> {
-        if self.worker.is_active() && !self.worker.is_paused() {
-            return Err(StateError::Pause {
-                id: self.id.clone(),
-                reason: "snapshot of a running device; pause it first".into(),
-            });
-        }
+        self.worker.require_quiescent(&self.id)?;
         let queues: Vec<QueueState> = match self.worker.body_mut() {
             Some(b) => vec![b.requestq.state(), b.eventq.state()],
             None => self.restored_queues.clone().unwrap_or_default(),
@@ -451,21 +446,7 @@ impl VirtioDevice for VirtioIommu {
     }
 }
 
-impl migration::Pausable for VirtioIommu {
-    fn pause(&mut self) -> Result<(), StateError> {
-        VirtioDevice::pause(self).map_err(|e| StateError::Pause {
-            id: self.id.clone(),
-            reason: e.to_string(),
-        })
-    }
-
-    fn resume(&mut self) -> Result<(), StateError> {
-        VirtioDevice::resume(self).map_err(|e| StateError::Resume {
-            id: self.id.clone(),
-            reason: e.to_string(),
-        })
-    }
-}
+devices::pausable_via_virtio_device!(VirtioIommu);
 
 /// The worker thread body: serves the request queue and delivers pending fault events.
 struct IommuWorker {

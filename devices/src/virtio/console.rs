@@ -497,12 +497,7 @@ impl Snapshottable for Console {
     /// Layout (version 1): acked features `u64`, queue count `u8` (0 or 2), queue states. Input
     /// is read only into posted buffers, so nothing is buffered in the device.
     fn snapshot(&mut self) -> Result<StateSection, StateError> {
-        if self.worker.is_active() && !self.worker.is_paused() {
-            return Err(StateError::Pause {
-                id: self.id.clone(),
-                reason: "snapshot of a running device; pause it first".into(),
-            });
-        }
+        self.worker.require_quiescent(&self.id)?;
         let queues = match self.worker.body_mut() {
             Some(b) => vec![b.rx.state(), b.tx.state()],
             None => self.restored_queues.clone().unwrap_or_default(),

@@ -182,6 +182,7 @@ pub trait VirtioDevice: Send {
 
 /// Implements `migration::Pausable` for a virtio device by delegating to its
 /// [`VirtioDevice::pause`]/[`VirtioDevice::resume`] (one definition for every device).
+#[macro_export]
 macro_rules! pausable_via_virtio_device {
     ($device:ty) => {
         impl migration::Pausable for $device {
@@ -205,4 +206,4 @@ macro_rules! pausable_via_virtio_device {
         }
     };
 }
-pub(crate) use pausable_via_virtio_device;
+pub use pausable_via_virtio_device;

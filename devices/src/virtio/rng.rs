@@ -225,12 +225,7 @@ impl Snapshottable for Rng {
 
     /// Layout (version 1): acked features `u64`, queue count `u8` (0 or 1), queue state.
     fn snapshot(&mut self) -> Result<StateSection, StateError> {
-        if self.worker.is_active() && !self.worker.is_paused() {
-            return Err(StateError::Pause {
-                id: self.id.clone(),
-                reason: "snapshot of a running device; pause it first".into(),
-            });
-        }
+        self.worker.require_quiescent(&self.id)?;
         let queues: Vec<QueueState> = match self.worker.body_mut() {
             Some(b) => vec![b.queue.state()],
             None => self.restored_queue.into_iter().collect(),

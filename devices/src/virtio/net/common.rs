@@ -443,6 +443,18 @@ impl<B: WorkerBody> WorkerSlot<B> {
         self.paused
     }
 
+    /// Refuse to save state while the worker runs (device `id`): queue positions would move under
+    /// the snapshot.
+    pub fn require_quiescent(&self, id: &str) -> Result<(), migration::StateError> {
+        if self.is_active() && !self.is_paused() {
+            return Err(migration::StateError::Pause {
+                id: id.to_string(),
+                reason: "snapshot of a running device; pause it first".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// The body while paused.
     pub fn body_mut(&mut self) -> Option<&mut B> {
         match &mut self.state {

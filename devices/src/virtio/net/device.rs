@@ -307,12 +307,7 @@ impl Snapshottable for Net {
     }
 
     fn snapshot(&mut self) -> Result<StateSection, StateError> {
-        if self.worker.is_active() && !self.worker.is_paused() {
-            return Err(StateError::Pause {
-                id: self.id.clone(),
-                reason: "snapshot of a running device; pause it first".into(),
-            });
-        }
+        self.worker.require_quiescent(&self.id)?;
         let state = NetState {
             acked_features: self.acked_features,
             mac: self.mac,
