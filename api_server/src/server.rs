@@ -412,6 +412,9 @@ async fn dispatch(req: Request<Incoming>, ctx: &Ctx) -> Result<ApiResponse, Http
             .and_then(|l| l.parse::<u64>().ok())
             .is_some_and(|l| l > limit as u64)
         {
+            // Read and drop what the client is still sending (bounded) before answering, so it
+            // can read the 400 instead of failing its write on a socket we already closed.
+            let _ = Limited::new(req.into_body(), LINGER_MAX).collect().await;
             return Err(too_big().into());
         }
     }
@@ -427,6 +430,9 @@ async fn dispatch(req: Request<Incoming>, ctx: &Ctx) -> Result<ApiResponse, Http
     let action = parse_action(route, endpoint, &body)?;
     Ok(call_vmm(action, ctx).await)
 }
+
+/// Most bytes of an over-limit body read and dropped before the 400 is sent.
+const LINGER_MAX: usize = 4 << 20;
 
 /// The spec, parsed once; request bodies are checked against its schemas as well as by serde
 /// (serde alone would, e.g., accept a JSON array for a struct).
