@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::log_limit::LogLimiter;
-use devices::virtio::net::common::{
+use devices::virtio::common::{
     avail_ok, notify, queue_from_state, read_from_ranges, read_queue_states, return_chain,
     write_queue_states, write_to_ranges, DescChain, WorkerSlot,
 };

@@ -7,6 +7,7 @@
 //! ([`worker::Worker`]): ioeventfd → worker → irqfd, no VMM round trip on the data path.
 
 pub mod block;
+pub mod common;
 pub mod console;
 pub mod net;
 pub mod rng;

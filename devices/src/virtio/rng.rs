@@ -15,7 +15,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::net::common::{
+use super::common::{
     avail_ok, notify, queue_from_state, read_queue_states, return_chain, write_queue_states,
     write_to_ranges, ChainError, DescChain, WorkerSlot,
 };

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use migration::{Snapshottable, StateError, StateSection};
 use virtio_queue::{Queue, QueueState, QueueT};
 
-use super::common::{queue_from_state, WorkerSlot};
 use super::event_handler::NetWorker;
 use super::features as nf;
 use super::metrics::NetMetrics;
@@ -14,6 +13,7 @@ use super::persist::NetState;
 use super::tap::Tap;
 use super::{queues, MacAddr, NetBackend, NetConfig, NetError, TapSource, NET_QUEUE_SIZE};
 use crate::legacy::log_limit::LogLimiter;
+use crate::virtio::common::{queue_from_state, WorkerSlot};
 use crate::virtio::features::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1};
 use crate::virtio::{device_type, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt};
 use crate::GuestMemoryMmap;

@@ -18,12 +18,12 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::common::{
-    avail_ok, mark_dirty, notify, return_chain, ChainError, DescChain, GuestIoVecs,
-};
 use super::metrics::NetMetrics;
 use super::{queues, NetBackend, MAX_TX_FRAME, MIN_TX_FRAME, NET_QUEUE_SIZE, VNET_HDR_LEN};
 use crate::legacy::log_limit::LogLimiter;
+use crate::virtio::common::{
+    avail_ok, mark_dirty, notify, return_chain, ChainError, DescChain, GuestIoVecs,
+};
 use crate::virtio::worker::WorkerBody;
 use crate::virtio::VirtioInterrupt;
 use crate::GuestMemoryMmap;

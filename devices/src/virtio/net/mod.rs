@@ -4,7 +4,6 @@
 //! |---|---|
 //! | `device.rs` | [`Net`]: features, configuration space, activation, pause/resume, snapshot |
 //! | `event_handler.rs` | the worker: TX kick → TAP, TAP readable → RX buffers |
-//! | `common.rs` | validating descriptor chains (the only place guest values are trusted), iovecs, queue state (shared with console and rng) |
 //! | `tap.rs` | opening and configuring the TAP |
 //! | `persist.rs` | the versioned state section |
 //! | `metrics.rs` | counters |
@@ -15,7 +14,6 @@
 //! does the checksum/segmentation work the guest offloads. Which offloaded frames the TAP may send
 //! to the guest follows the guest's acked `GUEST_*` features (`TUNSETOFFLOAD`).
 
-pub mod common;
 mod device;
 mod event_handler;
 mod metrics;
@@ -28,7 +26,7 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use thiserror::Error;
 
-pub use common::GuestIoVecs;
+pub use crate::virtio::common::GuestIoVecs;
 pub use device::Net;
 pub use metrics::NetMetrics;
 pub use persist::NET_STATE_VERSION;

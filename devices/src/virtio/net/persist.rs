@@ -2,15 +2,15 @@
 //!
 //! Layout (version 1, little endian): acked features `u64`, MAC `[u8; 6]`, queue count `u8`
 //! (0 before activation, 2 after), then per queue its `QueueState` (see
-//! [`super::common::write_queue_state`]). Frames in flight are not saved: the TAP keeps what the
+//! [`crate::virtio::common::write_queue_states`]). Frames in flight are not saved: the TAP keeps what the
 //! guest has not received yet, and TX chains are completed before the worker stops.
 
 use migration::{StateError, StateSection};
 use virtio_queue::QueueState;
 
-use super::common::{read_queue_states, write_queue_states};
 use super::MacAddr;
 use crate::legacy::state::{StateReader, StateWriter};
+use crate::virtio::common::{read_queue_states, write_queue_states};
 
 /// Version of the virtio-net state section.
 pub const NET_STATE_VERSION: u16 = 1;

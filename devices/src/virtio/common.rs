@@ -1,10 +1,9 @@
-//! Helpers shared by the virtio devices in this crate that run on a [`Worker`] (net, console,
-//! rng): validating a guest descriptor chain, turning it into host iovecs, returning it to the used
-//! ring, saving queue state, and owning the worker across pause/resume.
+//! Helpers shared by the virtio devices that run on a [`Worker`] (net, console, rng, iommu):
+//! validating a guest descriptor chain (translating its addresses when the device sits behind an
+//! IOMMU), turning it into host iovecs, returning it to the used ring, saving queue state, and
+//! owning the worker across pause/resume.
 //!
 //! [`DescChain::fill`] is the one place where a guest descriptor chain is trusted or rejected.
-//! (These helpers live under `net/` only because the file layout of `virtio/` is owned elsewhere;
-//! they are not network specific and can move to `virtio/` unchanged.)
 
 use std::io;
 use std::marker::PhantomData;
