@@ -107,6 +107,9 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// virtio-console.
     pub console: ConsoleConfig,
+    /// Put the virtio-console behind the virtual IOMMU.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub console_iommu: bool,
     /// virtio-rng, when present.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rng: Option<RngConfig>,
@@ -247,6 +250,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             console: ConsoleConfig::Off,
+            console_iommu: false,
             rng: None,
         }
     }
@@ -289,6 +293,11 @@ impl VmConfig {
         }
         for d in &self.disks {
             check_readable_file("--disk path=", &d.path)?;
+        }
+        if self.console_iommu && self.console == ConsoleConfig::Off {
+            return Err(ConfigError::Invalid(
+                "console_iommu needs a console device (console is off)".into(),
+            ));
         }
         if self.serial == SerialConfig::Stdout && self.console == ConsoleConfig::Stdout {
             return Err(ConfigError::Invalid(
@@ -562,6 +571,42 @@ pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
 }
 
 /// Parse `--console off|stdout|file=PATH|pty`.
+/// Parse `--console off|stdout|file=PATH|pty[,iommu=on]`: the output and whether the device sits
+/// behind the virtual IOMMU.
+pub fn parse_console_option(s: &str) -> Result<(ConsoleConfig, bool), ConfigError> {
+    let (mode, iommu) = match s.rsplit_once(',') {
+        Some((mode, opt)) if opt.starts_with("iommu=") => {
+            (mode, on_off("console", "iommu", &opt["iommu=".len()..])?)
+        }
+        _ => (s, false),
+    };
+    let console = parse_console(mode)?;
+    if iommu && console == ConsoleConfig::Off {
+        return Err(ConfigError::Parse {
+            option: "console",
+            reason: "iommu=on needs a console device (not off)".into(),
+        });
+    }
+    Ok((console, iommu))
+}
+
+/// Parse `--rng [id=NAME][,iommu=on]` (an empty string: defaults).
+pub fn parse_rng(s: &str) -> Result<RngConfig, ConfigError> {
+    if s.is_empty() {
+        return Ok(RngConfig::default());
+    }
+    let o = parse_options("rng", s, &["id", "iommu"])?;
+    Ok(RngConfig {
+        id: o.get("id").cloned(),
+        iommu: o
+            .get("iommu")
+            .map(|v| on_off("rng", "iommu", v))
+            .transpose()?
+            .unwrap_or(false),
+    })
+}
+
+/// Parse the output part of `--console`.
 pub fn parse_console(s: &str) -> Result<ConsoleConfig, ConfigError> {
     match s {
         "off" => Ok(ConsoleConfig::Off),

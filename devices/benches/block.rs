@@ -90,7 +90,7 @@ impl Bench {
             .unwrap();
         q.set_ready(true);
         let handler = blk
-            .queue_handler(mem.clone(), q, Arc::new(NoInterrupt))
+            .queue_handler(mem.clone(), q, Arc::new(NoInterrupt), None)
             .unwrap();
         Self {
             mem,

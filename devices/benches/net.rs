@@ -184,7 +184,7 @@ fn run(backend: Box<dyn NetBackend>, label: &str, len: usize, tso: bool) {
             kick: tx_kick.try_clone().unwrap(),
         },
     ];
-    net.activate(mem.clone(), Arc::new(NoInterrupt), queues)
+    net.activate(mem.clone(), Arc::new(NoInterrupt), queues, None)
         .unwrap();
 
     let avail = TX_BASE + AVAIL_RING;

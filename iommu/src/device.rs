@@ -19,7 +19,8 @@ use devices::virtio::common::{
 };
 use devices::virtio::worker::WorkerBody;
 use devices::virtio::{
-    device_type, features, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt,
+    device_type, features, AccessPlatform, ActivatedQueue, VirtioDevice, VirtioError,
+    VirtioInterrupt,
 };
 use devices::GuestMemoryMmap;
 use event_manager::{EventOps, Events};
@@ -214,6 +215,12 @@ impl VirtioIommu {
         self.fault_reporter().report_fault(endpoint, fault);
     }
 
+    /// The DMA view of `endpoint` for a device behind this IOMMU: translation through the
+    /// endpoint's domain, faults reported on this device's event queue.
+    pub fn endpoint_access(&self, endpoint: u32) -> crate::endpoint::EndpointAccess {
+        crate::endpoint::EndpointAccess::new(endpoint, self.translator(), self.fault_reporter())
+    }
+
     /// The device's counters.
     pub fn metrics(&self) -> Arc<IommuMetrics> {
         self.metrics.clone()
@@ -298,6 +305,7 @@ impl VirtioDevice for VirtioIommu {
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActivatedQueue>,
+        _access: Option<Arc<dyn AccessPlatform>>,
     ) -> Result<(), VirtioError> {
         if self.worker.is_active() {
             return Err(self.activate_error("already active"));
@@ -483,7 +491,7 @@ impl IommuWorker {
         }
         let mut used = false;
         while let Some(chain) = self.requestq.pop_descriptor_chain(&mem) {
-            let len = match self.chain.fill(chain, &mem) {
+            let len = match self.chain.fill(chain, &mem, None) {
                 Ok(()) => self.serve(&mem),
                 Err(e) => {
                     self.invalid(&format_args!("dropping malformed request chain: {e}"));
@@ -578,7 +586,7 @@ impl IommuWorker {
                     self.faults.drop_fault();
                     continue 'events;
                 };
-                let ok = match self.chain.fill(chain, &mem) {
+                let ok = match self.chain.fill(chain, &mem, None) {
                     Ok(())
                         if self.chain.readable.is_empty()
                             && self.chain.writable_len >= FAULT_EVENT_SIZE as u64 =>
@@ -854,7 +862,7 @@ mod tests {
         let mut dev = VirtioIommu::new("iommu0".into(), cfg(), &[EP, 0x10]).unwrap();
         let env = Env::new();
         dev.set_acked_features(dev.avail_features());
-        dev.activate(env.mem.clone(), env.irq.clone(), env.queues())
+        dev.activate(env.mem.clone(), env.irq.clone(), env.queues(), None)
             .unwrap();
         (dev, env)
     }
@@ -1078,14 +1086,18 @@ mod tests {
         let env = Env::new();
         let mut qs = env.queues();
         qs.pop();
-        assert!(dev.activate(env.mem.clone(), env.irq.clone(), qs).is_err());
+        assert!(dev
+            .activate(env.mem.clone(), env.irq.clone(), qs, None)
+            .is_err());
         let mut qs = env.queues();
         qs[1].index = 2;
-        assert!(dev.activate(env.mem.clone(), env.irq.clone(), qs).is_err());
-        dev.activate(env.mem.clone(), env.irq.clone(), env.queues())
+        assert!(dev
+            .activate(env.mem.clone(), env.irq.clone(), qs, None)
+            .is_err());
+        dev.activate(env.mem.clone(), env.irq.clone(), env.queues(), None)
             .unwrap();
         assert!(dev
-            .activate(env.mem.clone(), env.irq.clone(), env.queues())
+            .activate(env.mem.clone(), env.irq.clone(), env.queues(), None)
             .is_err());
     }
 
@@ -1148,7 +1160,7 @@ mod tests {
         );
         drop(dev);
         fresh
-            .activate(env.mem.clone(), env.irq.clone(), env.queues())
+            .activate(env.mem.clone(), env.irq.clone(), env.queues(), None)
             .unwrap();
         // The pending request is served from the restored queue position.
         env.kick(0);

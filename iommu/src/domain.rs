@@ -179,21 +179,39 @@ impl Domain {
     /// `(phys, len)`. Adjacent mappings that are also physically contiguous yield one segment.
     /// A zero-length buffer yields no segment. A bypass domain translates to itself.
     pub fn translate(&self, iova: u64, len: u64, access: Access) -> Result<Vec<(u64, u64)>, Fault> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        self.translate_each(iova, len, access, |phys, chunk| match out.last_mut() {
+            Some((p, l)) if p.checked_add(*l) == Some(phys) => *l += chunk,
+            _ => out.push((phys, chunk)),
+        })?;
+        Ok(out)
+    }
+
+    /// Like [`Domain::translate`], without allocating: `segment(phys, len)` is called for the
+    /// part of the buffer inside each mapping, in IOVA order (physically contiguous neighbours are
+    /// not merged). On a fault some segments may already have been passed.
+    pub fn translate_each(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Access,
+        mut segment: impl FnMut(u64, u64),
+    ) -> Result<(), Fault> {
         let fault = |iova, reason| Fault {
             iova,
             access,
             reason,
         };
         if len == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         if iova.checked_add(len - 1).is_none() {
             return Err(fault(iova, FaultReason::Overflow));
         }
         if self.bypass {
-            return Ok(vec![(iova, len)]);
+            segment(iova, len);
+            return Ok(());
         }
-        let mut out: Vec<(u64, u64)> = Vec::new();
         let mut cur = iova;
         let mut remaining = len;
         while remaining > 0 {
@@ -208,18 +226,14 @@ impl Domain {
             let avail = u128::from(m.iova_end - cur) + 1;
             let chunk = u64::try_from(avail.min(u128::from(remaining))).unwrap_or(remaining);
             // Cannot overflow: map() checked phys + (iova_end - start) fits.
-            let phys = m.phys + (cur - start);
-            match out.last_mut() {
-                Some((p, l)) if p.checked_add(*l) == Some(phys) => *l += chunk,
-                _ => out.push((phys, chunk)),
-            }
+            segment(m.phys + (cur - start), chunk);
             remaining -= chunk;
             if remaining > 0 {
                 // The buffer was checked not to wrap, so there is a next byte.
                 cur += chunk;
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -202,15 +202,42 @@ impl IommuState {
         len: u64,
         access: Access,
     ) -> Result<Vec<(u64, u64)>, Fault> {
+        match self.endpoint_view(endpoint, iova, access)? {
+            Some(domain) => domain.translate(iova, len, access),
+            None => Domain::new_bypass().translate(iova, len, access),
+        }
+    }
+
+    /// Like [`IommuState::translate`] without allocating (see [`Domain::translate_each`]).
+    pub fn translate_each(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        len: u64,
+        access: Access,
+        segment: impl FnMut(u64, u64),
+    ) -> Result<(), Fault> {
+        match self.endpoint_view(endpoint, iova, access)? {
+            Some(domain) => domain.translate_each(iova, len, access, segment),
+            None => Domain::new_bypass().translate_each(iova, len, access, segment),
+        }
+    }
+
+    /// The domain `endpoint`'s DMA goes through: `Some(domain)` when attached, `None` when it
+    /// bypasses the IOMMU, a fault when it is blocked.
+    fn endpoint_view(
+        &self,
+        endpoint: u32,
+        iova: u64,
+        access: Access,
+    ) -> Result<Option<&Domain>, Fault> {
         match self
             .attached
             .get(&endpoint)
             .and_then(|d| self.domains.get(d))
         {
-            Some(entry) => entry.domain.translate(iova, len, access),
-            None if self.config.bypass && self.known_endpoints.contains(&endpoint) => {
-                Domain::new_bypass().translate(iova, len, access)
-            }
+            Some(entry) => Ok(Some(&entry.domain)),
+            None if self.config.bypass && self.known_endpoints.contains(&endpoint) => Ok(None),
             None => Err(Fault {
                 iova,
                 access,

@@ -26,6 +26,7 @@ use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
 use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
+use acpi_tables::viot;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
 use vm_memory::{Bytes, GuestAddress};
@@ -142,8 +143,18 @@ pub enum AcpiError {
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
 
+/// The virtio-iommu and the PCI functions behind it, for the VIOT table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ViotConfig {
+    /// Device number (slot) of the virtio-iommu PCI function on bus 0.
+    pub iommu_slot: u8,
+    /// Device numbers (slots) on bus 0 of the functions whose DMA goes through it; each one's
+    /// endpoint id is its BDF.
+    pub endpoint_slots: Vec<u8>,
+}
+
 /// What the ACPI tables describe about the VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AcpiConfig {
     /// Number of vCPUs; vCPU `i` has APIC ID `i` and ACPI processor UID `i`.
     pub num_cpus: u32,
@@ -151,6 +162,8 @@ pub struct AcpiConfig {
     pub pci_mmio64_start: u64,
     /// Size of the 64-bit PCI MMIO window; 0 leaves the window out of `\_SB_.PCI0._CRS`.
     pub pci_mmio64_size: u64,
+    /// The virtual IOMMU, when the VM has one (a VIOT table is added).
+    pub viot: Option<ViotConfig>,
 }
 
 /// Builds the ACPI tables for `cfg` and writes them into `mem`.
@@ -185,9 +198,13 @@ pub fn create_acpi_tables(
     placer.check_room(b"APIC", madt_len(cfg.num_cpus))?;
     let madt_addr = placer.place(build_madt(cfg.num_cpus))?;
     let mcfg_addr = placer.place(build_mcfg())?;
+    let mut entries = vec![fadt_addr, madt_addr, mcfg_addr];
+    if let Some(viot) = &cfg.viot {
+        entries.push(placer.place(build_viot(viot))?);
+    }
 
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    for addr in [fadt_addr, madt_addr, mcfg_addr] {
+    for addr in entries {
         xsdt.add_entry(addr);
     }
     let xsdt_addr = placer.place(finish_table(to_bytes(&xsdt)))?;
@@ -366,6 +383,19 @@ fn local_x2apic(sink: &mut Vec<u8>, x2apic_id: u32, uid: u32) {
 }
 
 /// The PCI Express memory-mapped configuration table: one ECAM for segment 0.
+/// VIOT (virtual I/O translation table): the virtio-iommu PCI function and one PCI range node
+/// per function behind it (endpoint id = BDF). Linux on x86 finds virtio-iommu only through it.
+fn build_viot(cfg: &ViotConfig) -> Vec<u8> {
+    // Slots come from the PCI bus (below 32); anything else would be a bug in the caller.
+    let dev = |slot: u8| viot::PciDevice::new(0, 0, slot & 0x1f, 0);
+    let mut table = viot::VIOT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let iommu = table.add_virtio_pci_iommu(viot::VirtIoPciIommu::new(dev(cfg.iommu_slot)));
+    for &slot in &cfg.endpoint_slots {
+        table.add_pci_range(viot::PciRange::new(dev(slot), dev(slot), &iommu));
+    }
+    finish_table(to_bytes(&table))
+}
+
 fn build_mcfg() -> Vec<u8> {
     let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     mcfg.add_ecam(layout::PCI_ECAM_START, 0, 0, layout::PCI_LAST_BUS);
@@ -674,6 +704,7 @@ mod tests {
             num_cpus,
             pci_mmio64_start: 1 << 40,
             pci_mmio64_size: layout::PCI_MMIO64_SIZE,
+            viot: None,
         }
     }
 
@@ -797,6 +828,45 @@ mod tests {
             assert!(w[0].1 <= w[1].0, "{w:x?} overlap");
         }
         assert!(ranges.last().unwrap().1 <= layout::ACPI_END);
+    }
+
+    #[test]
+    fn viot_describes_the_iommu_and_its_endpoints() {
+        let mem = guest_memory();
+        let mut cfg = config(1);
+        cfg.viot = Some(ViotConfig {
+            iommu_slot: 1,
+            endpoint_slots: vec![2, 4],
+        });
+        create_acpi_tables(&mem, &cfg).unwrap();
+        let (_, _, tables) = parse(&mem);
+        let viot = table(&tables, b"VIOT");
+        assert_eq!(sum(viot), 0, "checksum");
+        assert_eq!(u32_at(viot, 4) as usize, viot.len());
+        assert_eq!(u16_at(viot, 36), 3, "node count");
+        let first = u16_at(viot, 38) as usize;
+        assert_eq!(first, 48, "node offset");
+        // virtio-pci IOMMU node: type 3, length 16, segment 0, BDF 00:01.0.
+        assert_eq!(viot[first], 3);
+        assert_eq!(u16_at(viot, first + 2), 16);
+        assert_eq!(u16_at(viot, first + 4), 0);
+        assert_eq!(u16_at(viot, first + 6), 1 << 3);
+        // Two PCI range nodes (type 1, length 24), one function each, endpoint id = BDF, output
+        // node = the IOMMU node's offset.
+        for (i, slot) in [2u16, 4].into_iter().enumerate() {
+            let n = first + 16 + 24 * i;
+            assert_eq!(viot[n], 1, "node {i} type");
+            assert_eq!(u16_at(viot, n + 2), 24);
+            assert_eq!(u32_at(viot, n + 4), u32::from(slot << 3), "endpoint start");
+            assert_eq!(u16_at(viot, n + 12), slot << 3, "BDF start");
+            assert_eq!(u16_at(viot, n + 14), slot << 3, "BDF end");
+            assert_eq!(u16_at(viot, n + 16) as usize, first, "output node");
+        }
+        // Without an IOMMU there is no VIOT.
+        let mem = guest_memory();
+        create_acpi_tables(&mem, &config(1)).unwrap();
+        let (_, _, tables) = parse(&mem);
+        assert!(tables.iter().all(|(_, t)| &t[..4] != b"VIOT"));
     }
 
     #[test]

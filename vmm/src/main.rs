@@ -63,12 +63,12 @@ struct Cli {
     /// virtio-net device: tap=NAME|fd=N[,mac=MAC][,id=NAME][,iommu=on] (repeatable).
     #[arg(long, value_name = "tap=NAME|fd=N,...")]
     net: Vec<String>,
-    /// virtio-console: off, stdout, file=PATH or pty (default off).
-    #[arg(long, value_name = "off|stdout|file=PATH|pty")]
+    /// virtio-console: off, stdout, file=PATH or pty, then optionally ,iommu=on (default off).
+    #[arg(long, value_name = "off|stdout|file=PATH|pty[,iommu=on]")]
     console: Option<String>,
-    /// Add a virtio-rng device fed from the host's getrandom.
-    #[arg(long)]
-    rng: bool,
+    /// Add a virtio-rng device fed from the host's getrandom; options: [id=NAME][,iommu=on].
+    #[arg(long, value_name = "id=NAME,iommu=on", num_args = 0..=1, default_missing_value = "")]
+    rng: Option<String>,
     /// JSON file of CPUID masks applied on top of the CPUID KVM supports (a common CPU baseline).
     #[arg(long, value_name = "PATH")]
     cpu_template: Option<PathBuf>,
@@ -100,7 +100,7 @@ impl Cli {
             || !self.disk.is_empty()
             || !self.net.is_empty()
             || self.console.is_some()
-            || self.rng
+            || self.rng.is_some()
             || self.cpu_template.is_some()
     }
 
@@ -122,10 +122,10 @@ impl Cli {
             c.nets.push(config::parse_net(n)?);
         }
         if let Some(s) = &self.console {
-            c.console = config::parse_console(s)?;
+            (c.console, c.console_iommu) = config::parse_console_option(s)?;
         }
-        if self.rng {
-            c.rng = Some(config::RngConfig::default());
+        if let Some(s) = &self.rng {
+            c.rng = Some(config::parse_rng(s)?);
         }
         c.payload.kernel = self.kernel;
         c.payload.initramfs = self.initramfs;

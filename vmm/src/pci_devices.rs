@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use devices::bus::SharedBusDevice;
-use devices::virtio::VirtioDevice;
+use devices::virtio::{AccessPlatform, VirtioDevice};
 use devices::{Bus, GuestMemoryMmap};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use migration::{Pausable, Snapshottable, StateError, StateSection};
@@ -243,11 +243,13 @@ impl PciDevices {
     }
 
     /// Plug `device` behind virtio-pci into the lowest free slot: BARs allocated and registered,
-    /// ioeventfds registered, MSI-X vectors and INTx pin A set up.
+    /// ioeventfds registered, MSI-X vectors and INTx pin A set up. With `access` the device sits
+    /// behind the virtual IOMMU (its DMA addresses are translated through it).
     pub fn add_virtio(
         &mut self,
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
+        access: Option<Arc<dyn AccessPlatform>>,
     ) -> Result<PciAddressInfo, PciDevicesError> {
         let id = device.id().to_string();
         let slot = self
@@ -265,6 +267,9 @@ impl PciDevices {
             self.interrupts.clone(),
             Some((1, intx_gsi(slot, 0))),
         )?;
+        if let Some(access) = access {
+            dev.set_access_platform(access);
+        }
 
         let mut bars = Vec::new();
         for (index, size, kind) in dev.bar_requests() {
@@ -556,6 +561,7 @@ mod tests {
             _mem: GuestMemoryMmap,
             _interrupt: Arc<dyn VirtioInterrupt>,
             _queues: Vec<ActivatedQueue>,
+            _access: Option<Arc<dyn AccessPlatform>>,
         ) -> Result<(), VirtioError> {
             Ok(())
         }
@@ -582,12 +588,12 @@ mod tests {
         )
         .unwrap();
         let info = pd
-            .add_virtio(Box::new(Dummy("dummy0")), mem.clone())
+            .add_virtio(Box::new(Dummy("dummy0")), mem.clone(), None)
             .unwrap();
         assert_eq!(info.slot, 1);
         // Small 64-bit BARs are placed in the 32-bit window (like firmware does).
         assert_eq!(info.bars, [(0, 0xc000_0000, 0x8000)]);
-        let info2 = pd.add_virtio(Box::new(Dummy("dummy1")), mem).unwrap();
+        let info2 = pd.add_virtio(Box::new(Dummy("dummy1")), mem, None).unwrap();
         assert_eq!(info2.slot, 2);
         assert_eq!(info2.bars, [(0, 0xc000_8000, 0x8000)]);
         assert_eq!(pd.prt_entries(), [(1, 0, 17), (2, 0, 18)]);
@@ -664,7 +670,7 @@ mod tests {
             id: "rng0".into(),
             iommu: false,
         });
-        let info = pd.add_virtio(Box::new(rng), mem.clone()).unwrap();
+        let info = pd.add_virtio(Box::new(rng), mem.clone(), None).unwrap();
         assert_eq!(info.bars, [(0, RNG_BAR, 0x8000)]);
         TestVm {
             pci_bus,

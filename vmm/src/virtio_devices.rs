@@ -1,5 +1,7 @@
 //! Builds the virtio devices a [`VmConfig`] asks for, in a stable order (disks, nets, console, rng)
-//! with the ids `VmConfig::device_ids` reports. Each device is then put on the PCI bus by
+//! with the ids `VmConfig::device_ids` reports, and plans their PCI slots ([`PciPlan`]): when any
+//! device asks for `iommu=on`, a virtio-iommu takes the first slot after the host bridge and the
+//! devices follow in configuration order. Each device is then put on the PCI bus by
 //! `pci_devices::PciDevices::add_virtio`.
 
 use devices::virtio::block::{Block, BlockConfig};
@@ -21,6 +23,76 @@ pub struct DeviceCreateError {
     pub id: String,
     /// Why it cannot be created.
     pub reason: String,
+}
+
+/// Id of the virtio-iommu device skiff adds when a device asks for `iommu=on`.
+pub const IOMMU_DEVICE_ID: &str = "iommu0";
+/// First PCI slot after the host bridge (slot 0).
+const FIRST_DEVICE_SLOT: u8 = 1;
+
+/// Where the virtio devices of a configuration go on PCI bus 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciPlan {
+    /// Slot of the virtio-iommu, when any device sits behind it.
+    pub iommu_slot: Option<u8>,
+    /// Slot of each device, in [`create_virtio_devices`] order, and whether it sits behind the
+    /// IOMMU.
+    pub devices: Vec<(u8, bool)>,
+}
+
+impl PciPlan {
+    /// The plan for `config`. Fails when the devices do not fit on one bus.
+    pub fn new(config: &VmConfig) -> Result<Self, DeviceCreateError> {
+        let mut behind: Vec<bool> = Vec::new();
+        behind.extend(config.disks.iter().map(|d| d.iommu));
+        behind.extend(config.nets.iter().map(|n| n.iommu));
+        if config.console != ConsoleConfig::Off {
+            behind.push(config.console_iommu);
+        }
+        if let Some(r) = &config.rng {
+            behind.push(r.iommu);
+        }
+        let has_iommu = behind.iter().any(|b| *b);
+        if has_iommu && config.device_ids().iter().any(|id| id == IOMMU_DEVICE_ID) {
+            return Err(DeviceCreateError {
+                what: "device",
+                id: IOMMU_DEVICE_ID.into(),
+                reason: "this id is taken by the virtio-iommu skiff adds for iommu=on devices"
+                    .into(),
+            });
+        }
+        let first = FIRST_DEVICE_SLOT + u8::from(has_iommu);
+        let count = behind.len() + usize::from(has_iommu);
+        if usize::from(FIRST_DEVICE_SLOT) + count > 32 {
+            return Err(DeviceCreateError {
+                what: "PCI",
+                id: "bus 0".into(),
+                reason: format!("{count} devices do not fit in the 31 free slots"),
+            });
+        }
+        Ok(Self {
+            iommu_slot: has_iommu.then_some(FIRST_DEVICE_SLOT),
+            devices: behind
+                .into_iter()
+                .enumerate()
+                .map(|(i, b)| (first + i as u8, b))
+                .collect(),
+        })
+    }
+
+    /// Slots of the devices behind the IOMMU.
+    pub fn endpoint_slots(&self) -> Vec<u8> {
+        self.devices
+            .iter()
+            .filter(|(_, b)| *b)
+            .map(|(slot, _)| *slot)
+            .collect()
+    }
+}
+
+/// The endpoint id (PCI requester id, BDF) of function 0 of `slot` on bus 0.
+pub fn endpoint_id(slot: u8) -> u32 {
+    u32::from(slot) << 3
 }
 
 /// Create every configured virtio device.
@@ -75,7 +147,7 @@ pub fn create_virtio_devices(
         let console = Console::new(DevConsoleConfig {
             id: id.clone(),
             output,
-            iommu: false,
+            iommu: config.console_iommu,
         })
         .map_err(|e| DeviceCreateError {
             what: "--console",

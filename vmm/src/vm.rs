@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use devices::bus::SharedBusDevice;
 use devices::legacy::{AcpiGed, AcpiPm, Cmos, EventFdTrigger, Serial, I8042};
+use devices::virtio::{AccessPlatform, VirtioDevice};
 use devices::{Bus, VmExitEvent};
+use iommu::{EndpointAccess, IommuConfig, VirtioIommu};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -17,7 +19,7 @@ use pci::{PciBus, PciConfigIo, PciConfigMmio};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::acpi::{create_acpi_tables, AcpiConfig};
+use crate::acpi::{create_acpi_tables, AcpiConfig, ViotConfig};
 use crate::boot::EntryPoint;
 use crate::boot::{self, BootError, LoadedKernel};
 use crate::config::{SerialConfig, VmConfig};
@@ -28,12 +30,72 @@ use crate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
 use crate::pci_devices::PciDevices;
 use crate::vcpu::{self, Vcpu, VcpuControl, VcpuError};
 use crate::vcpu_state::{restore_vcpu, save_vcpu};
-use crate::virtio_devices::create_virtio_devices;
+use crate::virtio_devices::{create_virtio_devices, endpoint_id, PciPlan, IOMMU_DEVICE_ID};
 use crate::vm_state::{restore_vm, save_vm};
 use kvm_ioctls::VcpuFd;
 use migration::memory_file::{restore_memory_file, write_memory_file};
 use migration::snapshot::{require_section, require_sections, write_snapshot, SnapshotReader};
 use migration::{Snapshottable, StateSection};
+
+/// Put the virtio devices on the PCI bus where `plan` says, the virtio-iommu first when the plan
+/// has one; the devices behind it get their endpoint's DMA view.
+fn plug_virtio_devices(
+    pci_devices: &mut PciDevices,
+    plan: &PciPlan,
+    virtio: Vec<Box<dyn VirtioDevice>>,
+    mem: &GuestMemoryMmap,
+) -> Result<()> {
+    let mut plug = |dev: Box<dyn VirtioDevice>,
+                    slot: u8,
+                    access: Option<Arc<dyn AccessPlatform>>|
+     -> Result<()> {
+        let id = dev.id().to_string();
+        let err = |reason: String| VmError::Device {
+            id: id.clone(),
+            reason,
+        };
+        let info = pci_devices
+            .add_virtio(dev, mem.clone(), access)
+            .map_err(|e| err(e.to_string()))?;
+        if info.slot != slot {
+            return Err(err(format!(
+                "plugged into PCI slot {} instead of the planned {slot}",
+                info.slot
+            )));
+        }
+        Ok(())
+    };
+    let mut iommu = None;
+    if let Some(slot) = plan.iommu_slot {
+        let endpoints: Vec<u32> = plan.endpoint_slots().into_iter().map(endpoint_id).collect();
+        let dev = VirtioIommu::new(IOMMU_DEVICE_ID.into(), IommuConfig::default(), &endpoints)
+            .map_err(|e| VmError::Device {
+                id: IOMMU_DEVICE_ID.into(),
+                reason: e.to_string(),
+            })?;
+        let views: Vec<(u8, EndpointAccess)> = plan
+            .endpoint_slots()
+            .into_iter()
+            .map(|s| (s, dev.endpoint_access(endpoint_id(s))))
+            .collect();
+        plug(Box::new(dev), slot, None)?;
+        log::info!(
+            "{IOMMU_DEVICE_ID}: virtio-iommu at 00:{slot:02x}.0 for endpoint(s) {endpoints:#x?}"
+        );
+        iommu = Some(views);
+    }
+    for (dev, &(slot, behind)) in virtio.into_iter().zip(&plan.devices) {
+        let access = match (&iommu, behind) {
+            (Some(views), true) => views
+                .iter()
+                .find(|(s, _)| *s == slot)
+                .map(|(_, v)| Arc::new(v.clone()) as Arc<dyn AccessPlatform>),
+            _ => None,
+        };
+        plug(dev, slot, access)?;
+    }
+    Ok(())
+}
 
 /// The built-in demo guest (the no_std test guest), embedded at build time.
 pub static DEMO_GUEST: &[u8] = include_bytes!(env!("SKIFF_DEMO_GUEST"));
@@ -288,6 +350,10 @@ impl Vm {
                 max,
             });
         }
+        let plan = PciPlan::new(&config).map_err(|e| VmError::Device {
+            id: e.id.clone(),
+            reason: e.to_string(),
+        })?;
         let mem_size = config.memory.size;
         crate::memory::check_host_can_back(mem_size)?;
         let mmio64_start = pci_mmio64_start(mem_size);
@@ -340,6 +406,7 @@ impl Vm {
                 &mem,
                 num_cpus,
                 mmio64_start,
+                &plan,
             )?),
             Source::Snapshot { memory, .. } => {
                 restore_memory_file(&mem, *memory, true)
@@ -486,16 +553,7 @@ impl Vm {
             id: e.id.clone(),
             reason: e.to_string(),
         })?;
-        for dev in virtio {
-            let id = dev.id().to_string();
-            let info = pci_devices
-                .add_virtio(dev, mem.clone())
-                .map_err(|e| VmError::Device {
-                    id: id.clone(),
-                    reason: e.to_string(),
-                })?;
-            log::debug!("{id}: PCI 00:{:02x}.0, BARs {:x?}", info.slot, info.bars);
-        }
+        plug_virtio_devices(&mut pci_devices, &plan, virtio, &mem)?;
 
         vcpu::install_kick_handler()?;
         let mut supported = kvm_sys
@@ -593,6 +651,7 @@ impl Vm {
         mem: &GuestMemoryMmap,
         num_cpus: u32,
         mmio64_start: u64,
+        plan: &PciPlan,
     ) -> Result<EntryPoint> {
         let mem_size = config.memory.size;
         let kernel = load_payload(config, mem)?;
@@ -602,6 +661,10 @@ impl Vm {
                 num_cpus,
                 pci_mmio64_start: mmio64_start,
                 pci_mmio64_size: PCI_MMIO64_SIZE,
+                viot: plan.iommu_slot.map(|iommu_slot| ViotConfig {
+                    iommu_slot,
+                    endpoint_slots: plan.endpoint_slots(),
+                }),
             },
         )
         .map_err(|e| VmError::Acpi(e.to_string()))?;

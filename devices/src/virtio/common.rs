@@ -20,7 +20,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use crate::legacy::log_limit::LogLimiter;
 use crate::legacy::state::{StateReader, StateWriter};
 use crate::virtio::worker::{Worker, WorkerBody};
-use crate::virtio::{VirtioError, VirtioInterrupt, VirtioInterruptType};
+use crate::virtio::{AccessPlatform, DmaAccess, VirtioError, VirtioInterrupt, VirtioInterruptType};
 use crate::GuestMemoryMmap;
 
 /// Why a guest descriptor chain was rejected.
@@ -42,6 +42,14 @@ pub enum ChainError {
         addr: u64,
         /// Its length.
         len: u32,
+    },
+    /// The IOMMU refused to translate a buffer address (a fault event was reported).
+    #[error("IOMMU fault on device address {addr:#x} (device-{})", if *write { "writable" } else { "readable" })]
+    Fault {
+        /// The faulting device address.
+        addr: u64,
+        /// Whether the buffer was device-writable.
+        write: bool,
     },
     /// The chain has buffers of the wrong direction for its queue.
     #[error("chain has device-{0} buffers where none are allowed")]
@@ -74,6 +82,8 @@ pub struct DescChain {
     pub readable: Vec<(GuestAddress, u32)>,
     /// Device-writable buffers, in chain order.
     pub writable: Vec<(GuestAddress, u32)>,
+    /// Scratch space for the translated segments of one descriptor.
+    segs: Vec<(GuestAddress, u64)>,
     /// Total bytes of the readable buffers.
     pub readable_len: u64,
     /// Total bytes of the writable buffers.
@@ -81,12 +91,16 @@ pub struct DescChain {
 }
 
 impl DescChain {
-    /// Walk `chain` and validate it, reusing this value's allocations. On error `self.head` still
-    /// names the chain so the caller can return it to the used ring.
+    /// Walk `chain` and validate it, reusing this value's allocations. With `access` (a device
+    /// behind an IOMMU) every buffer address is a device address, translated into one or more
+    /// guest-physical buffers; a fault fails the chain with [`ChainError::Fault`] (the platform has
+    /// reported it). On error `self.head` still names the chain so the caller can return it to the
+    /// used ring.
     pub fn fill<M>(
         &mut self,
         chain: DescriptorChain<M>,
         mem: &GuestMemoryMmap,
+        access: Option<&dyn AccessPlatform>,
     ) -> Result<(), ChainError>
     where
         M: Deref<Target = GuestMemoryMmap>,
@@ -96,6 +110,22 @@ impl DescChain {
         self.writable.clear();
         self.readable_len = 0;
         self.writable_len = 0;
+        let mut segs = std::mem::take(&mut self.segs);
+        let res = self.walk(chain, mem, access, &mut segs);
+        self.segs = segs;
+        res
+    }
+
+    fn walk<M>(
+        &mut self,
+        chain: DescriptorChain<M>,
+        mem: &GuestMemoryMmap,
+        access: Option<&dyn AccessPlatform>,
+        segs: &mut Vec<(GuestAddress, u64)>,
+    ) -> Result<(), ChainError>
+    where
+        M: Deref<Target = GuestMemoryMmap>,
+    {
         let mut count = 0usize;
         let mut last_has_next = false;
         // The iterator stops after `queue size` descriptors (loops), at an out-of-table index, at
@@ -108,18 +138,43 @@ impl DescChain {
             if len == 0 {
                 continue;
             }
-            if !GuestMemoryBackend::check_range(mem, addr, len as usize) {
-                return Err(ChainError::OutOfMemory { addr: addr.0, len });
+            let write = desc.is_write_only();
+            if !write && !self.writable.is_empty() {
+                return Err(ChainError::Order);
             }
-            if desc.is_write_only() {
-                self.writable.push((addr, len));
-                self.writable_len += u64::from(len);
-            } else {
-                if !self.writable.is_empty() {
-                    return Err(ChainError::Order);
+            segs.clear();
+            match access {
+                Some(platform) => {
+                    let dir = if write {
+                        DmaAccess::Write
+                    } else {
+                        DmaAccess::Read
+                    };
+                    platform
+                        .translate(addr.0, u64::from(len), dir, segs)
+                        .map_err(|f| ChainError::Fault {
+                            addr: f.addr,
+                            write,
+                        })?;
                 }
-                self.readable.push((addr, len));
-                self.readable_len += u64::from(len);
+                None => segs.push((addr, u64::from(len))),
+            }
+            for &(gpa, seg_len) in segs.iter() {
+                // A segment is part of a descriptor, so it fits in u32.
+                let seg_len = u32::try_from(seg_len).unwrap_or(u32::MAX);
+                if !GuestMemoryBackend::check_range(mem, gpa, seg_len as usize) {
+                    return Err(ChainError::OutOfMemory {
+                        addr: gpa.0,
+                        len: seg_len,
+                    });
+                }
+                if write {
+                    self.writable.push((gpa, seg_len));
+                    self.writable_len += u64::from(seg_len);
+                } else {
+                    self.readable.push((gpa, seg_len));
+                    self.readable_len += u64::from(seg_len);
+                }
             }
         }
         if count == 0 {

@@ -31,7 +31,10 @@ use super::common::{
     write_queue_states, write_to_ranges, ChainError, DescChain, WorkerSlot,
 };
 use super::worker::WorkerBody;
-use super::{device_type, features, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt};
+use super::{
+    device_type, features, AccessPlatform, ActivatedQueue, VirtioDevice, VirtioError,
+    VirtioInterrupt,
+};
 use crate::legacy::log_limit::LogLimiter;
 use crate::legacy::state::{StateReader, StateWriter};
 use crate::GuestMemoryMmap;
@@ -406,6 +409,7 @@ impl VirtioDevice for Console {
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActivatedQueue>,
+        access: Option<Arc<dyn AccessPlatform>>,
     ) -> Result<(), VirtioError> {
         if self.worker.is_active() {
             return Err(self.activate_error("already active"));
@@ -454,6 +458,7 @@ impl VirtioDevice for Console {
             input_watched: false,
             input_eof: false,
             chain: DescChain::default(),
+            access,
             invalid: LogLimiter::new(),
             io_error: LogLimiter::new(),
             irq: LogLimiter::new(),
@@ -563,6 +568,7 @@ struct ConsoleWorker {
     input_watched: bool,
     input_eof: bool,
     chain: DescChain,
+    access: Option<Arc<dyn AccessPlatform>>,
     invalid: LogLimiter,
     io_error: LogLimiter,
     irq: LogLimiter,
@@ -604,7 +610,7 @@ impl ConsoleWorker {
         }
         let mut used = false;
         while let Some(chain) = self.tx.pop_descriptor_chain(&mem) {
-            match self.chain.fill(chain, &mem) {
+            match self.chain.fill(chain, &mem, self.access.as_deref()) {
                 Ok(()) => {
                     let data = read_from_ranges(&mem, &self.chain.readable, MAX_TX_CHAIN);
                     add(
@@ -652,7 +658,7 @@ impl ConsoleWorker {
                 keep = false;
                 break;
             };
-            if let Err(e) = self.chain.fill(chain, &mem) {
+            if let Err(e) = self.chain.fill(chain, &mem, self.access.as_deref()) {
                 self.reject(e);
                 used = true;
                 let head = self.chain.head;
@@ -782,8 +788,13 @@ mod tests {
 
     fn activate(dev: &mut Console, env: &TestEnv) {
         dev.set_acked_features(features::VIRTIO_F_VERSION_1);
-        dev.activate(env.mem.clone(), env.irq.clone(), env.activated_queues())
-            .unwrap();
+        dev.activate(
+            env.mem.clone(),
+            env.irq.clone(),
+            env.activated_queues(),
+            None,
+        )
+        .unwrap();
     }
 
     #[test]

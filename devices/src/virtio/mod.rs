@@ -6,6 +6,7 @@
 //! to signal used buffers. The device then serves its queues on its own worker thread
 //! ([`worker::Worker`]): ioeventfd → worker → irqfd, no VMM round trip on the data path.
 
+pub mod access;
 pub mod block;
 pub mod common;
 pub mod console;
@@ -21,6 +22,7 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemoryMmap;
+pub use access::{AccessPlatform, DmaAccess, DmaFault};
 
 /// Virtio device type ids (virtio 1.x, section 5).
 pub mod device_type {
@@ -136,12 +138,16 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Write to the device-specific configuration space (ignored unless the device has writable fields).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// Start serving the queues (called when the driver sets DRIVER_OK).
+    /// Start serving the queues (called when the driver sets DRIVER_OK). `access` is given when
+    /// the driver accepted `VIRTIO_F_ACCESS_PLATFORM` for a device behind an IOMMU: every buffer
+    /// address the device takes from a descriptor is then translated through it (the transport
+    /// has already translated the ring addresses in `queues`).
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActivatedQueue>,
+        access: Option<Arc<dyn AccessPlatform>>,
     ) -> Result<(), VirtioError>;
     /// Stop serving queues and drop them (driver reset); the device can be activated again.
     fn reset(&mut self);

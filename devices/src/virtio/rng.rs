@@ -20,7 +20,10 @@ use super::common::{
     write_to_ranges, ChainError, DescChain, WorkerSlot,
 };
 use super::worker::WorkerBody;
-use super::{device_type, features, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt};
+use super::{
+    device_type, features, AccessPlatform, ActivatedQueue, VirtioDevice, VirtioError,
+    VirtioInterrupt,
+};
 use crate::legacy::log_limit::LogLimiter;
 use crate::legacy::state::{StateReader, StateWriter};
 use crate::GuestMemoryMmap;
@@ -154,6 +157,7 @@ impl VirtioDevice for Rng {
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActivatedQueue>,
+        access: Option<Arc<dyn AccessPlatform>>,
     ) -> Result<(), VirtioError> {
         if self.worker.is_active() {
             return Err(self.activate_error("already active"));
@@ -182,6 +186,7 @@ impl VirtioDevice for Rng {
             kick: q.kick,
             metrics: self.metrics.clone(),
             chain: DescChain::default(),
+            access,
             buf: vec![0; MAX_REQUEST],
             invalid: LogLimiter::new(),
             irq: LogLimiter::new(),
@@ -281,6 +286,7 @@ struct RngWorker {
     kick: EventFd,
     metrics: Arc<RngMetrics>,
     chain: DescChain,
+    access: Option<Arc<dyn AccessPlatform>>,
     buf: Vec<u8>,
     invalid: LogLimiter,
     irq: LogLimiter,
@@ -301,7 +307,7 @@ impl RngWorker {
         }
         let mut used = false;
         while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
-            let res = match self.chain.fill(chain, &mem) {
+            let res = match self.chain.fill(chain, &mem, self.access.as_deref()) {
                 Ok(()) if !self.chain.readable.is_empty() => Err(ChainError::Direction("readable")),
                 r => r,
             };
@@ -378,8 +384,13 @@ mod tests {
         });
         let env = TestEnv::new(1);
         dev.set_acked_features(features::VIRTIO_F_VERSION_1);
-        dev.activate(env.mem.clone(), env.irq.clone(), env.activated_queues())
-            .unwrap();
+        dev.activate(
+            env.mem.clone(),
+            env.irq.clone(),
+            env.activated_queues(),
+            None,
+        )
+        .unwrap();
         (dev, env)
     }
 
@@ -398,6 +409,54 @@ mod tests {
         assert_eq!(dev.metrics().bytes.load(Ordering::Relaxed), 128);
         assert!(env.irq.counts[0].load(Ordering::SeqCst) >= 1);
         assert_eq!(dev.counters()[0], ("bytes", 128));
+    }
+
+    #[test]
+    fn iommu_translated_buffers_are_split_and_faults_fail_only_the_request() {
+        use crate::virtio::access::test_support::TableAccess;
+        use vm_memory::{Address, Bytes};
+
+        let mut dev = Rng::new(RngConfig {
+            id: "rng0".into(),
+            iommu: true,
+        });
+        assert_ne!(dev.avail_features() & features::VIRTIO_F_ACCESS_PLATFORM, 0);
+        let env = TestEnv::new(1);
+        let q = env.q(0);
+        let g1 = q.alloc(64);
+        let _gap = q.alloc(64);
+        let g2 = q.alloc(64);
+        env.mem.write_slice(&[0u8; 192], g1).unwrap();
+        // 128 bytes at device address 0x9000_0000: two mappings, non-adjacent in guest RAM.
+        let access = Arc::new(TableAccess::new(&[
+            (0x9000_0000, g1.0, 64),
+            (0x9000_0040, g2.0, 64),
+        ]));
+        dev.set_acked_features(features::VIRTIO_F_VERSION_1 | features::VIRTIO_F_ACCESS_PLATFORM);
+        dev.activate(
+            env.mem.clone(),
+            env.irq.clone(),
+            env.activated_queues(),
+            Some(access.clone()),
+        )
+        .unwrap();
+        let head = q.add_descs(&env.mem, &[(0x9000_0000, 128, F_WRITE)]);
+        env.kick(0);
+        env.wait_used(0, 1);
+        assert_eq!(env.used_elem(0, 0), (u32::from(head), 128));
+        let mut gap = [0u8; 64];
+        env.mem.read_slice(&mut gap, g1.unchecked_add(64)).unwrap();
+        assert_eq!(gap, [0u8; 64], "the gap between the mappings is untouched");
+        // Past the second mapping: the chain is returned empty and the fault reported.
+        q.add_descs(&env.mem, &[(0x9000_0040, 128, F_WRITE)]);
+        let good = q.add_descs(&env.mem, &[(0x9000_0000, 16, F_WRITE)]);
+        env.kick(0);
+        env.wait_used(0, 3);
+        assert_eq!(env.used_elem(0, 1).1, 0);
+        assert_eq!(env.used_elem(0, 2), (u32::from(good), 16));
+        let faults = access.faults.lock().unwrap().clone();
+        assert_eq!(faults.len(), 1);
+        assert_eq!(faults[0].addr, 0x9000_0080);
     }
 
     #[test]
@@ -535,7 +594,7 @@ mod tests {
         vm_memory::Bytes::write_slice(&env2.mem, &ram, vm_memory::GuestAddress(0)).unwrap();
         let queues = env2.activated_queues();
         fresh
-            .activate(env2.mem.clone(), env2.irq.clone(), queues)
+            .activate(env2.mem.clone(), env2.irq.clone(), queues, None)
             .unwrap();
         assert_eq!(fresh.save_state().unwrap(), Some(saved));
         std::thread::sleep(std::time::Duration::from_millis(20));

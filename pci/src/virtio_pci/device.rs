@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use devices::bus::BusDevice;
 use devices::legacy::{LogLimiter, StateReader, StateWriter};
 use devices::virtio::{
-    features, status, ActivatedQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    features, status, AccessPlatform, ActivatedQueue, DmaAccess, VirtioDevice, VirtioInterrupt,
+    VirtioInterruptType,
 };
 use devices::GuestMemoryMmap;
 use migration::{Pausable, Snapshottable, StateError, StateSection};
@@ -94,6 +95,7 @@ pub struct VirtioPciDevice {
     activated: bool,
     pending_bar_move: Option<BarMove>,
     bad_access: LogLimiter,
+    access: Option<Arc<dyn AccessPlatform>>,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -125,6 +127,32 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, multiplier: Option<u32>) -
         cap.extend_from_slice(&m.to_le_bytes());
     }
     cap
+}
+
+/// The guest-physical addresses of a split virtqueue's rings given at device addresses `desc`,
+/// `driver` (avail) and `device` (used): each ring must be mapped contiguously. The translation
+/// is taken once, at activation, as other VMMs do; a driver that remaps a live ring is not
+/// followed.
+fn ring_addresses(
+    access: &dyn AccessPlatform,
+    size: u16,
+    desc: u64,
+    driver: u64,
+    device: u64,
+) -> Result<(GuestAddress, GuestAddress, GuestAddress), String> {
+    let n = u64::from(size);
+    // virtio 1.x 2.7: descriptor table 16 bytes per entry; avail ring flags + idx + ring +
+    // used_event; used ring flags + idx + 8-byte elements + avail_event.
+    let ring = |what: &str, addr: u64, len: u64, dir: DmaAccess| {
+        access
+            .translate_contiguous(addr, len, dir)
+            .map_err(|e| format!("{what} ring: {e}"))
+    };
+    Ok((
+        ring("descriptor", desc, 16 * n, DmaAccess::Read)?,
+        ring("available", driver, 6 + 2 * n, DmaAccess::Read)?,
+        ring("used", device, 6 + 8 * n, DmaAccess::Write)?,
+    ))
 }
 
 fn within(offset: u64, len: usize, start: u64, size: u64) -> bool {
@@ -268,7 +296,30 @@ impl VirtioPciDevice {
             activated: false,
             pending_bar_move: None,
             bad_access: LogLimiter::new(),
+            access: None,
         })
+    }
+
+    /// Put the device behind an IOMMU: when the driver accepts `VIRTIO_F_ACCESS_PLATFORM` (which
+    /// the device must offer), ring and buffer addresses are device addresses translated through
+    /// `access`. A driver that refuses the feature cannot set FEATURES_OK, so it cannot bypass the
+    /// IOMMU.
+    pub fn set_access_platform(&mut self, access: Arc<dyn AccessPlatform>) {
+        self.access = Some(access);
+    }
+
+    /// Whether the device sits behind an IOMMU (see [`Self::set_access_platform`]).
+    pub fn behind_iommu(&self) -> bool {
+        self.access.is_some()
+    }
+
+    /// The platform to translate through, when the driver accepted ACCESS_PLATFORM.
+    fn negotiated_access(&self) -> Option<Arc<dyn AccessPlatform>> {
+        if self.common.driver_features & features::VIRTIO_F_ACCESS_PLATFORM != 0 {
+            self.access.clone()
+        } else {
+            None
+        }
     }
 
     /// The device id.
@@ -391,9 +442,19 @@ impl VirtioPciDevice {
         if new & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
             let acked = self.common.driver_features;
             let offered = self.device.avail_features();
+            let platform = features::VIRTIO_F_ACCESS_PLATFORM;
             if acked & !offered != 0 || acked & features::VIRTIO_F_VERSION_1 == 0 {
                 self.log_bad(format_args!(
                     "FEATURES_OK with features {acked:#x} (offered {offered:#x})"
+                ));
+                new &= !status::FEATURES_OK;
+            } else if self.access.is_some() && offered & platform != 0 && acked & platform == 0 {
+                // Without ACCESS_PLATFORM the driver would DMA to guest-physical addresses,
+                // bypassing the IOMMU the device sits behind (virtio 1.x 6.1: the device may
+                // refuse).
+                self.log_bad(format_args!(
+                    "FEATURES_OK without VIRTIO_F_ACCESS_PLATFORM for a device behind the IOMMU \
+                     (features {acked:#x})"
                 ));
                 new &= !status::FEATURES_OK;
             } else {
@@ -420,6 +481,7 @@ impl VirtioPciDevice {
     /// resume at the used index found in guest memory.
     fn build_queues(&self, restoring: bool) -> Result<Vec<ActivatedQueue>, String> {
         let event_idx = self.common.driver_features & features::VIRTIO_F_EVENT_IDX != 0;
+        let access = self.negotiated_access();
         let mut queues = Vec::new();
         for (i, q) in self.common.queues.iter().enumerate() {
             if !q.enabled {
@@ -428,15 +490,20 @@ impl VirtioPciDevice {
             let bad = |e: virtio_queue::Error| format!("queue {i}: {e}");
             let mut queue = Queue::new(q.max_size).map_err(bad)?;
             queue.try_set_size(q.size).map_err(bad)?;
-            queue
-                .try_set_desc_table_address(GuestAddress(q.desc))
-                .map_err(bad)?;
-            queue
-                .try_set_avail_ring_address(GuestAddress(q.driver))
-                .map_err(bad)?;
-            queue
-                .try_set_used_ring_address(GuestAddress(q.device))
-                .map_err(bad)?;
+            let (desc, driver, device) = match &access {
+                Some(platform) => {
+                    ring_addresses(platform.as_ref(), q.size, q.desc, q.driver, q.device)
+                        .map_err(|e| format!("queue {i}: {e}"))?
+                }
+                None => (
+                    GuestAddress(q.desc),
+                    GuestAddress(q.driver),
+                    GuestAddress(q.device),
+                ),
+            };
+            queue.try_set_desc_table_address(desc).map_err(bad)?;
+            queue.try_set_avail_ring_address(driver).map_err(bad)?;
+            queue.try_set_used_ring_address(device).map_err(bad)?;
             queue.set_event_idx(event_idx);
             queue.set_ready(true);
             if !queue.is_valid(&self.mem) {
@@ -471,8 +538,9 @@ impl VirtioPciDevice {
         let queues = self.build_queues(restoring)?;
         let n = queues.len();
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        let access = self.negotiated_access();
         self.device
-            .activate(self.mem.clone(), interrupt, queues)
+            .activate(self.mem.clone(), interrupt, queues, access)
             .map_err(|e| e.to_string())?;
         self.activated = true;
         log::info!(

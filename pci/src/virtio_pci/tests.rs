@@ -4,8 +4,8 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::BusDevice;
 use devices::virtio::{
-    device_type, features, status, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt,
-    VirtioInterruptType,
+    device_type, features, status, AccessPlatform, ActivatedQueue, DmaAccess, DmaFault,
+    VirtioDevice, VirtioError, VirtioInterrupt, VirtioInterruptType,
 };
 use devices::GuestMemoryMmap;
 use migration::Snapshottable;
@@ -19,7 +19,10 @@ use crate::interrupt::fake::FakeInterruptManager;
 use crate::msix::{MSIX_ENABLE, MSIX_TABLE_ENTRY_SIZE};
 
 const FEATURE_X: u64 = 1 << 5;
-const OFFERED: u64 = features::VIRTIO_F_VERSION_1 | features::VIRTIO_F_EVENT_IDX | FEATURE_X;
+const OFFERED: u64 = features::VIRTIO_F_VERSION_1
+    | features::VIRTIO_F_EVENT_IDX
+    | features::VIRTIO_F_ACCESS_PLATFORM
+    | FEATURE_X;
 
 /// What the device saw of one queue at activation: (index, size, event_idx, desc, next_avail).
 type SeenQueue = (u16, u16, bool, u64, u16);
@@ -34,6 +37,8 @@ struct FakeState {
     resets: usize,
     config: [u8; 8],
     fail_activate: bool,
+    /// Whether each activation was given an access platform.
+    access: Vec<bool>,
 }
 
 struct FakeDevice(Arc<Mutex<FakeState>>);
@@ -73,8 +78,10 @@ impl VirtioDevice for FakeDevice {
         _mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActivatedQueue>,
+        access: Option<Arc<dyn AccessPlatform>>,
     ) -> Result<(), VirtioError> {
         let mut s = self.0.lock().unwrap();
+        s.access.push(access.is_some());
         if s.fail_activate {
             return Err(VirtioError::Activate {
                 id: "fake0".into(),
@@ -614,4 +621,85 @@ fn snapshot_and_restore() {
     let mut other = section.clone();
     other.id = "other".into();
     assert!(setup().dev.restore(&other).is_err());
+}
+
+/// Device addresses `[IOVA_BASE, IOVA_BASE + WINDOW)` map to guest-physical `GPA_BASE..`.
+#[derive(Debug)]
+struct WindowAccess;
+
+const IOVA_BASE: u64 = 0x40_0000_0000;
+const GPA_BASE: u64 = 0x8_0000;
+const WINDOW: u64 = 0x4000;
+
+impl AccessPlatform for WindowAccess {
+    fn translate(
+        &self,
+        addr: u64,
+        len: u64,
+        access: DmaAccess,
+        out: &mut Vec<(GuestAddress, u64)>,
+    ) -> Result<(), DmaFault> {
+        if addr < IOVA_BASE || addr + len > IOVA_BASE + WINDOW {
+            return Err(DmaFault { addr, access });
+        }
+        out.push((GuestAddress(GPA_BASE + addr - IOVA_BASE), len));
+        Ok(())
+    }
+}
+
+#[test]
+fn device_behind_iommu_needs_access_platform_and_gets_translated_rings() {
+    let Setup { mut dev, state, .. } = setup();
+    dev.set_access_platform(Arc::new(WindowAccess));
+    assert!(dev.behind_iommu());
+    // A driver that refuses ACCESS_PLATFORM cannot set FEATURES_OK.
+    negotiate(&mut dev, features::VIRTIO_F_VERSION_1);
+    assert_eq!(status(&mut dev) & status::FEATURES_OK, 0);
+    wr(&mut dev, STATUS, 0, 1);
+    negotiate(
+        &mut dev,
+        features::VIRTIO_F_VERSION_1 | features::VIRTIO_F_ACCESS_PLATFORM,
+    );
+    assert_ne!(status(&mut dev) & status::FEATURES_OK, 0);
+    // Rings at device addresses: the device gets their guest-physical addresses.
+    setup_queue(&mut dev, 0, 16, IOVA_BASE);
+    driver_ok(&mut dev);
+    assert!(dev.activated());
+    let s = state.lock().unwrap();
+    assert_eq!(s.activations.len(), 1);
+    assert_eq!(
+        s.activations[0][0].3, GPA_BASE,
+        "translated descriptor table"
+    );
+    assert_eq!(s.access, [true]);
+}
+
+#[test]
+fn unmapped_ring_puts_the_device_in_needs_reset() {
+    let Setup { mut dev, state, .. } = setup();
+    dev.set_access_platform(Arc::new(WindowAccess));
+    negotiate(
+        &mut dev,
+        features::VIRTIO_F_VERSION_1 | features::VIRTIO_F_ACCESS_PLATFORM,
+    );
+    // The used ring (base + 0x2000, 6 + 8 * 256 bytes) runs past the end of the window.
+    setup_queue(&mut dev, 0, 256, IOVA_BASE + 0x1800);
+    driver_ok(&mut dev);
+    assert!(!dev.activated());
+    assert_ne!(status(&mut dev) & status::DEVICE_NEEDS_RESET, 0);
+    assert!(state.lock().unwrap().activations.is_empty());
+}
+
+#[test]
+fn device_without_iommu_ignores_access_platform() {
+    let Setup { mut dev, state, .. } = setup();
+    negotiate(
+        &mut dev,
+        features::VIRTIO_F_VERSION_1 | features::VIRTIO_F_ACCESS_PLATFORM,
+    );
+    setup_queue(&mut dev, 0, 16, 0x1_0000);
+    driver_ok(&mut dev);
+    let s = state.lock().unwrap();
+    assert_eq!(s.activations[0][0].3, 0x1_0000);
+    assert_eq!(s.access, [false]);
 }

@@ -22,7 +22,9 @@ use super::request::{RequestLimits, ID_BYTES};
 use crate::legacy::LogLimiter;
 use crate::virtio::features::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1};
 use crate::virtio::worker::Worker;
-use crate::virtio::{device_type, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt};
+use crate::virtio::{
+    device_type, AccessPlatform, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt,
+};
 use crate::GuestMemoryMmap;
 
 /// Largest size of the (single) request queue.
@@ -286,22 +288,26 @@ impl Block {
             serial: self.serial,
             metrics: self.metrics.clone(),
             needs_reset: self.needs_reset.clone(),
+            access: None,
         }
     }
 
     /// The request-serving body without a worker thread, for benchmarks and tests: call
     /// [`QueueHandler::process_queue`] on it to serve what `queue` holds. Uses the features
-    /// acked so far (EVENT_IDX, DISCARD, WRITE_ZEROES).
+    /// acked so far (EVENT_IDX, DISCARD, WRITE_ZEROES); with `access`, buffer addresses are
+    /// translated through it as for a device behind an IOMMU.
     pub fn queue_handler(
         &self,
         mem: GuestMemoryMmap,
         mut queue: Queue,
         interrupt: Arc<dyn VirtioInterrupt>,
+        access: Option<Arc<dyn AccessPlatform>>,
     ) -> io::Result<QueueHandler> {
         queue.set_event_idx(self.acked_features & VIRTIO_F_EVENT_IDX != 0);
         let size = queue.size();
         let kick = EventFd::new(EFD_NONBLOCK)?;
-        let parts = self.handler_parts(mem, Arc::new(Mutex::new(queue)), size, kick, interrupt);
+        let mut parts = self.handler_parts(mem, Arc::new(Mutex::new(queue)), size, kick, interrupt);
+        parts.access = access;
         Ok(QueueHandler::new(parts))
     }
 
@@ -374,6 +380,7 @@ impl VirtioDevice for Block {
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActivatedQueue>,
+        access: Option<Arc<dyn AccessPlatform>>,
     ) -> Result<(), VirtioError> {
         if self.active.is_some() {
             return Err(self.activate_error("already active"));
@@ -426,7 +433,8 @@ impl VirtioDevice for Block {
         let _ = aq.kick.write(1);
         let size = queue.size();
         let queue = Arc::new(Mutex::new(queue));
-        let parts = self.handler_parts(mem, queue.clone(), size, aq.kick, interrupt);
+        let mut parts = self.handler_parts(mem, queue.clone(), size, aq.kick, interrupt);
+        parts.access = access;
         let name = format!("blk-{}", self.id);
         let body = QueueHandler::new(parts);
         // Activated while paused (restore of a paused VM): the worker waits for resume.
@@ -653,7 +661,8 @@ mod tests {
             queue: drv.queue(),
             kick: kick.try_clone().unwrap(),
         };
-        blk.activate(mem.clone(), irq.clone(), vec![aq]).unwrap();
+        blk.activate(mem.clone(), irq.clone(), vec![aq], None)
+            .unwrap();
         assert!(blk.is_active());
 
         let r = drv.read(5, 512);
@@ -677,7 +686,9 @@ mod tests {
             queue: drv.queue(),
             kick: kick.try_clone().unwrap(),
         };
-        assert!(blk.activate(mem.clone(), irq.clone(), vec![aq]).is_err());
+        assert!(blk
+            .activate(mem.clone(), irq.clone(), vec![aq], None)
+            .is_err());
 
         VirtioDevice::pause(&mut blk).unwrap();
         blk.reset();
@@ -692,7 +703,8 @@ mod tests {
             queue: drv.queue(),
             kick: kick.try_clone().unwrap(),
         };
-        blk.activate(mem.clone(), irq.clone(), vec![aq]).unwrap();
+        blk.activate(mem.clone(), irq.clone(), vec![aq], None)
+            .unwrap();
         drv.read(0, 512);
         kick.write(1).unwrap();
         wait_until("read after re-activation", || drv.used_idx() == 1);
@@ -716,7 +728,8 @@ mod tests {
             queue: drv.queue(),
             kick: kick.try_clone().unwrap(),
         };
-        blk.activate(mem.clone(), irq.clone(), vec![aq]).unwrap();
+        blk.activate(mem.clone(), irq.clone(), vec![aq], None)
+            .unwrap();
         assert!(blk.is_active());
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(drv.used_idx(), 0, "activated while paused but served");
@@ -741,20 +754,22 @@ mod tests {
             queue: q,
             kick: EventFd::new(EFD_NONBLOCK).unwrap(),
         };
-        assert!(blk.activate(mem.clone(), irq.clone(), vec![]).is_err());
+        assert!(blk
+            .activate(mem.clone(), irq.clone(), vec![], None)
+            .is_err());
         let two = vec![aq(drv.queue()), aq(drv.queue())];
-        assert!(blk.activate(mem.clone(), irq.clone(), two).is_err());
+        assert!(blk.activate(mem.clone(), irq.clone(), two, None).is_err());
         let mut not_ready = drv.queue();
         not_ready.set_ready(false);
         assert!(blk
-            .activate(mem.clone(), irq.clone(), vec![aq(not_ready)])
+            .activate(mem.clone(), irq.clone(), vec![aq(not_ready)], None)
             .is_err());
         let mut outside = drv.queue();
         outside
             .try_set_used_ring_address(vm_memory::GuestAddress(MEM_SIZE))
             .unwrap();
         let e = blk
-            .activate(mem.clone(), irq.clone(), vec![aq(outside)])
+            .activate(mem.clone(), irq.clone(), vec![aq(outside)], None)
             .unwrap_err();
         assert!(e.to_string().contains("blk0"), "{e}");
         assert!(!blk.is_active());

@@ -23,7 +23,7 @@ use super::metrics::BlockMetrics;
 use super::request::{process_chain, Failure, RequestLimits, ID_BYTES};
 use crate::legacy::LogLimiter;
 use crate::virtio::worker::WorkerBody;
-use crate::virtio::{VirtioInterrupt, VirtioInterruptType};
+use crate::virtio::{AccessPlatform, VirtioInterrupt, VirtioInterruptType};
 use crate::GuestMemoryMmap;
 
 /// Everything a [`QueueHandler`] serves requests with.
@@ -48,6 +48,8 @@ pub struct QueueHandlerParts {
     pub metrics: Arc<BlockMetrics>,
     /// Set when the queue can no longer be served.
     pub needs_reset: Arc<AtomicBool>,
+    /// Translates buffer addresses when the device sits behind an IOMMU.
+    pub access: Option<Arc<dyn AccessPlatform>>,
 }
 
 /// Serves the block device's request queue; runs on a [`crate::virtio::worker::Worker`], or
@@ -116,6 +118,7 @@ impl QueueHandler {
                     &self.p.limits,
                     &self.p.serial,
                     &self.p.metrics,
+                    self.p.access.as_deref(),
                 );
                 match &done.failure {
                     Some(Failure::Invalid(e)) if self.invalid_log.allow() => log::warn!(
@@ -221,7 +224,7 @@ mod tests {
         let mut drv = Driver::new(&mem, 64);
         let irq = std::sync::Arc::new(CountingInterrupt::default());
         let mut h = blk
-            .queue_handler(mem.clone(), drv.queue(), irq.clone())
+            .queue_handler(mem.clone(), drv.queue(), irq.clone(), None)
             .unwrap();
         // The driver leaves used_event at 0: it only wants to hear about the first completion.
         drv.set_used_event(0);
@@ -259,7 +262,7 @@ mod tests {
         let mut drv = Driver::new(&mem, 16);
         let irq = std::sync::Arc::new(CountingInterrupt::default());
         let mut h = blk
-            .queue_handler(mem.clone(), drv.queue(), irq.clone())
+            .queue_handler(mem.clone(), drv.queue(), irq.clone(), None)
             .unwrap();
         mem.write_obj(1u16, GuestAddress(AVAIL_RING)).unwrap();
         drv.read(0, 512);

@@ -226,7 +226,8 @@ mod tests {
             queue: drv.queue(),
             kick: kick.try_clone().unwrap(),
         };
-        a.activate(mem.clone(), irq.clone(), vec![aq]).unwrap();
+        a.activate(mem.clone(), irq.clone(), vec![aq], None)
+            .unwrap();
         drv.read(0, 512);
         kick.write(1).unwrap();
         wait_until(|| drv.used_idx() == 1);
@@ -248,7 +249,8 @@ mod tests {
             queue: drv.queue(),
             kick: kick.try_clone().unwrap(),
         };
-        b.activate(mem.clone(), irq.clone(), vec![aq]).unwrap();
+        b.activate(mem.clone(), irq.clone(), vec![aq], None)
+            .unwrap();
         wait_until(|| drv.used_idx() == 2);
         assert_eq!(drv.bytes(r.data, 512), vec![4; 512]);
         assert_eq!(drv.used(1).0, u32::from(r.head));

@@ -35,6 +35,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::disk::{DiskImage, Segment, SECTOR_SHIFT, SECTOR_SIZE};
 use super::metrics::BlockMetrics;
+use crate::virtio::{AccessPlatform, DmaAccess};
 use crate::GuestMemoryMmap;
 
 /// Size of the request header (`struct virtio_blk_outhdr`: type, reserved, sector).
@@ -134,6 +135,14 @@ pub enum RequestError {
     /// Unknown or reserved flags in a discard / write-zeroes range.
     #[error("unsupported discard/write-zeroes flags {0:#x}")]
     UnsupportedFlags(u32),
+    /// The IOMMU refused to translate a buffer of descriptor `index` (a fault event was reported).
+    #[error("descriptor {index}: IOMMU fault at device address {addr:#x}")]
+    IommuFault {
+        /// Position of the descriptor in the chain.
+        index: usize,
+        /// The faulting device address.
+        addr: u64,
+    },
     /// A request type the device does not implement (or whose feature was not negotiated).
     #[error("unsupported request type {0}")]
     UnsupportedType(u32),
@@ -284,12 +293,63 @@ fn read_from_segments(
     Ok(())
 }
 
+/// The guest-physical segments of descriptor `index` (translated through `access` when the
+/// device sits behind an IOMMU), each checked to lie in guest RAM.
+fn guest_segments(
+    mem: &GuestMemoryMmap,
+    access: Option<&dyn AccessPlatform>,
+    index: usize,
+    d: &Descriptor,
+) -> Result<Vec<Segment>, RequestError> {
+    let outside = |addr: GuestAddress, len: u32| RequestError::OutsideGuestMemory {
+        index,
+        addr: addr.0,
+        len,
+    };
+    let Some(platform) = access else {
+        if !in_guest_ram(mem, d.addr(), u64::from(d.len())) {
+            return Err(outside(d.addr(), d.len()));
+        }
+        return Ok(vec![Segment {
+            addr: d.addr(),
+            len: d.len(),
+        }]);
+    };
+    let dir = if d.is_write_only() {
+        DmaAccess::Write
+    } else {
+        DmaAccess::Read
+    };
+    let mut parts = Vec::with_capacity(1);
+    platform
+        .translate(d.addr().0, u64::from(d.len()), dir, &mut parts)
+        .map_err(|f| RequestError::IommuFault {
+            index,
+            addr: f.addr,
+        })?;
+    parts
+        .into_iter()
+        .map(|(addr, len)| {
+            // Each part is a piece of the descriptor, so it fits in u32.
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
+            if in_guest_ram(mem, addr, u64::from(len)) {
+                Ok(Segment { addr, len })
+            } else {
+                Err(outside(addr, len))
+            }
+        })
+        .collect()
+}
+
 impl Request {
-    /// Walk and validate one descriptor chain.
+    /// Walk and validate one descriptor chain. With `access` (a device behind an IOMMU) every
+    /// buffer address is a device address, translated (and possibly split) into guest-physical
+    /// segments.
     pub fn parse<M>(
         chain: DescriptorChain<M>,
         mem: &GuestMemoryMmap,
         limits: &RequestLimits,
+        access: Option<&dyn AccessPlatform>,
     ) -> Result<Request, Rejection>
     where
         M: Deref<Target = GuestMemoryMmap>,
@@ -323,14 +383,13 @@ impl Request {
         if last.len() == 0 {
             return Err(no_status(RequestError::EmptyStatus));
         }
-        let status_addr = GuestAddress(last.addr().0.wrapping_add(u64::from(last.len()) - 1));
-        if !in_guest_ram(mem, last.addr(), u64::from(last.len())) {
-            return Err(no_status(RequestError::OutsideGuestMemory {
-                index: descs.len() - 1,
-                addr: last.addr().0,
-                len: last.len(),
-            }));
-        }
+        let last_index = descs.len() - 1;
+        let last_segs = guest_segments(mem, access, last_index, &last).map_err(no_status)?;
+        let status_addr = match last_segs.last() {
+            // Non-empty segments of a checked range: the last byte is inside it.
+            Some(seg) => GuestAddress(seg.addr.0 + u64::from(seg.len) - 1),
+            None => return Err(no_status(RequestError::EmptyStatus)),
+        };
         let reject = |error| Rejection {
             status_addr: Some(status_addr),
             error,
@@ -344,24 +403,19 @@ impl Request {
             if d.len() == 0 {
                 return Err(reject(RequestError::ZeroLengthDescriptor { index }));
             }
-            if !in_guest_ram(mem, d.addr(), u64::from(d.len())) {
-                return Err(reject(RequestError::OutsideGuestMemory {
-                    index,
-                    addr: d.addr().0,
-                    len: d.len(),
-                }));
+            if !d.is_write_only() && !writable.is_empty() {
+                return Err(reject(RequestError::ReadableAfterWritable { index }));
             }
-            let seg = Segment {
-                addr: d.addr(),
-                len: d.len(),
+            let segs = if index == last_index {
+                last_segs.clone()
+            } else {
+                guest_segments(mem, access, index, d).map_err(reject)?
             };
             if d.is_write_only() {
-                writable.push(seg);
+                writable.extend(segs);
                 wlen += u64::from(d.len());
-            } else if !writable.is_empty() {
-                return Err(reject(RequestError::ReadableAfterWritable { index }));
             } else {
-                readable.push(seg);
+                readable.extend(segs);
                 rlen += u64::from(d.len());
             }
         }
@@ -577,11 +631,12 @@ pub fn process_chain<M>(
     limits: &RequestLimits,
     serial: &[u8; ID_BYTES],
     metrics: &BlockMetrics,
+    access: Option<&dyn AccessPlatform>,
 ) -> Completion
 where
     M: Deref<Target = GuestMemoryMmap>,
 {
-    let (status_addr, status, written, failure) = match Request::parse(chain, mem, limits) {
+    let (status_addr, status, written, failure) = match Request::parse(chain, mem, limits, access) {
         Ok(req) => match req.execute(disk, mem, serial, metrics) {
             Ok(n) => (Some(req.status_addr), VIRTIO_BLK_S_OK as u8, n, None),
             Err(e) => {
@@ -837,6 +892,100 @@ mod tests {
             assert_eq!(run_one(&mut h, &drv).1, 1);
             assert_eq!(drv.status(&r), UNSUPP);
         }
+    }
+
+    #[test]
+    fn iommu_translated_buffers_split_across_mappings_and_faults_fail_only_the_request() {
+        use std::sync::Arc;
+
+        use super::super::Block;
+        use crate::virtio::access::test_support::TableAccess;
+        use crate::virtio::DmaAccess;
+
+        let img = patterned("iommu");
+        let mem = guest_mem();
+        let mut blk = Block::new(config(&img.path, false)).unwrap();
+        blk.set_acked_features(blk.avail_features());
+        let mut drv = Driver::new(&mem, 16);
+        let hd = drv.alloc(16);
+        let d1 = drv.alloc(256);
+        let _gap = drv.alloc(64);
+        let d2 = drv.alloc(256);
+        let st = drv.alloc(1);
+        // Device addresses: the header, one 512-byte buffer made of two mappings to
+        // non-adjacent guest-physical ranges, the status byte.
+        let (ihd, idata, ist) = (0x1000_0000u64, 0x2000_0000u64, 0x3000_0000u64);
+        let access = Arc::new(TableAccess::new(&[
+            (ihd, hd, 16),
+            (idata, d1, 256),
+            (idata + 256, d2, 256),
+            (ist, st, 1),
+        ]));
+        let mut h = blk
+            .queue_handler(
+                mem.clone(),
+                drv.queue(),
+                Arc::new(CountingInterrupt::default()),
+                Some(access.clone()),
+            )
+            .unwrap();
+        let header = |t: u32, sector: u64| {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&t.to_le_bytes());
+            b[8..].copy_from_slice(&sector.to_le_bytes());
+            mem.write_slice(&b, GuestAddress(hd)).unwrap();
+        };
+
+        // Read sector 3 (all 4s) through the split buffer.
+        header(VIRTIO_BLK_T_IN, 3);
+        drv.push(&[(ihd, 16, 0), (idata, 512, W), (ist, 1, W)]);
+        assert_eq!(run_one(&mut h, &drv).1, 513);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(st)).unwrap(), OK);
+        assert_eq!(drv.bytes(d1, 256), vec![4; 256]);
+        assert_eq!(drv.bytes(d2, 256), vec![4; 256]);
+        assert_eq!(
+            drv.bytes(d1 + 256, 64),
+            vec![0xee; 64],
+            "the gap is untouched"
+        );
+
+        // Write sector 5 from the split buffer.
+        mem.write_slice(&[0x5a; 256], GuestAddress(d1)).unwrap();
+        mem.write_slice(&[0xa5; 256], GuestAddress(d2)).unwrap();
+        header(VIRTIO_BLK_T_OUT, 5);
+        drv.push(&[(ihd, 16, 0), (idata, 512, 0), (ist, 1, W)]);
+        run_one(&mut h, &drv);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(st)).unwrap(), OK);
+        let c = img.contents();
+        assert_eq!(&c[5 * 512..5 * 512 + 256], &[0x5a; 256][..]);
+        assert_eq!(&c[5 * 512 + 256..6 * 512], &[0xa5; 256][..]);
+
+        // Unmap the second half: the request fails with IOERR, a fault is reported for the
+        // first unmapped device address, nothing is read into the first half.
+        access.maps.lock().unwrap().retain(|m| m.0 != idata + 256);
+        mem.write_slice(&[0xee; 256], GuestAddress(d1)).unwrap();
+        header(VIRTIO_BLK_T_IN, 3);
+        drv.push(&[(ihd, 16, 0), (idata, 512, W), (ist, 1, W)]);
+        assert_eq!(run_one(&mut h, &drv).1, 1);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(st)).unwrap(), IOERR);
+        assert_eq!(drv.bytes(d1, 256), vec![0xee; 256]);
+        let faults = access.faults.lock().unwrap().clone();
+        assert_eq!(faults.len(), 1);
+        assert_eq!(faults[0].addr, idata + 256);
+        assert_eq!(faults[0].access, DmaAccess::Write);
+
+        // An unmapped status byte: no status can be written, the chain is still returned.
+        header(VIRTIO_BLK_T_IN, 3);
+        drv.push(&[(ihd, 16, 0), (idata, 512, W), (0x4000_0000, 1, W)]);
+        assert_eq!(run_one(&mut h, &drv).1, 0);
+
+        // Once the guest maps the range again, requests through it work.
+        access.maps.lock().unwrap().push((idata + 256, d2, 256));
+        header(VIRTIO_BLK_T_IN, 3);
+        drv.push(&[(ihd, 16, 0), (idata, 512, W), (ist, 1, W)]);
+        assert_eq!(run_one(&mut h, &drv).1, 513);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(st)).unwrap(), OK);
+        assert_eq!(drv.bytes(d1, 256), vec![4; 256]);
     }
 
     #[test]

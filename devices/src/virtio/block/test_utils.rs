@@ -308,7 +308,7 @@ pub fn setup<'a>(
     let drv = Driver::new(mem, size);
     let irq = Arc::new(CountingInterrupt::default());
     let h = blk
-        .queue_handler(mem.clone(), drv.queue(), irq.clone())
+        .queue_handler(mem.clone(), drv.queue(), irq.clone(), None)
         .unwrap();
     (blk, drv, h, irq)
 }

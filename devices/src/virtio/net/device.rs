@@ -15,7 +15,9 @@ use super::{queues, MacAddr, NetBackend, NetConfig, NetError, TapSource, NET_QUE
 use crate::legacy::log_limit::LogLimiter;
 use crate::virtio::common::{queue_from_state, WorkerSlot};
 use crate::virtio::features::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1};
-use crate::virtio::{device_type, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt};
+use crate::virtio::{
+    device_type, AccessPlatform, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt,
+};
 use crate::GuestMemoryMmap;
 
 /// Link status bit of the configuration space's `status` field.
@@ -211,6 +213,7 @@ impl VirtioDevice for Net {
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<ActivatedQueue>,
+        access: Option<Arc<dyn AccessPlatform>>,
     ) -> Result<(), VirtioError> {
         if self.worker.is_active() {
             return Err(self.activate_error("already active"));
@@ -269,7 +272,8 @@ impl VirtioDevice for Net {
             tx.kick,
             backend,
             self.metrics.clone(),
-        );
+        )
+        .with_access(access);
         self.restored_queues = None;
         self.worker.start(&self.id, body)
     }

@@ -25,7 +25,7 @@ use crate::virtio::common::{
     avail_ok, mark_dirty, notify, return_chain, ChainError, DescChain, GuestIoVecs,
 };
 use crate::virtio::worker::WorkerBody;
-use crate::virtio::VirtioInterrupt;
+use crate::virtio::{AccessPlatform, VirtioInterrupt};
 use crate::GuestMemoryMmap;
 
 /// Frames handled per wake-up before other fds get a turn.
@@ -56,6 +56,7 @@ pub(crate) struct NetWorker {
     /// Whether the backend fd is in the epoll set.
     backend_watched: bool,
     chain: DescChain,
+    access: Option<Arc<dyn AccessPlatform>>,
     limits: Limits,
 }
 
@@ -84,8 +85,15 @@ impl NetWorker {
             metrics,
             backend_watched: false,
             chain: DescChain::default(),
+            access: None,
             limits: Limits::default(),
         }
+    }
+
+    /// Translate the guest's buffer addresses through `access` (a device behind an IOMMU).
+    pub fn with_access(mut self, access: Option<Arc<dyn AccessPlatform>>) -> Self {
+        self.access = access;
+        self
     }
 
     fn invalid(&mut self, queue: &str, e: ChainError) {
@@ -120,25 +128,28 @@ impl NetWorker {
             }
             while let Some(chain) = self.tx.pop_descriptor_chain(&mem) {
                 handled += 1;
-                let res = self.chain.fill(chain, &mem).and_then(|_| {
-                    if !self.chain.writable.is_empty() {
-                        return Err(ChainError::Direction("writable"));
-                    }
-                    let have = self.chain.readable_len;
-                    if have < MIN_TX_FRAME as u64 {
-                        return Err(ChainError::TooShort {
-                            have,
-                            need: MIN_TX_FRAME as u64,
-                        });
-                    }
-                    if have > MAX_TX_FRAME as u64 {
-                        return Err(ChainError::TooLong {
-                            have,
-                            max: MAX_TX_FRAME as u64,
-                        });
-                    }
-                    GuestIoVecs::new(&mem, &self.chain.readable, MAX_TX_FRAME)
-                });
+                let res = self
+                    .chain
+                    .fill(chain, &mem, self.access.as_deref())
+                    .and_then(|_| {
+                        if !self.chain.writable.is_empty() {
+                            return Err(ChainError::Direction("writable"));
+                        }
+                        let have = self.chain.readable_len;
+                        if have < MIN_TX_FRAME as u64 {
+                            return Err(ChainError::TooShort {
+                                have,
+                                need: MIN_TX_FRAME as u64,
+                            });
+                        }
+                        if have > MAX_TX_FRAME as u64 {
+                            return Err(ChainError::TooLong {
+                                have,
+                                max: MAX_TX_FRAME as u64,
+                            });
+                        }
+                        GuestIoVecs::new(&mem, &self.chain.readable, MAX_TX_FRAME)
+                    });
                 match res {
                     Ok(iov) => match self.backend.send(&iov) {
                         Ok(_) => {
@@ -215,18 +226,21 @@ impl NetWorker {
                 stop_watching = true;
                 break;
             };
-            let res = self.chain.fill(chain, &mem).and_then(|_| {
-                if !self.chain.readable.is_empty() {
-                    return Err(ChainError::Direction("readable"));
-                }
-                if self.chain.writable_len < MIN_RX_BUFFER {
-                    return Err(ChainError::TooShort {
-                        have: self.chain.writable_len,
-                        need: MIN_RX_BUFFER,
-                    });
-                }
-                GuestIoVecs::new(&mem, &self.chain.writable, MAX_TX_FRAME)
-            });
+            let res = self
+                .chain
+                .fill(chain, &mem, self.access.as_deref())
+                .and_then(|_| {
+                    if !self.chain.readable.is_empty() {
+                        return Err(ChainError::Direction("readable"));
+                    }
+                    if self.chain.writable_len < MIN_RX_BUFFER {
+                        return Err(ChainError::TooShort {
+                            have: self.chain.writable_len,
+                            need: MIN_RX_BUFFER,
+                        });
+                    }
+                    GuestIoVecs::new(&mem, &self.chain.writable, MAX_TX_FRAME)
+                });
             let head = self.chain.head;
             let len = match res {
                 Ok(mut iov) => match self.backend.recv(&mut iov) {

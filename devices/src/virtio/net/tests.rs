@@ -63,8 +63,13 @@ fn frame(len: usize, tag: u8) -> Vec<u8> {
 
 fn activate(dev: &mut Net, env: &TestEnv) {
     dev.set_acked_features(VIRTIO_F_VERSION_1 | features::MAC | features::STATUS);
-    dev.activate(env.mem.clone(), env.irq.clone(), env.activated_queues())
-        .unwrap();
+    dev.activate(
+        env.mem.clone(),
+        env.irq.clone(),
+        env.activated_queues(),
+        None,
+    )
+    .unwrap();
 }
 
 fn counter(dev: &Net, name: &str) -> u64 {
@@ -152,17 +157,29 @@ fn activation_needs_version_1_and_both_queues() {
     let env = TestEnv::new(2);
     dev.set_acked_features(features::MAC);
     assert!(dev
-        .activate(env.mem.clone(), env.irq.clone(), env.activated_queues())
+        .activate(
+            env.mem.clone(),
+            env.irq.clone(),
+            env.activated_queues(),
+            None
+        )
         .is_err());
     dev.set_acked_features(VIRTIO_F_VERSION_1);
     let mut qs = env.activated_queues();
     qs.pop();
-    assert!(dev.activate(env.mem.clone(), env.irq.clone(), qs).is_err());
+    assert!(dev
+        .activate(env.mem.clone(), env.irq.clone(), qs, None)
+        .is_err());
     // The backend survives failed activations.
     activate(&mut dev, &env);
     assert!(
-        dev.activate(env.mem.clone(), env.irq.clone(), env.activated_queues())
-            .is_err(),
+        dev.activate(
+            env.mem.clone(),
+            env.irq.clone(),
+            env.activated_queues(),
+            None
+        )
+        .is_err(),
         "already active"
     );
     dev.reset();
@@ -367,7 +384,12 @@ fn state_round_trip_and_restore_continues_where_it_stopped() {
     dev.reset();
     // The transport hands over queues with fresh indices; the device continues at 1.
     fresh
-        .activate(env.mem.clone(), env.irq.clone(), env.activated_queues())
+        .activate(
+            env.mem.clone(),
+            env.irq.clone(),
+            env.activated_queues(),
+            None,
+        )
         .unwrap();
     let f = frame(70, 2);
     env.q(TX).add_readable(&env.mem, &[&f]);
@@ -564,8 +586,13 @@ fn real_tap_carries_frames_both_ways() {
             | features::GUEST_TSO4
             | features::HOST_TSO4,
     );
-    dev.activate(env.mem.clone(), env.irq.clone(), env.activated_queues())
-        .unwrap();
+    dev.activate(
+        env.mem.clone(),
+        env.irq.clone(),
+        env.activated_queues(),
+        None,
+    )
+    .unwrap();
 
     // Guest → host: the frame shows up on the interface.
     let f = frame(100, 0x66);
