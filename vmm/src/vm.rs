@@ -80,7 +80,7 @@ fn plug_virtio_devices(
             .collect();
         plug(Box::new(dev), slot, None)?;
         log::info!(
-            "{IOMMU_DEVICE_ID}: virtio-iommu at 00:{slot:02x}.0 for endpoint(s) {endpoints:#x?}"
+            "{IOMMU_DEVICE_ID}: virtio-iommu at 00:{slot:02x}.0 for endpoint(s) {endpoints:x?}"
         );
         iommu = Some(views);
     }

@@ -86,7 +86,9 @@ fn linux_bzimage() {
 }
 
 #[test]
-fn linux_root_on_virtio_blk_with_net_console_rng() {
+/// Root on virtio-blk behind the virtio-iommu (as are the console and rng; the NIC is not): Linux
+/// finds the IOMMU through the VIOT, attaches the devices and mounts ext4 through translated DMA.
+fn linux_root_on_virtio_blk_behind_iommu_with_net_console_rng() {
     let (dir, rootfs) = match (smoke_kernel_dir(), smoke_rootfs()) {
         (Ok(d), Ok(r)) => (d, r),
         (Err(e), _) | (_, Err(e)) if std::env::var_os("SKIFF_SKIP_LINUX").is_some() => {
@@ -107,9 +109,9 @@ fn linux_root_on_virtio_blk_with_net_console_rng() {
         "console=ttyS0 console=hvc0 root=/dev/vda rw rootfstype=ext4 init=/init panic=-1 {}",
         linux_cpu_workaround()
     );
-    let disk = format!("path={},id=root,serial=skiff-root", root.display());
+    let disk = format!("path={},id=root,serial=skiff-root,iommu=on", root.display());
     let net = format!("tap={},id=net0,mac=52:54:00:12:34:56", ns.tap);
-    let con = format!("file={}", console.display());
+    let con = format!("file={},iommu=on", console.display());
     let kernel = dir.join("vmlinux");
     let mut cmd = ns.command(&skiff_bin());
     cmd.args([
@@ -122,6 +124,7 @@ fn linux_root_on_virtio_blk_with_net_console_rng() {
         "--console",
         &con,
         "--rng",
+        "iommu=on",
     ])
     .args([
         "--cmdline",
@@ -139,19 +142,32 @@ fn linux_root_on_virtio_blk_with_net_console_rng() {
         run.status
     );
     for line in [
-        "pci 0000:00:01.0: [1af4:1042]",
-        "pci 0000:00:02.0: [1af4:1041]",
-        "pci 0000:00:03.0: [1af4:1043]",
-        "pci 0000:00:04.0: [1af4:1044]",
-        "virtio_blk virtio0: [vda] 131072 512-byte logical blocks",
+        "ACPI: VIOT",
+        "pci 0000:00:01.0: [1af4:1057]",
+        "pci 0000:00:02.0: [1af4:1042]",
+        "pci 0000:00:03.0: [1af4:1041]",
+        "pci 0000:00:04.0: [1af4:1043]",
+        "pci 0000:00:05.0: [1af4:1044]",
+        "virtio_iommu virtio0: input address: 48 bits",
+        "virtio_iommu virtio0: page mask: 0xfffffffffffff000",
+        "virtio-pci 0000:00:02.0: Adding to iommu group",
+        "virtio-pci 0000:00:04.0: Adding to iommu group",
+        "virtio-pci 0000:00:05.0: Adding to iommu group",
+        "virtio_blk virtio1: [vda] 131072 512-byte logical blocks",
         "EXT4-fs (vda): mounted filesystem",
         "VFS: Mounted root (ext4 filesystem)",
         "Run /init as init process",
     ] {
         run.assert_stdout_has(line);
     }
+    // The NIC is not behind the IOMMU.
+    assert!(
+        !run.stdout.contains("0000:00:03.0: Adding to iommu group"),
+        "net0 was put behind the IOMMU\n{}",
+        run.log()
+    );
     // Every driver probed: each device reached DRIVER_OK (skiff logs the activation).
-    for id in ["root", "net0", "console0", "rng0"] {
+    for id in ["iommu0", "root", "net0", "console0", "rng0"] {
         assert!(
             run.stderr
                 .contains(&format!("{id}: driver ready, activated")),
