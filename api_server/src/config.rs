@@ -86,6 +86,9 @@ pub enum SerialConfig {
     File(PathBuf),
 }
 
+/// Id of the virtio-iommu device skiff adds when any device has `iommu=on`.
+pub const IOMMU_DEVICE_ID: &str = "iommu0";
+
 /// The whole VM configuration. Every part may be omitted from JSON and takes its default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -294,6 +297,11 @@ impl VmConfig {
         for d in &self.disks {
             check_readable_file("--disk path=", &d.path)?;
         }
+        if self.has_iommu() && self.device_ids().iter().any(|id| id == IOMMU_DEVICE_ID) {
+            return Err(ConfigError::Invalid(format!(
+                "device id {IOMMU_DEVICE_ID} is taken by the virtio-iommu added for iommu=on devices"
+            )));
+        }
         if self.console_iommu && self.console == ConsoleConfig::Off {
             return Err(ConfigError::Invalid(
                 "console_iommu needs a console device (console is off)".into(),
@@ -336,7 +344,16 @@ impl VmConfig {
 }
 
 impl VmConfig {
-    /// The id of every configurable device, defaults filled in, in creation order.
+    /// Whether any device sits behind the virtual IOMMU (skiff then adds a virtio-iommu).
+    pub fn has_iommu(&self) -> bool {
+        self.disks.iter().any(|d| d.iommu)
+            || self.nets.iter().any(|n| n.iommu)
+            || (self.console_iommu && self.console != ConsoleConfig::Off)
+            || self.rng.as_ref().is_some_and(|r| r.iommu)
+    }
+
+    /// The id of every configurable device, defaults filled in, in creation order (the
+    /// virtio-iommu not included).
     pub fn device_ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = Vec::new();
         for (i, d) in self.disks.iter().enumerate() {

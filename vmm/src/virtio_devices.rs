@@ -25,8 +25,7 @@ pub struct DeviceCreateError {
     pub reason: String,
 }
 
-/// Id of the virtio-iommu device skiff adds when a device asks for `iommu=on`.
-pub const IOMMU_DEVICE_ID: &str = "iommu0";
+pub use crate::config::IOMMU_DEVICE_ID;
 /// First PCI slot after the host bridge (slot 0).
 const FIRST_DEVICE_SLOT: u8 = 1;
 
@@ -52,15 +51,7 @@ impl PciPlan {
         if let Some(r) = &config.rng {
             behind.push(r.iommu);
         }
-        let has_iommu = behind.iter().any(|b| *b);
-        if has_iommu && config.device_ids().iter().any(|id| id == IOMMU_DEVICE_ID) {
-            return Err(DeviceCreateError {
-                what: "device",
-                id: IOMMU_DEVICE_ID.into(),
-                reason: "this id is taken by the virtio-iommu skiff adds for iommu=on devices"
-                    .into(),
-            });
-        }
+        let has_iommu = config.has_iommu();
         let first = FIRST_DEVICE_SLOT + u8::from(has_iommu);
         let count = behind.len() + usize::from(has_iommu);
         if usize::from(FIRST_DEVICE_SLOT) + count > 32 {
@@ -161,4 +152,66 @@ pub fn create_virtio_devices(
         out.push(Box::new(Rng::new(DevRngConfig { id, iommu: r.iommu })));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DiskConfig, RngConfig};
+
+    fn disk(iommu: bool) -> DiskConfig {
+        DiskConfig {
+            path: "/dev/null".into(),
+            readonly: false,
+            id: None,
+            serial: None,
+            iommu,
+        }
+    }
+
+    #[test]
+    fn plan_without_iommu_starts_at_slot_1() {
+        let c = VmConfig {
+            disks: vec![disk(false), disk(false)],
+            rng: Some(RngConfig::default()),
+            ..Default::default()
+        };
+        let p = PciPlan::new(&c).unwrap();
+        assert_eq!(p.iommu_slot, None);
+        assert_eq!(p.devices, [(1, false), (2, false), (3, false)]);
+        assert!(p.endpoint_slots().is_empty());
+    }
+
+    #[test]
+    fn plan_puts_the_iommu_first_and_lists_its_endpoints() {
+        let c = VmConfig {
+            disks: vec![disk(true), disk(false)],
+            console: ConsoleConfig::Pty,
+            console_iommu: true,
+            rng: Some(RngConfig {
+                id: None,
+                iommu: true,
+            }),
+            ..Default::default()
+        };
+        let p = PciPlan::new(&c).unwrap();
+        assert_eq!(p.iommu_slot, Some(1));
+        assert_eq!(p.devices, [(2, true), (3, false), (4, true), (5, true)]);
+        assert_eq!(p.endpoint_slots(), [2, 4, 5]);
+        assert_eq!(endpoint_id(2), 0x10);
+    }
+
+    #[test]
+    fn plan_refuses_more_devices_than_slots() {
+        let mut c = VmConfig {
+            disks: (0..31).map(|_| disk(false)).collect(),
+            ..Default::default()
+        };
+        assert!(PciPlan::new(&c).is_ok());
+        c.disks[0].iommu = true;
+        assert!(PciPlan::new(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("do not fit"));
+    }
 }

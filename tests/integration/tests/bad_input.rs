@@ -266,6 +266,27 @@ fn device_options_are_checked_before_the_guest_starts() {
         2,
         "both use stdout",
     );
+    // Virtual IOMMU options.
+    assert_refused(
+        &run_skiff(&["--console", "off,iommu=on"], DEADLINE),
+        2,
+        "needs a console device",
+    );
+    assert_refused(
+        &run_skiff(&["--rng", "iommu=maybe"], DEADLINE),
+        2,
+        "expected on or off",
+    );
+    assert_refused(
+        &run_skiff(&["--rng", "speed=fast"], DEADLINE),
+        2,
+        "unknown key",
+    );
+    assert_refused(
+        &run_skiff(&["--disk", &d(",id=iommu0,iommu=on")], DEADLINE),
+        2,
+        "taken by the virtio-iommu",
+    );
     // A TAP fd that is not open, and a file descriptor that is not a TAP.
     assert_refused(&run_skiff(&["--net", "fd=987"], DEADLINE), 1, "net0");
     // An empty image cannot be a disk.
