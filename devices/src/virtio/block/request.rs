@@ -293,14 +293,15 @@ fn read_from_segments(
     Ok(())
 }
 
-/// The guest-physical segments of descriptor `index` (translated through `access` when the
-/// device sits behind an IOMMU), each checked to lie in guest RAM.
+/// Append the guest-physical segments of descriptor `index` to `out` (translated through
+/// `access` when the device sits behind an IOMMU), each checked to lie in guest RAM.
 fn guest_segments(
     mem: &GuestMemoryMmap,
     access: Option<&dyn AccessPlatform>,
     index: usize,
     d: &Descriptor,
-) -> Result<Vec<Segment>, RequestError> {
+    out: &mut Vec<Segment>,
+) -> Result<(), RequestError> {
     let outside = |addr: GuestAddress, len: u32| RequestError::OutsideGuestMemory {
         index,
         addr: addr.0,
@@ -310,10 +311,11 @@ fn guest_segments(
         if !in_guest_ram(mem, d.addr(), u64::from(d.len())) {
             return Err(outside(d.addr(), d.len()));
         }
-        return Ok(vec![Segment {
+        out.push(Segment {
             addr: d.addr(),
             len: d.len(),
-        }]);
+        });
+        return Ok(());
     };
     let dir = if d.is_write_only() {
         DmaAccess::Write
@@ -327,18 +329,15 @@ fn guest_segments(
             index,
             addr: f.addr,
         })?;
-    parts
-        .into_iter()
-        .map(|(addr, len)| {
-            // Each part is a piece of the descriptor, so it fits in u32.
-            let len = u32::try_from(len).unwrap_or(u32::MAX);
-            if in_guest_ram(mem, addr, u64::from(len)) {
-                Ok(Segment { addr, len })
-            } else {
-                Err(outside(addr, len))
-            }
-        })
-        .collect()
+    for (addr, len) in parts {
+        // Each part is a piece of the descriptor, so it fits in u32.
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        if !in_guest_ram(mem, addr, u64::from(len)) {
+            return Err(outside(addr, len));
+        }
+        out.push(Segment { addr, len });
+    }
+    Ok(())
 }
 
 impl Request {
@@ -384,11 +383,22 @@ impl Request {
             return Err(no_status(RequestError::EmptyStatus));
         }
         let last_index = descs.len() - 1;
-        let last_segs = guest_segments(mem, access, last_index, &last).map_err(no_status)?;
-        let status_addr = match last_segs.last() {
-            // Non-empty segments of a checked range: the last byte is inside it.
-            Some(seg) => GuestAddress(seg.addr.0 + u64::from(seg.len) - 1),
-            None => return Err(no_status(RequestError::EmptyStatus)),
+        let status_addr = if access.is_some() {
+            let mut segs = Vec::with_capacity(2);
+            guest_segments(mem, access, last_index, &last, &mut segs).map_err(no_status)?;
+            match segs.last() {
+                // Non-empty segments of a checked range: the last byte is inside it.
+                Some(seg) => GuestAddress(seg.addr.0 + u64::from(seg.len) - 1),
+                None => return Err(no_status(RequestError::EmptyStatus)),
+            }
+        } else if in_guest_ram(mem, last.addr(), u64::from(last.len())) {
+            GuestAddress(last.addr().0 + u64::from(last.len()) - 1)
+        } else {
+            return Err(no_status(RequestError::OutsideGuestMemory {
+                index: last_index,
+                addr: last.addr().0,
+                len: last.len(),
+            }));
         };
         let reject = |error| Rejection {
             status_addr: Some(status_addr),
@@ -406,16 +416,11 @@ impl Request {
             if !d.is_write_only() && !writable.is_empty() {
                 return Err(reject(RequestError::ReadableAfterWritable { index }));
             }
-            let segs = if index == last_index {
-                last_segs.clone()
-            } else {
-                guest_segments(mem, access, index, d).map_err(reject)?
-            };
             if d.is_write_only() {
-                writable.extend(segs);
+                guest_segments(mem, access, index, d, &mut writable).map_err(reject)?;
                 wlen += u64::from(d.len());
             } else {
-                readable.extend(segs);
+                guest_segments(mem, access, index, d, &mut readable).map_err(reject)?;
                 rlen += u64::from(d.len());
             }
         }
