@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
@@ -405,28 +405,45 @@ async fn dispatch(req: Request<Incoming>, ctx: &Ctx) -> Result<ApiResponse, Http
             "{endpoint}: request body is larger than the limit of {limit} bytes"
         ))
     };
-    if let Some(len) = req.headers().get(CONTENT_LENGTH) {
-        if len
-            .to_str()
-            .ok()
-            .and_then(|l| l.parse::<u64>().ok())
-            .is_some_and(|l| l > limit as u64)
-        {
-            // Read and drop what the client is still sending (bounded) before answering, so it
-            // can read the 400 instead of failing its write on a socket we already closed.
-            let _ = Limited::new(req.into_body(), LINGER_MAX).collect().await;
-            return Err(too_big().into());
+    // Read the body frame by frame. Past the limit, keep reading and dropping what the client is
+    // still sending (up to LINGER_MAX, whether it announced a Content-Length or sends chunks) so
+    // it reads the 400 instead of failing its write on a socket we already closed.
+    let announced_too_big = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|l| l.to_str().ok())
+        .and_then(|l| l.parse::<u64>().ok())
+        .is_some_and(|l| l > limit as u64);
+    let mut incoming = req.into_body();
+    let mut body = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = incoming.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) if seen > limit || announced_too_big => {
+                log::debug!("{endpoint}: over-limit body ended early: {e}");
+                break;
+            }
+            Err(e) => {
+                return Err(
+                    ApiError::bad_request(format!("{endpoint}: cannot read the body: {e}")).into(),
+                )
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.len());
+        if seen > LINGER_MAX {
+            break;
+        }
+        if seen <= limit && !announced_too_big {
+            body.extend_from_slice(&data);
         }
     }
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_big().into()),
-        Err(e) => {
-            return Err(
-                ApiError::bad_request(format!("{endpoint}: cannot read the body: {e}")).into(),
-            )
-        }
-    };
+    if seen > limit || announced_too_big {
+        return Err(too_big().into());
+    }
     let action = parse_action(route, endpoint, &body)?;
     Ok(call_vmm(action, ctx).await)
 }
