@@ -86,9 +86,11 @@ pub fn endpoint_id(slot: u8) -> u32 {
     u32::from(slot) << 3
 }
 
-/// Create every configured virtio device.
+/// Create every configured virtio device. A `restoring` VM appends to its console output file
+/// instead of truncating it.
 pub fn create_virtio_devices(
     config: &VmConfig,
+    restoring: bool,
 ) -> Result<Vec<Box<dyn VirtioDevice>>, DeviceCreateError> {
     let mut ids = config.device_ids().into_iter();
     let mut out: Vec<Box<dyn VirtioDevice>> = Vec::new();
@@ -130,6 +132,7 @@ pub fn create_virtio_devices(
     let output = match &config.console {
         ConsoleConfig::Off => None,
         ConsoleConfig::Stdout => Some(ConsoleOutput::Stdout),
+        ConsoleConfig::File(p) if restoring => Some(ConsoleOutput::AppendFile(p.clone())),
         ConsoleConfig::File(p) => Some(ConsoleOutput::File(p.clone())),
         ConsoleConfig::Pty => Some(ConsoleOutput::Pty),
     };

@@ -442,11 +442,20 @@ impl Vm {
             SerialConfig::Off => None,
             SerialConfig::Stdout => Some(Box::new(StdoutWriter) as Box<dyn std::io::Write + Send>),
             SerialConfig::File(p) => {
-                Some(Box::new(File::create(p).map_err(|source| VmError::Open {
-                    what: "--serial file=",
-                    path: p.display().to_string(),
-                    source,
-                })?) as Box<dyn std::io::Write + Send>)
+                // A restored VM continues the output of the one it was saved from.
+                let restoring = matches!(source, Source::Snapshot { .. });
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(restoring)
+                    .truncate(!restoring)
+                    .open(p)
+                    .map_err(|source| VmError::Open {
+                        what: "--serial file=",
+                        path: p.display().to_string(),
+                        source,
+                    })?;
+                Some(Box::new(file) as Box<dyn std::io::Write + Send>)
             }
         }
         .map(|out| -> Result<_> {
@@ -549,7 +558,8 @@ impl Vm {
             id: "pci".into(),
             reason: e.to_string(),
         })?;
-        let virtio = create_virtio_devices(&config).map_err(|e| VmError::Device {
+        let restoring = matches!(source, Source::Snapshot { .. });
+        let virtio = create_virtio_devices(&config, restoring).map_err(|e| VmError::Device {
             id: e.id.clone(),
             reason: e.to_string(),
         })?;

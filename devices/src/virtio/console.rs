@@ -59,6 +59,8 @@ pub enum ConsoleOutput {
     Stdout,
     /// A file, created or truncated; no input.
     File(PathBuf),
+    /// A file appended to (created when absent), e.g. by a restored VM continuing its output.
+    AppendFile(PathBuf),
     /// A new pseudo terminal for both directions.
     Pty,
 }
@@ -266,11 +268,18 @@ impl Console {
                 };
                 (io, None, raw)
             }
-            ConsoleOutput::File(path) => {
-                let f = File::create(path).map_err(|source| ConsoleError::File {
-                    path: path.clone(),
-                    source,
-                })?;
+            ConsoleOutput::File(path) | ConsoleOutput::AppendFile(path) => {
+                let append = matches!(config.output, ConsoleOutput::AppendFile(_));
+                let f = OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(append)
+                    .truncate(!append)
+                    .open(path)
+                    .map_err(|source| ConsoleError::File {
+                        path: path.clone(),
+                        source,
+                    })?;
                 (
                     ConsoleIo {
                         out: Box::new(f),
@@ -815,6 +824,26 @@ mod tests {
         dev.reset();
         assert_eq!(std::fs::read(&dir).unwrap(), b"hello console\n");
         assert_eq!(dev.metrics().tx_bytes.load(Ordering::Relaxed), 14);
+
+        // A restored VM appends; a new one truncates.
+        let reopen = |output: ConsoleOutput| {
+            let mut dev = Console::new(ConsoleConfig {
+                id: "console0".into(),
+                output,
+                iommu: false,
+            })
+            .unwrap();
+            let env = TestEnv::new(2);
+            activate(&mut dev, &env);
+            env.q(TXQ).add_readable(&env.mem, &[b"more\n"]);
+            env.kick(TXQ);
+            env.wait_used(TXQ, 1);
+            dev.reset();
+        };
+        reopen(ConsoleOutput::AppendFile(dir.clone()));
+        assert_eq!(std::fs::read(&dir).unwrap(), b"hello console\nmore\n");
+        reopen(ConsoleOutput::File(dir.clone()));
+        assert_eq!(std::fs::read(&dir).unwrap(), b"more\n");
         let _ = std::fs::remove_file(&dir);
     }
 
