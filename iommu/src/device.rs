@@ -33,8 +33,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::domain::Fault;
 use crate::iommu::{fault_event, IommuState, Translator, OFFERED_FEATURES};
 use crate::protocol::{
-    encode_tail, parse_request, FaultEvent, IommuConfig, IommuStatus, FAULT_EVENT_SIZE,
-    REQ_TAIL_SIZE, VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_T_PROBE,
+    encode_tail, is_known_request, parse_request, FaultEvent, IommuConfig, IommuStatus,
+    FAULT_EVENT_SIZE, REQ_TAIL_SIZE, VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_PROBE,
+    VIRTIO_IOMMU_T_PROBE,
 };
 
 /// Largest size of each of the two queues.
@@ -367,9 +368,14 @@ impl VirtioDevice for VirtioIommu {
     fn reset(&mut self) {
         self.stop_worker();
         self.restored_queues = None;
-        if let Err(e) = self.translator.write().restore(&self.initial) {
+        let mut state = self.translator.write();
+        // The `bypass` config field survives a device reset (virtio 1.x 5.13.4); domains,
+        // attachments and negotiated features do not.
+        let bypass = state.config().bypass;
+        if let Err(e) = state.restore(&self.initial) {
             log::error!("{}: cannot reset the IOMMU state: {e}", self.id);
         }
+        state.set_bypass(bypass);
     }
 
     fn pause(&mut self) -> Result<(), VirtioError> {
@@ -534,6 +540,18 @@ impl IommuWorker {
             (0, IommuStatus::Inval, Vec::new())
         } else {
             let bytes = read_from_ranges(mem, &self.chain.readable, MAX_REQUEST);
+            // An unknown type, or PROBE without F_PROBE: not written, used length 0 (virtio 1.x
+            // 5.13.6.2 and 5.13.6.7.2).
+            let unknown = match bytes.first() {
+                Some(&t) if !is_known_request(t) => true,
+                Some(&VIRTIO_IOMMU_T_PROBE) => !self.translator.read().acked(VIRTIO_IOMMU_F_PROBE),
+                _ => false,
+            };
+            if unknown {
+                self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+                self.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
+                return 0;
+            }
             let tail_off = if bytes.first() == Some(&VIRTIO_IOMMU_T_PROBE) {
                 probe_size
             } else {
@@ -991,8 +1009,9 @@ mod tests {
     #[test]
     fn unknown_and_malformed_requests() {
         let (dev, env) = active();
+        // An unknown type is returned unwritten with a used length of 0.
         let (len, out) = env.call(&[42u8; 20], 4);
-        assert_eq!((len, out[0]), (4, IommuStatus::Unsupp.as_u8()));
+        assert_eq!((len, out[0]), (0, 0xaa));
         // Truncated ATTACH.
         let (len, out) = env.call(&attach(1, EP).encode()[..10], 4);
         assert_eq!((len, out[0]), (4, IommuStatus::Inval.as_u8()));
@@ -1102,12 +1121,44 @@ mod tests {
     }
 
     #[test]
-    fn reset_clears_domains() {
+    fn reset_clears_domains_but_keeps_bypass() {
         let (mut dev, env) = active();
         assert_eq!(env.status(attach(1, EP)), 0);
+        dev.write_config(IommuConfig::BYPASS_OFFSET as u64, &[1]);
         dev.reset();
         assert_eq!(dev.translator().read().domain_count(), 0);
         assert_eq!(dev.translator().read().endpoint_domain(EP), None);
+        let mut one = [0u8];
+        dev.read_config(IommuConfig::BYPASS_OFFSET as u64, &mut one);
+        assert_eq!(one, [1], "bypass survives a device reset");
+    }
+
+    #[test]
+    fn map_over_the_msi_window_is_refused() {
+        let (_dev, env) = active();
+        assert_eq!(env.status(attach(1, EP)), 0);
+        let inval = IommuStatus::Inval.as_u8();
+        assert_eq!(
+            env.status(map(1, 0xfee0_0000, 0xfee0_0fff, 0x10_0000)),
+            inval
+        );
+        assert_eq!(
+            env.status(map(1, 0xfe00_0000, 0xffff_ffff, 0x10_0000)),
+            inval
+        );
+        assert_eq!(env.status(map(1, 0xfed0_0000, 0xfedf_ffff, 0x10_0000)), 0);
+    }
+
+    #[test]
+    fn probe_without_the_probe_feature_is_returned_unwritten() {
+        let mut dev = VirtioIommu::new("iommu0".into(), cfg(), &[EP]).unwrap();
+        let env = Env::new();
+        dev.set_acked_features(dev.avail_features() & !(1 << VIRTIO_IOMMU_F_PROBE));
+        dev.activate(env.mem.clone(), env.irq.clone(), env.queues(), None)
+            .unwrap();
+        let (len, _) = env.call(&Request::Probe { endpoint: EP }.encode(), 68);
+        assert_eq!(len, 0);
+        assert_eq!(env.status(attach(1, EP)), 0, "the device keeps serving");
     }
 
     #[test]

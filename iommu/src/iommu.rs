@@ -15,11 +15,11 @@ use migration::{StateError, StateSection};
 
 use crate::domain::{Access, Domain, Fault, FaultReason};
 use crate::protocol::{
-    probe_properties, FaultEvent, IommuConfig, IommuStatus, Request, VIRTIO_IOMMU_FAULT_F_ADDRESS,
-    VIRTIO_IOMMU_FAULT_F_READ, VIRTIO_IOMMU_FAULT_F_WRITE, VIRTIO_IOMMU_FAULT_R_DOMAIN,
-    VIRTIO_IOMMU_FAULT_R_MAPPING, VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_DOMAIN_RANGE,
-    VIRTIO_IOMMU_F_INPUT_RANGE, VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_F_MMIO,
-    VIRTIO_IOMMU_F_PROBE, VIRTIO_IOMMU_MAP_F_MMIO,
+    overlaps_msi_window, probe_properties, FaultEvent, IommuConfig, IommuStatus, Request,
+    VIRTIO_IOMMU_FAULT_F_ADDRESS, VIRTIO_IOMMU_FAULT_F_READ, VIRTIO_IOMMU_FAULT_F_WRITE,
+    VIRTIO_IOMMU_FAULT_R_DOMAIN, VIRTIO_IOMMU_FAULT_R_MAPPING, VIRTIO_IOMMU_F_BYPASS_CONFIG,
+    VIRTIO_IOMMU_F_DOMAIN_RANGE, VIRTIO_IOMMU_F_INPUT_RANGE, VIRTIO_IOMMU_F_MAP_UNMAP,
+    VIRTIO_IOMMU_F_MMIO, VIRTIO_IOMMU_F_PROBE, VIRTIO_IOMMU_MAP_F_MMIO,
 };
 
 /// Section id of the saved state.
@@ -284,7 +284,8 @@ impl IommuState {
         }
     }
 
-    fn acked(&self, bit: u32) -> bool {
+    /// Whether feature `bit` (`VIRTIO_IOMMU_F_*`) was negotiated.
+    pub fn acked(&self, bit: u32) -> bool {
         self.acked_features & (1 << bit) != 0
     }
 
@@ -401,7 +402,8 @@ impl IommuState {
     }
 
     fn detach(&mut self, domain: u32, endpoint: u32) -> Result<(), IommuStatus> {
-        if !self.known_endpoints.contains(&endpoint) || !self.domains.contains_key(&domain) {
+        // NOENT is for an unknown endpoint only, so the driver can tell it from a wrong domain.
+        if !self.known_endpoints.contains(&endpoint) {
             return Err(IommuStatus::NoEnt);
         }
         if self.attached.get(&endpoint) != Some(&domain) {
@@ -435,6 +437,11 @@ impl IommuState {
         }
         if virt_start < self.config.input_start || virt_end > self.config.input_end {
             return Err(IommuStatus::Range);
+        }
+        // PROBE reports the MSI window as reserved for every endpoint: mapping over it is refused
+        // (virtio 1.x 5.13.6.8.1.2).
+        if overlaps_msi_window(virt_start, virt_end) {
+            return Err(IommuStatus::Inval);
         }
         entry.domain.map(virt_start, virt_end, phys, flags)?;
         let mut status = IommuStatus::Ok;
@@ -819,7 +826,8 @@ mod tests {
                     endpoint: 8
                 }
             ),
-            IommuStatus::NoEnt
+            IommuStatus::Inval,
+            "the domain is gone: INVAL, NOENT is for unknown endpoints"
         );
         assert_eq!(st(&mut s, attach(3, 16)), IommuStatus::Ok);
         assert_eq!(

@@ -288,7 +288,8 @@ pub fn parse_request(b: &[u8]) -> Result<Request, IommuStatus> {
     match req_type {
         VIRTIO_IOMMU_T_ATTACH => {
             let flags = le32(b, h + 8);
-            if flags & !VIRTIO_IOMMU_ATTACH_F_BYPASS != 0 {
+            // virtio 1.x 5.13.6.3.2: unknown flags and a non-zero `reserved` MUST be rejected.
+            if flags & !VIRTIO_IOMMU_ATTACH_F_BYPASS != 0 || le32(b, h + 12) != 0 {
                 return Err(IommuStatus::Inval);
             }
             Ok(Request::Attach {
@@ -337,6 +338,18 @@ pub fn parse_request(b: &[u8]) -> Result<Request, IommuStatus> {
         }),
         _ => Err(IommuStatus::Unsupp),
     }
+}
+
+/// Whether `req_type` is a request this device knows (an unknown one is returned unwritten, with
+/// a used length of 0, as the spec asks).
+pub fn is_known_request(req_type: u8) -> bool {
+    request_size(req_type).is_some()
+}
+
+/// Whether `[start, end]` overlaps the reserved MSI window reported by PROBE (MAP requests there
+/// are refused).
+pub fn overlaps_msi_window(start: u64, end: u64) -> bool {
+    start <= MSI_WINDOW_END && end >= MSI_WINDOW_START
 }
 
 /// Encode a request tail carrying `status`.
@@ -546,6 +559,15 @@ mod tests {
         .encode();
         attach[12] = 2;
         assert_eq!(parse_request(&attach), Err(IommuStatus::Inval));
+        // A non-zero reserved field of ATTACH must be rejected.
+        attach[12] = 0;
+        assert!(parse_request(&attach).is_ok());
+        attach[18] = 1;
+        assert_eq!(parse_request(&attach), Err(IommuStatus::Inval));
+        assert!(!is_known_request(42));
+        assert!(overlaps_msi_window(0xfed0_0000, 0xfee0_0000));
+        assert!(!overlaps_msi_window(0, 0xfedf_ffff));
+        assert!(!overlaps_msi_window(0xfef0_0000, u64::MAX));
 
         let map = |virt_start, virt_end, phys_start, flags| {
             Request::Map {
