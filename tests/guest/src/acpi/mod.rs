@@ -7,6 +7,7 @@ pub mod aml;
 pub mod fadt;
 pub mod madt;
 pub mod mcfg;
+pub mod viot;
 
 use alloc::vec::Vec;
 use core::fmt;

@@ -11,6 +11,8 @@ mod demo;
 mod hostile;
 mod idle;
 mod intx;
+mod iommu;
+mod iommu_bad;
 mod msix;
 mod panic;
 mod platform;
@@ -103,6 +105,16 @@ pub static SCENARIOS: &[Scenario] = &[
         name: "intx",
         about: "INTx of virtio-rng through the I/O APIC (intx.gsi= or the Interrupt Line)",
         run: intx::run,
+    },
+    Scenario {
+        name: "iommu",
+        about: "virtio-iommu: VIOT, probe, attach, virtio-blk through IOVA mappings (split buffer), unmap -> IOERR + fault report",
+        run: iommu::run,
+    },
+    Scenario {
+        name: "iommu-bad",
+        about: "virtio-iommu: malformed and invalid requests, each status checked against the virtio spec",
+        run: iommu_bad::run,
     },
     Scenario {
         name: "hostile",

@@ -3,6 +3,7 @@
 
 pub mod blk;
 pub mod console;
+pub mod iommu;
 pub mod net;
 pub mod pci;
 pub mod queue;
@@ -31,6 +32,9 @@ pub const F_INDIRECT_DESC: u64 = 1 << 28;
 pub const F_EVENT_IDX: u64 = 1 << 29;
 /// `VIRTIO_F_VERSION_1`.
 pub const F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_F_ACCESS_PLATFORM`: the device's DMA goes through the platform's IOMMU (addresses in
+/// rings and descriptors are IOVAs).
+pub const F_ACCESS_PLATFORM: u64 = 1 << 33;
 
 /// Device status bits.
 pub mod status {
@@ -58,6 +62,8 @@ pub mod types {
     pub const CONSOLE: u16 = 3;
     /// Entropy source.
     pub const RNG: u16 = 4;
+    /// IOMMU.
+    pub const IOMMU: u16 = 23;
 }
 
 /// The virtio device type of a PCI device ID (modern 0x1040 + type, or transitional).

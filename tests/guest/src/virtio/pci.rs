@@ -245,6 +245,21 @@ impl Transport {
         max_size: u16,
         msix_entry: Option<u16>,
     ) -> Result<Virtqueue, String> {
+        self.setup_queue_translated(index, max_size, msix_entry, &mut |gpa, _| Ok(gpa))
+    }
+
+    /// Like [`Transport::setup_queue`], for a device whose DMA goes through an IOMMU: `translate`
+    /// is called once per ring (descriptor table, available ring, used ring) with its
+    /// guest-physical address and length, makes it reachable for the device (maps it) and returns
+    /// the address the device must be given (its IOVA). The driver keeps using the
+    /// guest-physical addresses itself.
+    pub fn setup_queue_translated(
+        &self,
+        index: u16,
+        max_size: u16,
+        msix_entry: Option<u16>,
+        translate: &mut dyn FnMut(u64, usize) -> Result<u64, String>,
+    ) -> Result<Virtqueue, String> {
         let bdf = self.func.bdf;
         self.w16(QUEUE_SELECT, index);
         let offered = self.r16(QUEUE_SIZE);
@@ -256,9 +271,10 @@ impl Transport {
         let notify =
             self.notify_base + u64::from(self.r16(QUEUE_NOTIFY_OFF)) * u64::from(self.notify_mult);
         let q = Virtqueue::new(index, size, notify);
-        self.w64(QUEUE_DESC, q.desc);
-        self.w64(QUEUE_DRIVER, q.avail);
-        self.w64(QUEUE_DEVICE, q.used);
+        let [desc, avail, used] = q.regions();
+        self.w64(QUEUE_DESC, translate(desc.0, desc.1)?);
+        self.w64(QUEUE_DRIVER, translate(avail.0, avail.1)?);
+        self.w64(QUEUE_DEVICE, translate(used.0, used.1)?);
         if let Some(entry) = msix_entry {
             self.w16(QUEUE_MSIX_VECTOR, entry);
             let back = self.r16(QUEUE_MSIX_VECTOR);
@@ -331,6 +347,22 @@ impl Transport {
                 return out;
             }
         }
+    }
+
+    /// Write one byte of device configuration at `off` (the few writable config fields, such
+    /// as virtio-iommu's `bypass`).
+    pub fn device_config_write_u8(&self, off: u32, value: u8) {
+        assert!(
+            off < self.device_len,
+            "device config write beyond its region"
+        );
+        dma::write::<u8>(self.device + u64::from(off), value);
+    }
+
+    /// A little-endian `u32` of device configuration at `off`.
+    pub fn device_config_u32(&self, off: u32) -> u32 {
+        let b = self.device_config(off, 4);
+        u32::from_le_bytes(b[..4].try_into().unwrap())
     }
 
     /// A little-endian `u64` of device configuration at `off`.

@@ -99,6 +99,17 @@ impl Virtqueue {
         }
     }
 
+    /// `(guest-physical address, length)` of the descriptor table, the available ring and the
+    /// used ring.
+    pub fn regions(&self) -> [(u64, usize); 3] {
+        let n = usize::from(self.size);
+        [
+            (self.desc, 16 * n),
+            (self.avail, 6 + 2 * n),
+            (self.used, 6 + 8 * n),
+        ]
+    }
+
     /// Descriptors not owned by any chain.
     pub fn free_count(&self) -> usize {
         self.free.len()
