@@ -270,6 +270,13 @@ impl PciDevices {
         if let Some(access) = access {
             dev.set_access_platform(access);
         }
+        dev.set_error_hook(Arc::new(|id: &str, reason: &str| {
+            crate::events::emit(
+                "device",
+                "device-error",
+                serde_json::json!({ "id": id, "reason": reason }),
+            );
+        }));
 
         let mut bars = Vec::new();
         for (index, size, kind) in dev.bar_requests() {

@@ -82,6 +82,10 @@ pub trait VirtioInterrupt: Send + Sync {
     fn trigger(&self, int: VirtioInterruptType) -> io::Result<()>;
 }
 
+/// Told `(device id, reason)` when a device enters DEVICE_NEEDS_RESET after a driver error; the
+/// VMM turns it into a `device-error` event. Called from device worker or vCPU threads.
+pub type ErrorHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
 /// A queue handed to an activated device.
 pub struct ActivatedQueue {
     /// Queue index within the device.
@@ -151,6 +155,13 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), VirtioError>;
     /// Stop serving queues and drop them (driver reset); the device can be activated again.
     fn reset(&mut self);
+    /// Whether the device stopped serving after a driver error and needs a reset (reported to the
+    /// driver as DEVICE_NEEDS_RESET by the transport).
+    fn needs_reset(&self) -> bool {
+        false
+    }
+    /// Where to report entering the needs-reset state (devices that can enter it keep `hook`).
+    fn set_error_hook(&mut self, _hook: ErrorHook) {}
     /// Stop touching guest memory and raising interrupts until [`VirtioDevice::resume`].
     fn pause(&mut self) -> Result<(), VirtioError> {
         Ok(())

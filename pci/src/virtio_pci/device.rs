@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use devices::bus::BusDevice;
 use devices::legacy::{LogLimiter, StateReader, StateWriter};
 use devices::virtio::{
-    features, status, AccessPlatform, ActivatedQueue, DmaAccess, VirtioDevice, VirtioInterrupt,
-    VirtioInterruptType,
+    features, status, AccessPlatform, ActivatedQueue, DmaAccess, ErrorHook, VirtioDevice,
+    VirtioInterrupt, VirtioInterruptType,
 };
 use devices::GuestMemoryMmap;
 use migration::{Pausable, Snapshottable, StateError, StateSection};
@@ -96,6 +96,7 @@ pub struct VirtioPciDevice {
     pending_bar_move: Option<BarMove>,
     bad_access: LogLimiter,
     access: Option<Arc<dyn AccessPlatform>>,
+    error_hook: Option<ErrorHook>,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -297,6 +298,7 @@ impl VirtioPciDevice {
             pending_bar_move: None,
             bad_access: LogLimiter::new(),
             access: None,
+            error_hook: None,
         })
     }
 
@@ -306,6 +308,13 @@ impl VirtioPciDevice {
     /// IOMMU.
     pub fn set_access_platform(&mut self, access: Arc<dyn AccessPlatform>) {
         self.access = Some(access);
+    }
+
+    /// Report entering DEVICE_NEEDS_RESET (a failed activation here, a broken queue in the
+    /// device) to `hook`.
+    pub fn set_error_hook(&mut self, hook: ErrorHook) {
+        self.device.set_error_hook(hook.clone());
+        self.error_hook = Some(hook);
     }
 
     /// Whether the device sits behind an IOMMU (see [`Self::set_access_platform`]).
@@ -469,6 +478,9 @@ impl VirtioPciDevice {
         {
             if let Err(reason) = self.activate(false) {
                 log::error!("{}: activation failed: {reason}", self.id);
+                if let Some(hook) = &self.error_hook {
+                    hook(&self.id, &format!("activation failed: {reason}"));
+                }
                 self.common.status |= status::DEVICE_NEEDS_RESET;
                 if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Config) {
                     log::error!("{}: cannot raise the config interrupt: {e}", self.id);
@@ -554,6 +566,10 @@ impl VirtioPciDevice {
     fn read_bar(&mut self, offset: u64, data: &mut [u8]) {
         let len = data.len();
         if within(offset, len, COMMON_CFG_OFFSET, COMMON_CFG_LEN) {
+            // A device that broke on its own (e.g. a garbage available index) says so here.
+            if self.activated && self.device.needs_reset() {
+                self.common.status |= status::DEVICE_NEEDS_RESET;
+            }
             self.common.read(offset - COMMON_CFG_OFFSET, data);
         } else if within(offset, len, ISR_OFFSET, ISR_LEN) {
             data[0] = self.intx.isr.swap(0, Ordering::SeqCst);

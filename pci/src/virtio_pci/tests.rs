@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::BusDevice;
 use devices::virtio::{
-    device_type, features, status, AccessPlatform, ActivatedQueue, DmaAccess, DmaFault,
+    device_type, features, status, AccessPlatform, ActivatedQueue, DmaAccess, DmaFault, ErrorHook,
     VirtioDevice, VirtioError, VirtioInterrupt, VirtioInterruptType,
 };
 use devices::GuestMemoryMmap;
@@ -39,6 +39,10 @@ struct FakeState {
     fail_activate: bool,
     /// Whether each activation was given an access platform.
     access: Vec<bool>,
+    /// The device broke on its own and needs a reset.
+    broken: bool,
+    /// Whether the transport handed the device an error hook.
+    has_error_hook: bool,
 }
 
 struct FakeDevice(Arc<Mutex<FakeState>>);
@@ -105,9 +109,16 @@ impl VirtioDevice for FakeDevice {
         s.interrupt = Some(interrupt);
         Ok(())
     }
+    fn needs_reset(&self) -> bool {
+        self.0.lock().unwrap().broken
+    }
+    fn set_error_hook(&mut self, _hook: ErrorHook) {
+        self.0.lock().unwrap().has_error_hook = true;
+    }
     fn reset(&mut self) {
         let mut s = self.0.lock().unwrap();
         s.resets += 1;
+        s.broken = false;
         s.interrupt = None;
         s.kicks.clear();
     }
@@ -538,7 +549,16 @@ fn hostile_accesses() {
     setup_queue(&mut dev, 0, 64, 0x10001);
     driver_ok(&mut dev);
     assert!(!dev.activated());
-    // The device refusing to activate.
+    // The device refusing to activate: NEEDS_RESET, and the error hook hears of it.
+    let errors = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+    let seen = errors.clone();
+    dev.set_error_hook(Arc::new(move |id: &str, reason: &str| {
+        seen.lock().unwrap().push((id.into(), reason.into()));
+    }));
+    assert!(
+        state.lock().unwrap().has_error_hook,
+        "passed on to the device"
+    );
     wr(&mut dev, STATUS, 0, 1);
     state.lock().unwrap().fail_activate = true;
     negotiate(&mut dev, features::VIRTIO_F_VERSION_1);
@@ -546,6 +566,30 @@ fn hostile_accesses() {
     driver_ok(&mut dev);
     assert!(!dev.activated());
     assert_ne!(status(&mut dev) & status::DEVICE_NEEDS_RESET, 0);
+    let errors = errors.lock().unwrap().clone();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].0, "fake0");
+    assert!(errors[0].1.contains("told to fail"), "{errors:?}");
+}
+
+#[test]
+fn a_device_that_breaks_reports_needs_reset_until_the_driver_resets_it() {
+    let Setup { mut dev, state, .. } = setup();
+    negotiate(&mut dev, features::VIRTIO_F_VERSION_1);
+    setup_queue(&mut dev, 0, 16, 0x1_0000);
+    driver_ok(&mut dev);
+    assert!(dev.activated());
+    assert_eq!(status(&mut dev) & status::DEVICE_NEEDS_RESET, 0);
+    state.lock().unwrap().broken = true;
+    assert_ne!(status(&mut dev) & status::DEVICE_NEEDS_RESET, 0);
+    // The driver resets the device: the bit goes away and the device can be set up again.
+    wr(&mut dev, STATUS, 0, 1);
+    assert_eq!(status(&mut dev), 0);
+    negotiate(&mut dev, features::VIRTIO_F_VERSION_1);
+    setup_queue(&mut dev, 0, 16, 0x1_0000);
+    driver_ok(&mut dev);
+    assert!(dev.activated());
+    assert_eq!(status(&mut dev) & status::DEVICE_NEEDS_RESET, 0);
 }
 
 #[test]

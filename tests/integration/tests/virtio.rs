@@ -118,6 +118,46 @@ fn intx_through_the_ioapic() {
     run.assert_stdout_has("check: second-interrupt ok");
 }
 
+/// A driver that publishes an available index no queue can hold breaks the queue: virtio-blk
+/// reports DEVICE_NEEDS_RESET to the guest, skiff emits a `device-error` event naming the device,
+/// and after the driver resets it the device serves again.
+#[test]
+fn garbage_available_index_needs_reset_and_is_reported_as_an_event() {
+    let dir = temp_dir("garbage-avail");
+    let img = dir.join("g.img");
+    let mut image = b"garbage-avail-disk".to_vec();
+    image.resize(1 << 20, 0);
+    std::fs::write(&img, &image).unwrap();
+    let events = dir.join("events.jsonl");
+    let disk = format!("path={},id=victim", img.display());
+    let monitor = format!("path={}", events.display());
+    let run = run_skiff(
+        &[
+            "--disk",
+            &disk,
+            "--event-monitor",
+            &monitor,
+            "--cmdline",
+            "scenario=hostile hostile.garbage_avail=1",
+        ],
+        DEADLINE,
+    );
+    assert_checks_pass(&run);
+    run.assert_stdout_has("check: garbage-avail-needs-reset ok");
+    run.assert_stdout_has("check: garbage-avail-then-good-read ok");
+    let text = std::fs::read_to_string(&events).unwrap_or_default();
+    let errors: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "device-error")
+        .collect();
+    assert_eq!(errors.len(), 1, "events:\n{text}\n{}", run.log());
+    assert_eq!(errors[0]["source"], "device");
+    assert_eq!(errors[0]["properties"]["id"], "victim");
+    let reason = errors[0]["properties"]["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("available"), "{reason}");
+}
+
 #[test]
 fn hostile_descriptor_chains_are_rejected_and_the_devices_keep_serving() {
     let dir = temp_dir("hostile");

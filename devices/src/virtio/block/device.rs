@@ -23,7 +23,8 @@ use crate::legacy::LogLimiter;
 use crate::virtio::features::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1};
 use crate::virtio::worker::Worker;
 use crate::virtio::{
-    device_type, AccessPlatform, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt,
+    device_type, AccessPlatform, ActivatedQueue, ErrorHook, VirtioDevice, VirtioError,
+    VirtioInterrupt,
 };
 use crate::GuestMemoryMmap;
 
@@ -133,6 +134,8 @@ pub struct Block {
     pub(super) config: [u8; CONFIG_LEN],
     pub(super) metrics: Arc<BlockMetrics>,
     pub(super) needs_reset: Arc<AtomicBool>,
+    /// Told when the queue breaks.
+    pub(super) error_hook: Option<ErrorHook>,
     pub(super) active: Option<Active>,
     /// Queue position restored from a snapshot, used by the next activation.
     pub(super) restored_queue: Option<QueueState>,
@@ -224,6 +227,7 @@ impl Block {
             config,
             metrics: Arc::new(BlockMetrics::default()),
             needs_reset: Arc::new(AtomicBool::new(false)),
+            error_hook: None,
             active: None,
             restored_queue: None,
             pause_pending: false,
@@ -289,6 +293,7 @@ impl Block {
             metrics: self.metrics.clone(),
             needs_reset: self.needs_reset.clone(),
             access: None,
+            error_hook: self.error_hook.clone(),
         }
     }
 
@@ -461,6 +466,14 @@ impl VirtioDevice for Block {
         self.restored_queue = None;
         self.pause_pending = false;
         self.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    fn set_error_hook(&mut self, hook: ErrorHook) {
+        self.error_hook = Some(hook);
     }
 
     fn pause(&mut self) -> Result<(), VirtioError> {

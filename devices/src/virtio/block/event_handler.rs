@@ -23,7 +23,7 @@ use super::metrics::BlockMetrics;
 use super::request::{process_chain, Failure, RequestLimits, ID_BYTES};
 use crate::legacy::LogLimiter;
 use crate::virtio::worker::WorkerBody;
-use crate::virtio::{AccessPlatform, VirtioInterrupt, VirtioInterruptType};
+use crate::virtio::{AccessPlatform, ErrorHook, VirtioInterrupt, VirtioInterruptType};
 use crate::GuestMemoryMmap;
 
 /// Everything a [`QueueHandler`] serves requests with.
@@ -50,6 +50,8 @@ pub struct QueueHandlerParts {
     pub needs_reset: Arc<AtomicBool>,
     /// Translates buffer addresses when the device sits behind an IOMMU.
     pub access: Option<Arc<dyn AccessPlatform>>,
+    /// Told when the queue breaks (the device then needs a reset).
+    pub error_hook: Option<ErrorHook>,
 }
 
 /// Serves the block device's request queue; runs on a [`crate::virtio::worker::Worker`], or
@@ -179,6 +181,9 @@ impl QueueHandler {
             self.p.id
         );
         self.p.needs_reset.store(true, Ordering::SeqCst);
+        if let Some(hook) = &self.p.error_hook {
+            hook(&self.p.id, reason);
+        }
         self.trigger(VirtioInterruptType::Config);
     }
 
@@ -209,8 +214,10 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::super::test_utils::*;
+    use crate::virtio::block::Block;
     use crate::virtio::features::VIRTIO_F_EVENT_IDX;
     use crate::virtio::VirtioDevice;
+    use std::sync::Arc;
 
     fn interrupts(event_idx: bool) -> u64 {
         let img = patterned("evidx");
@@ -278,7 +285,18 @@ mod tests {
     fn garbage_avail_index_needs_reset() {
         let img = patterned("garbage");
         let mem = guest_mem();
-        let (blk, mut drv, mut h, irq) = setup(&img, false, &mem, 16);
+        let mut blk = Block::new(config(&img.path, false)).unwrap();
+        blk.set_acked_features(blk.avail_features());
+        let errors = Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+        let seen = errors.clone();
+        blk.set_error_hook(Arc::new(move |id: &str, reason: &str| {
+            seen.lock().unwrap().push((id.into(), reason.into()));
+        }));
+        let mut drv = Driver::new(&mem, 16);
+        let irq = Arc::new(CountingInterrupt::default());
+        let mut h = blk
+            .queue_handler(mem.clone(), drv.queue(), irq.clone(), None)
+            .unwrap();
         let flag = blk.needs_reset_flag();
         drv.read(0, 512);
         assert_eq!(h.process_queue(), 1);
@@ -287,7 +305,12 @@ mod tests {
         assert_eq!(h.process_queue(), 0);
         assert!(h.is_broken());
         assert!(flag.load(Ordering::SeqCst));
+        assert!(blk.needs_reset());
         assert_eq!(irq.config_count(), 1);
+        let errors = errors.lock().unwrap().clone();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].0, blk.id());
+        assert!(errors[0].1.contains("available"), "{errors:?}");
         // Nothing is served any more, and no further config interrupts are raised.
         drv.set_avail_idx(drv.avail_idx().wrapping_sub(17));
         drv.read(0, 512);

@@ -2,6 +2,10 @@
 //! each one the guest waits for the chain to come back (or a timeout), prints what happened,
 //! resets the device if it reports NEEDS_RESET, and checks that a good request still works.
 //!
+//! With `hostile.garbage_avail=1` only one case runs instead: the driver publishes an available
+//! index further ahead than the queue has entries, which no device can serve; the device must
+//! report NEEDS_RESET, and after a reset serve good requests again.
+//!
 //! Every bad buffer is harmless to the guest if the device honours it: device-writable bad
 //! buffers point at unmapped addresses or at a scratch page, and the huge buffer is a
 //! device-*readable* one (a write to the last sector).
@@ -230,6 +234,36 @@ fn submit_rng_case(r: &mut Rng, case: &str, scratch: u64) -> Option<u16> {
     }
 }
 
+/// The garbage-available-index case (see the module documentation).
+fn garbage_avail(b: &mut Blk, baseline: &[u8], wait_ms: u64) {
+    let ahead = b.q.size + 1;
+    b.q.publish_bogus_avail_idx(ahead);
+    let deadline = Deadline::after_ms(wait_ms);
+    while b.t.status() & status::NEEDS_RESET == 0 && !deadline.expired() {
+        crate::arch::time::delay_us(200);
+    }
+    let s = b.t.status();
+    println!(
+        "hostile: garbage-avail ({} entries ahead) -> device status {:#04x}",
+        ahead, s
+    );
+    check(
+        "garbage-avail-needs-reset",
+        s & status::NEEDS_RESET != 0,
+        format!("device status {s:#04x} without NEEDS_RESET"),
+    );
+    or_fail(b.reinit());
+    let good = good_blk_read(b);
+    check(
+        "garbage-avail-then-good-read",
+        matches!(&good, Ok(data) if data.as_slice() == baseline),
+        match &good {
+            Ok(_) => String::from("sector 0 changed"),
+            Err(e) => e.clone(),
+        },
+    );
+}
+
 /// Run the scenario; panic on failure.
 pub fn run(boot: &BootInfo) {
     let wait_ms = param_u64(boot, "hostile.wait_ms", 2_000);
@@ -249,6 +283,11 @@ pub fn run(boot: &BootInfo) {
         if b.indirect() { "yes" } else { "no" }
     );
     let baseline = or_fail(good_blk_read(&mut b));
+    if param_u64(boot, "hostile.garbage_avail", 0) != 0 {
+        garbage_avail(&mut b, &baseline, wait_ms);
+        println!("result: PASS");
+        return;
+    }
     for case in BLK_CASES {
         let scratch = dma::alloc(4096, 4096);
         let submitted = submit_blk_case(&mut b, case, scratch);

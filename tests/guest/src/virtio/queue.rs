@@ -140,6 +140,14 @@ impl Virtqueue {
         self.notify();
     }
 
+    /// Publish an available index `ahead` entries past the real one (a hostile driver: more new
+    /// entries than the queue has) and notify. The queue is unusable afterwards until reset.
+    pub fn publish_bogus_avail_idx(&mut self, ahead: u16) {
+        dma::write::<u16>(self.avail + 2, self.avail_idx.wrapping_add(ahead));
+        fence(Ordering::SeqCst);
+        self.notify();
+    }
+
     /// Write the queue index to the notify address.
     pub fn notify(&self) {
         dma::write::<u16>(self.notify, self.index);
