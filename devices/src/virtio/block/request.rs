@@ -383,10 +383,11 @@ impl Request {
             return Err(no_status(RequestError::EmptyStatus));
         }
         let last_index = descs.len() - 1;
+        // Behind an IOMMU the last descriptor is translated once, here, and reused below.
+        let mut last_segs: Vec<Segment> = Vec::new();
         let status_addr = if access.is_some() {
-            let mut segs = Vec::with_capacity(2);
-            guest_segments(mem, access, last_index, &last, &mut segs).map_err(no_status)?;
-            match segs.last() {
+            guest_segments(mem, access, last_index, &last, &mut last_segs).map_err(no_status)?;
+            match last_segs.last() {
                 // Non-empty segments of a checked range: the last byte is inside it.
                 Some(seg) => GuestAddress(seg.addr.0 + u64::from(seg.len) - 1),
                 None => return Err(no_status(RequestError::EmptyStatus)),
@@ -416,7 +417,11 @@ impl Request {
             if !d.is_write_only() && !writable.is_empty() {
                 return Err(reject(RequestError::ReadableAfterWritable { index }));
             }
-            if d.is_write_only() {
+            if index == last_index && !last_segs.is_empty() {
+                // The status descriptor, already translated (it is device-writable).
+                writable.append(&mut last_segs);
+                wlen += u64::from(d.len());
+            } else if d.is_write_only() {
                 guest_segments(mem, access, index, d, &mut writable).map_err(reject)?;
                 wlen += u64::from(d.len());
             } else {
