@@ -462,6 +462,12 @@ pub fn remote(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
+/// Run `skiff-remote` and require success (exit 0); panics with its output otherwise.
+pub fn remote_ok(socket: &Path, args: &[&str]) {
+    let (code, out, err) = remote(socket, args);
+    assert_eq!(code, Some(0), "skiff-remote {args:?}: {out}{err}");
+}
+
 /// Wait until `path` exists (a socket skiff creates).
 pub fn wait_for_path(path: &Path, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -479,5 +485,19 @@ impl SkiffProcess {
     /// The serial output so far.
     pub fn stdout_now(&self) -> String {
         self.stdout.lock().unwrap().clone()
+    }
+
+    /// Wait until `done` holds for the serial output so far; panics with the output after
+    /// `timeout`.
+    pub fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.stdout_now()) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                self.stdout_now()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

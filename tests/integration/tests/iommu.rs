@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use integration::{remote, run_skiff, temp_dir, wait_for_path, Run, SkiffProcess};
+use integration::{remote, remote_ok, run_skiff, temp_dir, wait_for_path, Run, SkiffProcess};
 
 /// The guest's kernel-mode code is emulated on the development host: be generous.
 const DEADLINE: Duration = Duration::from_secs(600);
@@ -326,23 +326,6 @@ fn malformed_iommu_requests_get_the_spec_status() {
     assert!(!run.stderr.contains("panicked"), "{log}");
 }
 
-fn ok(socket: &Path, args: &[&str]) {
-    let (code, out, err) = remote(socket, args);
-    assert_eq!(code, Some(0), "skiff-remote {args:?}: {out}{err}");
-}
-
-fn wait_until(p: &SkiffProcess, what: &str, f: impl Fn(&str) -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !f(&p.stdout_now()) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{}",
-            p.stdout_now()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn snapshot_restore_keeps_the_iommu_mappings() {
     const ROUNDS: u64 = 5;
@@ -362,7 +345,7 @@ fn snapshot_restore_keeps_the_iommu_mappings() {
     ]);
     wait_for_path(&socket, Duration::from_secs(30));
     p.wait_for_output("iommu: round 1 ok", DEADLINE);
-    ok(&socket, &["pause"]);
+    remote_ok(&socket, &["pause"]);
     // Let the output reader catch up with what the guest printed before the pause.
     std::thread::sleep(Duration::from_millis(300));
     let before = p.stdout_now();
@@ -373,7 +356,7 @@ fn snapshot_restore_keeps_the_iommu_mappings() {
     );
     let ep = blk_endpoint(&before, &before);
     let snap = dir.join("snap");
-    ok(
+    remote_ok(
         &socket,
         &["snapshot", &format!("file://{}", snap.display())],
     );
@@ -395,8 +378,8 @@ fn snapshot_restore_keeps_the_iommu_mappings() {
         info.contains("\"Paused\""),
         "a restored VM comes up paused: {info}"
     );
-    ok(&socket2, &["resume"]);
-    wait_until(&p, "the scenario to finish", |t| {
+    remote_ok(&socket2, &["resume"]);
+    p.wait_until("the scenario to finish", DEADLINE, |t| {
         t.contains("result: ") || t.contains("PANIC")
     });
     // With an API socket the process outlives the guest: wait for the ACPI power-off (a guest
@@ -416,7 +399,7 @@ fn snapshot_restore_keeps_the_iommu_mappings() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    ok(&socket2, &["shutdown-vmm"]);
+    remote_ok(&socket2, &["shutdown-vmm"]);
     let run = p.wait(Duration::from_secs(60));
     let log = format!(
         "----- before the snapshot -----\n{before}\n----- after restore -----\n{}",

@@ -4,9 +4,9 @@
 //! mismatching snapshots are refused with a clear error and nothing starts.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use integration::{remote, run_skiff, temp_dir, wait_for_path, SkiffProcess};
+use integration::{remote, remote_ok, run_skiff, temp_dir, wait_for_path, SkiffProcess};
 
 const DEADLINE: Duration = Duration::from_secs(300);
 
@@ -21,23 +21,6 @@ fn counters(text: &str) -> Vec<u64> {
                 .ok()
         })
         .collect()
-}
-
-fn wait_until(p: &SkiffProcess, what: &str, f: impl Fn(&str) -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !f(&p.stdout_now()) {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{}",
-            p.stdout_now()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn ok(socket: &Path, args: &[&str]) {
-    let (code, _, err) = remote(socket, args);
-    assert_eq!(code, Some(0), "skiff-remote {args:?}: {err}");
 }
 
 /// Make a snapshot of a running counter guest (with a disk) and kill its process.
@@ -59,14 +42,14 @@ fn make_snapshot(tag: &str) -> (PathBuf, u64) {
         "--rng",
     ]);
     wait_for_path(&socket, Duration::from_secs(30));
-    wait_until(&p, "blk reads", |t| {
+    p.wait_until("blk reads", DEADLINE, |t| {
         t.contains("counter: blk pattern written") && counters(t).last() > Some(&3)
     });
-    ok(&socket, &["pause"]);
+    remote_ok(&socket, &["pause"]);
     let at_pause = *counters(&p.stdout_now()).last().unwrap();
     let snap = dir.join("snap");
     let url = format!("file://{}", snap.display());
-    ok(&socket, &["snapshot", &url]);
+    remote_ok(&socket, &["snapshot", &url]);
     // Kill the process outright: the snapshot must be self-contained.
     p.signal("KILL");
     let _ = p.wait(Duration::from_secs(30));
@@ -98,8 +81,8 @@ fn snapshot_kill_restore_resume_continues_the_guest() {
         "the restored guest ran before resume:\n{}",
         p.stdout_now()
     );
-    ok(&socket, &["resume"]);
-    wait_until(&p, "the counter to continue", |t| {
+    remote_ok(&socket, &["resume"]);
+    p.wait_until("the counter to continue", DEADLINE, |t| {
         counters(t).len() >= 3 && t.matches(" blk ok").count() >= 2
     });
     let out = p.stdout_now();
@@ -112,7 +95,7 @@ fn snapshot_kill_restore_resume_continues_the_guest() {
     assert!(c.windows(2).all(|w| w[1] == w[0] + 1), "{out}");
     assert!(!out.contains("start"), "the guest booted again:\n{out}");
     assert!(!out.contains("FAIL"), "{out}");
-    ok(&socket, &["shutdown-vmm"]);
+    remote_ok(&socket, &["shutdown-vmm"]);
     p.wait(Duration::from_secs(30)).assert_code(0);
 }
 
