@@ -346,29 +346,33 @@ impl VmConfig {
 impl VmConfig {
     /// Whether any device sits behind the virtual IOMMU (skiff then adds a virtio-iommu).
     pub fn has_iommu(&self) -> bool {
-        self.disks.iter().any(|d| d.iommu)
-            || self.nets.iter().any(|n| n.iommu)
-            || (self.console_iommu && self.console != ConsoleConfig::Off)
-            || self.rng.as_ref().is_some_and(|r| r.iommu)
+        self.devices().iter().any(|(_, iommu)| *iommu)
     }
 
     /// The id of every configurable device, defaults filled in, in creation order (the
     /// virtio-iommu not included).
     pub fn device_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = Vec::new();
+        self.devices().into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// Every configurable device in creation (PCI slot) order — disks, nets, console, rng — as
+    /// its id (defaults filled in) and whether it sits behind the virtual IOMMU. The one place
+    /// that order is written down.
+    pub fn devices(&self) -> Vec<(String, bool)> {
+        let mut out: Vec<(String, bool)> = Vec::new();
         for (i, d) in self.disks.iter().enumerate() {
-            ids.push(d.id.clone().unwrap_or_else(|| format!("disk{i}")));
+            out.push((d.id.clone().unwrap_or_else(|| format!("disk{i}")), d.iommu));
         }
         for (i, n) in self.nets.iter().enumerate() {
-            ids.push(n.id.clone().unwrap_or_else(|| format!("net{i}")));
+            out.push((n.id.clone().unwrap_or_else(|| format!("net{i}")), n.iommu));
         }
         if self.console != ConsoleConfig::Off {
-            ids.push("console0".into());
+            out.push(("console0".into(), self.console_iommu));
         }
         if let Some(r) = &self.rng {
-            ids.push(r.id.clone().unwrap_or_else(|| "rng0".into()));
+            out.push((r.id.clone().unwrap_or_else(|| "rng0".into()), r.iommu));
         }
-        ids
+        out
     }
 }
 

@@ -227,13 +227,6 @@ impl VirtioIommu {
         self.metrics.clone()
     }
 
-    fn activate_error(&self, reason: impl Into<String>) -> VirtioError {
-        VirtioError::Activate {
-            id: self.id.clone(),
-            reason: reason.into(),
-        }
-    }
-
     fn stop_worker(&mut self) {
         self.faults.active.store(false, Ordering::Release);
         self.worker.take();
@@ -275,13 +268,7 @@ impl VirtioDevice for VirtioIommu {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let cfg = self.translator.read().config().encode();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| cfg.get(o).copied())
-                .unwrap_or(0);
-        }
+        devices::virtio::read_config_bytes(&cfg, offset, data);
     }
 
     /// Only the `bypass` byte is writable, and only once `VIRTIO_IOMMU_F_BYPASS_CONFIG` is acked.
@@ -309,7 +296,7 @@ impl VirtioDevice for VirtioIommu {
         _access: Option<Arc<dyn AccessPlatform>>,
     ) -> Result<(), VirtioError> {
         if self.worker.is_active() {
-            return Err(self.activate_error("already active"));
+            return Err(VirtioError::activate(&self.id, "already active"));
         }
         let mut req = None;
         let mut evt = None;
@@ -317,14 +304,17 @@ impl VirtioDevice for VirtioIommu {
             let slot = match q.index {
                 REQUEST_QUEUE => &mut req,
                 EVENT_QUEUE => &mut evt,
-                i => return Err(self.activate_error(format!("no queue {i}"))),
+                i => return Err(VirtioError::activate(&self.id, format!("no queue {i}"))),
             };
             if slot.replace(q).is_some() {
-                return Err(self.activate_error("queue given twice"));
+                return Err(VirtioError::activate(&self.id, "queue given twice"));
             }
         }
         let (Some(req), Some(evt)) = (req, evt) else {
-            return Err(self.activate_error("needs the request and the event queue"));
+            return Err(VirtioError::activate(
+                &self.id,
+                "needs the request and the event queue",
+            ));
         };
         let restored = self.restored_queues.clone().unwrap_or_default();
         let prepare = |mut queue: Queue, index: u16| -> Result<Queue, VirtioError> {

@@ -1,9 +1,6 @@
 //! The DMA view of one endpoint behind the virtio-iommu: what a virtio device with
 //! `VIRTIO_F_ACCESS_PLATFORM` translates its addresses through.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-
 use devices::virtio::{AccessPlatform, DmaAccess, DmaFault};
 use vm_memory::GuestAddress;
 
@@ -18,7 +15,6 @@ pub struct EndpointAccess {
     endpoint: u32,
     translator: Translator,
     faults: FaultReporter,
-    fault_count: Arc<AtomicU64>,
 }
 
 impl EndpointAccess {
@@ -28,18 +24,7 @@ impl EndpointAccess {
             endpoint,
             translator,
             faults,
-            fault_count: Arc::default(),
         }
-    }
-
-    /// The endpoint id.
-    pub fn endpoint(&self) -> u32 {
-        self.endpoint
-    }
-
-    /// Translation faults seen for this endpoint so far.
-    pub fn faults(&self) -> u64 {
-        self.fault_count.load(Ordering::Relaxed)
     }
 }
 
@@ -62,7 +47,6 @@ impl AccessPlatform for EndpointAccess {
                     out.push((GuestAddress(phys), n))
                 });
         res.map_err(|fault| {
-            self.fault_count.fetch_add(1, Ordering::Relaxed);
             log::debug!("endpoint {:#x}: {fault}", self.endpoint);
             self.faults.report_fault(self.endpoint, &fault);
             DmaFault {

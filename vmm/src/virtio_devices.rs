@@ -42,16 +42,8 @@ pub struct PciPlan {
 impl PciPlan {
     /// The plan for `config`. Fails when the devices do not fit on one bus.
     pub fn new(config: &VmConfig) -> Result<Self, DeviceCreateError> {
-        let mut behind: Vec<bool> = Vec::new();
-        behind.extend(config.disks.iter().map(|d| d.iommu));
-        behind.extend(config.nets.iter().map(|n| n.iommu));
-        if config.console != ConsoleConfig::Off {
-            behind.push(config.console_iommu);
-        }
-        if let Some(r) = &config.rng {
-            behind.push(r.iommu);
-        }
-        let has_iommu = config.has_iommu();
+        let behind: Vec<bool> = config.devices().into_iter().map(|(_, b)| b).collect();
+        let has_iommu = behind.contains(&true);
         let first = FIRST_DEVICE_SLOT + u8::from(has_iommu);
         let count = behind.len() + usize::from(has_iommu);
         if usize::from(FIRST_DEVICE_SLOT) + count > 32 {

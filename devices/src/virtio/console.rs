@@ -368,13 +368,6 @@ impl Console {
         self.raw_terminal = None;
     }
 
-    fn activate_error(&self, reason: impl Into<String>) -> VirtioError {
-        VirtioError::Activate {
-            id: self.id.clone(),
-            reason: reason.into(),
-        }
-    }
-
     fn stop_worker(&mut self) {
         if let Some(body) = self.worker.take() {
             self.io = Some(body.io);
@@ -396,11 +389,7 @@ impl VirtioDevice for Console {
     }
 
     fn avail_features(&self) -> u64 {
-        let mut f = features::VIRTIO_F_VERSION_1;
-        if self.iommu {
-            f |= features::VIRTIO_F_ACCESS_PLATFORM;
-        }
-        f
+        features::common(self.iommu)
     }
 
     fn set_acked_features(&mut self, features: u64) {
@@ -421,7 +410,7 @@ impl VirtioDevice for Console {
         access: Option<Arc<dyn AccessPlatform>>,
     ) -> Result<(), VirtioError> {
         if self.worker.is_active() {
-            return Err(self.activate_error("already active"));
+            return Err(VirtioError::activate(&self.id, "already active"));
         }
         let mut rx = None;
         let mut tx = None;
@@ -429,11 +418,14 @@ impl VirtioDevice for Console {
             match q.index {
                 RXQ => rx = Some(q),
                 TXQ => tx = Some(q),
-                i => return Err(self.activate_error(format!("no queue {i}"))),
+                i => return Err(VirtioError::activate(&self.id, format!("no queue {i}"))),
             }
         }
         let (Some(rx), Some(tx)) = (rx, tx) else {
-            return Err(self.activate_error("needs both the receive and the transmit queue"));
+            return Err(VirtioError::activate(
+                &self.id,
+                "needs both the receive and the transmit queue",
+            ));
         };
         let restored = self.restored_queues.clone();
         let prepare = |mut q: Queue, idx: usize| -> Result<Queue, VirtioError> {
@@ -443,16 +435,20 @@ impl VirtioDevice for Console {
             }
             q.set_event_idx(false);
             if !q.is_valid(&mem) {
-                return Err(self.activate_error(format!(
-                    "queue {idx} is not ready or lies outside guest memory"
-                )));
+                return Err(VirtioError::activate(
+                    &self.id,
+                    format!("queue {idx} is not ready or lies outside guest memory"),
+                ));
             }
             Ok(q)
         };
         let rx_q = prepare(rx.queue, 0)?;
         let tx_q = prepare(tx.queue, 1)?;
         let Some(io) = self.io.take() else {
-            return Err(self.activate_error("the endpoints were lost when a worker thread failed"));
+            return Err(VirtioError::activate(
+                &self.id,
+                "the endpoints were lost when a worker thread failed",
+            ));
         };
         let body = ConsoleWorker {
             id: self.id.clone(),

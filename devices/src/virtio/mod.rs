@@ -48,6 +48,16 @@ pub mod features {
     pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
     /// The device accesses memory through the platform's IOMMU (addresses are IOVAs).
     pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
+
+    /// The transport features every device offers: VERSION_1, and ACCESS_PLATFORM when it sits
+    /// behind the IOMMU.
+    pub fn common(behind_iommu: bool) -> u64 {
+        if behind_iommu {
+            VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM
+        } else {
+            VIRTIO_F_VERSION_1
+        }
+    }
 }
 
 /// Device status bits (virtio 1.x, section 2.1).
@@ -124,6 +134,28 @@ pub enum VirtioError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Copy the bytes of a device configuration space `config` starting at `offset` into `data`;
+/// bytes beyond its end read as zero (the [`VirtioDevice::read_config`] contract).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o).copied())
+            .unwrap_or(0);
+    }
+}
+
+impl VirtioError {
+    /// Device `id` cannot activate because of `reason`.
+    pub fn activate(id: &str, reason: impl Into<String>) -> Self {
+        Self::Activate {
+            id: id.to_string(),
+            reason: reason.into(),
+        }
+    }
 }
 
 /// A virtio device, as the transport sees it.

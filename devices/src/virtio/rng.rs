@@ -113,13 +113,6 @@ impl Rng {
     pub fn metrics(&self) -> Arc<RngMetrics> {
         self.metrics.clone()
     }
-
-    fn activate_error(&self, reason: impl Into<String>) -> VirtioError {
-        VirtioError::Activate {
-            id: self.id.clone(),
-            reason: reason.into(),
-        }
-    }
 }
 
 impl VirtioDevice for Rng {
@@ -136,11 +129,7 @@ impl VirtioDevice for Rng {
     }
 
     fn avail_features(&self) -> u64 {
-        let mut f = features::VIRTIO_F_VERSION_1;
-        if self.iommu {
-            f |= features::VIRTIO_F_ACCESS_PLATFORM;
-        }
-        f
+        features::common(self.iommu)
     }
 
     fn set_acked_features(&mut self, features: u64) {
@@ -160,14 +149,17 @@ impl VirtioDevice for Rng {
         access: Option<Arc<dyn AccessPlatform>>,
     ) -> Result<(), VirtioError> {
         if self.worker.is_active() {
-            return Err(self.activate_error("already active"));
+            return Err(VirtioError::activate(&self.id, "already active"));
         }
         let mut queues = queues.into_iter();
         let (Some(q), None) = (queues.next(), queues.next()) else {
-            return Err(self.activate_error("needs exactly one queue"));
+            return Err(VirtioError::activate(&self.id, "needs exactly one queue"));
         };
         if q.index != 0 {
-            return Err(self.activate_error(format!("no queue {}", q.index)));
+            return Err(VirtioError::activate(
+                &self.id,
+                format!("no queue {}", q.index),
+            ));
         }
         let mut queue = q.queue;
         if let Some(s) = self.restored_queue {
@@ -176,7 +168,10 @@ impl VirtioDevice for Rng {
         }
         queue.set_event_idx(false);
         if !queue.is_valid(&mem) {
-            return Err(self.activate_error("queue 0 is not ready or lies outside guest memory"));
+            return Err(VirtioError::activate(
+                &self.id,
+                "queue 0 is not ready or lies outside guest memory",
+            ));
         }
         let body = RngWorker {
             id: self.id.clone(),

@@ -20,7 +20,7 @@ use super::event_handler::{QueueHandler, QueueHandlerParts};
 use super::metrics::BlockMetrics;
 use super::request::{RequestLimits, ID_BYTES};
 use crate::legacy::LogLimiter;
-use crate::virtio::features::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1};
+use crate::virtio::features::{self, VIRTIO_F_EVENT_IDX};
 use crate::virtio::worker::Worker;
 use crate::virtio::{
     device_type, AccessPlatform, ActivatedQueue, ErrorHook, VirtioDevice, VirtioError,
@@ -166,7 +166,7 @@ impl Block {
         let discard = disk.supports_punch_hole();
         let write_zeroes = disk.supports_punch_hole() || disk.supports_zero_range();
 
-        let mut avail = VIRTIO_F_VERSION_1
+        let mut avail = features::common(cfg.iommu)
             | VIRTIO_F_EVENT_IDX
             | feature(VIRTIO_BLK_F_SEG_MAX)
             | feature(VIRTIO_BLK_F_BLK_SIZE)
@@ -179,9 +179,6 @@ impl Block {
         }
         if write_zeroes {
             avail |= feature(VIRTIO_BLK_F_WRITE_ZEROES);
-        }
-        if cfg.iommu {
-            avail |= VIRTIO_F_ACCESS_PLATFORM;
         }
 
         let mut config = [0u8; CONFIG_LEN];
@@ -316,13 +313,6 @@ impl Block {
         Ok(QueueHandler::new(parts))
     }
 
-    fn activate_error(&self, reason: impl Into<String>) -> VirtioError {
-        VirtioError::Activate {
-            id: self.id.clone(),
-            reason: reason.into(),
-        }
-    }
-
     fn worker_error(&self, e: io::Error) -> VirtioError {
         VirtioError::Worker {
             id: self.id.clone(),
@@ -360,14 +350,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| self.config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::virtio::read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -388,14 +371,17 @@ impl VirtioDevice for Block {
         access: Option<Arc<dyn AccessPlatform>>,
     ) -> Result<(), VirtioError> {
         if self.active.is_some() {
-            return Err(self.activate_error("already active"));
+            return Err(VirtioError::activate(&self.id, "already active"));
         }
         let mut queues = queues.into_iter();
         let (Some(aq), None) = (queues.next(), queues.next()) else {
-            return Err(self.activate_error("needs exactly one queue"));
+            return Err(VirtioError::activate(&self.id, "needs exactly one queue"));
         };
         if aq.index != 0 {
-            return Err(self.activate_error(format!("unexpected queue index {}", aq.index)));
+            return Err(VirtioError::activate(
+                &self.id,
+                format!("unexpected queue index {}", aq.index),
+            ));
         }
         let mut queue = match self.restored_queue.take() {
             Some(state) => {
@@ -417,21 +403,25 @@ impl VirtioDevice for Block {
                     );
                 }
                 Queue::try_from(state)
-                    .map_err(|e| self.activate_error(format!("restored queue: {e}")))?
+                    .map_err(|e| VirtioError::activate(&self.id, format!("restored queue: {e}")))?
             }
             None => aq.queue,
         };
         if queue.size() > QUEUE_MAX_SIZE {
-            return Err(self.activate_error(format!(
-                "queue size {} exceeds the maximum {QUEUE_MAX_SIZE}",
-                queue.size()
-            )));
+            return Err(VirtioError::activate(
+                &self.id,
+                format!(
+                    "queue size {} exceeds the maximum {QUEUE_MAX_SIZE}",
+                    queue.size()
+                ),
+            ));
         }
         queue.set_event_idx(self.acked_features & VIRTIO_F_EVENT_IDX != 0);
         if !queue.is_valid(&mem) {
-            return Err(
-                self.activate_error("queue is not ready or its rings are not in guest memory")
-            );
+            return Err(VirtioError::activate(
+                &self.id,
+                "queue is not ready or its rings are not in guest memory",
+            ));
         }
         self.needs_reset.store(false, Ordering::SeqCst);
         // Serve whatever is already available (e.g. after a restore) without waiting for a kick.
@@ -533,6 +523,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use crate::virtio::features::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
 
     use super::super::test_utils::*;
     use super::*;

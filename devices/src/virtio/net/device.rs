@@ -14,7 +14,7 @@ use super::tap::Tap;
 use super::{queues, MacAddr, NetBackend, NetConfig, NetError, TapSource, NET_QUEUE_SIZE};
 use crate::legacy::log_limit::LogLimiter;
 use crate::virtio::common::{queue_from_state, WorkerSlot};
-use crate::virtio::features::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1};
+use crate::virtio::features::{self, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1};
 use crate::virtio::{
     device_type, AccessPlatform, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt,
 };
@@ -100,13 +100,6 @@ impl Net {
             .unwrap_or_else(|| "its backend".into())
     }
 
-    fn activate_error(&self, reason: impl Into<String>) -> VirtioError {
-        VirtioError::Activate {
-            id: self.id.clone(),
-            reason: reason.into(),
-        }
-    }
-
     /// `TUN_F_*` offloads the guest can receive, from its acked features.
     pub(crate) fn tun_offloads(acked: u64) -> u32 {
         let mut f = 0;
@@ -164,7 +157,7 @@ impl VirtioDevice for Net {
     }
 
     fn avail_features(&self) -> u64 {
-        let mut f = VIRTIO_F_VERSION_1
+        features::common(self.iommu)
             | VIRTIO_F_EVENT_IDX
             | nf::MAC
             | nf::STATUS
@@ -175,11 +168,7 @@ impl VirtioDevice for Net {
             | nf::GUEST_ECN
             | nf::HOST_TSO4
             | nf::HOST_TSO6
-            | nf::HOST_ECN;
-        if self.iommu {
-            f |= VIRTIO_F_ACCESS_PLATFORM;
-        }
-        f
+            | nf::HOST_ECN
     }
 
     fn set_acked_features(&mut self, features: u64) {
@@ -187,14 +176,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = self.config_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| cfg.get(o).copied())
-                .unwrap_or(0);
-        }
+        crate::virtio::read_config_bytes(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -216,10 +198,13 @@ impl VirtioDevice for Net {
         access: Option<Arc<dyn AccessPlatform>>,
     ) -> Result<(), VirtioError> {
         if self.worker.is_active() {
-            return Err(self.activate_error("already active"));
+            return Err(VirtioError::activate(&self.id, "already active"));
         }
         if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
-            return Err(self.activate_error("the driver did not accept VIRTIO_F_VERSION_1"));
+            return Err(VirtioError::activate(
+                &self.id,
+                "the driver did not accept VIRTIO_F_VERSION_1",
+            ));
         }
         let mut rx = None;
         let mut tx = None;
@@ -227,11 +212,14 @@ impl VirtioDevice for Net {
             match q.index {
                 queues::RX => rx = Some(q),
                 queues::TX => tx = Some(q),
-                i => return Err(self.activate_error(format!("no queue {i}"))),
+                i => return Err(VirtioError::activate(&self.id, format!("no queue {i}"))),
             }
         }
         let (Some(rx), Some(tx)) = (rx, tx) else {
-            return Err(self.activate_error("needs both the RX and the TX queue"));
+            return Err(VirtioError::activate(
+                &self.id,
+                "needs both the RX and the TX queue",
+            ));
         };
         let restored = self.restored_queues.clone();
         let event_idx = self.acked_features & VIRTIO_F_EVENT_IDX != 0;
@@ -242,23 +230,30 @@ impl VirtioDevice for Net {
             }
             q.set_event_idx(event_idx);
             if !q.is_valid(&mem) {
-                return Err(self.activate_error(format!(
-                    "queue {idx} is not ready or lies outside guest memory"
-                )));
+                return Err(VirtioError::activate(
+                    &self.id,
+                    format!("queue {idx} is not ready or lies outside guest memory"),
+                ));
             }
             Ok(q)
         };
         let rx_q = prepare(rx.queue, 0)?;
         let tx_q = prepare(tx.queue, 1)?;
         let Some(mut backend) = self.backend.take() else {
-            return Err(self.activate_error("the backend was lost when a worker thread failed"));
+            return Err(VirtioError::activate(
+                &self.id,
+                "the backend was lost when a worker thread failed",
+            ));
         };
         let offloads = Self::tun_offloads(self.acked_features);
         if let Err(e) = backend.set_offload(offloads) {
-            let err = self.activate_error(format!(
-                "cannot set offloads {offloads:#x} on {}: {e}",
-                backend.describe()
-            ));
+            let err = VirtioError::activate(
+                &self.id,
+                format!(
+                    "cannot set offloads {offloads:#x} on {}: {e}",
+                    backend.describe()
+                ),
+            );
             self.backend = Some(backend);
             return Err(err);
         }
