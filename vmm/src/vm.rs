@@ -65,6 +65,7 @@ fn plug_virtio_devices(
         }
         Ok(())
     };
+    // The virtio-iommu's translator and fault reporter, shared by the devices behind it.
     let mut iommu = None;
     if let Some(slot) = plan.iommu_slot {
         let endpoints: Vec<u32> = plan.endpoint_slots().into_iter().map(endpoint_id).collect();
@@ -73,23 +74,19 @@ fn plug_virtio_devices(
                 id: IOMMU_DEVICE_ID.into(),
                 reason: e.to_string(),
             })?;
-        let views: Vec<(u8, EndpointAccess)> = plan
-            .endpoint_slots()
-            .into_iter()
-            .map(|s| (s, dev.endpoint_access(endpoint_id(s))))
-            .collect();
+        iommu = Some((dev.translator(), dev.fault_reporter()));
         plug(Box::new(dev), slot, None)?;
         log::info!(
             "{IOMMU_DEVICE_ID}: virtio-iommu at 00:{slot:02x}.0 for endpoint(s) {endpoints:x?}"
         );
-        iommu = Some(views);
     }
     for (dev, &(slot, behind)) in virtio.into_iter().zip(&plan.devices) {
         let access = match (&iommu, behind) {
-            (Some(views), true) => views
-                .iter()
-                .find(|(s, _)| *s == slot)
-                .map(|(_, v)| Arc::new(v.clone()) as Arc<dyn AccessPlatform>),
+            (Some((translator, faults)), true) => Some(Arc::new(EndpointAccess::new(
+                endpoint_id(slot),
+                translator.clone(),
+                faults.clone(),
+            )) as Arc<dyn AccessPlatform>),
             _ => None,
         };
         plug(dev, slot, access)?;
