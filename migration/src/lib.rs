@@ -1,13 +1,28 @@
-//! State traits every skiff component implements: pause/resume and versioned save/restore.
+//! State traits every skiff component implements, and the formats that carry state and RAM.
 //!
-//! Layered as pausable → snapshottable: a component gets pause/save/restore by implementing two small
-//! methods. [`codec`] is the little-endian encoding of a section's payload, [`snapshot`] the
-//! versioned binary file (and stream) format that carries sections, and [`memory_file`] the sparse
-//! guest RAM image written next to it. This crate must not know about KVM, PCI or HTTP.
+//! Layered as pausable → snapshottable → migratable: a component gets pause/save/restore by
+//! implementing two small methods, and live migration by `impl Migratable for X {}` (every
+//! migration hook has a default). Modules:
+//!
+//! - [`codec`]: the little-endian encoding of a section's payload;
+//! - [`snapshot`]: the versioned state file (and stream) format that carries sections;
+//! - [`dirty`]: [`DirtyBitmap`], dirty 4 KiB guest pages merged from KVM logs, vm-memory's
+//!   bitmaps and components' own logs;
+//! - [`ram`]: the streamable RAM encoding (header, DATA/ZERO/END records) used for snapshot
+//!   memory images and, record by record, by the live-migration stream;
+//! - [`memory_file`]: the older sparse RAM image (`SKIFFMEM`), still read on restore.
+//!
+//! This crate must not know about KVM, PCI or HTTP.
 
 pub mod codec;
+pub mod dirty;
 pub mod memory_file;
+pub mod ram;
 pub mod snapshot;
+#[cfg(test)]
+mod test_util;
+
+pub use dirty::DirtyBitmap;
 
 use thiserror::Error;
 
@@ -48,6 +63,14 @@ pub enum StateError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The component does not support an operation (e.g. receiving pre-copy state).
+    #[error("{id} does not support {what}")]
+    Unsupported {
+        /// Component id.
+        id: String,
+        /// The operation.
+        what: String,
+    },
 }
 
 /// A component whose activity can be stopped and restarted (vCPUs, device workers).
@@ -81,4 +104,96 @@ pub trait Snapshottable: Pausable {
     fn snapshot(&mut self) -> Result<StateSection, StateError>;
     /// Restore the component's state from a section written by [`Snapshottable::snapshot`].
     fn restore(&mut self, section: &StateSection) -> Result<(), StateError>;
+}
+
+/// A component that can be live-migrated: dirty page logging and pre-copy state on top of
+/// [`Snapshottable`] (whose snapshot stays the state saved after stop). Every method has a
+/// default, so a component without its own DMA or pre-copy state adds only
+/// `impl Migratable for X {}`.
+pub trait Migratable: Snapshottable {
+    /// Start logging guest pages this component writes itself (e.g. device DMA not done through
+    /// the VMM's dirty-tracked guest memory).
+    fn start_dirty_log(&mut self) -> Result<(), StateError> {
+        Ok(())
+    }
+    /// Stop logging guest pages (migration finished or cancelled).
+    fn stop_dirty_log(&mut self) -> Result<(), StateError> {
+        Ok(())
+    }
+    /// Merge the guest pages written since the last call into `into`, and clear the component's log.
+    fn sync_dirty_log(&mut self, into: &mut DirtyBitmap) -> Result<(), StateError> {
+        let _ = into;
+        Ok(())
+    }
+    /// Bytes of state that could be sent now while the component keeps running (pre-copy); 0 = none.
+    fn precopy_pending(&self) -> u64 {
+        0
+    }
+    /// At most `max` bytes of state while running; `Ok(None)` = nothing more for now.
+    fn precopy_read(&mut self, max: usize) -> Result<Option<Vec<u8>>, StateError> {
+        let _ = max;
+        Ok(None)
+    }
+    /// Target side: accept a chunk produced by [`Migratable::precopy_read`] on the source.
+    /// Default: refused with [`StateError::Unsupported`].
+    fn precopy_write(&mut self, data: &[u8]) -> Result<(), StateError> {
+        let _ = data;
+        Err(StateError::Unsupported {
+            id: self.id(),
+            what: "pre-copy state".into(),
+        })
+    }
+    /// Estimated bytes of the state saved after stop (its snapshot), counted in the downtime estimate.
+    fn stop_state_size(&self) -> u64 {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plain device: pause/resume defaults, a one-byte state, and no migration hooks.
+    struct Plain(u8);
+
+    impl Pausable for Plain {}
+
+    impl Snapshottable for Plain {
+        fn id(&self) -> String {
+            "plain0".into()
+        }
+        fn snapshot(&mut self) -> Result<StateSection, StateError> {
+            Ok(StateSection {
+                id: self.id(),
+                version: 1,
+                data: vec![self.0],
+            })
+        }
+        fn restore(&mut self, section: &StateSection) -> Result<(), StateError> {
+            self.0 = section.data.first().copied().unwrap_or_default();
+            Ok(())
+        }
+    }
+
+    impl Migratable for Plain {}
+
+    #[test]
+    fn migratable_defaults() {
+        let mut dev = Plain(7);
+        dev.start_dirty_log().unwrap();
+        let mut dirty = DirtyBitmap::new(&[(0, 1 << 20)]).unwrap();
+        dirty.mark(0x2000, 1).unwrap();
+        dev.sync_dirty_log(&mut dirty).unwrap();
+        // The default sync adds nothing and removes nothing.
+        assert_eq!(dirty.pages(), vec![0x2000]);
+        assert_eq!(dev.precopy_pending(), 0);
+        assert_eq!(dev.precopy_read(4096).unwrap(), None);
+        let err = dev.precopy_write(b"x").unwrap_err();
+        assert!(matches!(err, StateError::Unsupported { ref id, .. } if id == "plain0"));
+        assert_eq!(err.to_string(), "plain0 does not support pre-copy state");
+        assert_eq!(dev.stop_state_size(), 0);
+        dev.stop_dirty_log().unwrap();
+        // The state after stop is still the snapshot.
+        assert_eq!(dev.snapshot().unwrap().data, vec![7]);
+    }
 }

@@ -128,12 +128,25 @@ fn round_up(v: u64, align: u64) -> Option<u64> {
     v.checked_add(align - 1).map(|v| v / align * align)
 }
 
-fn describe(layout: &[(u64, u64)]) -> String {
+/// `[addr+len, ...]` for error messages.
+pub(crate) fn describe(layout: &[(u64, u64)]) -> String {
     let parts: Vec<String> = layout
         .iter()
         .map(|(a, l)| format!("{a:#x}+{l:#x}"))
         .collect();
     format!("[{}]", parts.join(", "))
+}
+
+/// Why a saved RAM layout does not fit the VM's (the text after "config does not match the state").
+pub(crate) fn layout_mismatch(saved: &[(u64, u64)], vm: &[(u64, u64)]) -> String {
+    let total = |l: &[(u64, u64)]| l.iter().map(|(_, len)| len).sum::<u64>();
+    format!(
+        "the state has {} bytes of RAM in {}, the VM has {} bytes in {}",
+        total(saved),
+        describe(saved),
+        total(vm),
+        describe(vm)
+    )
 }
 
 impl MemoryFileHeader {
@@ -205,13 +218,8 @@ impl MemoryFileHeader {
     pub fn check_layout(&self, layout: &[(u64, u64)]) -> Result<()> {
         let saved = self.layout();
         if saved != layout {
-            let total = |l: &[(u64, u64)]| l.iter().map(|(_, len)| len).sum::<u64>();
-            return Err(MemoryFileError::LayoutMismatch(format!(
-                "the state has {} bytes of RAM in {}, the VM has {} bytes in {}",
-                total(&saved),
-                describe(&saved),
-                total(layout),
-                describe(layout)
+            return Err(MemoryFileError::LayoutMismatch(layout_mismatch(
+                &saved, layout,
             )));
         }
         Ok(())
@@ -322,7 +330,7 @@ impl MemoryFileHeader {
 }
 
 /// Read until `buf` is full or the input ends; returns the bytes read.
-fn read_up_to<R: Read>(input: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_up_to<R: Read>(input: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match input.read(&mut buf[filled..]) {
@@ -335,7 +343,7 @@ fn read_up_to<R: Read>(input: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-fn is_zero(page: &[u8]) -> bool {
+pub(crate) fn is_zero(page: &[u8]) -> bool {
     // No early exit: this form vectorizes well, and most pages are either all zero or
     // non-zero near their start anyway.
     page.iter().fold(0u8, |acc, &b| acc | b) == 0
@@ -483,6 +491,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{contents, guest_mem};
     use std::io::Cursor;
     use std::os::unix::fs::MetadataExt;
 
@@ -491,11 +500,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn mem(layout: &[(u64, u64)]) -> Mem {
-        let ranges: Vec<(GuestAddress, usize)> = layout
-            .iter()
-            .map(|&(a, l)| (GuestAddress(a), l as usize))
-            .collect();
-        Mem::from_ranges(&ranges).unwrap()
+        guest_mem(layout)
     }
 
     fn layout() -> Vec<(u64, u64)> {
@@ -509,16 +514,6 @@ mod tests {
         m.write_slice(b"end", GuestAddress(20 * MIB + PAGE_SIZE - 3))
             .unwrap();
         m.write_slice(&[1], GuestAddress(17 * MIB)).unwrap();
-    }
-
-    fn contents(m: &Mem) -> Vec<u8> {
-        let mut all = Vec::new();
-        for (a, l) in memory_layout(m) {
-            let mut b = vec![0u8; l as usize];
-            m.read_slice(&mut b, GuestAddress(a)).unwrap();
-            all.extend_from_slice(&b);
-        }
-        all
     }
 
     #[test]
