@@ -1,9 +1,15 @@
 //! BAR address allocation: first fit, naturally aligned, in the 32-bit MMIO window, the 64-bit
 //! MMIO window and the I/O port range above the legacy ports.
+//!
+//! The placement itself is rust-vmm's `vm-allocator` (an interval tree with
+//! [`AllocPolicy::FirstMatch`], i.e. the lowest free address that satisfies the alignment); this
+//! file adds the PCI policy on top: BAR sizes are powers of two aligned to themselves, errors name
+//! the window, a BAR is released by its address, and small 64-bit BARs prefer the 32-bit window.
 
 use std::collections::BTreeMap;
 
 use thiserror::Error;
+use vm_allocator::{AllocPolicy, RangeInclusive};
 
 use crate::configuration::BarKind;
 
@@ -26,7 +32,8 @@ pub enum AllocError {
         /// Which window.
         window: &'static str,
     },
-    /// The window is empty or overflows.
+    /// The window is empty, overflows, or reaches the last address of the 64-bit space (which
+    /// vm-allocator cannot hand out: it computes a range's end as `start + size - 1` in that order).
     #[error("invalid window {start:#x}+{size:#x}")]
     InvalidWindow {
         /// Window start.
@@ -37,32 +44,51 @@ pub enum AllocError {
     /// Nothing was allocated at the address.
     #[error("nothing allocated at {0:#x}")]
     NotAllocated(u64),
+    /// vm-allocator refused an operation for another reason than a full window (it does not for
+    /// the naturally aligned requests made here; kept so such an error is reported, not hidden).
+    #[error("address allocation in {window} failed")]
+    Allocator {
+        /// Which window.
+        window: &'static str,
+        /// vm-allocator's error.
+        #[source]
+        source: vm_allocator::Error,
+    },
 }
 
-/// Allocates naturally aligned power-of-two ranges inside `[start, start + size)`.
+/// Allocates naturally aligned power-of-two ranges inside `[start, start + size)`, lowest
+/// address first.
 #[derive(Debug, Clone)]
 pub struct AddressAllocator {
     name: &'static str,
-    start: u64,
-    /// Last address of the window (inclusive), so a window may end at `u64::MAX`.
-    last: u64,
-    /// Allocated ranges: start → size.
-    used: BTreeMap<u64, u64>,
+    inner: vm_allocator::AddressAllocator,
+    /// Allocated ranges by start address, so that [`AddressAllocator::free`] takes an address
+    /// (vm-allocator frees by range).
+    used: BTreeMap<u64, RangeInclusive>,
 }
 
 impl AddressAllocator {
     /// An allocator over `[start, start + size)`, named `name` in errors.
+    ///
+    /// The window must end below `u64::MAX` (see [`AllocError::InvalidWindow`]); no PCI window
+    /// gets near it, guest physical addresses have at most 52 bits.
     pub fn new(name: &'static str, start: u64, size: u64) -> Result<Self, AllocError> {
-        let last = start
-            .checked_add(
-                size.checked_sub(1)
-                    .ok_or(AllocError::InvalidWindow { start, size })?,
-            )
-            .ok_or(AllocError::InvalidWindow { start, size })?;
+        if start.checked_add(size).is_none() {
+            return Err(AllocError::InvalidWindow { start, size });
+        }
+        let inner = vm_allocator::AddressAllocator::new(start, size).map_err(|e| match e {
+            // Size zero, or a window past the end of the address space.
+            vm_allocator::Error::Underflow | vm_allocator::Error::Overflow => {
+                AllocError::InvalidWindow { start, size }
+            }
+            source => AllocError::Allocator {
+                window: name,
+                source,
+            },
+        })?;
         Ok(Self {
             name,
-            start,
-            last,
+            inner,
             used: BTreeMap::new(),
         })
     }
@@ -72,44 +98,36 @@ impl AddressAllocator {
         if size == 0 || !size.is_power_of_two() {
             return Err(AllocError::InvalidSize(size));
         }
-        let exhausted = AllocError::Exhausted {
-            size,
-            window: self.name,
-        };
-        let mut candidate = align_up(self.start, size).ok_or(exhausted.clone())?;
-        for (&base, &len) in &self.used {
-            // `base + len - 1` cannot overflow: allocations lie inside the window.
-            if candidate.checked_add(size - 1).ok_or(exhausted.clone())? < base {
-                break;
-            }
-            let end = base + (len - 1);
-            if end >= candidate {
-                candidate = end
-                    .checked_add(1)
-                    .and_then(|e| align_up(e, size))
-                    .ok_or(exhausted.clone())?;
-            }
-        }
-        match candidate.checked_add(size - 1) {
-            Some(last) if last <= self.last => {
-                self.used.insert(candidate, size);
-                Ok(candidate)
-            }
-            _ => Err(exhausted),
-        }
+        let range = self
+            .inner
+            .allocate(size, size, AllocPolicy::FirstMatch)
+            .map_err(|e| match e {
+                vm_allocator::Error::ResourceNotAvailable => AllocError::Exhausted {
+                    size,
+                    window: self.name,
+                },
+                source => AllocError::Allocator {
+                    window: self.name,
+                    source,
+                },
+            })?;
+        self.used.insert(range.start(), range);
+        Ok(range.start())
     }
 
     /// Release the range allocated at `addr`.
     pub fn free(&mut self, addr: u64) -> Result<(), AllocError> {
-        self.used
+        let range = self
+            .used
             .remove(&addr)
-            .map(|_| ())
-            .ok_or(AllocError::NotAllocated(addr))
+            .ok_or(AllocError::NotAllocated(addr))?;
+        self.inner
+            .free(&range)
+            .map_err(|source| AllocError::Allocator {
+                window: self.name,
+                source,
+            })
     }
-}
-
-fn align_up(v: u64, align: u64) -> Option<u64> {
-    v.checked_add(align - 1).map(|x| x & !(align - 1))
 }
 
 /// 64-bit BARs up to this size prefer the 32-bit window.
@@ -207,6 +225,22 @@ mod tests {
     }
 
     #[test]
+    fn freed_neighbours_merge_again() {
+        let mut a = AddressAllocator::new("w", 0, 0x4000).unwrap();
+        let bars: Vec<u64> = (0..4).map(|_| a.allocate(0x1000).unwrap()).collect();
+        assert_eq!(bars, [0, 0x1000, 0x2000, 0x3000]);
+        assert!(a.allocate(0x2000).is_err());
+        // Freed out of order: the holes merge on both sides into one window-sized hole.
+        for addr in [0x1000, 0x3000, 0x2000] {
+            a.free(addr).unwrap();
+        }
+        assert_eq!(a.allocate(0x2000), Ok(0x2000));
+        a.free(0).unwrap();
+        assert_eq!(a.allocate(0x2000), Ok(0));
+        assert_eq!(a.free(0x1000), Err(AllocError::NotAllocated(0x1000)));
+    }
+
+    #[test]
     fn exhaustion_and_window_edges() {
         let mut a = AddressAllocator::new("w", 0x800, 0x1800).unwrap();
         // The first 4 KiB-aligned slot is 0x1000.
@@ -214,10 +248,20 @@ mod tests {
         assert!(a.allocate(0x1000).is_err());
         assert_eq!(a.allocate(0x800), Ok(0x800));
         assert!(a.allocate(0x10).is_err());
-        // A window at the very top of the address space.
-        let mut top = AddressAllocator::new("top", u64::MAX - 0xfff, 0x1000).unwrap();
-        assert_eq!(top.allocate(0x1000), Ok(u64::MAX - 0xfff));
+        // A window just below the top of the address space; one that includes the last address
+        // is refused (vm-allocator cannot place a range ending there).
+        let mut top = AddressAllocator::new("top", u64::MAX - 0x1fff, 0x1000).unwrap();
+        assert_eq!(top.allocate(0x1000), Ok(u64::MAX - 0x1fff));
         assert!(top.allocate(0x10).is_err());
+        top.free(u64::MAX - 0x1fff).unwrap();
+        assert_eq!(top.allocate(0x1000), Ok(u64::MAX - 0x1fff));
+        assert_eq!(
+            AddressAllocator::new("top", u64::MAX - 0xfff, 0x1000).unwrap_err(),
+            AllocError::InvalidWindow {
+                start: u64::MAX - 0xfff,
+                size: 0x1000
+            }
+        );
         assert!(AddressAllocator::new("bad", 0, 0).is_err());
         assert!(AddressAllocator::new("bad", u64::MAX, 2).is_err());
     }

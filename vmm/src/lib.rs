@@ -11,6 +11,7 @@ pub mod interrupts;
 pub mod layout;
 pub mod memory;
 pub mod pci_devices;
+pub mod testing;
 pub mod timing;
 pub mod vcpu;
 pub mod vcpu_state;

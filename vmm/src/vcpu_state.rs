@@ -34,6 +34,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use migration::codec::{StateReader, StateWriter};
 use migration::{StateError, StateSection};
 use thiserror::Error;
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// Layout version of a `cpuN` section.
 pub const VCPU_STATE_VERSION: u16 = 1;
@@ -125,6 +126,9 @@ pub enum VcpuStateError {
         index: u32,
         /// What.
         what: &'static str,
+        /// The FAM wrapper's error.
+        #[source]
+        source: vmm_sys_util::fam::Error,
     },
     /// The section is malformed or has another version.
     #[error(transparent)]
@@ -141,41 +145,75 @@ fn kvm_err(index: u32, part: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> 
     }
 }
 
-/// Plain KVM structs that may be copied to and from raw bytes.
-///
-/// # Safety
-///
-/// Implementors must be `repr(C)` structs made only of integers, integer arrays and unions or
-/// structs of those, with no implicit padding: then every byte of a value is initialized (so it
-/// may be viewed as `&[u8]`) and every bit pattern is a valid value (so any bytes may be copied
-/// in). kvm-bindings proves both for these types by deriving `zerocopy::IntoBytes` and
-/// `FromBytes` on them under its `serde` feature; the size assertions below catch a binding
-/// update that changes a layout.
-pub(crate) unsafe trait Pod: Copy + Default {}
+// KVM structs are copied to and from raw bytes with zerocopy's `IntoBytes` / `FromBytes`, which
+// kvm-bindings derives on its state structs under its `serde` feature: the compiler proves there
+// is no padding (every byte of a value is initialized) and that any bytes make a valid value, so
+// this file needs no `unsafe` for it. vm-memory's `ByteValued` (rust-vmm's trait for the same job)
+// is not used because kvm-bindings 0.14 does not implement it for these structs and the orphan rule
+// forbids implementing a foreign trait for a foreign type here; a local newtype would need one
+// hand-checked `unsafe impl` per struct, which is what zerocopy's derives replace.
+//
+// `kvm_fpu` is the one struct of the section kvm-bindings 0.14 derives nothing for: [`Fpu`]
+// mirrors it (same layout, checked below), so its bytes in a section are the same as before.
 
-// SAFETY: see the trait; each is a bindgen `repr(C)` integer-only struct with explicit padding.
-unsafe impl Pod for kvm_regs {}
-// SAFETY: as above (segments and descriptor tables carry explicit padding fields).
-unsafe impl Pod for kvm_sregs {}
-// SAFETY: as above (`pad1`, `pad2` are explicit).
-unsafe impl Pod for kvm_fpu {}
-// SAFETY: as above (an array of 1024 `c_char`).
-unsafe impl Pod for kvm_lapic_state {}
-// SAFETY: as above (`reserved`, `pad` fields are explicit).
-unsafe impl Pod for kvm_vcpu_events {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_debugregs {}
-// SAFETY: as above (`reserved`, `padding` are explicit).
-unsafe impl Pod for kvm_xcrs {}
-// SAFETY: as above (`padding` is explicit).
-unsafe impl Pod for kvm_cpuid_entry2 {}
-// SAFETY: as above (a union of integer arrays behind two `u32`s).
-unsafe impl Pod for kvm_bindings::kvm_irqchip {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_bindings::kvm_pit_state2 {}
-// SAFETY: as above (`pad0`, `pad` are explicit).
-unsafe impl Pod for kvm_bindings::kvm_clock_data {}
+/// `struct kvm_fpu`'s layout with zerocopy's traits derived (kvm-bindings 0.14 has none on it).
+#[repr(C)]
+#[derive(Clone, Copy, IntoBytes, FromBytes, Immutable)]
+struct Fpu {
+    fpr: [[u8; 16]; 8],
+    fcw: u16,
+    fsw: u16,
+    ftwx: u8,
+    pad1: u8,
+    last_opcode: u16,
+    last_ip: u64,
+    last_dp: u64,
+    xmm: [[u8; 16]; 16],
+    mxcsr: u32,
+    pad2: u32,
+}
 
+/// From one field list: `From` conversions both ways between `kvm_fpu` and [`Fpu`] (each
+/// destructures without `..`, so a field added to either breaks the build) and a compile-time
+/// check that every field sits at the same offset.
+macro_rules! mirror_kvm_fpu {
+    ($($f:ident),* $(,)?) => {
+        impl From<&kvm_fpu> for Fpu {
+            fn from(f: &kvm_fpu) -> Self {
+                let kvm_fpu { $($f),* } = *f;
+                Self { $($f),* }
+            }
+        }
+
+        impl From<Fpu> for kvm_fpu {
+            fn from(f: Fpu) -> Self {
+                let Fpu { $($f),* } = f;
+                Self { $($f),* }
+            }
+        }
+
+        const _: () = {
+            assert!(size_of::<Fpu>() == size_of::<kvm_fpu>());
+            $(assert!(std::mem::offset_of!(Fpu, $f) == std::mem::offset_of!(kvm_fpu, $f));)*
+        };
+    };
+}
+
+mirror_kvm_fpu!(
+    fpr,
+    fcw,
+    fsw,
+    ftwx,
+    pad1,
+    last_opcode,
+    last_ip,
+    last_dp,
+    xmm,
+    mxcsr,
+    pad2,
+);
+
+// The section layout: a binding update that changes a struct's size changes the section format.
 const _: () = {
     assert!(size_of::<kvm_regs>() == 144);
     assert!(size_of::<kvm_sregs>() == 312);
@@ -190,38 +228,24 @@ const _: () = {
     assert!(size_of::<kvm_bindings::kvm_clock_data>() == 48);
 };
 
-/// The bytes of a [`Pod`] value.
-pub(crate) fn pod_bytes<T: Pod>(v: &T) -> &[u8] {
-    // SAFETY: `T: Pod` has no padding, so all `size_of::<T>()` bytes behind `v` are initialized;
-    // the slice borrows `v` and cannot outlive it.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+/// Write a plain KVM struct as a length-prefixed byte string.
+pub(crate) fn put_pod<T: IntoBytes + Immutable>(w: &mut StateWriter, v: &T) {
+    w.bytes(v.as_bytes());
 }
 
-/// Write a [`Pod`] value as a length-prefixed byte string.
-pub(crate) fn put_pod<T: Pod>(w: &mut StateWriter, v: &T) {
-    w.bytes(pod_bytes(v));
-}
-
-/// Read a [`Pod`] value written by [`put_pod`]; its length must be exactly the struct's.
-pub(crate) fn get_pod<T: Pod>(
+/// Read a plain KVM struct written by [`put_pod`]; its length must be exactly the struct's.
+pub(crate) fn get_pod<T: FromBytes>(
     r: &mut StateReader<'_>,
     what: &str,
 ) -> std::result::Result<T, StateError> {
     let b = r.bytes(size_of::<T>())?;
-    if b.len() != size_of::<T>() {
-        return Err(r.malformed(format!(
+    T::read_from_bytes(b).map_err(|_| {
+        r.malformed(format!(
             "{what}: {} bytes, expected {}",
             b.len(),
             size_of::<T>()
-        )));
-    }
-    let mut v = T::default();
-    // SAFETY: `b` has exactly `size_of::<T>()` bytes, `v` is a distinct local of that size, and
-    // every bit pattern is a valid `T` (`T: Pod`).
-    unsafe {
-        std::ptr::copy_nonoverlapping(b.as_ptr(), (&mut v as *mut T).cast::<u8>(), size_of::<T>())
-    };
-    Ok(v)
+        ))
+    })
 }
 
 /// Section id of vCPU `index`.
@@ -317,9 +341,10 @@ fn read_msrs(fd: &VcpuFd, index: u32, indices: &[u32]) -> Result<Vec<(u32, u64)>
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuStateError::TooMany {
+        let mut msrs = Msrs::from_entries(&entries).map_err(|source| VcpuStateError::TooMany {
             index,
             what: "the MSR list",
+            source,
         })?;
         let n = fd
             .get_msrs(&mut msrs)
@@ -364,9 +389,10 @@ impl VcpuState {
         let xsave = match host_xsave2_len(kvm) {
             Some(len) => {
                 let fam = (len - XSAVE_LEGACY_LEN).div_ceil(4);
-                let mut xs = Xsave::new(fam).map_err(|_| VcpuStateError::TooMany {
+                let mut xs = Xsave::new(fam).map_err(|source| VcpuStateError::TooMany {
                     index,
                     what: "the XSAVE area",
+                    source,
                 })?;
                 // SAFETY: `xs` holds `len` bytes, the size KVM_CAP_XSAVE2 reports for this
                 // process; nothing enables XSTATE features dynamically in skiff after that.
@@ -436,7 +462,7 @@ impl VcpuState {
         }
         put_pod(&mut w, &self.regs);
         put_pod(&mut w, &self.sregs);
-        put_pod(&mut w, &self.fpu);
+        put_pod(&mut w, &Fpu::from(&self.fpu));
         w.u32(self.mp_state);
         put_pod(&mut w, &self.lapic);
         put_pod(&mut w, &self.events);
@@ -494,7 +520,7 @@ impl VcpuState {
         }
         let regs = get_pod(&mut r, "regs")?;
         let sregs = get_pod(&mut r, "sregs")?;
-        let fpu = get_pod(&mut r, "fpu")?;
+        let fpu = get_pod::<Fpu>(&mut r, "fpu")?.into();
         let mp_state = r.u32()?;
         let lapic = get_pod(&mut r, "lapic")?;
         let events = get_pod(&mut r, "vcpu_events")?;
@@ -565,9 +591,10 @@ impl VcpuState {
                 what: "XCRs: this host has no KVM_CAP_XCRS".into(),
             });
         }
-        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|_| VcpuStateError::TooMany {
+        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|source| VcpuStateError::TooMany {
             index,
             what: "the CPUID",
+            source,
         })?;
         let msrs: Vec<kvm_msr_entry> = self
             .msrs
@@ -594,9 +621,10 @@ impl VcpuState {
         match host_xsave {
             Some(len) => {
                 let fam = (len - XSAVE_LEGACY_LEN).div_ceil(4);
-                let mut xs = Xsave::new(fam).map_err(|_| VcpuStateError::TooMany {
+                let mut xs = Xsave::new(fam).map_err(|source| VcpuStateError::TooMany {
                     index,
                     what: "the XSAVE area",
+                    source,
                 })?;
                 let (legacy, extra) = self.xsave.split_at(XSAVE_LEGACY_LEN / 4);
                 // SAFETY: `as_mut_fam_struct` only hands out the header; its length field is
@@ -632,9 +660,10 @@ impl VcpuState {
             .map_err(kvm_err(index, "KVM_SET_LAPIC"))?;
         let mut set = 0;
         for batch in msrs.chunks(KVM_MAX_MSR_ENTRIES) {
-            let list = Msrs::from_entries(batch).map_err(|_| VcpuStateError::TooMany {
+            let list = Msrs::from_entries(batch).map_err(|source| VcpuStateError::TooMany {
                 index,
                 what: "the MSR list",
+                source,
             })?;
             let n = fd.set_msrs(&list).map_err(kvm_err(index, "KVM_SET_MSRS"))?;
             if n < batch.len() {
@@ -692,16 +721,6 @@ mod tests {
     const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
     const APIC_TASKPRI: usize = 0x80;
     const APIC_LVTT: usize = 0x320;
-
-    fn kvm() -> Option<Kvm> {
-        match Kvm::new() {
-            Ok(kvm) => Some(kvm),
-            Err(e) => {
-                eprintln!("skipping: /dev/kvm is not accessible ({e})");
-                None
-            }
-        }
-    }
 
     fn new_vm(kvm: &Kvm, n: u32) -> (VmFd, Vec<VcpuFd>) {
         let vm = kvm.create_vm().unwrap();
@@ -831,9 +850,90 @@ mod tests {
         out
     }
 
+    /// A state with distinctive values and no KVM behind it.
+    fn synthetic_state() -> VcpuState {
+        let mut fpu = kvm_fpu {
+            fcw: 0x037f,
+            fsw: 0x1234,
+            ftwx: 0xa5,
+            last_opcode: 0x0bcd,
+            last_ip: 0x1122_3344_5566_7788,
+            last_dp: 0x99aa_bbcc_ddee_ff00,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        fpu.fpr[7][15] = 0x77;
+        fpu.xmm[15][0] = 0xee;
+        VcpuState {
+            index: 3,
+            parts: parts::XCRS,
+            cpuid: vec![kvm_cpuid_entry2 {
+                function: 0x7,
+                ebx: 0xdead_beef,
+                ..Default::default()
+            }],
+            regs: kvm_regs {
+                rip: 0xffff_ffff_8100_0000,
+                ..Default::default()
+            },
+            sregs: kvm_sregs::default(),
+            fpu,
+            mp_state: 1,
+            lapic: kvm_lapic_state::default(),
+            events: kvm_vcpu_events::default(),
+            debugregs: kvm_debugregs::default(),
+            xcrs: kvm_xcrs::default(),
+            xsave: vec![0x5a5a_5a5a; XSAVE_LEGACY_LEN / 4],
+            msrs: vec![(MSR_IA32_TSC, 42)],
+            tsc_khz: 0,
+        }
+    }
+
+    #[test]
+    fn fpu_keeps_the_kvm_layout_in_the_section() {
+        let state = synthetic_state();
+        let section = state.to_section();
+        // index, parts, CPUID count and entry, regs, sregs (each struct length-prefixed), then
+        // the FPU as `struct kvm_fpu`'s 416 bytes.
+        let at = 12 + (4 + 40) + (4 + 144) + (4 + 312);
+        let d = &section.data;
+        assert_eq!(&d[at..at + 4], &416u32.to_le_bytes());
+        let fpu = &d[at + 4..at + 4 + 416];
+        assert_eq!(fpu[7 * 16 + 15], 0x77);
+        assert_eq!(&fpu[128..130], &0x037fu16.to_le_bytes());
+        assert_eq!(&fpu[130..132], &0x1234u16.to_le_bytes());
+        assert_eq!(fpu[132], 0xa5);
+        assert_eq!(&fpu[134..136], &0x0bcdu16.to_le_bytes());
+        assert_eq!(&fpu[136..144], &0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(&fpu[144..152], &0x99aa_bbcc_ddee_ff00u64.to_le_bytes());
+        assert_eq!(fpu[152 + 15 * 16], 0xee);
+        assert_eq!(&fpu[408..412], &0x1f80u32.to_le_bytes());
+
+        let back = VcpuState::from_section(&section, 3).unwrap();
+        assert!(back.fpu == state.fpu);
+        assert_eq!(back.regs.rip, state.regs.rip);
+        assert_eq!(back.cpuid[0].ebx, 0xdead_beef);
+        assert_eq!(back.to_section().data, section.data);
+    }
+
+    #[test]
+    fn a_struct_of_the_wrong_length_is_malformed() {
+        let mut w = StateWriter::new();
+        w.bytes(&[0; 143]);
+        let data = w.into_bytes();
+        let mut r = StateReader::from_bytes("cpu0", &data);
+        let err = get_pod::<kvm_regs>(&mut r, "regs").unwrap_err();
+        assert!(
+            matches!(&err, StateError::Malformed { reason, .. } if reason == "regs: 143 bytes, expected 144"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn save_restore_into_a_second_vm() {
-        let Some(kvm) = kvm() else { return };
+        let Some(kvm) = crate::testing::require_kvm() else {
+            return;
+        };
         let (vm1, vcpus1) = new_vm(&kvm, 2);
         for (i, fd) in vcpus1.iter().enumerate() {
             make_distinctive(&kvm, fd, i as u32);
@@ -901,8 +1001,8 @@ mod tests {
                 }
             }
             assert_eq!(
-                pod_bytes(&a.lapic),
-                pod_bytes(&b.lapic),
+                a.lapic.as_bytes(),
+                b.lapic.as_bytes(),
                 "vCPU {}: LAPIC",
                 a.index
             );
@@ -938,7 +1038,9 @@ mod tests {
 
     #[test]
     fn restore_rejects_bad_sections() {
-        let Some(kvm) = kvm() else { return };
+        let Some(kvm) = crate::testing::require_kvm() else {
+            return;
+        };
         let (vm, vcpus) = new_vm(&kvm, 2);
         make_distinctive(&kvm, &vcpus[0], 0);
         let good = save_vcpu(&vcpus[0], 0, &kvm).unwrap();
@@ -1003,7 +1105,7 @@ mod tests {
             );
         }
         // None of these touched vCPU 1.
-        assert_eq!(pod_bytes(&vcpus[1].get_regs().unwrap()), pod_bytes(&before));
+        assert_eq!(vcpus[1].get_regs().unwrap().as_bytes(), before.as_bytes());
         // The good one works.
         restore_vcpu(&vcpus[0], 0, &kvm, &good).unwrap();
 
