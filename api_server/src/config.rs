@@ -14,6 +14,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use crate::pci_address::PciAddress;
+
 /// Default number of vCPUs.
 pub const DEFAULT_VCPUS: u32 = 1;
 /// Default guest RAM size.
@@ -88,6 +90,8 @@ pub enum SerialConfig {
 
 /// Id of the virtio-iommu device skiff adds when any device has `iommu=on`.
 pub const IOMMU_DEVICE_ID: &str = "iommu0";
+/// PCI slot of the virtio-iommu (the first after the host bridge).
+pub const IOMMU_PCI_SLOT: u8 = 1;
 
 /// The whole VM configuration. Every part may be omitted from JSON and takes its default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +117,10 @@ pub struct VmConfig {
     /// Put the virtio-console behind the virtual IOMMU.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub console_iommu: bool,
+    /// Where the virtio-console sits on the PCI bus (filled in by the VM, like a device's
+    /// `pci_address`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_pci_address: Option<PciAddress>,
     /// virtio-rng, when present.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rng: Option<RngConfig>,
@@ -136,6 +144,10 @@ pub struct DiskConfig {
     /// Put the device behind the virtual IOMMU.
     #[serde(default)]
     pub iommu: bool,
+    /// Where the device sits on the PCI bus (`"0000:00:05.0"`); filled in by the VM when it
+    /// places the device, so a restored or migrated VM puts it back at the same address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_address: Option<PciAddress>,
 }
 
 /// Where a virtio-net device's TAP comes from.
@@ -164,6 +176,10 @@ pub struct NetConfig {
     /// Put the device behind the virtual IOMMU.
     #[serde(default)]
     pub iommu: bool,
+    /// Where the device sits on the PCI bus (`"0000:00:05.0"`); filled in by the VM when it
+    /// places the device, so a restored or migrated VM puts it back at the same address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_address: Option<PciAddress>,
 }
 
 /// Where the virtio-console's output goes (and input comes from).
@@ -198,6 +214,10 @@ pub struct RngConfig {
     /// Put the device behind the virtual IOMMU.
     #[serde(default)]
     pub iommu: bool,
+    /// Where the device sits on the PCI bus (`"0000:00:05.0"`); filled in by the VM when it
+    /// places the device, so a restored or migrated VM puts it back at the same address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_address: Option<PciAddress>,
 }
 
 impl Default for CpusConfig {
@@ -254,6 +274,7 @@ impl Default for VmConfig {
             nets: Vec::new(),
             console: ConsoleConfig::Off,
             console_iommu: false,
+            console_pci_address: None,
             rng: None,
         }
     }
@@ -313,6 +334,7 @@ impl VmConfig {
                     .into(),
             ));
         }
+        self.validate_pci_addresses()?;
         let mut seen = std::collections::BTreeSet::new();
         for id in self.device_ids() {
             if id.is_empty()
@@ -343,36 +365,120 @@ impl VmConfig {
     }
 }
 
+/// The kinds of configurable device; each has one field in [`VmConfig`] and one builder in
+/// the VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// `disks[index]`: virtio-blk.
+    Disk,
+    /// `nets[index]`: virtio-net.
+    Net,
+    /// `console`: virtio-console.
+    Console,
+    /// `rng`: virtio-rng.
+    Rng,
+}
+
+/// One configured device as the VMM builds it: kind, index in its field, id (defaults filled
+/// in), whether it sits behind the virtual IOMMU, and its recorded PCI address if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfiguredDevice {
+    /// Which configuration field it comes from.
+    pub kind: DeviceKind,
+    /// Its index in that field (0 for the single-device fields).
+    pub index: usize,
+    /// Stable id.
+    pub id: String,
+    /// Behind the virtual IOMMU.
+    pub iommu: bool,
+    /// Recorded PCI address.
+    pub pci_address: Option<PciAddress>,
+}
+
 impl VmConfig {
     /// Whether any device sits behind the virtual IOMMU (skiff then adds a virtio-iommu).
     pub fn has_iommu(&self) -> bool {
-        self.devices().iter().any(|(_, iommu)| *iommu)
+        self.devices().iter().any(|d| d.iommu)
     }
 
     /// The id of every configurable device, defaults filled in, in creation order (the
     /// virtio-iommu not included).
     pub fn device_ids(&self) -> Vec<String> {
-        self.devices().into_iter().map(|(id, _)| id).collect()
+        self.devices().into_iter().map(|d| d.id).collect()
     }
 
-    /// Every configurable device in creation (PCI slot) order — disks, nets, console, rng — as
-    /// its id (defaults filled in) and whether it sits behind the virtual IOMMU. The one place
-    /// that order is written down.
-    pub fn devices(&self) -> Vec<(String, bool)> {
-        let mut out: Vec<(String, bool)> = Vec::new();
+    /// Every configurable device in creation order — disks, nets, console, rng — with its id
+    /// (defaults filled in). The one place that list is written down: adding a device type is
+    /// a field in [`VmConfig`], a line here and a builder in the VMM.
+    pub fn devices(&self) -> Vec<ConfiguredDevice> {
+        let mut out = Vec::new();
+        let mut push = |kind, index, id: String, iommu, pci_address| {
+            out.push(ConfiguredDevice {
+                kind,
+                index,
+                id,
+                iommu,
+                pci_address,
+            })
+        };
         for (i, d) in self.disks.iter().enumerate() {
-            out.push((d.id.clone().unwrap_or_else(|| format!("disk{i}")), d.iommu));
+            let id = d.id.clone().unwrap_or_else(|| format!("disk{i}"));
+            push(DeviceKind::Disk, i, id, d.iommu, d.pci_address);
         }
         for (i, n) in self.nets.iter().enumerate() {
-            out.push((n.id.clone().unwrap_or_else(|| format!("net{i}")), n.iommu));
+            let id = n.id.clone().unwrap_or_else(|| format!("net{i}"));
+            push(DeviceKind::Net, i, id, n.iommu, n.pci_address);
         }
         if self.console != ConsoleConfig::Off {
-            out.push(("console0".into(), self.console_iommu));
+            let id = "console0".to_string();
+            push(
+                DeviceKind::Console,
+                0,
+                id,
+                self.console_iommu,
+                self.console_pci_address,
+            );
         }
         if let Some(r) = &self.rng {
-            out.push((r.id.clone().unwrap_or_else(|| "rng0".into()), r.iommu));
+            let id = r.id.clone().unwrap_or_else(|| "rng0".into());
+            push(DeviceKind::Rng, 0, id, r.iommu, r.pci_address);
         }
         out
+    }
+
+    /// Record where device `kind`/`index` was placed on the PCI bus.
+    pub fn set_pci_address(&mut self, kind: DeviceKind, index: usize, addr: PciAddress) {
+        let slot = match kind {
+            DeviceKind::Disk => self.disks.get_mut(index).map(|d| &mut d.pci_address),
+            DeviceKind::Net => self.nets.get_mut(index).map(|n| &mut n.pci_address),
+            DeviceKind::Console => Some(&mut self.console_pci_address),
+            DeviceKind::Rng => self.rng.as_mut().map(|r| &mut r.pci_address),
+        };
+        if let Some(slot) = slot {
+            *slot = Some(addr);
+        }
+    }
+
+    /// Checks on the recorded PCI addresses: each used once, and not the virtio-iommu's.
+    fn validate_pci_addresses(&self) -> Result<(), ConfigError> {
+        let mut seen: BTreeMap<PciAddress, String> = BTreeMap::new();
+        let iommu = self.has_iommu();
+        for d in self.devices() {
+            let Some(addr) = d.pci_address else { continue };
+            if iommu && addr.slot() == IOMMU_PCI_SLOT {
+                return Err(ConfigError::Invalid(format!(
+                    "device {}: PCI address {addr} is taken by the virtio-iommu added for iommu=on devices",
+                    d.id
+                )));
+            }
+            if let Some(other) = seen.insert(addr, d.id.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "devices {other} and {} are both at PCI address {addr}",
+                    d.id
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -496,9 +602,13 @@ fn on_off(option: &'static str, key: &str, v: &str) -> Result<bool, ConfigError>
     }
 }
 
-/// Parse `--disk path=IMG[,readonly=on][,id=NAME][,serial=S][,iommu=on]`.
+/// Parse `--disk path=IMG[,readonly=on][,id=NAME][,serial=S][,iommu=on][,pci_address=ADDR]`.
 pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
-    let o = parse_options("disk", s, &["path", "readonly", "id", "serial", "iommu"])?;
+    let o = parse_options(
+        "disk",
+        s,
+        &["path", "readonly", "id", "serial", "iommu", "pci_address"],
+    )?;
     let path = o
         .get("path")
         .filter(|p| !p.is_empty())
@@ -520,6 +630,7 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, ConfigError> {
             .map(|v| on_off("disk", "iommu", v))
             .transpose()?
             .unwrap_or(false),
+        pci_address: pci_address_option("disk", &o)?,
     })
 }
 
@@ -549,9 +660,13 @@ pub fn parse_mac(option: &'static str, s: &str) -> Result<[u8; 6], ConfigError> 
     Ok(mac)
 }
 
-/// Parse `--net tap=NAME|fd=N[,mac=MAC][,id=NAME][,iommu=on]`.
+/// Parse `--net tap=NAME|fd=N[,mac=MAC][,id=NAME][,iommu=on][,pci_address=ADDR]`.
 pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
-    let o = parse_options("net", s, &["tap", "fd", "mac", "id", "iommu"])?;
+    let o = parse_options(
+        "net",
+        s,
+        &["tap", "fd", "mac", "id", "iommu", "pci_address"],
+    )?;
     let tap = match (o.get("tap"), o.get("fd")) {
         (Some(t), None) if !t.is_empty() && t.len() < 16 => TapConfig::Name(t.clone()),
         (Some(t), None) => {
@@ -588,6 +703,7 @@ pub fn parse_net(s: &str) -> Result<NetConfig, ConfigError> {
             .map(|v| on_off("net", "iommu", v))
             .transpose()?
             .unwrap_or(false),
+        pci_address: pci_address_option("net", &o)?,
     })
 }
 
@@ -611,12 +727,12 @@ pub fn parse_console_option(s: &str) -> Result<(ConsoleConfig, bool), ConfigErro
     Ok((console, iommu))
 }
 
-/// Parse `--rng [id=NAME][,iommu=on]` (an empty string: defaults).
+/// Parse `--rng [id=NAME][,iommu=on][,pci_address=ADDR]` (an empty string: defaults).
 pub fn parse_rng(s: &str) -> Result<RngConfig, ConfigError> {
     if s.is_empty() {
         return Ok(RngConfig::default());
     }
-    let o = parse_options("rng", s, &["id", "iommu"])?;
+    let o = parse_options("rng", s, &["id", "iommu", "pci_address"])?;
     Ok(RngConfig {
         id: o.get("id").cloned(),
         iommu: o
@@ -624,7 +740,21 @@ pub fn parse_rng(s: &str) -> Result<RngConfig, ConfigError> {
             .map(|v| on_off("rng", "iommu", v))
             .transpose()?
             .unwrap_or(false),
+        pci_address: pci_address_option("rng", &o)?,
     })
+}
+
+/// The optional `pci_address=0000:00:DD.0` of a device option.
+fn pci_address_option(
+    option: &'static str,
+    o: &BTreeMap<String, String>,
+) -> Result<Option<PciAddress>, ConfigError> {
+    o.get("pci_address")
+        .map(|v| {
+            v.parse()
+                .map_err(|reason| ConfigError::Parse { option, reason })
+        })
+        .transpose()
 }
 
 /// Parse the output part of `--console`.
@@ -734,6 +864,7 @@ mod tests {
             id: id.map(String::from),
             serial: None,
             iommu: false,
+            pci_address: None,
         };
         let mut c = VmConfig {
             disks: vec![disk(None), disk(None)],
@@ -741,6 +872,34 @@ mod tests {
         };
         assert!(c.validate().is_ok());
         assert_eq!(c.device_ids(), vec!["disk0", "disk1"]);
+        // Recorded PCI addresses: each used once, slot 1 is the virtio-iommu's when there is one.
+        let at = |slot| Some(PciAddress::new(slot).unwrap());
+        c.disks[0].pci_address = at(3);
+        c.disks[1].pci_address = at(3);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("disk0") && e.contains("disk1") && e.contains("0000:00:03.0"),
+            "{e}"
+        );
+        c.disks[1].pci_address = at(1);
+        assert!(c.validate().is_ok());
+        c.disks[0].iommu = true;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("disk1") && e.contains("virtio-iommu"), "{e}");
+        c.set_pci_address(DeviceKind::Disk, 1, PciAddress::new(4).unwrap());
+        assert!(c.validate().is_ok());
+        assert_eq!(c.devices()[1].pci_address, at(4));
+        c.disks[0].iommu = false;
+        c.disks[0].pci_address = None;
+        c.disks[1].pci_address = None;
+        assert!(
+            parse_disk("path=x,pci_address=0000:00:07.0")
+                .unwrap()
+                .pci_address
+                == at(7)
+        );
+        assert!(parse_disk("path=x,pci_address=0000:00:00.0").is_err());
+        assert!(parse_rng("pci_address=00:1f.0").unwrap().pci_address == at(31));
         c.disks = vec![disk(Some("a")), disk(Some("a"))];
         assert!(c.validate().unwrap_err().to_string().contains("used twice"));
         c.disks = vec![disk(Some("disk1")), disk(None)];

@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod models;
 pub mod openapi;
+pub mod pci_address;
 pub mod server;
 
 pub use action::{ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, Responder};

@@ -71,6 +71,28 @@ pub enum StateError {
         /// The operation.
         what: String,
     },
+    /// The component's own operation failed (a KVM ioctl, a host resource, ...).
+    #[error("{id}: {source}")]
+    Component {
+        /// Component id.
+        id: String,
+        /// The component's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl StateError {
+    /// Component `id` failed with `source`.
+    pub fn component(
+        id: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Component {
+            id: id.into(),
+            source: Box::new(source),
+        }
+    }
 }
 
 /// A component whose activity can be stopped and restarted (vCPUs, device workers).

@@ -46,6 +46,7 @@ pub enum PciBusError {
 /// Bus 0 of PCI segment 0. Only function 0 of each slot is populated.
 pub struct PciBus {
     slots: Vec<Option<SharedPciDevice>>,
+    host_bridge: Arc<Mutex<PciHostBridge>>,
     bar_move_handler: Option<BarMoveHandler>,
 }
 
@@ -59,11 +60,18 @@ impl PciBus {
     /// A bus with a [`PciHostBridge`] in slot 0.
     pub fn new() -> Self {
         let mut slots: Vec<Option<SharedPciDevice>> = vec![None; NUM_SLOTS as usize];
-        slots[HOST_BRIDGE_SLOT as usize] = Some(Arc::new(Mutex::new(PciHostBridge::new())));
+        let host_bridge = Arc::new(Mutex::new(PciHostBridge::new()));
+        slots[HOST_BRIDGE_SLOT as usize] = Some(host_bridge.clone());
         Self {
             slots,
+            host_bridge,
             bar_move_handler: None,
         }
+    }
+
+    /// The host bridge in slot 0 (a component of the VM: its state is saved and restored).
+    pub fn host_bridge(&self) -> Arc<Mutex<PciHostBridge>> {
+        self.host_bridge.clone()
     }
 
     /// Install the callback that follows BAR moves (the VMM moves the device's bus range and

@@ -71,6 +71,8 @@ impl PciDevice for PciHostBridge {
 
 impl Pausable for PciHostBridge {}
 
+impl migration::Migratable for PciHostBridge {}
+
 impl Snapshottable for PciHostBridge {
     fn id(&self) -> String {
         PciDevice::id(self)

@@ -12,6 +12,7 @@ pub mod config_io;
 pub mod config_mmio;
 pub mod configuration;
 pub mod device;
+pub mod function;
 pub mod host_bridge;
 pub mod interrupt;
 pub mod msix;
@@ -25,6 +26,7 @@ pub use configuration::{
     BarInfo, BarKind, BarMove, ConfigSpaceSize, PciConfigError, PciConfiguration, PciHeader,
 };
 pub use device::PciDevice;
+pub use function::{BarRequest, IoEventFd, MappedArea, PciFunction, PciFunctionError};
 pub use host_bridge::PciHostBridge;
 pub use interrupt::{InterruptManager, IntxLine, MsiVector};
 pub use msix::MsixConfig;

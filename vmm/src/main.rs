@@ -199,7 +199,11 @@ fn main() -> ExitCode {
                 }
             };
             if !resume && api_socket.is_none() {
-                log::warn!("the restored VM stays paused: pass resume=on, or --api-socket to resume it later");
+                return fail(
+                    EXIT_USAGE,
+                    "--restore without resume=on and without --api-socket would leave a paused VM \
+                     that nothing can resume: pass resume=on, or --api-socket PATH to resume it later",
+                );
             }
             Some((url, resume))
         }
@@ -237,6 +241,9 @@ fn main() -> ExitCode {
     if let Some((url, resume)) = &restore {
         if let Err(e) = vmm.restore(url, *resume) {
             return fail(EXIT_ERROR, e.message);
+        }
+        if !*resume {
+            log::warn!("the restored VM is paused: resume it through the API (vm.resume)");
         }
     }
     if boot_now {

@@ -1,98 +1,47 @@
-//! The VM: KVM VM and irqchip, guest RAM, the kernel, ACPI tables, legacy devices and the PCI host
-//! bridge, and the vCPU threads. The control thread owns it.
+//! The VM: KVM VM and irqchip, guest RAM, the platform devices, the PCI bus with its functions,
+//! the vCPU threads, and the component registry every piece of state is reached through.
+//!
+//! Building a VM is a sequence of steps that boot, restore and (next) an incoming migration
+//! compose: [`Vm::create`] builds the machine — KVM VM, memory, vCPUs, devices, each registered
+//! once — then either [`Vm::load_kernel`] writes the kernel, ACPI tables and boot registers, or
+//! [`Vm::restore_state`] loads RAM and every component's state; then [`Vm::start`] runs the vCPUs.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use devices::bus::SharedBusDevice;
-use devices::legacy::{AcpiGed, AcpiPm, Cmos, EventFdTrigger, Serial, I8042};
-use devices::virtio::{AccessPlatform, VirtioDevice};
+use devices::legacy::{AcpiGed, EventFdTrigger, Serial};
+use devices::virtio::AccessPlatform;
 use devices::{Bus, VmExitEvent};
 use iommu::{EndpointAccess, IommuConfig, VirtioIommu};
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
-use pci::{PciBus, PciConfigIo, PciConfigMmio};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use migration::dirty::DirtyError;
+use migration::ram::{restore_memory_image, write_memory_image, RamStreamError};
+use migration::snapshot::{write_snapshot, SnapshotError, SnapshotReader};
+use migration::{DirtyBitmap, StateSection};
+use pci::{PciBus, PciFunction};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::acpi::{create_acpi_tables, AcpiConfig, ViotConfig};
-use crate::boot::EntryPoint;
+use crate::acpi::{create_acpi_tables, AcpiConfig, AcpiError, ViotConfig};
 use crate::boot::{self, BootError, LoadedKernel};
-use crate::config::{SerialConfig, VmConfig};
-use crate::cpu_template::CpuTemplate;
-use crate::cpuid::{apply_host_quirks, vcpu_cpuid};
+use crate::config::{ConfigError, PciAddress, VmConfig};
+use crate::cpu_template::{CpuTemplate, CpuTemplateError};
+use crate::cpuid::{apply_host_quirks, vcpu_cpuid, CpuidError};
+use crate::device_builders::{self, BuildContext, DeviceCreateError, PciPlan, IOMMU_DEVICE_ID};
+use crate::kvm_components::{KvmVmPart, VcpuComponent};
 use crate::layout::*;
+use crate::legacy_devices::create_legacy_devices;
 use crate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
-use crate::pci_devices::PciDevices;
+use crate::pci_devices::{PciDevices, PciDevicesError};
+use crate::registry::{Registry, RegistryError};
 use crate::vcpu::{self, Vcpu, VcpuControl, VcpuError};
-use crate::vcpu_state::{restore_vcpu, save_vcpu};
-use crate::virtio_devices::{create_virtio_devices, endpoint_id, PciPlan, IOMMU_DEVICE_ID};
-use crate::vm_state::{restore_vm, save_vm};
-use kvm_ioctls::VcpuFd;
-use migration::memory_file::{restore_memory_file, write_memory_file};
-use migration::snapshot::{require_section, require_sections, write_snapshot, SnapshotReader};
-use migration::{Snapshottable, StateSection};
-
-/// Put the virtio devices on the PCI bus where `plan` says, the virtio-iommu first when the plan
-/// has one; the devices behind it get their endpoint's DMA view.
-fn plug_virtio_devices(
-    pci_devices: &mut PciDevices,
-    plan: &PciPlan,
-    virtio: Vec<Box<dyn VirtioDevice>>,
-    mem: &GuestMemoryMmap,
-) -> Result<()> {
-    let mut plug = |dev: Box<dyn VirtioDevice>,
-                    slot: u8,
-                    access: Option<Arc<dyn AccessPlatform>>|
-     -> Result<()> {
-        let id = dev.id().to_string();
-        let err = |reason: String| VmError::Device {
-            id: id.clone(),
-            reason,
-        };
-        let info = pci_devices
-            .add_virtio(dev, mem.clone(), access)
-            .map_err(|e| err(e.to_string()))?;
-        if info.slot != slot {
-            return Err(err(format!(
-                "plugged into PCI slot {} instead of the planned {slot}",
-                info.slot
-            )));
-        }
-        Ok(())
-    };
-    // The virtio-iommu's translator and fault reporter, shared by the devices behind it.
-    let mut iommu = None;
-    if let Some(slot) = plan.iommu_slot {
-        let endpoints: Vec<u32> = plan.endpoint_slots().into_iter().map(endpoint_id).collect();
-        let dev = VirtioIommu::new(IOMMU_DEVICE_ID.into(), IommuConfig::default(), &endpoints)
-            .map_err(|e| VmError::Device {
-                id: IOMMU_DEVICE_ID.into(),
-                reason: e.to_string(),
-            })?;
-        iommu = Some((dev.translator(), dev.fault_reporter()));
-        plug(Box::new(dev), slot, None)?;
-        log::info!(
-            "{IOMMU_DEVICE_ID}: virtio-iommu at 00:{slot:02x}.0 for endpoint(s) {endpoints:x?}"
-        );
-    }
-    for (dev, &(slot, behind)) in virtio.into_iter().zip(&plan.devices) {
-        let access = match (&iommu, behind) {
-            (Some((translator, faults)), true) => Some(Arc::new(EndpointAccess::new(
-                endpoint_id(slot),
-                translator.clone(),
-                faults.clone(),
-            )) as Arc<dyn AccessPlatform>),
-            _ => None,
-        };
-        plug(dev, slot, access)?;
-    }
-    Ok(())
-}
 
 /// The built-in demo guest (the no_std test guest), embedded at build time.
 pub static DEMO_GUEST: &[u8] = include_bytes!(env!("SKIFF_DEMO_GUEST"));
@@ -161,27 +110,83 @@ pub enum VmError {
     Boot(#[from] BootError),
     /// The CPU template is malformed or does not apply.
     #[error("--cpu-template: {0}")]
-    CpuTemplate(String),
+    CpuTemplate(#[from] CpuTemplateError),
     /// Computing CPUID failed.
     #[error("CPUID set-up: {0}")]
-    Cpuid(String),
+    Cpuid(#[from] CpuidError),
     /// Building ACPI tables failed.
     #[error("ACPI tables: {0}")]
-    Acpi(String),
-    /// Wiring a device failed.
-    #[error("device {id}: {reason}")]
-    Device {
+    Acpi(#[from] AcpiError),
+    /// A configured device cannot be created.
+    #[error(transparent)]
+    DeviceCreate(#[from] DeviceCreateError),
+    /// A PCI function cannot be wired.
+    #[error(transparent)]
+    Pci(#[from] PciDevicesError),
+    /// A platform device cannot be put on its bus.
+    #[error("{id}: {source}")]
+    Bus {
+        /// Device id.
+        id: &'static str,
+        /// The bus error.
+        #[source]
+        source: devices::BusError,
+    },
+    /// An eventfd for a device could not be created.
+    #[error("{id}: eventfd: {source}")]
+    EventFd {
         /// Device id.
         id: String,
-        /// What went wrong.
-        reason: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
     },
-    /// Writing or reading a snapshot failed.
-    #[error("snapshot: {0}")]
-    Snapshot(String),
-    /// Pausing or resuming a device failed.
-    #[error("device state: {0}")]
-    State(String),
+    /// Pausing, resuming, saving or restoring a component failed, or saved state does not
+    /// match this VM.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// A snapshot file cannot be written or read.
+    #[error("snapshot {path}: {source}")]
+    SnapshotIo {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A snapshot's configuration cannot be read.
+    #[error("snapshot {path}: {source}")]
+    SnapshotConfig {
+        /// The file.
+        path: String,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A snapshot's configuration is not usable on this host.
+    #[error("the saved configuration is not usable here: {0}")]
+    SavedConfig(#[source] ConfigError),
+    /// A snapshot's state file is malformed.
+    #[error("snapshot {path}: {source}")]
+    SnapshotState {
+        /// The file.
+        path: String,
+        /// The format error.
+        #[source]
+        source: SnapshotError,
+    },
+    /// Guest RAM cannot be saved or restored.
+    #[error("snapshot memory {path}: {source}")]
+    SnapshotMemory {
+        /// The file.
+        path: String,
+        /// The format error.
+        #[source]
+        source: RamStreamError,
+    },
+    /// The dirty page set cannot be built.
+    #[error("dirty page log: {0}")]
+    DirtyLog(#[from] DirtyError),
     /// vCPU set-up or control failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -191,28 +196,6 @@ type Result<T> = std::result::Result<T, VmError>;
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
-}
-
-/// Open /dev/kvm with an actionable message on failure.
-pub fn open_kvm() -> Result<Kvm> {
-    Kvm::new().map_err(|source| {
-        let hint = match source.errno() {
-            libc::ENOENT => "KVM is not available: load the kvm module (modprobe kvm_intel or kvm_amd), enable virtualization in the firmware, or run skiff on a host with KVM",
-            libc::EACCES | libc::EPERM => "Permission denied: add your user to the kvm group (sudo usermod -aG kvm $USER, then log in again) or give it access with `sudo setfacl -m u:$USER:rw /dev/kvm`",
-            _ => "Check that KVM works on this host",
-        };
-        VmError::OpenKvm { source, hint }
-    })
-}
-
-/// Guest physical address bits the host supports (CPUID 0x8000_0008).
-fn host_phys_bits() -> u32 {
-    let max_ext = std::arch::x86_64::__cpuid(0x8000_0000).eax;
-    if max_ext >= 0x8000_0008 {
-        std::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff
-    } else {
-        36
-    }
 }
 
 /// Start of the 64-bit PCI MMIO window: after RAM, aligned.
@@ -225,45 +208,23 @@ pub fn pci_mmio64_start(mem_size: u64) -> u64 {
     ram_end.next_multiple_of(PCI_MMIO64_ALIGN)
 }
 
-/// One legacy device and where it lives.
-struct LegacyDevice {
-    id: &'static str,
-    port: u16,
-    len: u64,
-    device: SharedBusDevice,
-}
-
-/// A built VM, ready to start.
-pub struct Vm {
-    config: VmConfig,
-    kvm: Kvm,
-    vm_fd: Arc<VmFd>,
-    mem: GuestMemoryMmap,
-    _memfd: File,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    exit: Arc<VmExitEvent>,
-    control: Arc<VcpuControl>,
-    pending_vcpus: Vec<Vcpu>,
-    threads: Vec<JoinHandle<()>>,
-    serial: Option<Arc<Mutex<Serial>>>,
-    ged: Arc<Mutex<AcpiGed>>,
-    pci_devices: PciDevices,
-    legacy_state: Vec<Arc<Mutex<dyn Snapshottable + Send>>>,
-    vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
-    paused_at_start: bool,
-    _triggers: Vec<EventFdTrigger>,
-}
-
 /// Where a VM's initial state comes from.
-enum Source<'a> {
-    /// Load the kernel and boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A fresh boot: the kernel is loaded next.
     Boot,
-    /// A snapshot: its state sections and its memory file (the VM comes up paused).
-    Snapshot {
-        sections: &'a [StateSection],
-        memory: &'a mut File,
-    },
+    /// State restored from a snapshot (or, next, received from a migration source): outputs
+    /// are appended to, and the VM comes up paused.
+    Restore,
+}
+
+/// One RAM region as a KVM memory slot.
+#[derive(Debug, Clone, Copy)]
+struct RamSlot {
+    slot: u32,
+    guest_addr: u64,
+    len: u64,
+    host_addr: u64,
 }
 
 /// File names inside a snapshot directory.
@@ -272,19 +233,259 @@ pub mod snapshot_files {
     pub const CONFIG: &str = "config.json";
     /// The versioned state sections.
     pub const STATE: &str = "state.bin";
-    /// Guest RAM, sparse.
+    /// Guest RAM (the streamable RAM image; the older sparse memory file is still read).
     pub const MEMORY: &str = "memory.bin";
 }
 
+/// A built VM.
+pub struct Vm {
+    config: VmConfig,
+    vm_fd: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    _memfd: File,
+    ram_slots: Vec<RamSlot>,
+    dirty_logging: AtomicBool,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<VmExitEvent>,
+    control: Arc<VcpuControl>,
+    pending_vcpus: Vec<Vcpu>,
+    vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
+    threads: Vec<JoinHandle<()>>,
+    serial: Option<Arc<Mutex<Serial>>>,
+    ged: Arc<Mutex<AcpiGed>>,
+    pci_devices: PciDevices,
+    plan: PciPlan,
+    registry: Registry,
+    paused_at_start: bool,
+    _triggers: Vec<EventFdTrigger>,
+}
+
+/// Check the host and the configuration against each other before anything is created.
+fn check_host(kvm: &Kvm, config: &VmConfig) -> Result<()> {
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+        (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+        (Cap::Ioeventfd, "ioeventfd (KVM_CAP_IOEVENTFD)"),
+        (
+            Cap::ImmediateExit,
+            "immediate exit (KVM_CAP_IMMEDIATE_EXIT)",
+        ),
+        (Cap::Pit2, "the in-kernel PIT (KVM_CAP_PIT2)"),
+        (Cap::UserMemory, "user memory regions (KVM_CAP_USER_MEMORY)"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCapability(name));
+        }
+    }
+    let num_cpus = config.cpus.boot_vcpus;
+    let max = kvm.get_max_vcpus();
+    if num_cpus as usize > max {
+        return Err(VmError::TooManyVcpus {
+            requested: num_cpus,
+            max,
+        });
+    }
+    let mem_size = config.memory.size;
+    crate::memory::check_host_can_back(mem_size)?;
+    let bits = host_phys_bits();
+    if pci_mmio64_start(mem_size)
+        .checked_add(PCI_MMIO64_SIZE)
+        .is_none_or(|end| end > 1u64 << bits)
+    {
+        return Err(VmError::AddressSpace {
+            size: mem_size,
+            bits,
+        });
+    }
+    Ok(())
+}
+
+/// A KVM VM with its in-kernel irqchip and PIT.
+fn create_kvm_vm(kvm: &Kvm) -> Result<VmFd> {
+    let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm_fd
+        .set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok(vm_fd)
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    kvm(what)
+}
+
+/// Register every RAM region as a KVM memory slot (slot = region index).
+fn register_ram(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<RamSlot>> {
+    let mut slots = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let s = RamSlot {
+            slot: slot as u32,
+            guest_addr: region.start_addr().0,
+            len: region.len(),
+            host_addr: region.as_ptr() as u64,
+        };
+        set_ram_slot(vm_fd, &s, 0)?;
+        slots.push(s);
+    }
+    Ok(slots)
+}
+
+fn set_ram_slot(vm_fd: &VmFd, s: &RamSlot, flags: u32) -> Result<()> {
+    let r = kvm_userspace_memory_region {
+        slot: s.slot,
+        flags,
+        guest_phys_addr: s.guest_addr,
+        memory_size: s.len,
+        userspace_addr: s.host_addr,
+    };
+    // SAFETY: the region is a live mapping owned by the VM's guest memory, which the Vm keeps for
+    // as long as the KVM VM exists; the slot numbers are distinct and the ranges do not overlap.
+    unsafe { vm_fd.set_user_memory_region(r) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))
+}
+
+/// The vCPUs of a VM: created, CPUID set, registered as components; not running.
+struct Vcpus {
+    pending: Vec<Vcpu>,
+    fds: Vec<Arc<Mutex<VcpuFd>>>,
+    control: Arc<VcpuControl>,
+}
+
+/// Create every vCPU with its CPUID and register each in `registry`.
+fn create_vcpus(
+    kvm_sys: &Arc<Kvm>,
+    vm_fd: &VmFd,
+    config: &VmConfig,
+    (pio, mmio, exit): (&Arc<Bus>, &Arc<Bus>, &Arc<VmExitEvent>),
+    registry: &mut Registry,
+) -> Result<Vcpus> {
+    let template = config
+        .cpu_template
+        .as_ref()
+        .map(|p| CpuTemplate::from_file(p))
+        .transpose()?;
+    vcpu::install_kick_handler()?;
+    let mut supported = kvm_sys
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let pvm_host = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    for quirk in apply_host_quirks(&mut supported, pvm_host) {
+        log::info!("CPUID: {quirk}");
+    }
+    let num_cpus = config.cpus.boot_vcpus;
+    let control = Arc::new(VcpuControl::default());
+    let mut pending = Vec::new();
+    let mut fds = Vec::new();
+    for index in 0..num_cpus {
+        let fd = vm_fd
+            .create_vcpu(u64::from(index))
+            .map_err(kvm("KVM_CREATE_VCPU"))?;
+        let cpuid = vcpu_cpuid(&supported, index, num_cpus, template.as_ref())?;
+        vcpu::configure_common(&fd, index, &cpuid)?;
+        let fd = Arc::new(Mutex::new(fd));
+        let component = VcpuComponent::new(index, fd.clone(), kvm_sys.clone());
+        registry.register(
+            crate::vcpu_state::section_id(index),
+            "vcpu",
+            None,
+            Arc::new(Mutex::new(component)),
+        )?;
+        fds.push(fd.clone());
+        pending.push(Vcpu {
+            index,
+            fd,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            exit: exit.clone(),
+            control: control.clone(),
+        });
+    }
+    Ok(Vcpus {
+        pending,
+        fds,
+        control,
+    })
+}
+
+/// Build the virtio-iommu (when the plan has one) and every configured device, plug each at its
+/// planned address and register it. Returns the configuration with every device's PCI address
+/// recorded.
+fn plug_pci_functions(
+    config: &VmConfig,
+    plan: &PciPlan,
+    pci_devices: &mut PciDevices,
+    mem: &GuestMemoryMmap,
+    origin: Origin,
+    registry: &mut Registry,
+) -> Result<VmConfig> {
+    let interrupts = pci_devices.interrupt_manager();
+    let mut plug = |id: &str, addr: PciAddress, f: Arc<Mutex<dyn PciFunction>>| -> Result<()> {
+        let kind = f.lock().unwrap_or_else(|e| e.into_inner()).kind();
+        pci_devices.add(id, addr, f.clone())?;
+        registry.register(id, kind, Some(addr), f)?;
+        Ok(())
+    };
+    let ctx = |address, access| BuildContext {
+        mem,
+        interrupts: interrupts.clone(),
+        address,
+        access,
+        restoring: origin == Origin::Restore,
+    };
+    // The virtio-iommu's translator and fault reporter, shared by the devices behind it.
+    let mut iommu = None;
+    if let Some(addr) = plan.iommu {
+        let endpoints: Vec<u32> = plan
+            .devices
+            .iter()
+            .filter(|(d, _)| d.iommu)
+            .map(|(_, a)| a.requester_id())
+            .collect();
+        let dev = VirtioIommu::new(IOMMU_DEVICE_ID.into(), IommuConfig::default(), &endpoints)
+            .map_err(|source| VmError::EventFd {
+                id: IOMMU_DEVICE_ID.into(),
+                source,
+            })?;
+        iommu = Some((dev.translator(), dev.fault_reporter()));
+        let f = device_builders::virtio_function("iommu", Box::new(dev), &ctx(addr, None))?;
+        plug(IOMMU_DEVICE_ID, addr, f)?;
+        log::info!("{IOMMU_DEVICE_ID}: virtio-iommu at {addr} for endpoint(s) {endpoints:x?}");
+    }
+    let mut resolved = config.clone();
+    for (device, addr) in &plan.devices {
+        let access = match (&iommu, device.iommu) {
+            (Some((translator, faults)), true) => Some(Arc::new(EndpointAccess::new(
+                addr.requester_id(),
+                translator.clone(),
+                faults.clone(),
+            )) as Arc<dyn AccessPlatform>),
+            _ => None,
+        };
+        let f = device_builders::build(config, device, &ctx(*addr, access))?;
+        plug(&device.id, *addr, f)?;
+        resolved.set_pci_address(device.kind, device.index, *addr);
+    }
+    Ok(resolved)
+}
+
 impl Vm {
-    /// Build the VM from a validated configuration: KVM, memory, kernel, ACPI, devices, vCPUs.
+    /// Build the VM from a validated configuration and load its kernel: ready to start.
     pub fn new(config: VmConfig) -> Result<Self> {
-        Self::build(config, Source::Boot)
+        let mut vm = Self::create(config, Origin::Boot)?;
+        vm.load_kernel()?;
+        Ok(vm)
     }
 
     /// Build a VM from a snapshot directory (written by [`Vm::snapshot`]); it comes up paused.
-    /// Any inconsistency (other version, truncated or corrupt file, config that does not match the
-    /// state) is an error and nothing is started.
+    /// Any inconsistency (other version, truncated or corrupt file, config that does not match
+    /// the state) is an error and nothing is started.
     pub fn restore(dir: &std::path::Path) -> Result<Self> {
         use snapshot_files::*;
         let open = |name: &str| {
@@ -295,386 +496,127 @@ impl Vm {
                 source,
             })
         };
+        let path = |name: &str| dir.join(name).display().to_string();
         let config: VmConfig = serde_json::from_reader(std::io::BufReader::new(open(CONFIG)?))
-            .map_err(|e| VmError::Snapshot(format!("{}: {e}", dir.join(CONFIG).display())))?;
-        config.validate().map_err(|e| {
-            VmError::Snapshot(format!("the saved configuration is not usable here: {e}"))
-        })?;
-        let sections = SnapshotReader::read_all(std::io::BufReader::new(open(STATE)?))
-            .map_err(|e| VmError::Snapshot(format!("{}: {e}", dir.join(STATE).display())))?;
-        let mut required = vec![
-            "irqchip".to_string(),
-            "pit".to_string(),
-            "clock".to_string(),
-        ];
-        required.extend((0..config.cpus.boot_vcpus).map(crate::vcpu_state::section_id));
-        let required: Vec<&str> = required.iter().map(String::as_str).collect();
-        require_sections(&sections, &required).map_err(|e| {
-            VmError::Snapshot(format!("the state does not match the configuration: {e}"))
-        })?;
+            .map_err(|source| VmError::SnapshotConfig {
+                path: path(CONFIG),
+                source,
+            })?;
+        config.validate().map_err(VmError::SavedConfig)?;
+        let sections =
+            SnapshotReader::read_all(std::io::BufReader::new(open(STATE)?)).map_err(|source| {
+                VmError::SnapshotState {
+                    path: path(STATE),
+                    source,
+                }
+            })?;
         let mut memory = open(MEMORY)?;
-        Self::build(
-            config,
-            Source::Snapshot {
-                sections: &sections,
-                memory: &mut memory,
-            },
-        )
+        let mut vm = Self::create(config, Origin::Restore)?;
+        vm.restore_state(&sections, &mut memory, &path(MEMORY))?;
+        Ok(vm)
     }
 
-    fn build(config: VmConfig, mut source: Source<'_>) -> Result<Self> {
-        let kvm_sys = open_kvm()?;
-        for (cap, name) in [
-            (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
-            (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
-            (Cap::Ioeventfd, "ioeventfd (KVM_CAP_IOEVENTFD)"),
-            (
-                Cap::ImmediateExit,
-                "immediate exit (KVM_CAP_IMMEDIATE_EXIT)",
-            ),
-            (Cap::Pit2, "the in-kernel PIT (KVM_CAP_PIT2)"),
-            (Cap::UserMemory, "user memory regions (KVM_CAP_USER_MEMORY)"),
-        ] {
-            if !kvm_sys.check_extension(cap) {
-                return Err(VmError::MissingCapability(name));
-            }
-        }
-        let num_cpus = config.cpus.boot_vcpus;
-        let max = kvm_sys.get_max_vcpus();
-        if num_cpus as usize > max {
-            return Err(VmError::TooManyVcpus {
-                requested: num_cpus,
-                max,
-            });
-        }
-        let plan = PciPlan::new(&config).map_err(|e| VmError::Device {
-            id: e.id.clone(),
-            reason: e.to_string(),
-        })?;
-        let mem_size = config.memory.size;
-        crate::memory::check_host_can_back(mem_size)?;
-        let mmio64_start = pci_mmio64_start(mem_size);
-        let bits = host_phys_bits();
-        if mmio64_start
-            .checked_add(PCI_MMIO64_SIZE)
-            .is_none_or(|end| end > 1u64 << bits)
-        {
-            return Err(VmError::AddressSpace {
-                size: mem_size,
-                bits,
-            });
-        }
-        let template = match &config.cpu_template {
-            Some(p) => {
-                Some(CpuTemplate::from_file(p).map_err(|e| VmError::CpuTemplate(e.to_string()))?)
-            }
-            None => None,
-        };
-
-        let vm_fd = Arc::new(kvm_sys.create_vm().map_err(kvm("KVM_CREATE_VM"))?);
-        vm_fd
-            .set_tss_address(KVM_TSS_ADDR as usize)
-            .map_err(kvm("KVM_SET_TSS_ADDR"))?;
-        vm_fd.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
-
-        let (mem, memfd) = create_guest_memory(mem_size)?;
-        for (slot, region) in mem.iter().enumerate() {
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`, which the Vm keeps for as long
-            // as the KVM VM exists; the slot numbers are distinct and the ranges do not overlap.
-            unsafe { vm_fd.set_user_memory_region(r) }
-                .map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
-        }
-
-        let entry = match &mut source {
-            Source::Boot => Some(Self::load_and_configure(
-                &config,
-                &mem,
-                num_cpus,
-                mmio64_start,
-                &plan,
-            )?),
-            Source::Snapshot { memory, .. } => {
-                restore_memory_file(&mem, *memory, true)
-                    .map_err(|e| VmError::Snapshot(format!("memory: {e}")))?;
-                None
-            }
-        };
-
-        let exit = Arc::new(VmExitEvent::new().map_err(|e| VmError::Device {
+    /// Build the machine for `config`: KVM VM, guest RAM, vCPUs with their CPUID, platform
+    /// devices, the PCI bus with every configured function, each registered once. Nothing runs
+    /// yet and guest RAM is empty: follow with [`Vm::load_kernel`] or [`Vm::restore_state`].
+    pub fn create(config: VmConfig, origin: Origin) -> Result<Self> {
+        let kvm = Arc::new(open_kvm()?);
+        check_host(&kvm, &config)?;
+        let plan = PciPlan::new(&config)?;
+        let vm_fd = Arc::new(create_kvm_vm(&kvm)?);
+        let (mem, memfd) = create_guest_memory(config.memory.size)?;
+        let ram_slots = register_ram(&vm_fd, &mem)?;
+        let exit = Arc::new(VmExitEvent::new().map_err(|source| VmError::EventFd {
             id: "exit-event".into(),
-            reason: e.to_string(),
+            source,
         })?);
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
-        let mut triggers = Vec::new();
-        let mut irq = |gsi: u32, id: &str| -> Result<EventFdTrigger> {
-            let t = EventFdTrigger::new().map_err(|e| VmError::Device {
-                id: id.into(),
-                reason: e.to_string(),
-            })?;
-            vm_fd
-                .register_irqfd(t.eventfd(), gsi)
-                .map_err(kvm("KVM_IRQFD"))?;
-            let keep = t.try_clone().map_err(|e| VmError::Device {
-                id: id.into(),
-                reason: e.to_string(),
-            })?;
-            triggers.push(keep);
-            Ok(t)
-        };
-
-        let serial = match &config.serial {
-            SerialConfig::Off => None,
-            SerialConfig::Stdout => Some(Box::new(StdoutWriter) as Box<dyn std::io::Write + Send>),
-            SerialConfig::File(p) => {
-                // A restored VM continues the output of the one it was saved from.
-                let restoring = matches!(source, Source::Snapshot { .. });
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .write(true)
-                    .append(restoring)
-                    .truncate(!restoring)
-                    .open(p)
-                    .map_err(|source| VmError::Open {
-                        what: "--serial file=",
-                        path: p.display().to_string(),
-                        source,
-                    })?;
-                Some(Box::new(file) as Box<dyn std::io::Write + Send>)
-            }
-        }
-        .map(|out| -> Result<_> {
-            let line = irq(SERIAL_IRQ, "serial0")?;
-            Ok(Arc::new(Mutex::new(
-                Serial::new(Arc::new(line), out).with_id("serial0"),
-            )))
-        })
-        .transpose()?;
-        let ged = Arc::new(Mutex::new(AcpiGed::new(Arc::new(irq(
-            ACPI_GED_IRQ,
-            "acpi-ged",
-        )?))));
-        let (below_4g, above_4g) = match boot::ram_ranges(mem_size).as_slice() {
-            [(_, low), (_, high)] => (*low, *high),
-            [(_, low)] => (*low, 0),
-            _ => (0, 0),
-        };
-        let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
-        let cmos = Arc::new(Mutex::new(Cmos::new(below_4g, above_4g)));
-        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(
-            exit.clone(),
-            ACPI_S5_SLEEP_TYPE,
-            ACPI_RESET_VALUE,
-        )));
-        let mut legacy_state: Vec<Arc<Mutex<dyn Snapshottable + Send>>> =
-            vec![i8042.clone(), cmos.clone(), acpi_pm.clone(), ged.clone()];
-        if let Some(s) = &serial {
-            legacy_state.push(s.clone());
-        }
-        let mut legacy = vec![
-            LegacyDevice {
-                id: "i8042",
-                port: I8042_PORT,
-                len: 5,
-                device: i8042,
-            },
-            LegacyDevice {
-                id: "cmos",
-                port: CMOS_PORT,
-                len: 2,
-                device: cmos,
-            },
-            LegacyDevice {
-                id: "acpi-pm",
-                port: ACPI_PM_PORT,
-                len: ACPI_PM_SIZE,
-                device: acpi_pm,
-            },
-            LegacyDevice {
-                id: "acpi-ged",
-                port: ACPI_GED_PORT,
-                len: ACPI_GED_SIZE,
-                device: ged.clone(),
-            },
-        ];
-        if let Some(s) = &serial {
-            legacy.push(LegacyDevice {
-                id: "serial0",
-                port: SERIAL_PORT,
-                len: 8,
-                device: s.clone(),
-            });
+        let mut registry = Registry::new();
+        let vcpus = create_vcpus(&kvm, &vm_fd, &config, (&pio, &mmio, &exit), &mut registry)?;
+        for part in KvmVmPart::all(&vm_fd) {
+            registry.register(part.section(), "kvm", None, Arc::new(Mutex::new(part)))?;
         }
         let pci_bus = Arc::new(Mutex::new(PciBus::new()));
-        legacy.push(LegacyDevice {
-            id: "pci-config-io",
-            port: PCI_CONFIG_IO_PORT,
-            len: PCI_CONFIG_IO_SIZE,
-            device: Arc::new(Mutex::new(PciConfigIo::new(pci_bus.clone()))),
-        });
-        for d in legacy {
-            pio.insert(d.device, u64::from(d.port), d.len)
-                .map_err(|e| VmError::Device {
-                    id: d.id.into(),
-                    reason: e.to_string(),
-                })?;
-        }
-        mmio.insert(
-            Arc::new(Mutex::new(PciConfigMmio::new(
-                pci_bus.clone(),
-                PCI_LAST_BUS,
-            ))),
-            PCI_ECAM_START,
-            boot::ecam_size(),
-        )
-        .map_err(|e| VmError::Device {
-            id: "pci-ecam".into(),
-            reason: e.to_string(),
-        })?;
-
+        let legacy = create_legacy_devices(
+            &vm_fd,
+            (&pio, &mmio),
+            &exit,
+            &config,
+            origin == Origin::Restore,
+            &pci_bus,
+            &mut registry,
+        )?;
+        let host_bridge = pci_bus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .host_bridge();
+        registry.register("pci-host-bridge", "pci-host-bridge", None, host_bridge)?;
         let mut pci_devices = PciDevices::new(
             vm_fd.clone(),
-            pci_bus.clone(),
-            mmio.clone(),
+            pci_bus,
+            (mmio.clone(), pio.clone()),
             (PCI_MMIO32_START, PCI_MMIO32_SIZE),
-            (mmio64_start, PCI_MMIO64_SIZE),
-        )
-        .map_err(|e| VmError::Device {
-            id: "pci".into(),
-            reason: e.to_string(),
-        })?;
-        let restoring = matches!(source, Source::Snapshot { .. });
-        let virtio = create_virtio_devices(&config, restoring).map_err(|e| VmError::Device {
-            id: e.id.clone(),
-            reason: e.to_string(),
-        })?;
-        plug_virtio_devices(&mut pci_devices, &plan, virtio, &mem)?;
-
-        vcpu::install_kick_handler()?;
-        let mut supported = kvm_sys
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        let pvm_host = std::path::Path::new("/sys/module/kvm_pvm").exists();
-        for quirk in apply_host_quirks(&mut supported, pvm_host) {
-            log::info!("CPUID: {quirk}");
-        }
-        let control = Arc::new(VcpuControl::default());
-        if matches!(source, Source::Snapshot { .. }) {
-            // A restored VM comes up paused: its vCPU threads park before their first KVM_RUN.
-            control.start_paused();
-        }
-        let mut pending_vcpus = Vec::new();
-        let mut vcpu_fds = Vec::new();
-        for index in 0..num_cpus {
-            let fd = vm_fd
-                .create_vcpu(u64::from(index))
-                .map_err(kvm("KVM_CREATE_VCPU"))?;
-            let cpuid = vcpu_cpuid(&supported, index, num_cpus, template.as_ref())
-                .map_err(|e| VmError::Cpuid(e.to_string()))?;
-            vcpu::configure_common(&fd, index, &cpuid)?;
-            match (&source, entry) {
-                (Source::Boot, Some(entry)) if index == 0 => {
-                    vcpu::configure_boot_vcpu(&fd, index, &mem, entry)?
-                }
-                (Source::Snapshot { sections, .. }, _) => {
-                    let section = require_section(sections, &crate::vcpu_state::section_id(index))
-                        .map_err(|e| VmError::Snapshot(e.to_string()))?;
-                    restore_vcpu(&fd, index, &kvm_sys, section)
-                        .map_err(|e| VmError::Snapshot(e.to_string()))?;
-                }
-                _ => {}
-            }
-            let fd = Arc::new(Mutex::new(fd));
-            vcpu_fds.push(fd.clone());
-            pending_vcpus.push(Vcpu {
-                index,
-                fd,
-                pio: pio.clone(),
-                mmio: mmio.clone(),
-                exit: exit.clone(),
-                control: control.clone(),
-            });
-        }
-        if let Source::Snapshot { sections, .. } = &source {
-            restore_vm(&vm_fd, sections).map_err(|e| VmError::Snapshot(e.to_string()))?;
-            for dev in &legacy_state {
-                let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
-                let id = d.id();
-                let section =
-                    require_section(sections, &id).map_err(|e| VmError::Snapshot(e.to_string()))?;
-                d.restore(section)
-                    .map_err(|e| VmError::Snapshot(e.to_string()))?;
-            }
-            pci_devices
-                .restore(sections)
-                .map_err(|e| VmError::Snapshot(e.to_string()))?;
-        }
+            (pci_mmio64_start(config.memory.size), PCI_MMIO64_SIZE),
+            ram_slots.len() as u32,
+        )?;
+        let config = plug_pci_functions(
+            &config,
+            &plan,
+            &mut pci_devices,
+            &mem,
+            origin,
+            &mut registry,
+        )?;
         log::info!(
-            "VM ready: {num_cpus} vCPU(s), {} MiB RAM{}",
-            mem_size >> 20,
-            if entry.is_none() {
-                ", restored from a snapshot (paused)"
-            } else {
-                ""
-            }
+            "VM built: {} vCPU(s), {} MiB RAM, {} components",
+            config.cpus.boot_vcpus,
+            config.memory.size >> 20,
+            registry.components().len()
         );
         Ok(Self {
             config,
-            kvm: kvm_sys,
             vm_fd,
             mem,
             _memfd: memfd,
+            ram_slots,
+            dirty_logging: AtomicBool::new(false),
             pio,
             mmio,
             exit,
-            control,
-            pending_vcpus,
+            control: vcpus.control,
+            pending_vcpus: vcpus.pending,
+            vcpu_fds: vcpus.fds,
             threads: Vec::new(),
-            serial,
-            ged,
+            serial: legacy.serial,
+            ged: legacy.ged,
             pci_devices,
-            legacy_state,
-            vcpu_fds,
-            paused_at_start: entry.is_none(),
-            _triggers: triggers,
+            plan,
+            registry,
+            paused_at_start: false,
+            _triggers: legacy.triggers,
         })
     }
 
-    /// Load the kernel (and initramfs), write the ACPI tables and the boot structures.
-    fn load_and_configure(
-        config: &VmConfig,
-        mem: &GuestMemoryMmap,
-        num_cpus: u32,
-        mmio64_start: u64,
-        plan: &PciPlan,
-    ) -> Result<EntryPoint> {
+    /// Load the kernel (and initramfs), write the ACPI tables and the boot structures, and set
+    /// the boot vCPU's registers.
+    pub fn load_kernel(&mut self) -> Result<()> {
+        let config = &self.config;
+        let mem = &self.mem;
         let mem_size = config.memory.size;
         let kernel = load_payload(config, mem)?;
         let rsdp = create_acpi_tables(
             mem,
             &AcpiConfig {
-                num_cpus,
-                pci_mmio64_start: mmio64_start,
+                num_cpus: config.cpus.boot_vcpus,
+                pci_mmio64_start: pci_mmio64_start(mem_size),
                 pci_mmio64_size: PCI_MMIO64_SIZE,
-                viot: plan.iommu_slot.map(|iommu_slot| ViotConfig {
-                    iommu_slot,
-                    endpoint_slots: plan.endpoint_slots(),
+                viot: self.plan.iommu.map(|iommu| ViotConfig {
+                    iommu_slot: iommu.slot(),
+                    endpoint_slots: self.plan.endpoint_slots(),
                 }),
             },
-        )
-        .map_err(|e| VmError::Acpi(e.to_string()))?;
+        )?;
         let cmdline = boot::build_cmdline(&kernel, config.effective_cmdline())?;
         let initramfs = match &config.payload.initramfs {
             Some(p) => {
@@ -688,13 +630,43 @@ impl Vm {
             None => None,
         };
         boot::configure_system(mem, &kernel, &cmdline, initramfs, mem_size, rsdp)?;
+        if let Some(fd) = self.vcpu_fds.first() {
+            let fd = fd.lock().unwrap_or_else(|e| e.into_inner());
+            vcpu::configure_boot_vcpu(&fd, 0, mem, kernel.entry)?;
+        }
         log::info!(
             "kernel: {:?} entry at {:#x}, cmdline {:?}",
             kernel.entry.protocol,
             kernel.entry.addr.0,
             config.effective_cmdline()
         );
-        Ok(kernel.entry)
+        Ok(())
+    }
+
+    /// Load guest RAM from `memory` (named `memory_name` in errors) and every component's state
+    /// from `sections`, matched by id; the VM then comes up paused. Nothing may have run yet.
+    pub fn restore_state(
+        &mut self,
+        sections: &[StateSection],
+        memory: &mut File,
+        memory_name: &str,
+    ) -> Result<()> {
+        restore_memory_image(&self.mem, memory, true).map_err(|source| {
+            VmError::SnapshotMemory {
+                path: memory_name.to_string(),
+                source,
+            }
+        })?;
+        self.registry.restore_all(sections)?;
+        // Restored devices are paused (they must not touch guest memory before the vCPUs run).
+        self.pci_devices.follow_restored_bars();
+        self.control.start_paused();
+        self.paused_at_start = true;
+        log::info!(
+            "VM state restored ({} sections); the VM is paused",
+            sections.len()
+        );
+        Ok(())
     }
 
     /// Start every vCPU thread.
@@ -705,23 +677,20 @@ impl Vm {
         Ok(())
     }
 
-    /// Stop every vCPU; when this returns no vCPU is executing guest code.
+    /// Stop every vCPU, then every component (devices, serial port, GED, ...); when this returns
+    /// nothing touches guest memory or raises interrupts. On failure the VM keeps running.
     pub fn pause(&self) -> Result<()> {
         self.control.pause(&self.threads, PAUSE_TIMEOUT)?;
-        if let Err(e) = self.pci_devices.pause() {
-            // Leave the VM as it was: running.
-            let _ = self.pci_devices.resume();
+        if let Err(e) = self.registry.pause_all() {
             self.control.resume();
-            return Err(VmError::State(e.to_string()));
+            return Err(e.into());
         }
         Ok(())
     }
 
-    /// Let the devices and then the vCPUs continue.
+    /// Let every component and then the vCPUs continue.
     pub fn resume(&self) -> Result<()> {
-        self.pci_devices
-            .resume()
-            .map_err(|e| VmError::State(e.to_string()))?;
+        self.registry.resume_all()?;
         self.control.resume();
         Ok(())
     }
@@ -739,7 +708,7 @@ impl Vm {
         self.exit.clone()
     }
 
-    /// The configuration the VM was built from.
+    /// The configuration the VM was built from, with every device's PCI address filled in.
     pub fn config(&self) -> &VmConfig {
         &self.config
     }
@@ -769,9 +738,14 @@ impl Vm {
         &self.ged
     }
 
-    /// The PCI devices (virtio) and their interrupt routing.
+    /// The PCI functions and their interrupt routing.
     pub fn pci_devices(&self) -> &PciDevices {
         &self.pci_devices
+    }
+
+    /// Every component of the VM.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// Whether the VM was restored from a snapshot and starts paused.
@@ -779,58 +753,140 @@ impl Vm {
         self.paused_at_start
     }
 
-    /// Write a snapshot of this PAUSED VM into `dir` (created if missing): the configuration, the
-    /// state of every vCPU, the irqchip/PIT/clock and every device as versioned sections, and
-    /// guest RAM as a sparse file.
+    /// Number of vCPUs currently parked.
+    pub fn parked_vcpus(&self) -> usize {
+        self.control.parked()
+    }
+
+    /// Write a snapshot of this PAUSED VM into `dir` (created if missing): the configuration
+    /// (with every device's PCI address), the component manifest and every component's state as
+    /// versioned sections, and guest RAM as a RAM image (zero pages left out).
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<()> {
         use snapshot_files::*;
-        let fail =
-            |what: &str, e: &dyn std::fmt::Display| VmError::Snapshot(format!("{what}: {e}"));
-        std::fs::create_dir_all(dir).map_err(|e| fail(&dir.display().to_string(), &e))?;
-        let mut sections = save_vm(&self.vm_fd).map_err(|e| fail("VM state", &e))?;
-        for (i, fd) in self.vcpu_fds.iter().enumerate() {
-            let fd = fd.lock().unwrap_or_else(|e| e.into_inner());
-            sections.push(save_vcpu(&fd, i as u32, &self.kvm).map_err(|e| fail("vCPU state", &e))?);
-        }
-        for dev in &self.legacy_state {
-            let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
-            sections.push(d.snapshot().map_err(|e| fail("device state", &e))?);
-        }
-        sections.extend(
-            self.pci_devices
-                .snapshot()
-                .map_err(|e| fail("PCI device state", &e))?,
-        );
-        let create = |name: &str| {
-            let p = dir.join(name);
-            File::create(&p).map_err(|e| fail(&p.display().to_string(), &e))
+        let io = |name: &str| {
+            let path = dir.join(name).display().to_string();
+            move |source| VmError::SnapshotIo { path, source }
         };
-        let config = serde_json::to_vec_pretty(&self.config).map_err(|e| fail("config", &e))?;
-        std::io::Write::write_all(&mut create(CONFIG)?, &config).map_err(|e| fail(CONFIG, &e))?;
-        let mut state = write_snapshot(std::io::BufWriter::new(create(STATE)?), &sections)
-            .map_err(|e| fail(STATE, &e))?;
-        std::io::Write::flush(&mut state).map_err(|e| fail(STATE, &e))?;
-        let mut memory = create(MEMORY)?;
-        let stats = write_memory_file(&self.mem, &mut memory).map_err(|e| fail(MEMORY, &e))?;
+        std::fs::create_dir_all(dir).map_err(io(""))?;
+        let sections = self.registry.snapshot_all()?;
+        let config =
+            serde_json::to_vec_pretty(&self.config).map_err(|source| VmError::SnapshotConfig {
+                path: dir.join(CONFIG).display().to_string(),
+                source,
+            })?;
+        std::fs::write(dir.join(CONFIG), config).map_err(io(CONFIG))?;
+        let state = File::create(dir.join(STATE)).map_err(io(STATE))?;
+        let mut state =
+            write_snapshot(std::io::BufWriter::new(state), &sections).map_err(|source| {
+                VmError::SnapshotState {
+                    path: dir.join(STATE).display().to_string(),
+                    source,
+                }
+            })?;
+        std::io::Write::flush(&mut state).map_err(io(STATE))?;
+        let memory = File::create(dir.join(MEMORY)).map_err(io(MEMORY))?;
+        let mut memory = std::io::BufWriter::with_capacity(1 << 20, memory);
+        let stats = write_memory_image(&self.mem, &mut memory).map_err(|source| {
+            VmError::SnapshotMemory {
+                path: dir.join(MEMORY).display().to_string(),
+                source,
+            }
+        })?;
+        std::io::Write::flush(&mut memory).map_err(io(MEMORY))?;
         log::info!(
-            "snapshot written to {}: {} sections, {} MiB RAM of which {} MiB data",
+            "snapshot written to {}: {} sections, {} MiB RAM image",
             dir.display(),
             sections.len(),
-            stats.ram_bytes >> 20,
-            stats.data_bytes >> 20
+            stats.stream_bytes >> 20
         );
         Ok(())
     }
 
-    /// Number of vCPUs currently parked.
-    pub fn parked_vcpus(&self) -> usize {
-        self.control.parked()
+    /// The RAM layout `(guest address, length)` of every region, in address order.
+    pub fn ram_layout(&self) -> Vec<(u64, u64)> {
+        self.ram_slots
+            .iter()
+            .map(|s| (s.guest_addr, s.len))
+            .collect()
+    }
+
+    /// Start dirty page logging: KVM logs every RAM slot, the VMM-side bitmap (device writes
+    /// through guest memory) and every component's own log start empty.
+    pub fn start_dirty_log(&self) -> Result<()> {
+        for s in &self.ram_slots {
+            set_ram_slot(&self.vm_fd, s, KVM_MEM_LOG_DIRTY_PAGES)?;
+        }
+        self.dirty_logging.store(true, Ordering::SeqCst);
+        // Drop what was logged before: the set starts now.
+        self.dirty_pages()?;
+        self.registry.start_dirty_log()?;
+        Ok(())
+    }
+
+    /// The pages written since dirty logging started or since the previous call — by vCPUs
+    /// (KVM's log), by the VMM and its device workers (the guest memory bitmap) and by components
+    /// that log their own DMA — merged into one set; every log is cleared.
+    pub fn dirty_pages(&self) -> Result<DirtyBitmap> {
+        let mut set = DirtyBitmap::new(&self.ram_layout())?;
+        if self.dirty_logging.load(Ordering::SeqCst) {
+            for (index, s) in self.ram_slots.iter().enumerate() {
+                let words = self
+                    .vm_fd
+                    .get_dirty_log(s.slot, s.len as usize)
+                    .map_err(kvm("KVM_GET_DIRTY_LOG"))?;
+                set.merge_words(index, &words)?;
+            }
+        }
+        set.merge_guest_memory_bitmap(&self.mem)?;
+        for c in self.registry.components() {
+            c.state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .sync_dirty_log(&mut set)
+                .map_err(|source| RegistryError::State {
+                    id: c.id.clone(),
+                    source,
+                })?;
+        }
+        Ok(set)
+    }
+
+    /// Stop dirty page logging.
+    pub fn stop_dirty_log(&self) -> Result<()> {
+        self.registry.stop_dirty_log();
+        for s in &self.ram_slots {
+            set_ram_slot(&self.vm_fd, s, 0)?;
+        }
+        self.dirty_logging.store(false, Ordering::SeqCst);
+        Ok(())
     }
 }
 
 impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Open /dev/kvm with an actionable message on failure.
+pub fn open_kvm() -> Result<Kvm> {
+    Kvm::new().map_err(|source| {
+        let hint = match source.errno() {
+            libc::ENOENT => "KVM is not available: load the kvm module (modprobe kvm_intel or kvm_amd), enable virtualization in the firmware, or run skiff on a host with KVM",
+            libc::EACCES | libc::EPERM => "Permission denied: add your user to the kvm group (sudo usermod -aG kvm $USER, then log in again) or give it access with `sudo setfacl -m u:$USER:rw /dev/kvm`",
+            _ => "Check that KVM works on this host",
+        };
+        VmError::OpenKvm { source, hint }
+    })
+}
+
+/// Guest physical address bits the host supports (CPUID 0x8000_0008).
+fn host_phys_bits() -> u32 {
+    let max_ext = std::arch::x86_64::__cpuid(0x8000_0000).eax;
+    if max_ext >= 0x8000_0008 {
+        std::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff
+    } else {
+        36
     }
 }
 
@@ -848,21 +904,5 @@ fn load_payload(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<LoadedKernel
             })?;
             Ok(boot::load_kernel(mem, &mut f)?)
         }
-    }
-}
-
-/// Unbuffered writer to standard output, so guest output appears as it is produced.
-struct StdoutWriter;
-
-impl std::io::Write for StdoutWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut out = std::io::stdout().lock();
-        out.write_all(buf)?;
-        out.flush()?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stdout().lock().flush()
     }
 }

@@ -54,19 +54,6 @@ fn internal(what: &str, e: impl std::fmt::Display) -> ApiError {
     }
 }
 
-/// The virtio device kind from its PCI device id.
-fn device_kind(device_type: u32) -> &'static str {
-    use devices::virtio::device_type::*;
-    match device_type {
-        NET => "virtio-net",
-        BLOCK => "virtio-blk",
-        CONSOLE => "virtio-console",
-        RNG => "virtio-rng",
-        IOMMU => "virtio-iommu",
-        _ => "virtio",
-    }
-}
-
 impl Vmm {
     /// A VMM with no VM.
     pub fn new() -> Self {
@@ -111,6 +98,8 @@ impl Vmm {
             .ok_or_else(|| conflict(None, "vm.boot"))?;
         let mut vm = Vm::new(config).map_err(|e| internal("vm.boot", e))?;
         vm.start().map_err(|e| internal("vm.boot", e))?;
+        // The VM's configuration records where each device was placed.
+        self.config = Some(vm.config().clone());
         self.vm = Some(vm);
         self.state = Some(VmState::Running);
         events::emit("vm", "booted", serde_json::Value::Null);
@@ -267,14 +256,10 @@ impl Vmm {
                             vm.pci_devices()
                                 .devices()
                                 .into_iter()
-                                .map(|(id, slot, dev)| {
-                                    let d = dev.lock().unwrap_or_else(|e| e.into_inner());
-                                    DeviceInfo {
-                                        id,
-                                        kind: device_kind(d.virtio_device().device_type())
-                                            .to_string(),
-                                        pci_address: format!("0000:00:{slot:02x}.0"),
-                                    }
+                                .map(|(id, kind, slot, _)| DeviceInfo {
+                                    id,
+                                    kind: kind.to_string(),
+                                    pci_address: format!("0000:00:{slot:02x}.0"),
                                 })
                                 .collect()
                         })
@@ -292,10 +277,9 @@ impl Vmm {
             ApiAction::Counters => match &self.vm {
                 Some(vm) => {
                     let mut all: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-                    for (id, _, dev) in vm.pci_devices().devices() {
+                    for (id, _, _, dev) in vm.pci_devices().devices() {
                         let d = dev.lock().unwrap_or_else(|e| e.into_inner());
                         let c = d
-                            .virtio_device()
                             .counters()
                             .into_iter()
                             .map(|(k, v)| (k.to_string(), v))

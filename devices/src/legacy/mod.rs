@@ -14,6 +14,7 @@ pub mod ged;
 pub mod i8042;
 pub mod interrupt;
 pub mod log_limit;
+mod migratable;
 pub mod serial;
 pub mod state;
 

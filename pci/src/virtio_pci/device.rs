@@ -80,18 +80,18 @@ pub enum VirtioPciError {
 /// Share it as `Arc<Mutex<VirtioPciDevice>>`: the same object is the [`PciDevice`] on the PCI bus
 /// and the [`BusDevice`] registered on the MMIO bus at BAR 0's address.
 pub struct VirtioPciDevice {
-    id: String,
+    pub(super) id: String,
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
-    config: PciConfiguration,
+    pub(super) config: PciConfiguration,
     common: CommonConfig,
     msix: Arc<Mutex<MsixConfig>>,
     msix_cap_reg: usize,
-    intx: Arc<IntxState>,
+    pub(super) intx: Arc<IntxState>,
     intx_gsi: Option<u32>,
-    resamplefd: Option<EventFd>,
+    pub(super) resamplefd: Option<EventFd>,
     interrupt: Arc<VirtioPciInterrupt>,
-    ioeventfds: Vec<EventFd>,
+    pub(super) ioeventfds: Vec<EventFd>,
     activated: bool,
     pending_bar_move: Option<BarMove>,
     bad_access: LogLimiter,
@@ -167,7 +167,7 @@ impl VirtioPciDevice {
     /// Wrap `device`. MSI-X gets one vector per queue plus one for configuration changes, each
     /// with a GSI from `interrupt_manager`; `intx` is `(pin, gsi)` (pin 1 = INTA#) for the INTx
     /// fallback, `None` for an MSI-X-only device. BAR 0 starts at address 0: the VMM allocates
-    /// the BARs listed by [`Self::bar_requests`] and programs them with [`Self::set_bar`].
+    /// the BARs its [`crate::PciFunction`] implementation lists and programs them.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
@@ -351,43 +351,6 @@ impl VirtioPciDevice {
         self.activated
     }
 
-    /// BARs the VMM must allocate: `(index, size, kind)`.
-    pub fn bar_requests(&self) -> Vec<(usize, u64, BarKind)> {
-        (0..crate::configuration::NUM_BAR_REGS)
-            .filter_map(|i| self.config.bar(i).map(|b| (i, b.size, b.kind)))
-            .collect()
-    }
-
-    /// Program BAR `index` at `addr` (chosen by the VMM's allocator).
-    pub fn set_bar(&mut self, index: usize, addr: u64) -> Result<(), VirtioPciError> {
-        self.config
-            .set_bar_address(index, addr)
-            .map_err(|source| VirtioPciError::Config {
-                id: self.id.clone(),
-                source,
-            })
-    }
-
-    /// The address BAR `index` decodes now.
-    pub fn bar_address(&self, index: usize) -> Option<u64> {
-        self.config.bar_address(index)
-    }
-
-    /// The queue ioeventfds and the guest-physical notification address of each, for BAR 0 at
-    /// `bar_base`. Register each with KVM (`KVM_IOEVENTFD`, MMIO, any length, no datamatch).
-    pub fn ioeventfds(&self, bar_base: u64) -> Vec<(&EventFd, u64)> {
-        self.ioeventfds
-            .iter()
-            .enumerate()
-            .map(|(i, fd)| {
-                (
-                    fd,
-                    bar_base + NOTIFY_OFFSET + i as u64 * u64::from(NOTIFY_OFF_MULTIPLIER),
-                )
-            })
-            .collect()
-    }
-
     /// The GSIs of the MSI-X vectors.
     pub fn msix_gsis(&self) -> Vec<u32> {
         self.lock_msix().gsis()
@@ -396,21 +359,6 @@ impl VirtioPciDevice {
     /// The INTx GSI, when the device has INTx.
     pub fn intx_gsi(&self) -> Option<u32> {
         self.intx_gsi
-    }
-
-    /// The fd KVM signals after the guest acknowledged the INTx interrupt; when it is readable,
-    /// call [`Self::handle_intx_resample`].
-    pub fn intx_resample_fd(&self) -> Option<&EventFd> {
-        self.resamplefd.as_ref()
-    }
-
-    /// Consume the resample event and re-assert INTx if the ISR still has bits set.
-    pub fn handle_intx_resample(&self) -> io::Result<()> {
-        if let Some(fd) = &self.resamplefd {
-            // Non-blocking: nothing to read is fine.
-            let _ = fd.read();
-        }
-        self.intx.resample()
     }
 
     fn lock_msix(&self) -> MutexGuard<'_, MsixConfig> {

@@ -18,6 +18,7 @@
 
 mod common_config;
 mod device;
+mod function;
 mod interrupt;
 #[cfg(test)]
 mod tests;
@@ -25,6 +26,7 @@ mod tests;
 pub use device::{
     VirtioPciDevice, VirtioPciError, VIRTIO_PCI_SECTION_PREFIX, VIRTIO_PCI_STATE_VERSION,
 };
+pub use function::virtio_kind;
 
 /// Vendor id of virtio devices (Red Hat, Inc.).
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;

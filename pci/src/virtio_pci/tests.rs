@@ -15,6 +15,7 @@ use vm_memory::GuestAddress;
 use super::*;
 use crate::configuration::{BarKind, BAR0_REG, CAPABILITY_POINTER_REG, COMMAND_STATUS_REG};
 use crate::device::PciDevice;
+use crate::function::PciFunction;
 use crate::interrupt::fake::FakeInterruptManager;
 use crate::msix::{MSIX_ENABLE, MSIX_TABLE_ENTRY_SIZE};
 
@@ -252,16 +253,23 @@ fn identity_bars_and_capabilities() {
     assert_eq!(dev.config_read(2), 0x0180_0001);
     assert_eq!(dev.config_read(11), 0x1100_1af4);
     assert_eq!((dev.config_read(15) >> 8) & 0xff, 1, "INTA#");
+    let bars: Vec<_> = dev
+        .bar_requests()
+        .into_iter()
+        .map(|b| (b.index, b.size, b.kind, b.mapped.len()))
+        .collect();
     assert_eq!(
-        dev.bar_requests(),
+        bars,
         [(
             0,
             VIRTIO_BAR_SIZE,
             BarKind::Mem64 {
                 prefetchable: false
-            }
+            },
+            0
         )]
     );
+    assert_eq!(dev.kind(), "virtio-blk");
     dev.set_bar(0, 0x10_0000_0000).unwrap();
     assert_eq!(dev.bar_address(0), Some(0x10_0000_0000));
     assert!(dev.set_bar(0, 0x10_0000_0100).is_err());
@@ -296,11 +304,12 @@ fn identity_bars_and_capabilities() {
     assert_eq!(dev.msix_gsis(), [24, 25, 26]);
     assert_eq!(dev.intx_gsi(), Some(17));
     let fds: Vec<u64> = dev
-        .ioeventfds(0x10_0000_0000)
+        .ioeventfds(0, 0x10_0000_0000)
         .iter()
-        .map(|(_, a)| *a)
+        .map(|e| e.addr)
         .collect();
     assert_eq!(fds, [0x10_0000_3000, 0x10_0000_3004]);
+    assert!(dev.ioeventfds(2, 0x10_0000_0000).is_empty());
 }
 
 #[test]

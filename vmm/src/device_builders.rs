@@ -1,0 +1,354 @@
+//! The devices a [`VmConfig`] asks for: where each goes on PCI bus 0 ([`PciPlan`]) and the
+//! table of builders, one per configuration kind ([`BUILDERS`]), that turn a configured device
+//! into a [`PciFunction`].
+//!
+//! Adding a device type: a field in `VmConfig` (and its line in `VmConfig::devices`), a
+//! [`DeviceKind`], and one entry here. Nothing else lists devices.
+
+use std::sync::{Arc, Mutex};
+
+use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::console::{Console, ConsoleConfig as DevConsoleConfig, ConsoleOutput};
+use devices::virtio::net::{MacAddr, Net, NetConfig as DevNetConfig, TapSource};
+use devices::virtio::rng::{Rng, RngConfig as DevRngConfig};
+use devices::virtio::{AccessPlatform, VirtioDevice};
+use pci::{PciFunction, VirtioPciDevice};
+use thiserror::Error;
+
+use crate::config::{
+    ConfiguredDevice, ConsoleConfig, DeviceKind, PciAddress, TapConfig, VmConfig, IOMMU_PCI_SLOT,
+};
+use crate::interrupts::KvmInterruptManager;
+use crate::memory::GuestMemoryMmap;
+use crate::pci_devices::intx_gsi;
+
+pub use crate::config::IOMMU_DEVICE_ID;
+
+/// Errors creating a device from the configuration (before the guest starts).
+#[derive(Debug, Error)]
+#[error("{what} {id}: {source}")]
+pub struct DeviceCreateError {
+    /// The option that configured it.
+    pub what: &'static str,
+    /// Device id.
+    pub id: String,
+    /// Why it cannot be created.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl DeviceCreateError {
+    fn new(
+        what: &'static str,
+        id: &str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            what,
+            id: id.to_string(),
+            source: source.into(),
+        }
+    }
+}
+
+/// Where every device of a configuration goes on PCI bus 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciPlan {
+    /// Address of the virtio-iommu, when any device sits behind it (always the first slot
+    /// after the host bridge).
+    pub iommu: Option<PciAddress>,
+    /// Every configured device with its address (the recorded one, or the lowest free slot in
+    /// configuration order), in configuration order.
+    pub devices: Vec<(ConfiguredDevice, PciAddress)>,
+}
+
+impl PciPlan {
+    /// The plan for `config` (already validated: recorded addresses are distinct and not the
+    /// IOMMU's). Fails when the devices do not fit on one bus.
+    pub fn new(config: &VmConfig) -> Result<Self, DeviceCreateError> {
+        let configured = config.devices();
+        let iommu = config
+            .has_iommu()
+            .then(|| PciAddress::new(IOMMU_PCI_SLOT).expect("slot 1 is valid"));
+        let mut taken: Vec<u8> = configured
+            .iter()
+            .filter_map(|d| d.pci_address.map(PciAddress::slot))
+            .chain(iommu.map(PciAddress::slot))
+            .collect();
+        let mut devices = Vec::with_capacity(configured.len());
+        for d in configured {
+            let addr = match d.pci_address {
+                Some(a) => a,
+                None => {
+                    let slot = (1..pci::bus::NUM_SLOTS)
+                        .find(|s| !taken.contains(s))
+                        .ok_or_else(|| {
+                            DeviceCreateError::new(
+                                "PCI",
+                                &d.id,
+                                format!(
+                                    "no free slot on bus 0 ({} devices do not fit in the 31 slots)",
+                                    config.devices().len() + usize::from(iommu.is_some())
+                                ),
+                            )
+                        })?;
+                    taken.push(slot);
+                    PciAddress::new(slot).expect("slot in range")
+                }
+            };
+            devices.push((d, addr));
+        }
+        Ok(Self { iommu, devices })
+    }
+
+    /// Slots of the devices behind the IOMMU.
+    pub fn endpoint_slots(&self) -> Vec<u8> {
+        self.devices
+            .iter()
+            .filter(|(d, _)| d.iommu)
+            .map(|(_, a)| a.slot())
+            .collect()
+    }
+}
+
+/// What a builder gets besides the configuration.
+pub struct BuildContext<'a> {
+    /// Guest memory.
+    pub mem: &'a GuestMemoryMmap,
+    /// MSI-X vectors and INTx lines.
+    pub interrupts: Arc<KvmInterruptManager>,
+    /// Where the device goes.
+    pub address: PciAddress,
+    /// The device's DMA view when it sits behind the virtual IOMMU.
+    pub access: Option<Arc<dyn AccessPlatform>>,
+    /// The VM is being restored (outputs are appended to, not truncated).
+    pub restoring: bool,
+}
+
+/// Builds the PCI function of one configured device.
+pub type BuildFn = fn(
+    &VmConfig,
+    &ConfiguredDevice,
+    &BuildContext<'_>,
+) -> Result<Arc<Mutex<dyn PciFunction>>, DeviceCreateError>;
+
+/// One builder per configuration kind.
+pub static BUILDERS: &[(DeviceKind, BuildFn)] = &[
+    (DeviceKind::Disk, build_disk),
+    (DeviceKind::Net, build_net),
+    (DeviceKind::Console, build_console),
+    (DeviceKind::Rng, build_rng),
+];
+
+/// Build the function of `device` with the builder of its kind.
+pub fn build(
+    config: &VmConfig,
+    device: &ConfiguredDevice,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<Mutex<dyn PciFunction>>, DeviceCreateError> {
+    let (_, build) = BUILDERS
+        .iter()
+        .find(|(kind, _)| *kind == device.kind)
+        .ok_or_else(|| DeviceCreateError::new("device", &device.id, "no builder for this kind"))?;
+    build(config, device, ctx)
+}
+
+/// Put a virtio device behind the virtio-pci transport: MSI-X, INTx pin A on its slot's GSI,
+/// the IOMMU's DMA view when it has one, and `device-error` events.
+pub fn virtio_function(
+    what: &'static str,
+    device: Box<dyn VirtioDevice>,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<Mutex<dyn PciFunction>>, DeviceCreateError> {
+    let id = device.id().to_string();
+    let mut dev = VirtioPciDevice::new(
+        device,
+        ctx.mem.clone(),
+        ctx.interrupts.clone(),
+        Some((1, intx_gsi(ctx.address.slot(), 0))),
+    )
+    .map_err(|e| DeviceCreateError::new(what, &id, e))?;
+    if let Some(access) = &ctx.access {
+        dev.set_access_platform(access.clone());
+    }
+    dev.set_error_hook(Arc::new(|id: &str, reason: &str| {
+        crate::events::emit(
+            "device",
+            "device-error",
+            serde_json::json!({ "id": id, "reason": reason }),
+        );
+    }));
+    Ok(Arc::new(Mutex::new(dev)))
+}
+
+fn build_disk(
+    config: &VmConfig,
+    d: &ConfiguredDevice,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<Mutex<dyn PciFunction>>, DeviceCreateError> {
+    let disk = &config.disks[d.index];
+    let blk = Block::new(BlockConfig {
+        id: d.id.clone(),
+        path: disk.path.clone(),
+        readonly: disk.readonly,
+        serial: disk.serial.clone(),
+        iommu: disk.iommu,
+    })
+    .map_err(|e| DeviceCreateError::new("--disk", &d.id, e))?;
+    virtio_function("--disk", Box::new(blk), ctx)
+}
+
+fn build_net(
+    config: &VmConfig,
+    d: &ConfiguredDevice,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<Mutex<dyn PciFunction>>, DeviceCreateError> {
+    let n = &config.nets[d.index];
+    let tap = match &n.tap {
+        TapConfig::Name(name) => TapSource::Name(name.clone()),
+        TapConfig::Fd(fd) => TapSource::Fd(*fd),
+    };
+    let net = Net::new(DevNetConfig {
+        id: d.id.clone(),
+        tap,
+        mac: n.mac.map(MacAddr),
+        iommu: n.iommu,
+    })
+    .map_err(|e| DeviceCreateError::new("--net", &d.id, e))?;
+    virtio_function("--net", Box::new(net), ctx)
+}
+
+fn build_console(
+    config: &VmConfig,
+    d: &ConfiguredDevice,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<Mutex<dyn PciFunction>>, DeviceCreateError> {
+    let output = match &config.console {
+        ConsoleConfig::Off => {
+            return Err(DeviceCreateError::new(
+                "--console",
+                &d.id,
+                "the console is off",
+            ))
+        }
+        ConsoleConfig::Stdout => ConsoleOutput::Stdout,
+        // A restored VM continues the output of the one it was saved from.
+        ConsoleConfig::File(p) if ctx.restoring => ConsoleOutput::AppendFile(p.clone()),
+        ConsoleConfig::File(p) => ConsoleOutput::File(p.clone()),
+        ConsoleConfig::Pty => ConsoleOutput::Pty,
+    };
+    let console = Console::new(DevConsoleConfig {
+        id: d.id.clone(),
+        output,
+        iommu: config.console_iommu,
+    })
+    .map_err(|e| DeviceCreateError::new("--console", &d.id, e))?;
+    virtio_function("--console", Box::new(console), ctx)
+}
+
+fn build_rng(
+    _config: &VmConfig,
+    d: &ConfiguredDevice,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<Mutex<dyn PciFunction>>, DeviceCreateError> {
+    let rng = Rng::new(DevRngConfig {
+        id: d.id.clone(),
+        iommu: d.iommu,
+    });
+    virtio_function("--rng", Box::new(rng), ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DiskConfig, RngConfig};
+
+    fn disk(iommu: bool) -> DiskConfig {
+        DiskConfig {
+            path: "/dev/null".into(),
+            readonly: false,
+            id: None,
+            serial: None,
+            iommu,
+            pci_address: None,
+        }
+    }
+
+    fn slots(p: &PciPlan) -> Vec<(u8, bool)> {
+        p.devices.iter().map(|(d, a)| (a.slot(), d.iommu)).collect()
+    }
+
+    #[test]
+    fn plan_without_iommu_starts_at_slot_1() {
+        let c = VmConfig {
+            disks: vec![disk(false), disk(false)],
+            rng: Some(RngConfig::default()),
+            ..Default::default()
+        };
+        let p = PciPlan::new(&c).unwrap();
+        assert_eq!(p.iommu, None);
+        assert_eq!(slots(&p), [(1, false), (2, false), (3, false)]);
+        assert!(p.endpoint_slots().is_empty());
+    }
+
+    #[test]
+    fn plan_puts_the_iommu_first_and_lists_its_endpoints() {
+        let c = VmConfig {
+            disks: vec![disk(true), disk(false)],
+            console: ConsoleConfig::Pty,
+            console_iommu: true,
+            rng: Some(RngConfig {
+                id: None,
+                iommu: true,
+                pci_address: None,
+            }),
+            ..Default::default()
+        };
+        let p = PciPlan::new(&c).unwrap();
+        assert_eq!(p.iommu.map(PciAddress::slot), Some(1));
+        assert_eq!(slots(&p), [(2, true), (3, false), (4, true), (5, true)]);
+        assert_eq!(p.endpoint_slots(), [2, 4, 5]);
+    }
+
+    #[test]
+    fn recorded_addresses_are_kept_and_the_rest_fill_free_slots() {
+        let mut c = VmConfig {
+            disks: vec![disk(false), disk(false), disk(false)],
+            ..Default::default()
+        };
+        c.disks[0].pci_address = Some(PciAddress::new(2).unwrap());
+        c.disks[2].pci_address = Some(PciAddress::new(0x1f).unwrap());
+        let p = PciPlan::new(&c).unwrap();
+        assert_eq!(slots(&p), [(2, false), (1, false), (0x1f, false)]);
+        let ids: Vec<&str> = p.devices.iter().map(|(d, _)| d.id.as_str()).collect();
+        assert_eq!(ids, ["disk0", "disk1", "disk2"]);
+    }
+
+    #[test]
+    fn plan_refuses_more_devices_than_slots() {
+        let mut c = VmConfig {
+            disks: (0..31).map(|_| disk(false)).collect(),
+            ..Default::default()
+        };
+        assert!(PciPlan::new(&c).is_ok());
+        c.disks[0].iommu = true;
+        let e = PciPlan::new(&c).unwrap_err().to_string();
+        assert!(e.contains("do not fit"), "{e}");
+    }
+
+    #[test]
+    fn every_kind_has_a_builder() {
+        for kind in [
+            DeviceKind::Disk,
+            DeviceKind::Net,
+            DeviceKind::Console,
+            DeviceKind::Rng,
+        ] {
+            assert_eq!(
+                BUILDERS.iter().filter(|(k, _)| *k == kind).count(),
+                1,
+                "{kind:?}"
+            );
+        }
+    }
+}
