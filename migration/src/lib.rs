@@ -82,3 +82,24 @@ pub trait Snapshottable: Pausable {
     /// Restore the component's state from a section written by [`Snapshottable::snapshot`].
     fn restore(&mut self, section: &StateSection) -> Result<(), StateError>;
 }
+
+/// A component that can be live-migrated: dirty logging of memory it writes itself, state sent in
+/// bounded chunks while running (pre-copy), and the rest after stop (its snapshot).
+pub trait Migratable: Snapshottable {
+    /// Start logging guest pages this component writes itself.
+    fn start_dirty_log(&mut self) -> Result<(), StateError> {
+        Ok(())
+    }
+    /// Stop logging.
+    fn stop_dirty_log(&mut self) -> Result<(), StateError> {
+        Ok(())
+    }
+    /// Bytes of state that could be sent now while running (pre-copy); 0 = none.
+    fn precopy_pending(&self) -> u64 {
+        0
+    }
+    /// Estimated bytes of the state saved after stop.
+    fn stop_state_size(&self) -> u64 {
+        0
+    }
+}

@@ -546,10 +546,24 @@ mod tests {
     }
 
     struct Dummy(&'static str);
-    impl VirtioDevice for Dummy {
-        fn id(&self) -> &str {
-            self.0
+    impl migration::Pausable for Dummy {}
+    impl migration::Snapshottable for Dummy {
+        fn id(&self) -> String {
+            self.0.into()
         }
+        fn snapshot(&mut self) -> Result<migration::StateSection, migration::StateError> {
+            Ok(migration::StateSection {
+                id: self.0.into(),
+                version: 1,
+                data: Vec::new(),
+            })
+        }
+        fn restore(&mut self, _: &migration::StateSection) -> Result<(), migration::StateError> {
+            Ok(())
+        }
+    }
+    impl migration::Migratable for Dummy {}
+    impl VirtioDevice for Dummy {
         fn device_type(&self) -> u32 {
             devices::virtio::device_type::RNG
         }

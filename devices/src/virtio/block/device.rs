@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use migration::{Snapshottable, StateError, StateSection};
+use migration::{Migratable, Pausable, StateError};
 use thiserror::Error;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -322,10 +322,6 @@ impl Block {
 }
 
 impl VirtioDevice for Block {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
     fn device_type(&self) -> u32 {
         device_type::BLOCK
     }
@@ -466,56 +462,46 @@ impl VirtioDevice for Block {
         self.error_hook = Some(hook);
     }
 
-    fn pause(&mut self) -> Result<(), VirtioError> {
-        // Sticky until resume or reset: an activation meanwhile starts its worker paused.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.metrics.counters()
+    }
+}
+
+/// The worker is paused in place (it keeps the queue); a pause before activation is sticky, so
+/// that the activation of a restored, paused VM starts its worker paused.
+impl Pausable for Block {
+    fn pause(&mut self) -> Result<(), StateError> {
         self.pause_pending = true;
         let Some(active) = self.active.as_mut() else {
             return Ok(());
         };
         if !active.paused {
-            active.worker.pause().map_err(|e| VirtioError::Worker {
+            active.worker.pause().map_err(|e| StateError::Pause {
                 id: self.id.clone(),
-                reason: e.to_string(),
+                reason: format!("worker: {e}"),
             })?;
             active.paused = true;
         }
         Ok(())
     }
 
-    fn resume(&mut self) -> Result<(), VirtioError> {
+    fn resume(&mut self) -> Result<(), StateError> {
         self.pause_pending = false;
         let Some(active) = self.active.as_mut() else {
             return Ok(());
         };
         if active.paused {
-            active.worker.resume().map_err(|e| VirtioError::Worker {
+            active.worker.resume().map_err(|e| StateError::Resume {
                 id: self.id.clone(),
-                reason: e.to_string(),
+                reason: format!("worker: {e}"),
             })?;
             active.paused = false;
         }
         Ok(())
     }
-
-    fn counters(&self) -> Vec<(&'static str, u64)> {
-        self.metrics.counters()
-    }
-    fn save_state(&mut self) -> Result<Option<StateSection>, StateError> {
-        if self.active.as_ref().is_some_and(|a| !a.paused) {
-            return Err(StateError::Pause {
-                id: self.id.clone(),
-                reason: "snapshot of a running device; pause it first".into(),
-            });
-        }
-        Snapshottable::snapshot(self).map(Some)
-    }
-
-    fn restore_state(&mut self, section: &StateSection) -> Result<(), StateError> {
-        Snapshottable::restore(self, section)
-    }
 }
 
-crate::virtio::pausable_via_virtio_device!(Block);
+impl Migratable for Block {}
 
 #[cfg(test)]
 mod tests {
@@ -525,6 +511,8 @@ mod tests {
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use crate::virtio::features::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+
+    use migration::Snapshottable;
 
     use super::super::test_utils::*;
     use super::*;
@@ -676,12 +664,12 @@ mod tests {
         assert_eq!(drv.bytes(r.data, 512), vec![6; 512]);
         wait_until("interrupt", || irq.queue_count() == 1);
 
-        VirtioDevice::pause(&mut blk).unwrap();
+        migration::Pausable::pause(&mut blk).unwrap();
         drv.read(6, 512);
         kick.write(1).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(drv.used_idx(), 1, "a paused device serves nothing");
-        VirtioDevice::resume(&mut blk).unwrap();
+        migration::Pausable::resume(&mut blk).unwrap();
         wait_until("read after resume", || drv.used_idx() == 2);
         assert!(blk.counters().contains(&("read_ops", 2)));
 
@@ -695,7 +683,7 @@ mod tests {
             .activate(mem.clone(), irq.clone(), vec![aq], None)
             .is_err());
 
-        VirtioDevice::pause(&mut blk).unwrap();
+        migration::Pausable::pause(&mut blk).unwrap();
         blk.reset();
         assert!(!blk.is_active());
         assert_eq!(blk.acked_features(), 0);
@@ -727,7 +715,7 @@ mod tests {
         let kick = EventFd::new(EFD_NONBLOCK).unwrap();
         // A request is already available, as after a restore.
         drv.read(5, 512);
-        VirtioDevice::pause(&mut blk).unwrap();
+        migration::Pausable::pause(&mut blk).unwrap();
         let aq = ActivatedQueue {
             index: 0,
             queue: drv.queue(),
@@ -739,11 +727,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(drv.used_idx(), 0, "activated while paused but served");
         // Saving works while paused; a running device refuses.
-        let saved = blk.save_state().unwrap().expect("block has state");
+        let saved = blk.snapshot().unwrap();
         assert_eq!(saved.id, blk.id);
-        VirtioDevice::resume(&mut blk).unwrap();
+        migration::Pausable::resume(&mut blk).unwrap();
         wait_until("read after resume", || drv.used_idx() == 1);
-        assert!(matches!(blk.save_state(), Err(StateError::Pause { .. })));
+        assert!(matches!(blk.snapshot(), Err(StateError::Pause { .. })));
         blk.reset();
     }
 

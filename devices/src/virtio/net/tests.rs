@@ -424,12 +424,12 @@ fn pause_holds_tx_until_resume() {
     let mut dev = Net::with_backend("net0", None, false, b);
     let env = TestEnv::new(2);
     activate(&mut dev, &env);
-    VirtioDevice::pause(&mut dev).unwrap();
+    migration::Pausable::pause(&mut dev).unwrap();
     env.q(TX).add_readable(&env.mem, &[&frame(60, 9)]);
     env.kick(TX);
     std::thread::sleep(Duration::from_millis(30));
     assert_eq!(env.used_idx(TX), 0);
-    VirtioDevice::resume(&mut dev).unwrap();
+    migration::Pausable::resume(&mut dev).unwrap();
     env.wait_used(TX, 1);
     let mut buf = vec![0u8; 2000];
     assert_eq!(peer.recv(&mut buf).unwrap(), VNET_HDR_LEN + 60);
