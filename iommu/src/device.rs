@@ -648,8 +648,8 @@ mod tests {
     use std::time::{Duration, Instant};
     use vm_memory::{Address, Bytes, GuestAddress};
 
-    const F_NEXT: u16 = 1;
-    const F_WRITE: u16 = 2;
+    const F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    const F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
     const QSIZE: u16 = IOMMU_QUEUE_SIZE;
     const MEM_SIZE: u64 = 4 << 20;
     const EP: u32 = 0x08;

@@ -42,6 +42,8 @@ use crate::GuestMemoryMmap;
 pub const CONSOLE_QUEUE_SIZE: u16 = 256;
 /// Version of the console state section.
 pub const CONSOLE_STATE_VERSION: u16 = 1;
+// virtio-bindings 0.2 has no `virtio_console` module (features, config layout): virtio-console
+// here offers none of its feature bits, and the queue numbers are the spec's (5.3.2).
 /// receiveq (host → guest).
 const RXQ: u16 = 0;
 /// transmitq (guest → host).

@@ -20,7 +20,7 @@ use super::event_handler::{QueueHandler, QueueHandlerParts};
 use super::metrics::BlockMetrics;
 use super::request::{RequestLimits, ID_BYTES};
 use crate::legacy::LogLimiter;
-use crate::virtio::features::{self, VIRTIO_F_EVENT_IDX};
+use crate::virtio::features::{self, bit, VIRTIO_F_EVENT_IDX};
 use crate::virtio::worker::Worker;
 use crate::virtio::{
     device_type, AccessPlatform, ActivatedQueue, ErrorHook, VirtioDevice, VirtioError,
@@ -36,21 +36,28 @@ pub const SEG_MAX: u32 = 128;
 /// Advertised `max_discard_sectors` and `max_write_zeroes_sectors` (1 GiB).
 pub const MAX_RANGE_SECTORS: u32 = 1 << 21;
 /// Length of the configuration space laid out (virtio 1.2 `struct virtio_blk_config` up to and
-/// including `unused1`).
-pub const CONFIG_LEN: usize = 60;
+/// including `unused1`): 60 bytes.
+pub const CONFIG_LEN: usize = cfg_off::END;
+// The state section (`persist.rs`) stores exactly these 60 bytes.
+const _: () = assert!(CONFIG_LEN == 60);
 
-/// Byte offsets in `struct virtio_blk_config`.
+/// Byte offsets in `struct virtio_blk_config` (virtio-bindings' layout).
 mod cfg_off {
-    pub const CAPACITY: usize = 0;
-    pub const SEG_MAX: usize = 12;
-    pub const BLK_SIZE: usize = 20;
-    pub const NUM_QUEUES: usize = 34;
-    pub const MAX_DISCARD_SECTORS: usize = 36;
-    pub const MAX_DISCARD_SEG: usize = 40;
-    pub const DISCARD_SECTOR_ALIGNMENT: usize = 44;
-    pub const MAX_WRITE_ZEROES_SECTORS: usize = 48;
-    pub const MAX_WRITE_ZEROES_SEG: usize = 52;
-    pub const WRITE_ZEROES_MAY_UNMAP: usize = 56;
+    use std::mem::offset_of;
+    use virtio_bindings::virtio_blk::virtio_blk_config as C;
+
+    pub const CAPACITY: usize = offset_of!(C, capacity);
+    pub const SEG_MAX: usize = offset_of!(C, seg_max);
+    pub const BLK_SIZE: usize = offset_of!(C, blk_size);
+    pub const NUM_QUEUES: usize = offset_of!(C, num_queues);
+    pub const MAX_DISCARD_SECTORS: usize = offset_of!(C, max_discard_sectors);
+    pub const MAX_DISCARD_SEG: usize = offset_of!(C, max_discard_seg);
+    pub const DISCARD_SECTOR_ALIGNMENT: usize = offset_of!(C, discard_sector_alignment);
+    pub const MAX_WRITE_ZEROES_SECTORS: usize = offset_of!(C, max_write_zeroes_sectors);
+    pub const MAX_WRITE_ZEROES_SEG: usize = offset_of!(C, max_write_zeroes_seg);
+    pub const WRITE_ZEROES_MAY_UNMAP: usize = offset_of!(C, write_zeroes_may_unmap);
+    /// End of `unused1`: the part of the configuration space laid out.
+    pub const END: usize = offset_of!(C, max_secure_erase_sectors);
 }
 
 /// How to build a block device.
@@ -144,10 +151,6 @@ pub struct Block {
     guest_log: LogLimiter,
 }
 
-fn feature(bit: u32) -> u64 {
-    1u64 << bit
-}
-
 impl Block {
     /// Open the image and build the device (not yet activated).
     pub fn new(cfg: BlockConfig) -> Result<Block, BlockError> {
@@ -168,17 +171,17 @@ impl Block {
 
         let mut avail = features::common(cfg.iommu)
             | VIRTIO_F_EVENT_IDX
-            | feature(VIRTIO_BLK_F_SEG_MAX)
-            | feature(VIRTIO_BLK_F_BLK_SIZE)
-            | feature(VIRTIO_BLK_F_FLUSH);
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_FLUSH);
         if cfg.readonly {
-            avail |= feature(VIRTIO_BLK_F_RO);
+            avail |= bit(VIRTIO_BLK_F_RO);
         }
         if discard {
-            avail |= feature(VIRTIO_BLK_F_DISCARD);
+            avail |= bit(VIRTIO_BLK_F_DISCARD);
         }
         if write_zeroes {
-            avail |= feature(VIRTIO_BLK_F_WRITE_ZEROES);
+            avail |= bit(VIRTIO_BLK_F_WRITE_ZEROES);
         }
 
         let mut config = [0u8; CONFIG_LEN];
@@ -263,8 +266,8 @@ impl Block {
         RequestLimits {
             capacity: self.disk.capacity(),
             readonly: self.disk.readonly(),
-            discard: self.acked_features & feature(VIRTIO_BLK_F_DISCARD) != 0,
-            write_zeroes: self.acked_features & feature(VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+            discard: self.acked_features & bit(VIRTIO_BLK_F_DISCARD) != 0,
+            write_zeroes: self.acked_features & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0,
             max_range_sectors: MAX_RANGE_SECTORS,
             max_chain_len: usize::from(queue_size),
         }
@@ -581,13 +584,13 @@ mod tests {
         for bit in [
             VIRTIO_F_VERSION_1,
             VIRTIO_F_EVENT_IDX,
-            feature(VIRTIO_BLK_F_SEG_MAX),
-            feature(VIRTIO_BLK_F_BLK_SIZE),
-            feature(VIRTIO_BLK_F_FLUSH),
+            bit(VIRTIO_BLK_F_SEG_MAX),
+            bit(VIRTIO_BLK_F_BLK_SIZE),
+            bit(VIRTIO_BLK_F_FLUSH),
         ] {
             assert_ne!(f & bit, 0, "{bit:#x}");
         }
-        assert_eq!(f & (feature(VIRTIO_BLK_F_RO) | VIRTIO_F_ACCESS_PLATFORM), 0);
+        assert_eq!(f & (bit(VIRTIO_BLK_F_RO) | VIRTIO_F_ACCESS_PLATFORM), 0);
         assert_eq!(blk.device_type(), device_type::BLOCK);
         assert_eq!(blk.queue_max_sizes(), vec![QUEUE_MAX_SIZE]);
 
@@ -599,7 +602,7 @@ mod tests {
         assert_eq!(u32::from_le_bytes(b4), SEG_MAX);
         blk.read_config(20, &mut b4);
         assert_eq!(u32::from_le_bytes(b4), 512);
-        if f & feature(VIRTIO_BLK_F_DISCARD) != 0 {
+        if f & bit(VIRTIO_BLK_F_DISCARD) != 0 {
             blk.read_config(36, &mut b4);
             assert_eq!(u32::from_le_bytes(b4), MAX_RANGE_SECTORS);
             blk.read_config(40, &mut b4);
@@ -618,10 +621,10 @@ mod tests {
         cfg.iommu = true;
         let ro = Block::new(cfg).unwrap();
         let f = ro.avail_features();
-        assert_ne!(f & feature(VIRTIO_BLK_F_RO), 0);
+        assert_ne!(f & bit(VIRTIO_BLK_F_RO), 0);
         assert_ne!(f & VIRTIO_F_ACCESS_PLATFORM, 0);
         assert_eq!(
-            f & (feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES)),
+            f & (bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)),
             0
         );
 
@@ -634,7 +637,7 @@ mod tests {
     fn set_acked_features_drops_unoffered_bits() {
         let img = patterned("ack");
         let mut blk = Block::new(config(&img.path, true)).unwrap();
-        blk.set_acked_features(VIRTIO_F_VERSION_1 | (1 << 50) | feature(VIRTIO_BLK_F_DISCARD));
+        blk.set_acked_features(VIRTIO_F_VERSION_1 | (1 << 50) | bit(VIRTIO_BLK_F_DISCARD));
         assert_eq!(blk.acked_features(), VIRTIO_F_VERSION_1);
     }
 
