@@ -833,7 +833,7 @@ mod tests {
         let mut dev = match Console::new(cfg) {
             Ok(d) => d,
             Err(e) => {
-                eprintln!("skipping pty test: {e}");
+                crate::test_skip::skip_or_fail("SKIFF_SKIP_PTY", &format!("no pty: {e}"));
                 return;
             }
         };
