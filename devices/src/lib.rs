@@ -7,6 +7,9 @@ pub mod exit;
 pub mod legacy;
 pub mod virtio;
 
+#[cfg(test)]
+mod test_skip;
+
 pub use bus::{Bus, BusDevice, BusError};
 pub use exit::{ExitReason, VmExitEvent};
 

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use devices::legacy::log_limit::LogLimiter;
 use devices::virtio::common::{
-    avail_ok, notify, queue_from_state, read_from_ranges, read_queue_states, return_chain,
-    write_queue_states, write_to_ranges, DescChain, WorkerSlot,
+    avail_ok, notify, read_from_ranges, read_queue_states, return_chain, write_queue_states,
+    write_to_ranges, DescChain, QueueBody, WorkerSlot,
 };
 use devices::virtio::worker::WorkerBody;
 use devices::virtio::{
@@ -25,8 +25,8 @@ use devices::virtio::{
 use devices::GuestMemoryMmap;
 use event_manager::{EventOps, Events};
 use migration::codec::{StateReader, StateWriter};
-use migration::{StateError, StateSection};
-use virtio_queue::{Queue, QueueState, QueueT};
+use migration::{Migratable, Pausable, Snapshottable, StateError, StateSection};
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -153,7 +153,6 @@ pub struct VirtioIommu {
     metrics: Arc<IommuMetrics>,
     faults: Arc<FaultSink>,
     worker: WorkerSlot<IommuWorker>,
-    restored_queues: Option<Vec<QueueState>>,
 }
 
 impl std::fmt::Debug for VirtioIommu {
@@ -187,14 +186,13 @@ impl VirtioIommu {
             metrics: metrics.clone(),
         });
         Ok(Self {
-            worker: WorkerSlot::new(format!("skiff-{id}")),
+            worker: WorkerSlot::new(id.clone()),
             id,
             translator: Translator::new(state),
             initial,
             acked_features: 0,
             metrics,
             faults,
-            restored_queues: None,
         })
     }
 
@@ -227,9 +225,10 @@ impl VirtioIommu {
         self.metrics.clone()
     }
 
-    fn stop_worker(&mut self) {
+    /// The worker stopped (reset, or a restore of a device saved before activation): fault
+    /// events pending for it are dropped and counted.
+    fn worker_stopped(&mut self) {
         self.faults.active.store(false, Ordering::Release);
-        self.worker.take();
         let n = {
             let mut p = self.faults.lock();
             let n = p.len();
@@ -243,10 +242,6 @@ impl VirtioIommu {
 }
 
 impl VirtioDevice for VirtioIommu {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
     fn device_type(&self) -> u32 {
         device_type::IOMMU
     }
@@ -316,23 +311,12 @@ impl VirtioDevice for VirtioIommu {
                 "needs the request and the event queue",
             ));
         };
-        let restored = self.restored_queues.clone().unwrap_or_default();
-        let prepare = |mut queue: Queue, index: u16| -> Result<Queue, VirtioError> {
-            if let Some(s) = restored.get(usize::from(index)) {
-                queue.set_next_avail(s.next_avail);
-                queue.set_next_used(s.next_used);
-            }
-            queue.set_event_idx(false);
-            if !queue.is_valid(&mem) {
-                return Err(VirtioError::Activate {
-                    id: self.id.clone(),
-                    reason: format!("queue {index} is not ready or lies outside guest memory"),
-                });
-            }
-            Ok(queue)
-        };
-        let requestq = prepare(req.queue, REQUEST_QUEUE)?;
-        let eventq = prepare(evt.queue, EVENT_QUEUE)?;
+        let requestq = self
+            .worker
+            .prepare_queue(req.queue, REQUEST_QUEUE, false, &mem)?;
+        let eventq = self
+            .worker
+            .prepare_queue(evt.queue, EVENT_QUEUE, false, &mem)?;
         let body = IommuWorker {
             id: self.id.clone(),
             mem,
@@ -348,16 +332,15 @@ impl VirtioDevice for VirtioIommu {
             invalid: LogLimiter::new(),
             irq: LogLimiter::new(),
         };
-        self.restored_queues = None;
-        self.worker.start(&self.id, body)?;
+        self.worker.start(body)?;
         self.faults.active.store(true, Ordering::Release);
         Ok(())
     }
 
     /// Stop serving and return the IOMMU to its initial state (no domains, initial `bypass`).
     fn reset(&mut self) {
-        self.stop_worker();
-        self.restored_queues = None;
+        self.worker.reset();
+        self.worker_stopped();
         let mut state = self.translator.write();
         // The `bypass` config field survives a device reset (virtio 1.x 5.13.4); domains,
         // attachments and negotiated features do not.
@@ -368,44 +351,41 @@ impl VirtioDevice for VirtioIommu {
         state.set_bypass(bypass);
     }
 
-    fn pause(&mut self) -> Result<(), VirtioError> {
-        self.worker.pause(&self.id)
-    }
-
-    fn resume(&mut self) -> Result<(), VirtioError> {
-        self.worker.resume(&self.id)
-    }
-
     fn counters(&self) -> Vec<(&'static str, u64)> {
         self.metrics.values()
+    }
+}
+
+impl Pausable for VirtioIommu {
+    fn pause(&mut self) -> Result<(), StateError> {
+        self.worker.pause()
+    }
+
+    fn resume(&mut self) -> Result<(), StateError> {
+        self.worker.resume()
+    }
+}
+
+impl Migratable for VirtioIommu {}
+
+impl Snapshottable for VirtioIommu {
+    fn id(&self) -> String {
+        self.id.clone()
     }
 
     /// Layout (version 1): acked features `u64`, queue count `u8` (0 or 2) and queue states, the
     /// IOMMU state's version `u16` and its payload as length-prefixed bytes.
-    fn save_state(&mut self) -> Result<Option<StateSection>, StateError> {
-        self.worker.require_quiescent(&self.id)?;
-        let queues: Vec<QueueState> = match self.worker.body_mut() {
-            Some(b) => vec![b.requestq.state(), b.eventq.state()],
-            None => self.restored_queues.clone().unwrap_or_default(),
-        };
+    fn snapshot(&mut self) -> Result<StateSection, StateError> {
+        let queues = self.worker.saved_queues()?;
         let inner = self.translator.read().save();
         let mut w = StateWriter::new();
         w.u64(self.acked_features);
         write_queue_states(&mut w, &queues);
         w.u16(inner.version).bytes(&inner.data);
-        Ok(Some(w.into_section(&self.id, IOMMU_DEVICE_STATE_VERSION)))
+        Ok(w.into_section(&self.id, IOMMU_DEVICE_STATE_VERSION))
     }
 
-    fn restore_state(&mut self, section: &StateSection) -> Result<(), StateError> {
-        let malformed = |reason: String| StateError::Malformed {
-            id: self.id.clone(),
-            reason,
-        };
-        if self.worker.is_active() && !self.worker.is_paused() {
-            return Err(malformed(
-                "restore into a running device; pause it first".into(),
-            ));
-        }
+    fn restore(&mut self, section: &StateSection) -> Result<(), StateError> {
         let mut r = StateReader::open(section, &self.id, IOMMU_DEVICE_STATE_VERSION)?;
         let acked = r.u64()?;
         let queues = read_queue_states(&mut r, 2)?;
@@ -417,40 +397,18 @@ impl VirtioDevice for VirtioIommu {
             data: r.bytes(inner_len)?.to_vec(),
         };
         r.finish()?;
-        if acked & !self.avail_features() != 0 {
-            return Err(malformed(format!(
-                "saved features {acked:#x} are not all offered"
-            )));
-        }
-        if queues.len() == 1 {
-            return Err(malformed("1 queue saved, the device has 2".into()));
-        }
-        let rebuilt = queues
-            .iter()
-            .map(|s| queue_from_state(&self.id, *s))
-            .collect::<Result<Vec<Queue>, StateError>>()?;
+        let saved = self
+            .worker
+            .check_restore(acked, self.avail_features(), queues, 2)?;
         // Validated everything else first: on error the IOMMU state is left unchanged.
         self.translator.write().restore(&inner)?;
-        self.acked_features = acked;
-        if let Some(body) = self.worker.body_mut() {
-            let mut it = rebuilt.into_iter();
-            if let (Some(rq), Some(eq)) = (it.next(), it.next()) {
-                body.requestq = rq;
-                body.eventq = eq;
-                return Ok(());
-            }
-            self.stop_worker();
+        self.acked_features = saved.acked_features;
+        if self.worker.apply_restore(saved).is_some() {
+            self.worker_stopped();
         }
-        self.restored_queues = if queues.is_empty() {
-            None
-        } else {
-            Some(queues)
-        };
         Ok(())
     }
 }
-
-devices::pausable_via_virtio_device!(VirtioIommu);
 
 /// The worker thread body: serves the request queue and delivers pending fault events.
 struct IommuWorker {
@@ -640,6 +598,12 @@ impl IommuWorker {
     }
 }
 
+impl QueueBody for IommuWorker {
+    fn queues_mut(&mut self) -> Vec<&mut Queue> {
+        vec![&mut self.requestq, &mut self.eventq]
+    }
+}
+
 impl WorkerBody for IommuWorker {
     fn init(&mut self, ops: &mut EventOps) {
         for fd in [
@@ -684,8 +648,8 @@ mod tests {
     use std::time::{Duration, Instant};
     use vm_memory::{Address, Bytes, GuestAddress};
 
-    const F_NEXT: u16 = 1;
-    const F_WRITE: u16 = 2;
+    const F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    const F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
     const QSIZE: u16 = IOMMU_QUEUE_SIZE;
     const MEM_SIZE: u64 = 4 << 20;
     const EP: u32 = 0x08;
@@ -1157,14 +1121,14 @@ mod tests {
         assert_eq!(env.status(attach(3, EP)), 0);
         assert_eq!(env.status(map(3, 0x1_0000, 0x1_ffff, 0x30_0000)), 0);
         // A running device refuses to save.
-        assert!(matches!(dev.save_state(), Err(StateError::Pause { .. })));
+        assert!(matches!(dev.snapshot(), Err(StateError::Pause { .. })));
         migration::Pausable::pause(&mut dev).unwrap();
         // A request posted while paused waits.
         env.qs[0].request(&env.mem, &attach(4, 0x10).encode(), 4);
         env.kick(0);
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(env.used_idx(0), 2);
-        let saved = dev.save_state().unwrap().expect("iommu has state");
+        let saved = dev.snapshot().unwrap();
         assert_eq!(
             (saved.id.as_str(), saved.version),
             ("iommu0", IOMMU_DEVICE_STATE_VERSION)
@@ -1174,24 +1138,24 @@ mod tests {
         let mut fresh = VirtioIommu::new("iommu0".into(), cfg(), &[EP, 0x10]).unwrap();
         let mut bad = saved.clone();
         bad.data.truncate(5);
-        assert!(fresh.restore_state(&bad).is_err());
+        assert!(fresh.restore(&bad).is_err());
         let mut newer = saved.clone();
         newer.version += 1;
         assert!(matches!(
-            fresh.restore_state(&newer),
+            fresh.restore(&newer),
             Err(StateError::Version { .. })
         ));
         assert!(VirtioIommu::new("iommu1".into(), cfg(), &[EP, 0x10])
             .unwrap()
-            .restore_state(&saved)
+            .restore(&saved)
             .is_err());
         // Endpoints unknown to the new device are refused.
         assert!(VirtioIommu::new("iommu0".into(), cfg(), &[0x10])
             .unwrap()
-            .restore_state(&saved)
+            .restore(&saved)
             .is_err());
-        fresh.restore_state(&saved).unwrap();
-        assert_eq!(fresh.save_state().unwrap(), Some(saved.clone()));
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh.snapshot().unwrap(), saved.clone());
         assert_eq!(
             fresh
                 .translator()
@@ -1211,9 +1175,9 @@ mod tests {
 
         // Restore into a paused, active device replaces its queues and state.
         migration::Pausable::pause(&mut fresh).unwrap();
-        fresh.restore_state(&saved).unwrap();
+        fresh.restore(&saved).unwrap();
         assert_eq!(fresh.translator().read().endpoint_domain(0x10), None);
-        assert_eq!(fresh.save_state().unwrap(), Some(saved));
+        assert_eq!(fresh.snapshot().unwrap(), saved);
         migration::Pausable::resume(&mut fresh).unwrap();
     }
 }

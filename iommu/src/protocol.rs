@@ -4,6 +4,9 @@
 //! This is the only place where guest-supplied request bytes are trusted or rejected: [`parse_request`]
 //! turns the device-readable part of a request into a typed [`Request`] or an [`IommuStatus`] that
 //! the device writes back in the request's tail. Nothing here panics on guest input.
+//!
+//! The constants are the spec's (Linux `include/uapi/linux/virtio_iommu.h`): virtio-bindings 0.2
+//! has no `virtio_iommu` module, so they are kept here.
 
 /// Request type: attach an endpoint to a domain.
 pub const VIRTIO_IOMMU_T_ATTACH: u8 = 1;

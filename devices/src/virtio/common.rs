@@ -11,7 +11,7 @@ use std::num::Wrapping;
 use std::ops::Deref;
 use std::sync::atomic::Ordering;
 
-use migration::StateError;
+use migration::{StateError, StateSection};
 use thiserror::Error;
 use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 use vm_memory::bitmap::Bitmap;
@@ -432,15 +432,48 @@ pub fn queue_from_state(id: &str, s: QueueState) -> Result<Queue, StateError> {
     })
 }
 
+/// Refuse to snapshot device `id` while its worker is `running`: queue positions would move
+/// under the snapshot.
+pub fn require_quiescent(id: &str, running: bool) -> Result<(), StateError> {
+    if running {
+        return Err(StateError::Pause {
+            id: id.to_string(),
+            reason: "snapshot of a running device; pause it first".into(),
+        });
+    }
+    Ok(())
+}
+
+/// A worker body whose queues are saved by a snapshot and replaced by a restore.
+pub trait QueueBody: WorkerBody {
+    /// The body's queues, in queue-index order.
+    fn queues_mut(&mut self) -> Vec<&mut Queue>;
+}
+
+/// Acked features and queue positions taken from a saved section, checked against the device
+/// by [`WorkerSlot::check_restore`] and applied by [`WorkerSlot::apply_restore`].
+#[derive(Debug)]
+pub struct SavedQueues {
+    /// Features the driver had accepted.
+    pub acked_features: u64,
+    states: Vec<QueueState>,
+    queues: Vec<Queue>,
+}
+
 /// Where a device's worker is: not started, running, or stopped by a pause (its body, with the
-/// queues, kept for snapshot and resume).
+/// queues, kept for snapshot and resume). It also holds the queue positions of a restore until
+/// the next activation applies them.
 ///
 /// A pause stops the worker thread and keeps its body rather than parking it, so that the device
-/// can read (snapshot) and replace (restore) the queue state while paused.
+/// can read (snapshot) and replace (restore) the queue state while paused. This is the one place
+/// of the worker-served devices' (console, net, rng, iommu) pause/resume and the checks of their
+/// snapshot/restore.
 pub struct WorkerSlot<B: WorkerBody> {
     state: SlotState<B>,
     paused: bool,
-    name: String,
+    id: String,
+    /// Queue states from a restore, applied by the next activation.
+    restored: Option<Vec<QueueState>>,
 }
 
 enum SlotState<B: WorkerBody> {
@@ -450,30 +483,30 @@ enum SlotState<B: WorkerBody> {
 }
 
 impl<B: WorkerBody> WorkerSlot<B> {
-    /// An empty slot whose threads will be named `name`.
-    pub fn new(name: impl Into<String>) -> Self {
+    /// An empty slot for device `id` (its threads are named `skiff-<id>`).
+    pub fn new(id: impl Into<String>) -> Self {
         Self {
             state: SlotState::Idle,
             paused: false,
-            name: name.into(),
+            id: id.into(),
+            restored: None,
         }
     }
 
-    fn worker_error(&self, id: &str, reason: String) -> VirtioError {
-        VirtioError::Worker {
-            id: id.to_string(),
-            reason,
-        }
-    }
-
-    /// Start serving `body` (or keep it stopped when the device is paused).
-    pub fn start(&mut self, id: &str, body: B) -> Result<(), VirtioError> {
+    /// Start serving `body` (or keep it stopped when the device is paused). Restored queue
+    /// positions are consumed: the body's queues were built with them
+    /// ([`WorkerSlot::prepare_queue`]).
+    pub fn start(&mut self, body: B) -> Result<(), VirtioError> {
+        self.restored = None;
         if self.paused {
             self.state = SlotState::Stopped(body);
             return Ok(());
         }
-        let w = Worker::spawn(self.name.clone(), body)
-            .map_err(|e| self.worker_error(id, format!("cannot start thread: {e}")))?;
+        let w =
+            Worker::spawn(format!("skiff-{}", self.id), body).map_err(|e| VirtioError::Worker {
+                id: self.id.clone(),
+                reason: format!("cannot start thread: {e}"),
+            })?;
         self.state = SlotState::Running(w);
         Ok(())
     }
@@ -487,6 +520,12 @@ impl<B: WorkerBody> WorkerSlot<B> {
         }
     }
 
+    /// Driver reset: stop the worker, forget restored queue positions, return the body.
+    pub fn reset(&mut self) -> Option<B> {
+        self.restored = None;
+        self.take()
+    }
+
     /// Whether a body exists (the device is activated).
     pub fn is_active(&self) -> bool {
         !matches!(self.state, SlotState::Idle)
@@ -497,16 +536,10 @@ impl<B: WorkerBody> WorkerSlot<B> {
         self.paused
     }
 
-    /// Refuse to save state while the worker runs (device `id`): queue positions would move under
-    /// the snapshot.
-    pub fn require_quiescent(&self, id: &str) -> Result<(), migration::StateError> {
-        if self.is_active() && !self.is_paused() {
-            return Err(migration::StateError::Pause {
-                id: id.to_string(),
-                reason: "snapshot of a running device; pause it first".into(),
-            });
-        }
-        Ok(())
+    /// Refuse to save state while the worker runs: queue positions would move under the
+    /// snapshot.
+    pub fn require_quiescent(&self) -> Result<(), StateError> {
+        require_quiescent(&self.id, self.is_active() && !self.is_paused())
     }
 
     /// The body while paused.
@@ -517,26 +550,159 @@ impl<B: WorkerBody> WorkerSlot<B> {
         }
     }
 
-    /// Stop processing: the thread ends, the body is kept.
-    pub fn pause(&mut self, id: &str) -> Result<(), VirtioError> {
+    /// Stop processing: the thread ends, the body is kept (the device's [`migration::Pausable`]).
+    pub fn pause(&mut self) -> Result<(), StateError> {
         self.paused = true;
         if let SlotState::Running(_) = self.state {
             match self.take() {
                 Some(b) => self.state = SlotState::Stopped(b),
-                None => return Err(self.worker_error(id, "worker thread panicked".into())),
+                None => {
+                    return Err(StateError::Pause {
+                        id: self.id.clone(),
+                        reason: "worker thread panicked".into(),
+                    })
+                }
             }
         }
         Ok(())
     }
 
     /// Continue after [`WorkerSlot::pause`].
-    pub fn resume(&mut self, id: &str) -> Result<(), VirtioError> {
+    pub fn resume(&mut self) -> Result<(), StateError> {
         self.paused = false;
         if let SlotState::Stopped(_) = self.state {
             if let Some(b) = self.take() {
-                return self.start(id, b);
+                return self.start(b).map_err(|e| StateError::Resume {
+                    id: self.id.clone(),
+                    reason: e.to_string(),
+                });
             }
         }
         Ok(())
+    }
+
+    /// Queue `index` as the transport handed it over, ready for the worker: at the restored
+    /// position when there is one, with `event_idx`, and checked to lie in guest memory.
+    pub fn prepare_queue(
+        &self,
+        mut queue: Queue,
+        index: u16,
+        event_idx: bool,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Queue, VirtioError> {
+        let restored = self.restored.as_ref();
+        if let Some(s) = restored.and_then(|r| r.get(usize::from(index))) {
+            queue.set_next_avail(s.next_avail);
+            queue.set_next_used(s.next_used);
+        }
+        queue.set_event_idx(event_idx);
+        if !queue.is_valid(mem) {
+            return Err(VirtioError::activate(
+                &self.id,
+                format!("queue {index} is not ready or lies outside guest memory"),
+            ));
+        }
+        Ok(queue)
+    }
+}
+
+impl<B: QueueBody> WorkerSlot<B> {
+    /// The queue states to save: the paused worker's, or those of a restore not yet activated.
+    /// Refused while the worker runs ([`WorkerSlot::require_quiescent`]).
+    pub fn saved_queues(&mut self) -> Result<Vec<QueueState>, StateError> {
+        self.require_quiescent()?;
+        Ok(match self.body_mut() {
+            Some(b) => b.queues_mut().into_iter().map(|q| q.state()).collect(),
+            None => self.restored.clone().unwrap_or_default(),
+        })
+    }
+
+    /// Check saved `acked` features (a subset of `avail`) and queue `states` (none, or all
+    /// `count` of the device's queues) before anything is applied; refused while the worker
+    /// runs.
+    pub fn check_restore(
+        &self,
+        acked: u64,
+        avail: u64,
+        states: Vec<QueueState>,
+        count: usize,
+    ) -> Result<SavedQueues, StateError> {
+        let malformed = |reason: String| StateError::Malformed {
+            id: self.id.clone(),
+            reason,
+        };
+        if self.is_active() && !self.is_paused() {
+            return Err(malformed(
+                "restore into a running device; pause it first".into(),
+            ));
+        }
+        if acked & !avail != 0 {
+            return Err(malformed(format!(
+                "saved features {acked:#x} include some this device does not offer ({avail:#x})"
+            )));
+        }
+        if !(states.is_empty() || states.len() == count) {
+            return Err(malformed(format!(
+                "{} queues saved, expected 0 or {count}",
+                states.len()
+            )));
+        }
+        let queues = states
+            .iter()
+            .map(|s| queue_from_state(&self.id, *s))
+            .collect::<Result<_, _>>()?;
+        Ok(SavedQueues {
+            acked_features: acked,
+            states,
+            queues,
+        })
+    }
+
+    /// Apply checked queue state: a paused worker gets the saved queues at once; otherwise they
+    /// wait for the next activation. When this device is activated but the saved one was not,
+    /// the worker is stopped and its body returned (the device takes its resources back).
+    pub fn apply_restore(&mut self, saved: SavedQueues) -> Option<B> {
+        let mut stopped = None;
+        if let Some(body) = self.body_mut() {
+            if !saved.queues.is_empty() {
+                for (slot, q) in body.queues_mut().into_iter().zip(saved.queues) {
+                    *slot = q;
+                }
+                return None;
+            }
+            stopped = self.take();
+        }
+        self.restored = (!saved.states.is_empty()).then_some(saved.states);
+        stopped
+    }
+
+    /// The section of a device whose whole state is its acked features and queue positions:
+    /// acked features `u64`, queue count `u8`, queue states ([`write_queue_states`]).
+    pub fn save_queue_section(
+        &mut self,
+        acked: u64,
+        version: u16,
+    ) -> Result<StateSection, StateError> {
+        let queues = self.saved_queues()?;
+        let mut w = StateWriter::new();
+        w.u64(acked);
+        write_queue_states(&mut w, &queues);
+        Ok(w.into_section(&self.id, version))
+    }
+
+    /// Read and check a section written by [`WorkerSlot::save_queue_section`] for a device that
+    /// offers `avail` and has `count` queues.
+    pub fn load_queue_section(
+        &self,
+        section: &StateSection,
+        version: u16,
+        avail: u64,
+        count: usize,
+    ) -> Result<SavedQueues, StateError> {
+        let mut r = StateReader::open(section, &self.id, version)?;
+        let acked = r.u64()?;
+        let states = read_queue_states(&mut r, count)?;
+        r.finish()?;
+        self.check_restore(acked, avail, states, count)
     }
 }

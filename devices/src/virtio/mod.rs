@@ -24,30 +24,40 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::GuestMemoryMmap;
 pub use access::{AccessPlatform, DmaAccess, DmaFault};
 
-/// Virtio device type ids (virtio 1.x, section 5).
+/// Virtio device type ids (virtio 1.x, section 5), from virtio-bindings' `virtio_ids`.
 pub mod device_type {
+    use virtio_bindings::virtio_ids;
+
     /// Network card.
-    pub const NET: u32 = 1;
+    pub const NET: u32 = virtio_ids::VIRTIO_ID_NET;
     /// Block device.
-    pub const BLOCK: u32 = 2;
+    pub const BLOCK: u32 = virtio_ids::VIRTIO_ID_BLOCK;
     /// Console.
-    pub const CONSOLE: u32 = 3;
+    pub const CONSOLE: u32 = virtio_ids::VIRTIO_ID_CONSOLE;
     /// Entropy source.
-    pub const RNG: u32 = 4;
+    pub const RNG: u32 = virtio_ids::VIRTIO_ID_RNG;
     /// IOMMU.
-    pub const IOMMU: u32 = 23;
+    pub const IOMMU: u32 = virtio_ids::VIRTIO_ID_IOMMU;
 }
 
-/// Transport-independent feature bits (virtio 1.x, section 6).
+/// Transport-independent feature bits (virtio 1.x, section 6) as masks. virtio-bindings gives
+/// feature *bit numbers* (`u32`); [`features::bit`] is the one place they become `u64` masks.
 pub mod features {
+    use virtio_bindings::{virtio_config, virtio_ring};
+
+    /// The mask of feature bit number `n` (a virtio-bindings `*_F_*` constant).
+    pub const fn bit(n: u32) -> u64 {
+        1 << n
+    }
+
     /// The driver may use indirect descriptors.
-    pub const VIRTIO_F_INDIRECT_DESC: u64 = 1 << 28;
+    pub const VIRTIO_F_INDIRECT_DESC: u64 = bit(virtio_ring::VIRTIO_RING_F_INDIRECT_DESC);
     /// used_event / avail_event suppression (event index).
-    pub const VIRTIO_F_EVENT_IDX: u64 = 1 << 29;
+    pub const VIRTIO_F_EVENT_IDX: u64 = bit(virtio_ring::VIRTIO_RING_F_EVENT_IDX);
     /// Virtio 1.x (modern) device.
-    pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+    pub const VIRTIO_F_VERSION_1: u64 = bit(virtio_config::VIRTIO_F_VERSION_1);
     /// The device accesses memory through the platform's IOMMU (addresses are IOVAs).
-    pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
+    pub const VIRTIO_F_ACCESS_PLATFORM: u64 = bit(virtio_config::VIRTIO_F_ACCESS_PLATFORM);
 
     /// The transport features every device offers: VERSION_1, and ACCESS_PLATFORM when it sits
     /// behind the IOMMU.
@@ -60,20 +70,23 @@ pub mod features {
     }
 }
 
-/// Device status bits (virtio 1.x, section 2.1).
+/// Device status bits (virtio 1.x, section 2.1), from virtio-bindings' `virtio_config` (`u32`
+/// there, the status register is one byte).
 pub mod status {
+    use virtio_bindings::virtio_config;
+
     /// The guest noticed the device.
-    pub const ACKNOWLEDGE: u8 = 1;
+    pub const ACKNOWLEDGE: u8 = virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
     /// The guest has a driver for it.
-    pub const DRIVER: u8 = 2;
+    pub const DRIVER: u8 = virtio_config::VIRTIO_CONFIG_S_DRIVER as u8;
     /// The driver is ready to drive the device.
-    pub const DRIVER_OK: u8 = 4;
+    pub const DRIVER_OK: u8 = virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8;
     /// Feature negotiation is complete.
-    pub const FEATURES_OK: u8 = 8;
+    pub const FEATURES_OK: u8 = virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8;
     /// The device hit an error it cannot recover from without a reset.
-    pub const DEVICE_NEEDS_RESET: u8 = 64;
+    pub const DEVICE_NEEDS_RESET: u8 = virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
     /// The driver gave up on the device.
-    pub const FAILED: u8 = 128;
+    pub const FAILED: u8 = virtio_config::VIRTIO_CONFIG_S_FAILED as u8;
 }
 
 /// Which interrupt a device raises.
@@ -159,9 +172,21 @@ impl VirtioError {
 }
 
 /// A virtio device, as the transport sees it.
-pub trait VirtioDevice: Send {
-    /// Stable id (from the configuration; used by the API, counters and migration).
-    fn id(&self) -> &str;
+///
+/// Pause, resume, snapshot and restore come from the [`migration`] state traits every device
+/// implements ([`migration::Migratable`] and below); [`migration::Snapshottable::id`] is the
+/// device's stable id (from the configuration; used by the API, counters, logs and migration).
+/// For a virtio device they mean:
+/// - [`migration::Pausable::pause`]: stop touching guest memory and raising interrupts until
+///   `resume`; a device paused before activation starts its worker paused.
+/// - [`migration::Snapshottable::snapshot`]: the device's own state (acked features, queue
+///   positions, device config). Only while paused: a running device refuses with
+///   [`migration::StateError::Pause`].
+/// - [`migration::Snapshottable::restore`]: a section of the same device, applied to a device
+///   that is not activated (or is paused) and *before* the transport activates it: the saved
+///   queue positions are used by the next [`VirtioDevice::activate`]. Wrong id, version or a
+///   malformed payload is refused with a [`migration::StateError`] and changes nothing.
+pub trait VirtioDevice: migration::Migratable + Send {
     /// Virtio device type (see [`device_type`]).
     fn device_type(&self) -> u32;
     /// Largest size of each queue; the length is the number of queues.
@@ -194,66 +219,8 @@ pub trait VirtioDevice: Send {
     }
     /// Where to report entering the needs-reset state (devices that can enter it keep `hook`).
     fn set_error_hook(&mut self, _hook: ErrorHook) {}
-    /// Stop touching guest memory and raising interrupts until [`VirtioDevice::resume`].
-    fn pause(&mut self) -> Result<(), VirtioError> {
-        Ok(())
-    }
-    /// Continue after [`VirtioDevice::pause`].
-    fn resume(&mut self) -> Result<(), VirtioError> {
-        Ok(())
-    }
     /// I/O counters reported by `vm.counters` (name, value).
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
-    /// Save the device's own state (acked features, queue positions, device config), or `None`
-    /// for a device without any. Call only while paused ([`VirtioDevice::pause`]); a running
-    /// device refuses with [`migration::StateError::Pause`].
-    fn save_state(&mut self) -> Result<Option<migration::StateSection>, migration::StateError> {
-        Ok(None)
-    }
-    /// Restore a section written by [`VirtioDevice::save_state`] of the same device. Call on a
-    /// device that is not activated (or is paused) and *before* the transport activates it: the
-    /// saved queue positions are applied by the next [`VirtioDevice::activate`]. Wrong id, version
-    /// or a malformed payload is refused with a [`migration::StateError`].
-    fn restore_state(
-        &mut self,
-        section: &migration::StateSection,
-    ) -> Result<(), migration::StateError> {
-        Err(migration::StateError::Malformed {
-            id: self.id().to_string(),
-            reason: format!(
-                "device has no state (got section {:?} version {})",
-                section.id, section.version
-            ),
-        })
-    }
 }
-
-/// Implements `migration::Pausable` for a virtio device by delegating to its
-/// [`VirtioDevice::pause`]/[`VirtioDevice::resume`] (one definition for every device).
-#[macro_export]
-macro_rules! pausable_via_virtio_device {
-    ($device:ty) => {
-        impl migration::Pausable for $device {
-            fn pause(&mut self) -> Result<(), migration::StateError> {
-                $crate::virtio::VirtioDevice::pause(self).map_err(|e| {
-                    migration::StateError::Pause {
-                        id: $crate::virtio::VirtioDevice::id(self).to_string(),
-                        reason: e.to_string(),
-                    }
-                })
-            }
-
-            fn resume(&mut self) -> Result<(), migration::StateError> {
-                $crate::virtio::VirtioDevice::resume(self).map_err(|e| {
-                    migration::StateError::Resume {
-                        id: $crate::virtio::VirtioDevice::id(self).to_string(),
-                        reason: e.to_string(),
-                    }
-                })
-            }
-        }
-    };
-}
-pub use pausable_via_virtio_device;

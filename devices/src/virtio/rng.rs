@@ -10,14 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
-use migration::{Snapshottable, StateError, StateSection};
-use virtio_queue::{Queue, QueueState, QueueT};
+use migration::{Migratable, Pausable, Snapshottable, StateError, StateSection};
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::common::{
-    avail_ok, notify, queue_from_state, read_queue_states, return_chain, write_queue_states,
-    write_to_ranges, ChainError, DescChain, WorkerSlot,
+    avail_ok, notify, return_chain, write_to_ranges, ChainError, DescChain, QueueBody, WorkerSlot,
 };
 use super::worker::WorkerBody;
 use super::{
@@ -25,7 +24,6 @@ use super::{
     VirtioInterrupt,
 };
 use crate::legacy::log_limit::LogLimiter;
-use crate::legacy::state::{StateReader, StateWriter};
 use crate::GuestMemoryMmap;
 
 /// Largest size of the request queue.
@@ -93,19 +91,17 @@ pub struct Rng {
     acked_features: u64,
     metrics: Arc<RngMetrics>,
     worker: WorkerSlot<RngWorker>,
-    restored_queue: Option<QueueState>,
 }
 
 impl Rng {
     /// Build the device.
     pub fn new(config: RngConfig) -> Self {
         Self {
-            worker: WorkerSlot::new(format!("skiff-{}", config.id)),
+            worker: WorkerSlot::new(config.id.clone()),
             id: config.id,
             iommu: config.iommu,
             acked_features: 0,
             metrics: Arc::new(RngMetrics::default()),
-            restored_queue: None,
         }
     }
 
@@ -116,10 +112,6 @@ impl Rng {
 }
 
 impl VirtioDevice for Rng {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
     fn device_type(&self) -> u32 {
         device_type::RNG
     }
@@ -161,18 +153,7 @@ impl VirtioDevice for Rng {
                 format!("no queue {}", q.index),
             ));
         }
-        let mut queue = q.queue;
-        if let Some(s) = self.restored_queue {
-            queue.set_next_avail(s.next_avail);
-            queue.set_next_used(s.next_used);
-        }
-        queue.set_event_idx(false);
-        if !queue.is_valid(&mem) {
-            return Err(VirtioError::activate(
-                &self.id,
-                "queue 0 is not ready or lies outside guest memory",
-            ));
-        }
+        let queue = self.worker.prepare_queue(q.queue, 0, false, &mem)?;
         let body = RngWorker {
             id: self.id.clone(),
             mem,
@@ -187,36 +168,29 @@ impl VirtioDevice for Rng {
             irq: LogLimiter::new(),
             entropy: LogLimiter::new(),
         };
-        self.restored_queue = None;
-        self.worker.start(&self.id, body)
+        self.worker.start(body)
     }
 
     fn reset(&mut self) {
-        self.worker.take();
-        self.restored_queue = None;
-    }
-
-    fn pause(&mut self) -> Result<(), VirtioError> {
-        self.worker.pause(&self.id)
-    }
-
-    fn resume(&mut self) -> Result<(), VirtioError> {
-        self.worker.resume(&self.id)
+        self.worker.reset();
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         self.metrics.values()
     }
-    fn save_state(&mut self) -> Result<Option<StateSection>, StateError> {
-        Snapshottable::snapshot(self).map(Some)
+}
+
+impl Pausable for Rng {
+    fn pause(&mut self) -> Result<(), StateError> {
+        self.worker.pause()
     }
 
-    fn restore_state(&mut self, section: &StateSection) -> Result<(), StateError> {
-        Snapshottable::restore(self, section)
+    fn resume(&mut self) -> Result<(), StateError> {
+        self.worker.resume()
     }
 }
 
-crate::virtio::pausable_via_virtio_device!(Rng);
+impl Migratable for Rng {}
 
 impl Snapshottable for Rng {
     fn id(&self) -> String {
@@ -225,49 +199,16 @@ impl Snapshottable for Rng {
 
     /// Layout (version 1): acked features `u64`, queue count `u8` (0 or 1), queue state.
     fn snapshot(&mut self) -> Result<StateSection, StateError> {
-        self.worker.require_quiescent(&self.id)?;
-        let queues: Vec<QueueState> = match self.worker.body_mut() {
-            Some(b) => vec![b.queue.state()],
-            None => self.restored_queue.into_iter().collect(),
-        };
-        let mut w = StateWriter::new();
-        w.u64(self.acked_features);
-        write_queue_states(&mut w, &queues);
-        Ok(w.into_section(&self.id, RNG_STATE_VERSION))
+        self.worker
+            .save_queue_section(self.acked_features, RNG_STATE_VERSION)
     }
 
     fn restore(&mut self, section: &StateSection) -> Result<(), StateError> {
-        let malformed = |reason: String| StateError::Malformed {
-            id: self.id.clone(),
-            reason,
-        };
-        if self.worker.is_active() && !self.worker.is_paused() {
-            return Err(malformed(
-                "restore into a running device; pause it first".into(),
-            ));
-        }
-        let mut r = StateReader::open(section, &self.id, RNG_STATE_VERSION)?;
-        let acked = r.u64()?;
-        let queues = read_queue_states(&mut r, 1)?;
-        r.finish()?;
-        if acked & !self.avail_features() != 0 {
-            return Err(malformed(format!(
-                "saved features {acked:#x} are not all offered"
-            )));
-        }
-        let rebuilt: Option<Queue> = queues
-            .first()
-            .map(|s| queue_from_state(&self.id, *s))
-            .transpose()?;
-        self.acked_features = acked;
-        if let Some(body) = self.worker.body_mut() {
-            if let Some(q) = rebuilt {
-                body.queue = q;
-                return Ok(());
-            }
-            self.worker.take();
-        }
-        self.restored_queue = queues.first().copied();
+        let saved =
+            self.worker
+                .load_queue_section(section, RNG_STATE_VERSION, self.avail_features(), 1)?;
+        self.acked_features = saved.acked_features;
+        self.worker.apply_restore(saved);
         Ok(())
     }
 }
@@ -350,6 +291,12 @@ impl RngWorker {
                 &self.id,
             );
         }
+    }
+}
+
+impl QueueBody for RngWorker {
+    fn queues_mut(&mut self) -> Vec<&mut Queue> {
+        vec![&mut self.queue]
     }
 }
 
@@ -550,16 +497,16 @@ mod tests {
     }
 
     #[test]
-    fn save_state_restore_state_through_the_trait() {
+    fn snapshot_restore_as_the_transport_does() {
         let (mut dev, env) = active();
         env.q(0).add_writable(&env.mem, &[8]);
         env.kick(0);
         env.wait_used(0, 1);
         // A running device refuses to save.
-        assert!(matches!(dev.save_state(), Err(StateError::Pause { .. })));
-        VirtioDevice::pause(&mut dev).unwrap();
+        assert!(matches!(dev.snapshot(), Err(StateError::Pause { .. })));
+        migration::Pausable::pause(&mut dev).unwrap();
         env.q(0).add_writable(&env.mem, &[16]);
-        let saved = dev.save_state().unwrap().expect("rng has state");
+        let saved = dev.snapshot().unwrap();
         assert_eq!(
             (saved.id.as_str(), saved.version),
             ("rng0", RNG_STATE_VERSION)
@@ -572,15 +519,15 @@ mod tests {
         });
         let mut bad = saved.clone();
         bad.data.truncate(3);
-        assert!(fresh.restore_state(&bad).is_err());
+        assert!(fresh.restore(&bad).is_err());
         let mut newer = saved.clone();
         newer.version += 1;
         assert!(matches!(
-            fresh.restore_state(&newer),
+            fresh.restore(&newer),
             Err(StateError::Version { .. })
         ));
-        fresh.restore_state(&saved).unwrap();
-        VirtioDevice::pause(&mut fresh).unwrap();
+        fresh.restore(&saved).unwrap();
+        migration::Pausable::pause(&mut fresh).unwrap();
         drop(dev);
         // Queues as a fresh transport builds them (positions 0): the saved positions win.
         let env2 = TestEnv::new(1);
@@ -591,10 +538,10 @@ mod tests {
         fresh
             .activate(env2.mem.clone(), env2.irq.clone(), queues, None)
             .unwrap();
-        assert_eq!(fresh.save_state().unwrap(), Some(saved));
+        assert_eq!(fresh.snapshot().unwrap(), saved);
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(env2.used_idx(0), 1, "restored paused but served");
-        VirtioDevice::resume(&mut fresh).unwrap();
+        migration::Pausable::resume(&mut fresh).unwrap();
         env2.kick(0);
         env2.wait_used(0, 2);
     }

@@ -10,7 +10,8 @@ use migration::StateError;
 
 use super::VIRTIO_MSI_NO_VECTOR;
 
-// Field offsets of `virtio_pci_common_cfg`.
+// Field offsets of `virtio_pci_common_cfg` (virtio 1.x 4.1.4.3; virtio-bindings 0.2 has no
+// `virtio_pci` module to take the struct from).
 const DEVICE_FEATURE_SELECT: u64 = 0x00;
 const DEVICE_FEATURE: u64 = 0x04;
 const DRIVER_FEATURE_SELECT: u64 = 0x08;

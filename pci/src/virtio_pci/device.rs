@@ -174,7 +174,7 @@ impl VirtioPciDevice {
         interrupt_manager: Arc<dyn InterruptManager>,
         intx: Option<(u8, u32)>,
     ) -> Result<Self, VirtioPciError> {
-        let id = device.id().to_string();
+        let id = device.id();
         let queue_max_sizes = device.queue_max_sizes();
         let num_queues = queue_max_sizes.len();
         if num_queues > MAX_QUEUES {
@@ -623,19 +623,14 @@ impl BusDevice for VirtioPciDevice {
     }
 }
 
+/// Pausing the transport pauses the wrapped device (the transport itself has no activity).
 impl Pausable for VirtioPciDevice {
     fn pause(&mut self) -> Result<(), StateError> {
-        self.device.pause().map_err(|e| StateError::Pause {
-            id: self.id.clone(),
-            reason: e.to_string(),
-        })
+        self.device.pause()
     }
 
     fn resume(&mut self) -> Result<(), StateError> {
-        self.device.resume().map_err(|e| StateError::Resume {
-            id: self.id.clone(),
-            reason: e.to_string(),
-        })
+        self.device.resume()
     }
 }
 
@@ -673,7 +668,8 @@ impl VirtioPciDevice {
     }
 
     /// Parse a whole version-2 payload into the live transport; the embedded device section is
-    /// returned, not applied.
+    /// returned, not applied (`None` when the flag says the saved device had no state: sections
+    /// written before every device had one).
     fn load_section(
         &mut self,
         r: &mut StateReader<'_>,
@@ -698,16 +694,17 @@ impl VirtioPciDevice {
 /// The state of a virtio-pci device: the transport (configuration space with the BAR addresses,
 /// MSI-X table, PBA and routes, common configuration with status, features and queue set-up, ISR,
 /// whether the device was active) plus the wrapped device's own section
-/// ([`VirtioDevice::save_state`]: acked features, queue positions), in one section with id
-/// [`VirtioPciDevice::section_id`].
+/// ([`Snapshottable::snapshot`] of the [`VirtioDevice`]: acked features, queue positions), in one
+/// section with id [`VirtioPciDevice::section_id`].
 ///
 /// Layout of version 2 (little endian): configuration space, MSI-X, common configuration (each
 /// with its own version), `isr: u8`, `activated: u8` (0/1), `has_device_state: u8` (0/1), then
 /// when 1 the device section: `id` (u32 length + UTF-8), `version: u16`, `data` (u32 length +
-/// bytes).
+/// bytes). Every device has a section now, so the flag is always written as 1; a 0 in an older
+/// snapshot means there is nothing to restore into the device.
 ///
-/// [`Snapshottable::snapshot`] needs the device paused ([`Pausable::pause`]); devices that keep
-/// state refuse otherwise. [`Snapshottable::restore`] is meant for a freshly built, never
+/// [`Snapshottable::snapshot`] needs the device paused ([`Pausable::pause`]); devices refuse
+/// otherwise. [`Snapshottable::restore`] is meant for a freshly built, never
 /// activated device with the same configuration: it restores the transport, then the device's
 /// section, pauses the device and, when the saved device was active, re-activates it. The device
 /// stays **paused** (its worker does not touch guest memory) until [`Pausable::resume`]. Guest
@@ -718,23 +715,16 @@ impl Snapshottable for VirtioPciDevice {
     }
 
     fn snapshot(&mut self) -> Result<StateSection, StateError> {
-        let device_state = self.device.save_state()?;
+        let s = self.device.snapshot()?;
+        if u32::try_from(s.data.len()).is_err() || s.data.len() > MAX_DEVICE_STATE_LEN {
+            return Err(StateError::Malformed {
+                id: self.id.clone(),
+                reason: format!("device state of {} bytes is too large", s.data.len()),
+            });
+        }
         let mut w = StateWriter::new();
         self.save_transport(&mut w);
-        match &device_state {
-            None => {
-                w.u8(0);
-            }
-            Some(s) => {
-                if u32::try_from(s.data.len()).is_err() || s.data.len() > MAX_DEVICE_STATE_LEN {
-                    return Err(StateError::Malformed {
-                        id: self.id.clone(),
-                        reason: format!("device state of {} bytes is too large", s.data.len()),
-                    });
-                }
-                w.u8(1).bytes(s.id.as_bytes()).u16(s.version).bytes(&s.data);
-            }
-        }
+        w.u8(1).bytes(s.id.as_bytes()).u16(s.version).bytes(&s.data);
         Ok(w.into_section(&self.section_id(), VIRTIO_PCI_STATE_VERSION))
     }
 
@@ -772,7 +762,7 @@ impl Snapshottable for VirtioPciDevice {
             self.device.set_acked_features(self.common.driver_features);
         }
         if let Some(s) = &device_state {
-            if let Err(e) = self.device.restore_state(s) {
+            if let Err(e) = self.device.restore(s) {
                 rollback(self);
                 return Err(e);
             }

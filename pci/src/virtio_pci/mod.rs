@@ -28,6 +28,10 @@ pub use device::{
 };
 pub use function::virtio_kind;
 
+// The capability types, ISR bits and "no vector" value are from Linux
+// `include/uapi/linux/virtio_pci.h`; virtio-bindings 0.2 has no `virtio_pci` module, so they are
+// kept here.
+
 /// Vendor id of virtio devices (Red Hat, Inc.).
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 /// Modern virtio device ids are this plus the virtio device type.

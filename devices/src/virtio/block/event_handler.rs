@@ -309,7 +309,7 @@ mod tests {
         assert_eq!(irq.config_count(), 1);
         let errors = errors.lock().unwrap().clone();
         assert_eq!(errors.len(), 1, "{errors:?}");
-        assert_eq!(errors[0].0, blk.id());
+        assert_eq!(errors[0].0, blk.id);
         assert!(errors[0].1.contains("available"), "{errors:?}");
         // Nothing is served any more, and no further config interrupts are raised.
         drv.set_avail_idx(drv.avail_idx().wrapping_sub(17));

@@ -17,6 +17,7 @@ use virtio_queue::{Queue, QueueState};
 
 use super::device::{Block, CONFIG_LEN, QUEUE_MAX_SIZE};
 use crate::legacy::{StateReader, StateWriter};
+use crate::virtio::common::require_quiescent;
 
 /// Version of the block device's state section.
 pub const BLOCK_STATE_VERSION: u16 = 1;
@@ -166,7 +167,10 @@ impl Snapshottable for Block {
         self.id.clone()
     }
 
+    /// Refused while the worker runs: the queue position would move under the snapshot.
     fn snapshot(&mut self) -> Result<StateSection, StateError> {
+        let running = self.active.as_ref().is_some_and(|a| !a.paused);
+        require_quiescent(&self.id, running)?;
         Ok(self.state().save(&self.id))
     }
 

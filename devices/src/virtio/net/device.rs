@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use migration::{Snapshottable, StateError, StateSection};
-use virtio_queue::{Queue, QueueState, QueueT};
+use migration::{Migratable, Pausable, Snapshottable, StateError, StateSection};
+use virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP;
 
 use super::event_handler::NetWorker;
 use super::features as nf;
@@ -13,15 +13,12 @@ use super::persist::NetState;
 use super::tap::Tap;
 use super::{queues, MacAddr, NetBackend, NetConfig, NetError, TapSource, NET_QUEUE_SIZE};
 use crate::legacy::log_limit::LogLimiter;
-use crate::virtio::common::{queue_from_state, WorkerSlot};
+use crate::virtio::common::WorkerSlot;
 use crate::virtio::features::{self, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1};
 use crate::virtio::{
     device_type, AccessPlatform, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt,
 };
 use crate::GuestMemoryMmap;
-
-/// Link status bit of the configuration space's `status` field.
-const VIRTIO_NET_S_LINK_UP: u16 = 1;
 
 /// A virtio-net device with one RX/TX queue pair.
 ///
@@ -35,8 +32,6 @@ pub struct Net {
     acked_features: u64,
     metrics: Arc<NetMetrics>,
     worker: WorkerSlot<NetWorker>,
-    /// Queue states from a restore, applied at the next activation.
-    restored_queues: Option<Vec<QueueState>>,
     bad_config: LogLimiter,
 }
 
@@ -66,14 +61,13 @@ impl Net {
     ) -> Self {
         let id = id.into();
         Self {
-            worker: WorkerSlot::new(format!("skiff-{id}")),
+            worker: WorkerSlot::new(id.clone()),
             id,
             mac: mac.unwrap_or_else(MacAddr::random_local),
             iommu,
             backend: Some(backend),
             acked_features: 0,
             metrics: Arc::new(NetMetrics::default()),
-            restored_queues: None,
             bad_config: LogLimiter::new(),
         }
     }
@@ -121,33 +115,14 @@ impl Net {
     fn config_bytes(&self) -> [u8; 10] {
         let mut c = [0u8; 10];
         c[..6].copy_from_slice(&self.mac.0);
-        c[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        // The `status` field is 16 bits wide; virtio-bindings gives the bit as a u32.
+        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         c[8..10].copy_from_slice(&1u16.to_le_bytes()); // max_virtqueue_pairs
         c
-    }
-
-    fn queue_states(&mut self) -> Vec<QueueState> {
-        match self.worker.body_mut() {
-            Some(b) => vec![b.rx.state(), b.tx.state()],
-            None => self.restored_queues.clone().unwrap_or_default(),
-        }
-    }
-
-    /// Stop the worker (if any) and take the backend back.
-    fn stop_worker(&mut self) {
-        if let Some(body) = self.worker.take() {
-            self.backend = Some(body.backend);
-        } else if self.worker.is_active() || self.backend.is_none() {
-            log::error!("{}: worker thread lost its backend", self.id);
-        }
     }
 }
 
 impl VirtioDevice for Net {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
     fn device_type(&self) -> u32 {
         device_type::NET
     }
@@ -221,24 +196,13 @@ impl VirtioDevice for Net {
                 "needs both the RX and the TX queue",
             ));
         };
-        let restored = self.restored_queues.clone();
         let event_idx = self.acked_features & VIRTIO_F_EVENT_IDX != 0;
-        let prepare = |mut q: Queue, idx: usize| -> Result<Queue, VirtioError> {
-            if let Some(s) = restored.as_ref().and_then(|r| r.get(idx)) {
-                q.set_next_avail(s.next_avail);
-                q.set_next_used(s.next_used);
-            }
-            q.set_event_idx(event_idx);
-            if !q.is_valid(&mem) {
-                return Err(VirtioError::activate(
-                    &self.id,
-                    format!("queue {idx} is not ready or lies outside guest memory"),
-                ));
-            }
-            Ok(q)
-        };
-        let rx_q = prepare(rx.queue, 0)?;
-        let tx_q = prepare(tx.queue, 1)?;
+        let rx_q = self
+            .worker
+            .prepare_queue(rx.queue, queues::RX, event_idx, &mem)?;
+        let tx_q = self
+            .worker
+            .prepare_queue(tx.queue, queues::TX, event_idx, &mem)?;
         let Some(mut backend) = self.backend.take() else {
             return Err(VirtioError::activate(
                 &self.id,
@@ -269,36 +233,35 @@ impl VirtioDevice for Net {
             self.metrics.clone(),
         )
         .with_access(access);
-        self.restored_queues = None;
-        self.worker.start(&self.id, body)
+        self.worker.start(body)
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
-        self.restored_queues = None;
-    }
-
-    fn pause(&mut self) -> Result<(), VirtioError> {
-        self.worker.pause(&self.id)
-    }
-
-    fn resume(&mut self) -> Result<(), VirtioError> {
-        self.worker.resume(&self.id)
+        match self.worker.reset() {
+            Some(body) => self.backend = Some(body.backend),
+            None if self.backend.is_none() => {
+                log::error!("{}: worker thread lost its backend", self.id)
+            }
+            None => {}
+        }
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         self.metrics.values()
     }
-    fn save_state(&mut self) -> Result<Option<StateSection>, StateError> {
-        Snapshottable::snapshot(self).map(Some)
+}
+
+impl Pausable for Net {
+    fn pause(&mut self) -> Result<(), StateError> {
+        self.worker.pause()
     }
 
-    fn restore_state(&mut self, section: &StateSection) -> Result<(), StateError> {
-        Snapshottable::restore(self, section)
+    fn resume(&mut self) -> Result<(), StateError> {
+        self.worker.resume()
     }
 }
 
-crate::virtio::pausable_via_virtio_device!(Net);
+impl Migratable for Net {}
 
 impl Snapshottable for Net {
     fn id(&self) -> String {
@@ -306,11 +269,10 @@ impl Snapshottable for Net {
     }
 
     fn snapshot(&mut self) -> Result<StateSection, StateError> {
-        self.worker.require_quiescent(&self.id)?;
         let state = NetState {
             acked_features: self.acked_features,
             mac: self.mac,
-            queues: self.queue_states(),
+            queues: self.worker.saved_queues()?,
         };
         Ok(state.encode(&self.id))
     }
@@ -318,41 +280,19 @@ impl Snapshottable for Net {
     /// Restores features, MAC and queue positions. On an activated (paused) device the queues are
     /// replaced at once; otherwise they are applied when the transport activates the device.
     fn restore(&mut self, section: &StateSection) -> Result<(), StateError> {
-        if self.worker.is_active() && !self.worker.is_paused() {
-            return Err(StateError::Malformed {
-                id: self.id.clone(),
-                reason: "restore into a running device; pause it first".into(),
-            });
-        }
         let state = NetState::decode(section, &self.id)?;
-        if state.acked_features & !self.avail_features() != 0 {
-            return Err(StateError::Malformed {
-                id: self.id.clone(),
-                reason: format!(
-                    "saved features {:#x} include some this device does not offer ({:#x})",
-                    state.acked_features,
-                    self.avail_features()
-                ),
-            });
-        }
-        let restored: Vec<Queue> = state
-            .queues
-            .iter()
-            .map(|s| queue_from_state(&self.id, *s))
-            .collect::<Result<_, _>>()?;
-        self.acked_features = state.acked_features;
+        let saved = self.worker.check_restore(
+            state.acked_features,
+            self.avail_features(),
+            state.queues,
+            2,
+        )?;
+        self.acked_features = saved.acked_features;
         self.mac = state.mac;
-        if let Some(body) = self.worker.body_mut() {
-            let mut it = restored.into_iter();
-            if let (Some(rx), Some(tx)) = (it.next(), it.next()) {
-                body.rx = rx;
-                body.tx = tx;
-                return Ok(());
-            }
-            // Active here but the saved device was not: back to the reset state.
-            self.stop_worker();
+        // Active here but the saved device was not: back to the reset state.
+        if let Some(body) = self.worker.apply_restore(saved) {
+            self.backend = Some(body.backend);
         }
-        self.restored_queues = (!state.queues.is_empty()).then_some(state.queues);
         Ok(())
     }
 }

@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::metrics::NetMetrics;
 use super::{queues, NetBackend, MAX_TX_FRAME, MIN_TX_FRAME, NET_QUEUE_SIZE, VNET_HDR_LEN};
 use crate::legacy::log_limit::LogLimiter;
+use crate::virtio::common::QueueBody;
 use crate::virtio::common::{
     avail_ok, mark_dirty, notify, return_chain, ChainError, DescChain, GuestIoVecs,
 };
@@ -333,6 +334,12 @@ impl NetWorker {
             Ok(()) => self.backend_watched = false,
             Err(e) => self.queue_error("cannot unwatch the backend", format!("{e:?}")),
         }
+    }
+}
+
+impl QueueBody for NetWorker {
+    fn queues_mut(&mut self) -> Vec<&mut Queue> {
+        vec![&mut self.rx, &mut self.tx]
     }
 }
 

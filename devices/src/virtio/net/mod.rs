@@ -32,8 +32,9 @@ pub use metrics::NetMetrics;
 pub use persist::NET_STATE_VERSION;
 pub use tap::{tun_available, Tap};
 
-/// Size of the `virtio_net_hdr_v1` in front of every frame (VERSION_1 is required).
-pub const VNET_HDR_LEN: usize = 12;
+/// Size of the `virtio_net_hdr_v1` in front of every frame (VERSION_1 is required): 12 bytes.
+pub const VNET_HDR_LEN: usize =
+    std::mem::size_of::<virtio_bindings::virtio_net::virtio_net_hdr_v1>();
 /// Largest size of each queue.
 pub const NET_QUEUE_SIZE: u16 = 256;
 /// Largest frame (header included) the device sends to the TAP: a 64 KiB GSO frame plus Ethernet
@@ -50,28 +51,31 @@ pub mod queues {
     pub const TX: u16 = 1;
 }
 
-/// virtio-net feature bits (virtio 1.x, 5.1.3).
+/// virtio-net feature bits (virtio 1.x, 5.1.3) as masks of virtio-bindings' bit numbers.
 pub mod features {
+    use crate::virtio::features::bit;
+    use virtio_bindings::virtio_net as vn;
+
     /// The device handles packets with partial checksum (guest → host checksum offload).
-    pub const CSUM: u64 = 1 << 0;
+    pub const CSUM: u64 = bit(vn::VIRTIO_NET_F_CSUM);
     /// The driver handles packets with partial checksum (host → guest).
-    pub const GUEST_CSUM: u64 = 1 << 1;
+    pub const GUEST_CSUM: u64 = bit(vn::VIRTIO_NET_F_GUEST_CSUM);
     /// The device has a MAC address in its configuration space.
-    pub const MAC: u64 = 1 << 5;
+    pub const MAC: u64 = bit(vn::VIRTIO_NET_F_MAC);
     /// The driver can receive TSOv4.
-    pub const GUEST_TSO4: u64 = 1 << 7;
+    pub const GUEST_TSO4: u64 = bit(vn::VIRTIO_NET_F_GUEST_TSO4);
     /// The driver can receive TSOv6.
-    pub const GUEST_TSO6: u64 = 1 << 8;
+    pub const GUEST_TSO6: u64 = bit(vn::VIRTIO_NET_F_GUEST_TSO6);
     /// The driver can receive TSO with ECN.
-    pub const GUEST_ECN: u64 = 1 << 9;
+    pub const GUEST_ECN: u64 = bit(vn::VIRTIO_NET_F_GUEST_ECN);
     /// The device can receive TSOv4 (guest → host segmentation offload).
-    pub const HOST_TSO4: u64 = 1 << 11;
+    pub const HOST_TSO4: u64 = bit(vn::VIRTIO_NET_F_HOST_TSO4);
     /// The device can receive TSOv6.
-    pub const HOST_TSO6: u64 = 1 << 12;
+    pub const HOST_TSO6: u64 = bit(vn::VIRTIO_NET_F_HOST_TSO6);
     /// The device can receive TSO with ECN.
-    pub const HOST_ECN: u64 = 1 << 13;
+    pub const HOST_ECN: u64 = bit(vn::VIRTIO_NET_F_HOST_ECN);
     /// The configuration space has a link status field.
-    pub const STATUS: u64 = 1 << 16;
+    pub const STATUS: u64 = bit(vn::VIRTIO_NET_F_STATUS);
 }
 
 /// A MAC address.

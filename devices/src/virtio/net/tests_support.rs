@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use virtio_bindings::virtio_ring;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -13,12 +14,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::virtio::{ActivatedQueue, VirtioInterrupt, VirtioInterruptType};
 use crate::GuestMemoryMmap;
 
-/// Descriptor flags.
-pub const F_NEXT: u16 = 1;
-/// Device-writable.
-pub const F_WRITE: u16 = 2;
-/// Indirect table.
-pub const F_INDIRECT: u16 = 4;
+/// Descriptor flag: the chain continues (virtio-bindings' `u32`, descriptor flags are `u16`).
+pub const F_NEXT: u16 = virtio_ring::VRING_DESC_F_NEXT as u16;
+/// Descriptor flag: device-writable.
+pub const F_WRITE: u16 = virtio_ring::VRING_DESC_F_WRITE as u16;
+/// Descriptor flag: indirect table.
+pub const F_INDIRECT: u16 = virtio_ring::VRING_DESC_F_INDIRECT as u16;
 
 /// Guest RAM size of a test environment.
 pub const MEM_SIZE: u64 = 16 << 20;
