@@ -618,3 +618,426 @@ fn resample_intx(shared: &Shared) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestMemoryMmap;
+    use devices::virtio::{
+        AccessPlatform, ActivatedQueue, VirtioDevice, VirtioError, VirtioInterrupt,
+    };
+    use migration::{Snapshottable, StateError, StateSection};
+    use pci::VirtioPciDevice;
+    use vm_memory::GuestAddress;
+
+    /// A VM with an irqchip, its PCI bus and buses, and the function manager under test.
+    fn new_pci_devices() -> Option<(Arc<Mutex<PciBus>>, Arc<Bus>, PciDevices)> {
+        let kvm = crate::testing::require_kvm()?;
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let pci_bus = Arc::new(Mutex::new(PciBus::new()));
+        let mmio = Arc::new(Bus::new());
+        let pd = PciDevices::new(
+            vm,
+            pci_bus.clone(),
+            (mmio.clone(), Arc::new(Bus::new())),
+            (0xc000_0000, 0x2000_0000),
+            (1 << 36, 1 << 30),
+            1,
+        )
+        .unwrap();
+        Some((pci_bus, mmio, pd))
+    }
+
+    /// Plug a virtio device behind virtio-pci at `slot`.
+    fn plug(
+        pd: &mut PciDevices,
+        dev: Box<dyn VirtioDevice>,
+        mem: &GuestMemoryMmap,
+        slot: u8,
+    ) -> (PciAddressInfo, Arc<Mutex<VirtioPciDevice>>) {
+        let id = dev.id();
+        let f = Arc::new(Mutex::new(
+            VirtioPciDevice::new(
+                dev,
+                mem.clone(),
+                pd.interrupt_manager(),
+                Some((1, intx_gsi(slot, 0))),
+            )
+            .unwrap(),
+        ));
+        let info = pd
+            .add(&id, PciAddress::new(slot).unwrap(), f.clone())
+            .unwrap();
+        (info, f)
+    }
+
+    fn pause(pd: &PciDevices) {
+        for (_, _, _, d) in pd.devices() {
+            d.lock().unwrap().pause().unwrap();
+        }
+    }
+
+    fn resume(pd: &PciDevices) {
+        for (_, _, _, d) in pd.devices() {
+            d.lock().unwrap().resume().unwrap();
+        }
+    }
+
+    fn snapshot(pd: &PciDevices) -> Vec<StateSection> {
+        pd.devices()
+            .into_iter()
+            .map(|(_, _, _, d)| d.lock().unwrap().snapshot().unwrap())
+            .collect()
+    }
+
+    /// Restore each function from its section, as the registry does, then follow the BARs.
+    fn restore(pd: &PciDevices, sections: &[StateSection]) -> Result<(), StateError> {
+        for (_, _, _, d) in pd.devices() {
+            let mut d = d.lock().unwrap();
+            let sid = Snapshottable::id(&*d);
+            if let Some(s) = sections.iter().find(|s| s.id == sid) {
+                d.restore(s)?;
+            }
+        }
+        pd.follow_restored_bars();
+        Ok(())
+    }
+
+    #[test]
+    fn intx_swizzle() {
+        assert_eq!(intx_gsi(0, 0), 16);
+        assert_eq!(intx_gsi(1, 0), 17);
+        assert_eq!(intx_gsi(7, 1), 16);
+        assert_eq!(intx_gsi(8, 0), 16);
+        assert_eq!(intx_gsi(31, 3), 18);
+        for s in 0..32 {
+            for p in 0..4 {
+                assert!((16..24).contains(&intx_gsi(s, p)));
+            }
+        }
+    }
+
+    struct Dummy(&'static str);
+    impl migration::Pausable for Dummy {}
+    impl migration::Snapshottable for Dummy {
+        fn id(&self) -> String {
+            self.0.into()
+        }
+        fn snapshot(&mut self) -> Result<StateSection, StateError> {
+            Ok(StateSection {
+                id: self.0.into(),
+                version: 1,
+                data: Vec::new(),
+            })
+        }
+        fn restore(&mut self, _: &StateSection) -> Result<(), StateError> {
+            Ok(())
+        }
+    }
+    impl migration::Migratable for Dummy {}
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            devices::virtio::device_type::RNG
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![64]
+        }
+        fn avail_features(&self) -> u64 {
+            devices::virtio::features::VIRTIO_F_VERSION_1
+        }
+        fn set_acked_features(&mut self, _features: u64) {}
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            _interrupt: Arc<dyn VirtioInterrupt>,
+            _queues: Vec<ActivatedQueue>,
+            _access: Option<Arc<dyn AccessPlatform>>,
+        ) -> Result<(), VirtioError> {
+            Ok(())
+        }
+        fn reset(&mut self) {}
+    }
+
+    #[test]
+    fn plug_and_move_on_a_real_vm() {
+        let Some((pci_bus, mmio, mut pd)) = new_pci_devices() else {
+            return;
+        };
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let (info, _) = plug(&mut pd, Box::new(Dummy("dummy0")), &mem, 1);
+        assert_eq!(info.slot, 1);
+        // Small 64-bit BARs are placed in the 32-bit window (like firmware does).
+        assert_eq!(info.bars, [(0, 0xc000_0000, 0x8000)]);
+        let (info2, _) = plug(&mut pd, Box::new(Dummy("dummy1")), &mem, 2);
+        assert_eq!(info2.slot, 2);
+        assert_eq!(info2.bars, [(0, 0xc000_8000, 0x8000)]);
+        assert_eq!(pd.prt_entries(), [(1, 0, 17), (2, 0, 18)]);
+        assert_eq!(pd.intx_resample_fds().len(), 2);
+        pd.handle_intx_resample();
+
+        // Reads through the MMIO bus reach the device: num_queues.
+        let mut b = [0u8; 2];
+        mmio.read(0xc000_0000 + 0x12, &mut b).unwrap();
+        assert_eq!(u16::from_le_bytes(b), 1);
+        // The guest moves BAR 0 of slot 1 above 4 GiB (upper half), through the bus.
+        {
+            let bus = pci_bus.lock().unwrap();
+            bus.config_write(0, 1, 0, 5, 0, &0x20u32.to_le_bytes());
+        }
+        assert!(mmio.read(0xc000_0000 + 0x12, &mut b).is_err());
+        mmio.read((0x20 << 32) + 0xc000_0000 + 0x12, &mut b)
+            .unwrap();
+        assert_eq!(u16::from_le_bytes(b), 1);
+        // Moving it onto the other device's BAR fails softly; moving it elsewhere works.
+        {
+            let bus = pci_bus.lock().unwrap();
+            bus.config_write(0, 1, 0, 5, 0, &0u32.to_le_bytes());
+            bus.config_write(0, 1, 0, 4, 0, &0xc000_8004u32.to_le_bytes());
+        }
+        mmio.read(0xc000_8012, &mut b).unwrap();
+        {
+            let bus = pci_bus.lock().unwrap();
+            bus.config_write(0, 1, 0, 4, 0, &0xc001_0004u32.to_le_bytes());
+        }
+        mmio.read(0xc001_0012, &mut b).unwrap();
+        assert_eq!(u16::from_le_bytes(b), 1);
+
+        pause(&pd);
+        let sections = snapshot(&pd);
+        assert_eq!(sections.len(), 2);
+        assert_eq!(sections[0].id, "virtio-pci/dummy0");
+        restore(&pd, &sections).unwrap();
+        resume(&pd);
+        let kinds: Vec<_> = pd
+            .devices()
+            .iter()
+            .map(|d| (d.0.clone(), d.1, d.2))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("dummy0".to_string(), "virtio-rng", 1),
+                ("dummy1".to_string(), "virtio-rng", 2)
+            ]
+        );
+    }
+
+    /// A VM with its PCI devices, for the snapshot test.
+    struct TestVm {
+        pci_bus: Arc<Mutex<PciBus>>,
+        mmio: Arc<Bus>,
+        mem: GuestMemoryMmap,
+        pd: PciDevices,
+        rng: Arc<Mutex<VirtioPciDevice>>,
+    }
+
+    const RNG_BAR: u64 = 0xc000_0000;
+    // Ring addresses of queue 0 and the buffers posted on it.
+    const DESC: u64 = 0x1_0000;
+    const AVAIL: u64 = 0x1_1000;
+    const USED: u64 = 0x1_2000;
+    const BUF: u64 = 0x2_0000;
+    const QSIZE: u16 = 16;
+
+    fn rng_vm() -> Option<TestVm> {
+        let (pci_bus, mmio, mut pd) = new_pci_devices()?;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let rng = devices::virtio::rng::Rng::new(devices::virtio::rng::RngConfig {
+            id: "rng0".into(),
+            iommu: false,
+        });
+        let (info, rng) = plug(&mut pd, Box::new(rng), &mem, 1);
+        assert_eq!(info.bars, [(0, RNG_BAR, 0x8000)]);
+        Some(TestVm {
+            pci_bus,
+            mmio,
+            mem,
+            pd,
+            rng,
+        })
+    }
+
+    fn bar_write(vm: &TestVm, off: u64, v: u64, len: usize) {
+        vm.mmio
+            .write(RNG_BAR + off, &v.to_le_bytes()[..len])
+            .unwrap();
+    }
+
+    fn bar_read(vm: &TestVm, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        vm.mmio.read(RNG_BAR + off, &mut b[..len]).unwrap();
+        u64::from_le_bytes(b)
+    }
+
+    fn used_idx(mem: &GuestMemoryMmap) -> u16 {
+        use vm_memory::Bytes;
+        mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap()
+    }
+
+    /// Post a 64-byte device-writable buffer in descriptor `n` and make it available.
+    fn post(mem: &GuestMemoryMmap, n: u16) {
+        use vm_memory::Bytes;
+        let d = DESC + 16 * u64::from(n);
+        mem.write_obj(BUF + 0x100 * u64::from(n), GuestAddress(d))
+            .unwrap();
+        mem.write_obj(64u32, GuestAddress(d + 8)).unwrap();
+        mem.write_obj(2u16, GuestAddress(d + 12)).unwrap(); // VIRTQ_DESC_F_WRITE
+        mem.write_obj(0u16, GuestAddress(d + 14)).unwrap();
+        mem.write_obj(n, GuestAddress(AVAIL + 4 + 2 * u64::from(n % QSIZE)))
+            .unwrap();
+        mem.write_obj(n + 1, GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    fn wait_used(mem: &GuestMemoryMmap, n: u16) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while used_idx(mem) != n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "used index {n} not reached"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    /// Drive the rng like a guest driver: MSI-X on, features, queue 0, DRIVER_OK.
+    fn drive_to_driver_ok(vm: &TestVm) {
+        use devices::virtio::status::*;
+        // Memory decoding + bus mastering, then MSI-X enable in the capability.
+        {
+            let bus = vm.pci_bus.lock().unwrap();
+            bus.config_write(0, 1, 0, 1, 0, &0x6u16.to_le_bytes());
+            let mut cap = (bus.config_read(0, 1, 0, 13) & 0xfc) as usize;
+            while cap != 0 {
+                let head = bus.config_read(0, 1, 0, cap / 4);
+                if head & 0xff == 0x11 {
+                    bus.config_write(0, 1, 0, cap / 4, 2, &0x8000u16.to_le_bytes());
+                    break;
+                }
+                cap = ((head >> 8) & 0xfc) as usize;
+            }
+            assert_ne!(cap, 0, "no MSI-X capability");
+        }
+        // MSI-X table entry 1: the queue's vector.
+        let entry = 0x4000 + 16;
+        bar_write(vm, entry, 0xfee0_0000, 4);
+        bar_write(vm, entry + 4, 0, 4);
+        bar_write(vm, entry + 8, 0x41, 4);
+        bar_write(vm, entry + 12, 0, 4);
+        bar_write(vm, 0x14, u64::from(ACKNOWLEDGE), 1);
+        bar_write(vm, 0x14, u64::from(ACKNOWLEDGE | DRIVER), 1);
+        bar_write(vm, 0x08, 1, 4); // driver_feature_select: bits 32..63
+        bar_write(vm, 0x0c, 1, 4); // VIRTIO_F_VERSION_1
+        bar_write(vm, 0x14, u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK), 1);
+        assert_ne!(bar_read(vm, 0x14, 1) as u8 & FEATURES_OK, 0);
+        bar_write(vm, 0x10, 0, 2); // msix_config: vector 0
+        bar_write(vm, 0x16, 0, 2); // queue_select
+        bar_write(vm, 0x18, u64::from(QSIZE), 2);
+        bar_write(vm, 0x1a, 1, 2); // queue_msix_vector
+        bar_write(vm, 0x20, DESC, 8);
+        bar_write(vm, 0x28, AVAIL, 8);
+        bar_write(vm, 0x30, USED, 8);
+        bar_write(vm, 0x1c, 1, 2); // queue_enable
+        bar_write(
+            vm,
+            0x14,
+            u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK),
+            1,
+        );
+    }
+
+    fn kick(vm: &TestVm) {
+        bar_write(vm, 0x3000, 0, 2);
+    }
+
+    fn rng_transport(vm: &TestVm) -> Arc<Mutex<VirtioPciDevice>> {
+        vm.rng.clone()
+    }
+
+    #[test]
+    fn snapshot_and_restore_rng_on_real_vms() {
+        use vm_memory::Bytes;
+        let Some(vm1) = rng_vm() else { return };
+        drive_to_driver_ok(&vm1);
+        assert!(rng_transport(&vm1).lock().unwrap().activated());
+        post(&vm1.mem, 0);
+        kick(&vm1);
+        wait_used(&vm1.mem, 1);
+
+        pause(&vm1.pd);
+        // A request posted while paused stays pending.
+        post(&vm1.mem, 1);
+        kick(&vm1);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert_eq!(used_idx(&vm1.mem), 1);
+        let sections = snapshot(&vm1.pd);
+        assert_eq!(sections.len(), 1);
+        assert_eq!(sections[0].id, "virtio-pci/rng0");
+        // Snapshotting twice while paused gives the same state.
+        assert_eq!(snapshot(&vm1.pd), sections);
+
+        // A second VM with the same device, never driven; guest memory restored first.
+        let vm2 = rng_vm().expect("KVM worked for the first VM");
+        let mut ram = vec![0u8; 1 << 20];
+        vm1.mem.read_slice(&mut ram, GuestAddress(0)).unwrap();
+        vm2.mem.write_slice(&ram, GuestAddress(0)).unwrap();
+        assert!(!rng_transport(&vm2).lock().unwrap().activated());
+        // Sections of other components are ignored; a foreign or truncated section is refused.
+        let mut with_others = sections.clone();
+        with_others.insert(
+            0,
+            StateSection {
+                id: "rng0".into(),
+                version: 1,
+                data: vec![1, 2, 3],
+            },
+        );
+        let mut short = sections[0].clone();
+        short.data.truncate(short.data.len() - 3);
+        assert!(restore(&vm2.pd, &[short]).is_err());
+        let mut future = sections[0].clone();
+        future.version += 1;
+        assert!(matches!(
+            restore(&vm2.pd, &[future]),
+            Err(StateError::Version { .. })
+        ));
+        assert!(!rng_transport(&vm2).lock().unwrap().activated());
+        restore(&vm2.pd, &with_others).unwrap();
+
+        let dev2 = rng_transport(&vm2);
+        assert!(dev2.lock().unwrap().activated());
+        assert_eq!(
+            bar_read(&vm2, 0x14, 1) as u8,
+            devices::virtio::status::ACKNOWLEDGE
+                | devices::virtio::status::DRIVER
+                | devices::virtio::status::FEATURES_OK
+                | devices::virtio::status::DRIVER_OK
+        );
+        bar_write(&vm2, 0x16, 0, 2);
+        assert_eq!(bar_read(&vm2, 0x18, 2), u64::from(QSIZE));
+        assert_eq!(bar_read(&vm2, 0x1a, 2), 1);
+        assert_eq!(bar_read(&vm2, 0x1c, 2), 1);
+        assert_eq!(bar_read(&vm2, 0x20, 8), DESC);
+        assert_eq!(bar_read(&vm2, 0x4000 + 16, 4), 0xfee0_0000);
+        assert_eq!(bar_read(&vm2, 0x4000 + 24, 4), 0x41);
+        // Transport and device state (acked features, queue positions) are back: the restored
+        // set saves exactly what was saved.
+        assert_eq!(snapshot(&vm2.pd), sections);
+        // Restored paused: the pending request is not served before resume.
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert_eq!(used_idx(&vm2.mem), 1);
+        resume(&vm2.pd);
+        wait_used(&vm2.mem, 2);
+        let got: u32 = vm2.mem.read_obj(GuestAddress(USED + 4 + 8 + 4)).unwrap();
+        assert_eq!(got, 64);
+        // The queue keeps going after resume, and the original VM resumes too.
+        post(&vm2.mem, 2);
+        kick(&vm2);
+        wait_used(&vm2.mem, 3);
+        resume(&vm1.pd);
+        wait_used(&vm1.mem, 2);
+    }
+}

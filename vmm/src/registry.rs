@@ -417,7 +417,7 @@ mod tests {
     #[test]
     fn pause_in_order_resume_in_reverse_and_undo_a_failed_pause() {
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (r, parts) = vm([1, 2, 3], &log);
+        let (mut r, parts) = vm([1, 2, 3], &log);
         assert!(matches!(
             r.register("disk0", "virtio-net", None, parts[0].clone()),
             Err(RegistryError::DuplicateId(_))
