@@ -49,3 +49,29 @@ fn version() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("skiff "));
 }
+
+#[test]
+fn restore_that_nothing_could_resume_is_refused_before_anything_starts() {
+    let dir = std::env::temp_dir().join(format!("skiff-cli-restore-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_skiff"))
+        .arg("--restore")
+        .arg(format!("source_url=file://{}", dir.display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("skiff: error:") && err.contains("resume=on") && err.contains("--api-socket"),
+        "{err}"
+    );
+    // A restore that fails says why, and nothing about a paused VM.
+    let out = Command::new(env!("CARGO_BIN_EXE_skiff"))
+        .arg("--restore")
+        .arg(format!("source_url=file://{},resume=on", dir.display()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config.json"), "{err}");
+    assert!(!err.contains("paused"), "{err}");
+}
