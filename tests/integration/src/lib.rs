@@ -56,6 +56,25 @@ pub fn linux_cpu_workaround() -> &'static str {
     }
 }
 
+/// A prerequisite of a test is missing (`why`). Fails the test (panics) unless the environment
+/// variable `var` (e.g. `SKIFF_SKIP_NETNS`) is set to a non-empty value, in which case it prints
+/// `skipped: <why> (<var> is set)` straight to stderr (visible without `--nocapture`) and returns;
+/// the caller then returns. One variable per missing thing, so skipping is always a decision:
+///
+/// | variable | missing |
+/// |---|---|
+/// | `SKIFF_SKIP_LINUX` | the smoke kernel / root filesystem (not built) |
+/// | `SKIFF_SKIP_NETNS` | a network namespace with a TAP (needs root, `ip`, /dev/net/tun) |
+/// | `SKIFF_SKIP_UNSHARE` | a private mount namespace (`unshare -m`, needs root) |
+pub fn skip_or_fail(var: &str, why: &str) {
+    if std::env::var_os(var).is_some_and(|v| !v.is_empty()) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "skipped: {why} ({var} is set)");
+    } else {
+        panic!("{why} (set {var}=1 to skip this test)");
+    }
+}
+
 /// Result of one `skiff` run.
 #[derive(Debug)]
 pub struct Run {
@@ -270,6 +289,11 @@ impl SkiffProcess {
         self.child.id()
     }
 
+    /// Whether the process has exited (without reaping its output; call [`Self::wait`] for that).
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
     /// Wait until the serial output contains `needle`; on timeout or early exit, kill the process
     /// and panic with everything it printed.
     pub fn wait_for_output(&mut self, needle: &str, timeout: Duration) {
@@ -336,9 +360,10 @@ pub struct NetNamespace {
 }
 
 impl NetNamespace {
-    /// Create namespace `skiff-<tag>-<pid>` with TAP `tap0` up; None (with a note) when this host
-    /// cannot (no `ip`, no CAP_NET_ADMIN, no /dev/net/tun).
-    pub fn create(tag: &str) -> Option<Self> {
+    /// Create namespace `skiff-<tag>-<pid>` with TAP `tap0` up; the reason when this host cannot
+    /// (no `ip`, no CAP_NET_ADMIN, no /dev/net/tun). Pass it to [`skip_or_fail`] with
+    /// `SKIFF_SKIP_NETNS`.
+    pub fn create(tag: &str) -> Result<Self, String> {
         let name = format!("skiff-{tag}-{}", std::process::id());
         let ns = Self {
             name,
@@ -352,23 +377,19 @@ impl NetNamespace {
             &["-n", &ns.name, "link", "set", &ns.tap, "up"],
         ];
         for args in steps {
-            let out = Command::new("ip").args(args).output();
-            match out {
+            match Command::new("ip").args(args).output() {
                 Ok(o) if o.status.success() => {}
                 Ok(o) => {
-                    eprintln!(
-                        "cannot set up network namespace (ip {args:?}): {}",
-                        String::from_utf8_lossy(&o.stderr)
-                    );
-                    return None;
+                    return Err(format!(
+                        "cannot set up a network namespace with a TAP (ip {}): {}",
+                        args.join(" "),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ))
                 }
-                Err(e) => {
-                    eprintln!("cannot run ip: {e}");
-                    return None;
-                }
+                Err(e) => return Err(format!("cannot run ip: {e}")),
             }
         }
-        Some(ns)
+        Ok(ns)
     }
 
     /// A command that runs `program` inside the namespace.
@@ -499,5 +520,14 @@ impl SkiffProcess {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[should_panic(expected = "set SKIFF_SKIP_SELFTEST_NEVER_SET=1 to skip this test")]
+    fn a_missing_prerequisite_fails_without_its_variable() {
+        super::skip_or_fail("SKIFF_SKIP_SELFTEST_NEVER_SET", "nothing is missing");
     }
 }

@@ -200,13 +200,23 @@ fn serial_file_in_missing_directory() {
 
 #[test]
 fn kvm_missing_is_explained() {
-    // Hide /dev/kvm in a private mount namespace (needs root and unshare; skipped otherwise).
+    // Hide /dev/kvm in a private mount namespace (needs root and unshare).
     let probe = std::process::Command::new("unshare")
         .args(["-m", "true"])
         .output();
-    if !matches!(probe, Ok(ref o) if o.status.success()) {
-        eprintln!("skipping: cannot create a mount namespace here");
-        return;
+    match probe {
+        Ok(ref o) if o.status.success() => {}
+        Ok(o) => {
+            let why = format!(
+                "cannot create a mount namespace (unshare -m: {})",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            return integration::skip_or_fail("SKIFF_SKIP_UNSHARE", &why);
+        }
+        Err(e) => {
+            let why = format!("cannot run unshare: {e}");
+            return integration::skip_or_fail("SKIFF_SKIP_UNSHARE", &why);
+        }
     }
     let script = format!("mount -t tmpfs none /dev && exec {}", skiff_bin().display());
     let run = run_command(

@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use integration::{
-    emulating_host, linux_cpu_workaround, run_command, run_skiff, skiff_bin, smoke_kernel_dir,
-    smoke_rootfs, temp_dir, NetNamespace, Run,
+    emulating_host, linux_cpu_workaround, run_command, run_skiff, skiff_bin, skip_or_fail,
+    smoke_kernel_dir, smoke_rootfs, temp_dir, NetNamespace, Run,
 };
 
 /// Linux takes ~2 minutes to reach init here (HOST.md); leave plenty of room.
@@ -18,11 +18,10 @@ const DEADLINE: Duration = Duration::from_secs(900);
 fn boot(image: &str) -> Option<Run> {
     let dir = match smoke_kernel_dir() {
         Ok(d) => d,
-        Err(e) if std::env::var_os("SKIFF_SKIP_LINUX").is_some() => {
-            eprintln!("skipping (SKIFF_SKIP_LINUX set): {e}");
+        Err(e) => {
+            skip_or_fail("SKIFF_SKIP_LINUX", &e);
             return None;
         }
-        Err(e) => panic!("{e} (set SKIFF_SKIP_LINUX=1 to skip the Linux smoke tests)"),
     };
     let kernel = dir.join(image);
     let initramfs = dir.join("initramfs.cpio");
@@ -91,20 +90,17 @@ fn linux_bzimage() {
 fn linux_root_on_virtio_blk_behind_iommu_with_net_console_rng() {
     let (dir, rootfs) = match (smoke_kernel_dir(), smoke_rootfs()) {
         (Ok(d), Ok(r)) => (d, r),
-        (Err(e), _) | (_, Err(e)) if std::env::var_os("SKIFF_SKIP_LINUX").is_some() => {
-            eprintln!("skipping (SKIFF_SKIP_LINUX set): {e}");
-            return;
-        }
-        (Err(e), _) | (_, Err(e)) => {
-            panic!("{e} (set SKIFF_SKIP_LINUX=1 to skip the Linux smoke tests)")
-        }
+        (Err(e), _) | (_, Err(e)) => return skip_or_fail("SKIFF_SKIP_LINUX", &e),
     };
     let tmp = temp_dir("linux-devices");
     // The guest mounts the root read-write: boot a copy.
     let root = tmp.join("root.ext4");
     std::fs::copy(&rootfs, &root).unwrap();
     let console = tmp.join("console.log");
-    let ns = NetNamespace::create("linux").expect("a network namespace with a TAP (needs root)");
+    let ns = match NetNamespace::create("linux") {
+        Ok(ns) => ns,
+        Err(why) => return skip_or_fail("SKIFF_SKIP_NETNS", &why),
+    };
     let cmdline = format!(
         "console=ttyS0 console=hvc0 root=/dev/vda rw rootfstype=ext4 init=/init panic=-1 {}",
         linux_cpu_workaround()

@@ -8,6 +8,7 @@
 mod boot;
 mod counter;
 mod demo;
+mod dirty;
 mod hostile;
 mod idle;
 mod intx;
@@ -19,6 +20,7 @@ mod platform;
 mod poweroff;
 mod reboot;
 pub mod report;
+mod serial_stream;
 mod virtio_blk;
 mod virtio_console;
 mod virtio_net;
@@ -120,6 +122,16 @@ pub static SCENARIOS: &[Scenario] = &[
         name: "hostile",
         about: "malformed descriptor chains against virtio-blk/rng; the device must keep serving",
         run: hostile::run,
+    },
+    Scenario {
+        name: "serial-stream",
+        about: "write numbered, checksummed lines to COM1 as fast as possible, forever (pause/snapshot serial tests)",
+        run: serial_stream::run,
+    },
+    Scenario {
+        name: "dirty",
+        about: "write known guest pages (and one virtio-blk read) in rounds driven by a mailbox the host writes (dirty-log tests)",
+        run: dirty::run,
     },
 ];
 
