@@ -454,9 +454,9 @@ fn map_area(
     };
     let page = 4096u64;
     if area.len == 0
-        || area.bar_offset % page != 0
-        || area.len % page != 0
-        || area.fd_offset % page != 0
+        || !area.bar_offset.is_multiple_of(page)
+        || !area.len.is_multiple_of(page)
+        || !area.fd_offset.is_multiple_of(page)
         || area
             .bar_offset
             .checked_add(area.len)

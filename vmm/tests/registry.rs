@@ -25,7 +25,7 @@ fn wait_for(path: &std::path::Path, needle: &str, timeout: Duration) -> String {
 /// Read config register `reg` of the host bridge (00:00.0) through the 0xCF8/0xCFC ports.
 fn host_bridge_reg(vm: &Vm, reg: u32) -> u32 {
     let (pio, _) = vm.buses();
-    pio.write(0xcf8, &(0x8000_0000u32 | reg * 4).to_le_bytes())
+    pio.write(0xcf8, &(0x8000_0000u32 | (reg * 4)).to_le_bytes())
         .unwrap();
     let mut b = [0u8; 4];
     pio.read(0xcfc, &mut b).unwrap();
@@ -34,7 +34,7 @@ fn host_bridge_reg(vm: &Vm, reg: u32) -> u32 {
 
 fn set_host_bridge_reg(vm: &Vm, reg: u32, value: u32) {
     let (pio, _) = vm.buses();
-    pio.write(0xcf8, &(0x8000_0000u32 | reg * 4).to_le_bytes())
+    pio.write(0xcf8, &(0x8000_0000u32 | (reg * 4)).to_le_bytes())
         .unwrap();
     pio.write(0xcfc, &value.to_le_bytes()).unwrap();
 }
