@@ -25,7 +25,7 @@ use devices::virtio::{
 use devices::GuestMemoryMmap;
 use event_manager::{EventOps, Events};
 use migration::codec::{StateReader, StateWriter};
-use migration::{Migratable, Pausable, Snapshottable, StateError, StateSection};
+use migration::{Snapshottable, StateError, StateSection};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -356,17 +356,7 @@ impl VirtioDevice for VirtioIommu {
     }
 }
 
-impl Pausable for VirtioIommu {
-    fn pause(&mut self) -> Result<(), StateError> {
-        self.worker.pause()
-    }
-
-    fn resume(&mut self) -> Result<(), StateError> {
-        self.worker.resume()
-    }
-}
-
-impl Migratable for VirtioIommu {}
+devices::worker_device_state!(VirtioIommu);
 
 impl Snapshottable for VirtioIommu {
     fn id(&self) -> String {

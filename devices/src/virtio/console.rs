@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
-use migration::{Migratable, Pausable, Snapshottable, StateError, StateSection};
+use migration::{Snapshottable, StateError, StateSection};
 use thiserror::Error;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
@@ -462,17 +462,7 @@ impl VirtioDevice for Console {
     }
 }
 
-impl Pausable for Console {
-    fn pause(&mut self) -> Result<(), StateError> {
-        self.worker.pause()
-    }
-
-    fn resume(&mut self) -> Result<(), StateError> {
-        self.worker.resume()
-    }
-}
-
-impl Migratable for Console {}
+crate::worker_device_state!(Console);
 
 impl Snapshottable for Console {
     fn id(&self) -> String {

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
-use migration::{Migratable, Pausable, Snapshottable, StateError, StateSection};
+use migration::{Snapshottable, StateError, StateSection};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -180,17 +180,7 @@ impl VirtioDevice for Rng {
     }
 }
 
-impl Pausable for Rng {
-    fn pause(&mut self) -> Result<(), StateError> {
-        self.worker.pause()
-    }
-
-    fn resume(&mut self) -> Result<(), StateError> {
-        self.worker.resume()
-    }
-}
-
-impl Migratable for Rng {}
+crate::worker_device_state!(Rng);
 
 impl Snapshottable for Rng {
     fn id(&self) -> String {

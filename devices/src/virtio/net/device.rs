@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use migration::{Migratable, Pausable, Snapshottable, StateError, StateSection};
+use migration::{Snapshottable, StateError, StateSection};
 use virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP;
 
 use super::event_handler::NetWorker;
@@ -251,17 +251,7 @@ impl VirtioDevice for Net {
     }
 }
 
-impl Pausable for Net {
-    fn pause(&mut self) -> Result<(), StateError> {
-        self.worker.pause()
-    }
-
-    fn resume(&mut self) -> Result<(), StateError> {
-        self.worker.resume()
-    }
-}
-
-impl Migratable for Net {}
+crate::worker_device_state!(Net);
 
 impl Snapshottable for Net {
     fn id(&self) -> String {
