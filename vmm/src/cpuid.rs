@@ -568,14 +568,8 @@ mod tests {
     #[test]
     fn with_kvm_supported_cpuid() {
         use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-        use kvm_ioctls::Kvm;
-
-        let kvm = match Kvm::new() {
-            Ok(kvm) => kvm,
-            Err(e) => {
-                eprintln!("skipping: /dev/kvm is not accessible ({e})");
-                return;
-            }
+        let Some(kvm) = crate::testing::require_kvm() else {
+            return;
         };
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
         let vm = kvm.create_vm().unwrap();

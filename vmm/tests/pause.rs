@@ -23,13 +23,7 @@ fn wait_for(path: &std::path::Path, needle: &str, timeout: Duration) -> String {
 
 #[test]
 fn pause_and_resume_all_vcpus() {
-    if std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("skipping: /dev/kvm is not accessible");
+    if vmm::testing::require_kvm().is_none() {
         return;
     }
     let dir = std::env::temp_dir().join(format!("skiff-pause-{}", std::process::id()));
