@@ -16,6 +16,7 @@ pub mod function;
 pub mod host_bridge;
 pub mod interrupt;
 pub mod msix;
+pub mod vfio;
 pub mod virtio_pci;
 
 pub use allocator::{AddressAllocator, AllocError, BarAllocator};

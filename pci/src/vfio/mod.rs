@@ -1,0 +1,9 @@
+//! PCI passthrough over VFIO: one passthrough PCI function ([`VfioBackend`] users) above three
+//! backends — vfio-user over a Unix socket, kernel VFIO container/group, kernel VFIO iommufd.
+
+pub mod backend;
+
+pub use backend::{
+    DeviceInfo, DmaBacking, DmaHandler, DmaProt, IrqInfo, RegionInfo, SparseArea, VfioBackend,
+    VfioError,
+};
