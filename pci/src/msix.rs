@@ -18,6 +18,8 @@
 use std::io;
 use std::sync::Arc;
 
+use vmm_sys_util::eventfd::EventFd;
+
 use devices::legacy::{LogLimiter, StateReader, StateWriter};
 use migration::StateError;
 
@@ -237,6 +239,25 @@ impl MsixConfig {
 
     fn deliverable(&self, v: usize) -> bool {
         self.enabled && !self.function_masked && !self.table[v].masked()
+    }
+
+    /// Whether vector `vector` would be delivered now (MSI-X enabled, function and vector
+    /// unmasked). A device that signals irqfds itself (passthrough) switches a vector's eventfd
+    /// when this changes.
+    pub fn is_deliverable(&self, vector: u16) -> bool {
+        usize::from(vector) < self.table.len() && self.deliverable(usize::from(vector))
+    }
+
+    /// The irqfd of vector `vector` (its GSI's route is kept current while it is deliverable).
+    pub fn vector_irqfd(&self, vector: u16) -> Option<&EventFd> {
+        self.vectors.get(usize::from(vector)).map(|v| &v.irqfd)
+    }
+
+    /// Make sure vector `vector`'s route is programmed (call when handing its irqfd to a device
+    /// that signals it directly).
+    pub fn ensure_route(&mut self, vector: u16) -> bool {
+        let v = usize::from(vector);
+        v < self.table.len() && self.sync_route(v)
     }
 
     fn log_bad(&mut self, what: std::fmt::Arguments<'_>) {

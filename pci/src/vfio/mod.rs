@@ -2,8 +2,10 @@
 //! backends — vfio-user over a Unix socket, kernel VFIO container/group, kernel VFIO iommufd.
 
 pub mod backend;
+pub mod device;
 
 pub use backend::{
     DeviceInfo, DmaBacking, DmaHandler, DmaProt, IrqInfo, RegionInfo, SparseArea, VfioBackend,
     VfioError,
 };
+pub use device::{VfioPciDevice, VfioPciError, VfioStats};
