@@ -124,6 +124,13 @@ pub struct VmConfig {
     /// virtio-rng, when present.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rng: Option<RngConfig>,
+    /// Devices emulated by vfio-user servers, passed through.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub user_devices: Vec<UserDeviceConfig>,
+    /// Host PCI devices passed through with kernel VFIO (`devices` in JSON, as in Cloud
+    /// Hypervisor).
+    #[serde(rename = "devices", skip_serializing_if = "Vec::is_empty")]
+    pub host_devices: Vec<HostDeviceConfig>,
 }
 
 /// A virtio-blk disk backed by a raw image file.
@@ -220,6 +227,90 @@ pub struct RngConfig {
     pub pci_address: Option<PciAddress>,
 }
 
+/// A PCI device emulated by a vfio-user server process, passed through to the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserDeviceConfig {
+    /// The server's Unix socket.
+    pub socket: PathBuf,
+    /// Device id (default `userdevN`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Put the device behind the virtual IOMMU.
+    #[serde(default)]
+    pub iommu: bool,
+    /// Peer-to-peer DMA with other passthrough devices (`p2p=off`: a DMA space with guest RAM
+    /// only; peers cannot reach it either).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub p2p: bool,
+    /// Where the device sits on the PCI bus (filled in by the VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_address: Option<PciAddress>,
+}
+
+/// How a host PCI device's IOMMU group is treated when some members are not bound to vfio-pci.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupPolicy {
+    /// Refuse, naming the devices in the way (the default).
+    #[default]
+    Own,
+    /// With `managed=on`: bind every member not already safe to vfio-pci too (restored on exit).
+    Take,
+}
+
+/// Which kernel VFIO interface a host device is opened through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VfioKernelBackend {
+    /// The legacy container/group interface (`/dev/vfio/vfio` + `/dev/vfio/N`).
+    #[default]
+    Group,
+    /// iommufd (`/dev/iommu` + `/dev/vfio/devices/vfioN`).
+    Iommufd,
+}
+
+/// A host PCI device passed through with kernel VFIO.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostDeviceConfig {
+    /// The device in sysfs (`/sys/bus/pci/devices/0000:01:00.0`) or its address.
+    pub path: PathBuf,
+    /// Device id (default `hostdevN`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Put the device behind the virtual IOMMU.
+    #[serde(default)]
+    pub iommu: bool,
+    /// Peer-to-peer DMA with other passthrough devices (see [`UserDeviceConfig::p2p`]).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub p2p: bool,
+    /// skiff binds the device to vfio-pci itself and gives it back to its driver on exit.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub managed: bool,
+    /// What to do with group members that are not bound to vfio-pci.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub group: GroupPolicy,
+    /// Kernel interface.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub backend: VfioKernelBackend,
+    /// Where the device sits on the PCI bus (filled in by the VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_address: Option<PciAddress>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(v: &bool) -> bool {
+    *v
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
 impl Default for CpusConfig {
     fn default() -> Self {
         Self {
@@ -276,6 +367,8 @@ impl Default for VmConfig {
             console_iommu: false,
             console_pci_address: None,
             rng: None,
+            user_devices: Vec::new(),
+            host_devices: Vec::new(),
         }
     }
 }
@@ -335,6 +428,7 @@ impl VmConfig {
             ));
         }
         self.validate_pci_addresses()?;
+        self.validate_passthrough()?;
         let mut seen = std::collections::BTreeSet::new();
         for id in self.device_ids() {
             if id.is_empty()
@@ -377,6 +471,10 @@ pub enum DeviceKind {
     Console,
     /// `rng`: virtio-rng.
     Rng,
+    /// `user_devices[index]`: a vfio-user device.
+    UserDevice,
+    /// `devices[index]`: a host device through kernel VFIO.
+    HostDevice,
 }
 
 /// One configured device as the VMM builds it: kind, index in its field, id (defaults filled
@@ -443,6 +541,14 @@ impl VmConfig {
             let id = r.id.clone().unwrap_or_else(|| "rng0".into());
             push(DeviceKind::Rng, 0, id, r.iommu, r.pci_address);
         }
+        for (i, u) in self.user_devices.iter().enumerate() {
+            let id = u.id.clone().unwrap_or_else(|| format!("userdev{i}"));
+            push(DeviceKind::UserDevice, i, id, u.iommu, u.pci_address);
+        }
+        for (i, h) in self.host_devices.iter().enumerate() {
+            let id = h.id.clone().unwrap_or_else(|| format!("hostdev{i}"));
+            push(DeviceKind::HostDevice, i, id, h.iommu, h.pci_address);
+        }
         out
     }
 
@@ -453,10 +559,56 @@ impl VmConfig {
             DeviceKind::Net => self.nets.get_mut(index).map(|n| &mut n.pci_address),
             DeviceKind::Console => Some(&mut self.console_pci_address),
             DeviceKind::Rng => self.rng.as_mut().map(|r| &mut r.pci_address),
+            DeviceKind::UserDevice => self.user_devices.get_mut(index).map(|u| &mut u.pci_address),
+            DeviceKind::HostDevice => self.host_devices.get_mut(index).map(|h| &mut h.pci_address),
         };
         if let Some(slot) = slot {
             *slot = Some(addr);
         }
+    }
+
+    /// Checks on passthrough devices: each socket and host device used once, `group=take` only
+    /// with `managed=on`.
+    fn validate_passthrough(&self) -> Result<(), ConfigError> {
+        let mut sockets = std::collections::BTreeSet::new();
+        for u in &self.user_devices {
+            if u.socket.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid(
+                    "--user-device: socket= is empty".into(),
+                ));
+            }
+            if !sockets.insert(&u.socket) {
+                return Err(ConfigError::Invalid(format!(
+                    "--user-device: socket {} is given twice (one server serves one device)",
+                    u.socket.display()
+                )));
+            }
+        }
+        let mut paths = std::collections::BTreeSet::new();
+        for h in &self.host_devices {
+            let name = h
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            if name.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "--device path={}: not a PCI device path",
+                    h.path.display()
+                )));
+            }
+            if !paths.insert(name.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "--device: {name} is given twice"
+                )));
+            }
+            if h.group == GroupPolicy::Take && !h.managed {
+                return Err(ConfigError::Invalid(format!(
+                    "--device {name}: group=take needs managed=on (skiff can only take over the group's devices when it binds them itself)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Checks on the recorded PCI addresses: each used once, and not the virtio-iommu's.
@@ -744,6 +896,88 @@ pub fn parse_rng(s: &str) -> Result<RngConfig, ConfigError> {
     })
 }
 
+/// Parse `--user-device socket=PATH[,id=NAME][,iommu=on][,p2p=off][,pci_address=ADDR]`.
+pub fn parse_user_device(s: &str) -> Result<UserDeviceConfig, ConfigError> {
+    let o = parse_options(
+        "user-device",
+        s,
+        &["socket", "id", "iommu", "p2p", "pci_address"],
+    )?;
+    let socket = o
+        .get("socket")
+        .filter(|p| !p.is_empty())
+        .ok_or(ConfigError::Parse {
+            option: "user-device",
+            reason: "missing socket=PATH".into(),
+        })?;
+    let flag = |key: &str, default: bool| -> Result<bool, ConfigError> {
+        o.get(key)
+            .map(|v| on_off("user-device", key, v))
+            .transpose()
+            .map(|v| v.unwrap_or(default))
+    };
+    Ok(UserDeviceConfig {
+        socket: PathBuf::from(socket),
+        id: o.get("id").cloned(),
+        iommu: flag("iommu", false)?,
+        p2p: flag("p2p", true)?,
+        pci_address: pci_address_option("user-device", &o)?,
+    })
+}
+
+/// Parse `--device path=SYSFS_PATH[,id=NAME][,iommu=on][,p2p=off][,managed=on][,group=take]
+/// [,backend=group|iommufd][,pci_address=ADDR]`.
+pub fn parse_host_device(s: &str) -> Result<HostDeviceConfig, ConfigError> {
+    let o = parse_options(
+        "device",
+        s,
+        &[
+            "path",
+            "id",
+            "iommu",
+            "p2p",
+            "managed",
+            "group",
+            "backend",
+            "pci_address",
+        ],
+    )?;
+    let err = |reason: String| ConfigError::Parse {
+        option: "device",
+        reason,
+    };
+    let path = o
+        .get("path")
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| err("missing path=/sys/bus/pci/devices/DDDD:BB:SS.F".into()))?;
+    let flag = |key: &str, default: bool| -> Result<bool, ConfigError> {
+        o.get(key)
+            .map(|v| on_off("device", key, v))
+            .transpose()
+            .map(|v| v.unwrap_or(default))
+    };
+    let group = match o.get("group").map(String::as_str) {
+        None | Some("own") => GroupPolicy::Own,
+        Some("take") => GroupPolicy::Take,
+        Some(v) => return Err(err(format!("group={v:?}: expected take"))),
+    };
+    let backend = match o.get("backend").map(String::as_str) {
+        None | Some("group") => VfioKernelBackend::Group,
+        Some("iommufd") => VfioKernelBackend::Iommufd,
+        Some(v) => return Err(err(format!("backend={v:?}: expected group or iommufd"))),
+    };
+    Ok(HostDeviceConfig {
+        path: PathBuf::from(path),
+        id: o.get("id").cloned(),
+        iommu: flag("iommu", false)?,
+        p2p: flag("p2p", true)?,
+        managed: flag("managed", false)?,
+        group,
+        backend,
+        pci_address: pci_address_option("device", &o)?,
+    })
+}
+
 /// The optional `pci_address=0000:00:DD.0` of a device option.
 fn pci_address_option(
     option: &'static str,
@@ -900,6 +1134,47 @@ mod tests {
         );
         assert!(parse_disk("path=x,pci_address=0000:00:00.0").is_err());
         assert!(parse_rng("pci_address=00:1f.0").unwrap().pci_address == at(31));
+        // Passthrough devices: defaults, ids, one server per socket, group=take needs managed.
+        let u = parse_user_device("socket=/run/a.sock,iommu=on").unwrap();
+        assert!(u.p2p && u.iommu && u.id.is_none());
+        assert!(!parse_user_device("socket=/run/a.sock,p2p=off").unwrap().p2p);
+        assert!(parse_user_device("id=x").is_err());
+        assert!(parse_user_device("socket=/run/a.sock,bogus=1").is_err());
+        c.user_devices = vec![u.clone(), parse_user_device("socket=/run/b.sock").unwrap()];
+        assert!(c.validate().is_ok());
+        assert_eq!(c.device_ids()[2..], ["userdev0", "userdev1"]);
+        c.user_devices[1].socket = "/run/a.sock".into();
+        assert!(c.validate().unwrap_err().to_string().contains("twice"));
+        c.user_devices.clear();
+        let h = parse_host_device(
+            "path=/sys/bus/pci/devices/0000:01:00.0,managed=on,group=take,backend=iommufd",
+        )
+        .unwrap();
+        assert_eq!(
+            (h.managed, h.group, h.backend),
+            (true, GroupPolicy::Take, VfioKernelBackend::Iommufd)
+        );
+        assert!(parse_host_device("path=/x,group=all").is_err());
+        assert!(parse_host_device("path=/x,backend=legacy").is_err());
+        c.host_devices =
+            vec![parse_host_device("path=/sys/bus/pci/devices/0000:01:00.0,group=take").unwrap()];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("group=take needs managed=on"), "{e}");
+        c.host_devices = vec![h.clone(), h];
+        assert!(c.validate().unwrap_err().to_string().contains("twice"));
+        c.host_devices.clear();
+        // JSON: host devices are `devices`, p2p defaults to on and is left out when on.
+        let json: VmConfig = serde_json::from_str(
+            r#"{"devices": [{"path": "/sys/bus/pci/devices/0000:01:00.0", "p2p": false}],
+                "user_devices": [{"socket": "/run/a.sock"}]}"#,
+        )
+        .unwrap();
+        assert!(!json.host_devices[0].p2p && json.user_devices[0].p2p);
+        let back = serde_json::to_string(&json).unwrap();
+        assert!(
+            back.contains("\"p2p\":false") && !back.contains("\"p2p\":true"),
+            "{back}"
+        );
         c.disks = vec![disk(Some("a")), disk(Some("a"))];
         assert!(c.validate().unwrap_err().to_string().contains("used twice"));
         c.disks = vec![disk(Some("disk1")), disk(None)];

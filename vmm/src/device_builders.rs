@@ -20,7 +20,10 @@ use crate::config::{
 };
 use crate::interrupts::KvmInterruptManager;
 use crate::memory::GuestMemoryMmap;
+use crate::passthrough::{DmaContext, PassthroughDma, Peer};
 use crate::pci_devices::intx_gsi;
+use iommu::Translator;
+use pci::vfio::{VfioBackend, VfioPciDevice};
 
 pub use crate::config::IOMMU_DEVICE_ID;
 
@@ -113,6 +116,11 @@ impl PciPlan {
 
 /// What a builder gets besides the configuration.
 pub struct BuildContext<'a> {
+    /// The guest physical address space for passthrough DMA.
+    pub dma: &'a DmaContext,
+    /// The virtual IOMMU's state, when the VM has one (passthrough devices behind it follow its
+    /// mappings).
+    pub iommu: Option<Translator>,
     /// Guest memory.
     pub mem: &'a GuestMemoryMmap,
     /// MSI-X vectors and INTx lines.
@@ -138,6 +146,7 @@ pub static BUILDERS: &[(DeviceKind, BuildFn)] = &[
     (DeviceKind::Net, build_net),
     (DeviceKind::Console, build_console),
     (DeviceKind::Rng, build_rng),
+    (DeviceKind::UserDevice, build_user_device),
 ];
 
 /// Build the function of `device` with the builder of its kind.
@@ -171,14 +180,19 @@ pub fn virtio_function(
     if let Some(access) = &ctx.access {
         dev.set_access_platform(access.clone());
     }
-    dev.set_error_hook(Arc::new(|id: &str, reason: &str| {
+    dev.set_error_hook(device_error_hook());
+    Ok(Arc::new(Mutex::new(dev)))
+}
+
+/// Turns a device's failure into a `device-error` event.
+fn device_error_hook() -> devices::virtio::ErrorHook {
+    Arc::new(|id: &str, reason: &str| {
         crate::events::emit(
             "device",
             "device-error",
             serde_json::json!({ "id": id, "reason": reason }),
         );
-    }));
-    Ok(Arc::new(Mutex::new(dev)))
+    })
 }
 
 fn build_disk(
@@ -256,6 +270,66 @@ fn build_rng(
         iommu: d.iommu,
     });
     virtio_function("--rng", Box::new(rng), ctx)
+}
+
+fn build_user_device(
+    config: &VmConfig,
+    d: &ConfiguredDevice,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<Mutex<dyn PciFunction>>, DeviceCreateError> {
+    let u = &config.user_devices[d.index];
+    let backend = pci::vfio::user::VfioUserBackend::connect(&u.socket)
+        .map_err(|e| DeviceCreateError::new("--user-device", &d.id, e))?;
+    passthrough_function("--user-device", Arc::new(backend), u.p2p, d, ctx)
+}
+
+/// A passthrough function over `backend`: the PCI function, its DMA space (identity, or
+/// following the virtual IOMMU) and its place among the VM's peers.
+pub fn passthrough_function(
+    what: &'static str,
+    backend: Arc<dyn VfioBackend>,
+    p2p: bool,
+    d: &ConfiguredDevice,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<Mutex<dyn PciFunction>>, DeviceCreateError> {
+    let slot = ctx.address.slot();
+    let mut dev = VfioPciDevice::new(
+        &d.id,
+        backend.clone(),
+        ctx.interrupts.clone(),
+        Some((1, intx_gsi(slot, 0))),
+    )
+    .map_err(|e| DeviceCreateError::new(what, &d.id, e))?;
+    let dma = Arc::new(PassthroughDma::new(
+        &d.id,
+        slot,
+        p2p,
+        d.iommu,
+        backend.clone(),
+        ctx.dma.clone(),
+        dev.stats(),
+    ));
+    dev.set_dma_handler(dma.clone());
+    dev.set_error_hook(device_error_hook());
+    match (&ctx.iommu, d.iommu) {
+        (Some(translator), true) => translator
+            .write()
+            .register_listener(ctx.address.requester_id(), dma)
+            .map_err(|e| DeviceCreateError::new(what, &d.id, e))?,
+        _ => dma
+            .map_identity()
+            .map_err(|e| DeviceCreateError::new(what, &d.id, e))?,
+    }
+    ctx.dma
+        .peers
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Peer {
+            slot,
+            backend,
+            p2p_off: !p2p,
+        });
+    Ok(Arc::new(Mutex::new(dev)))
 }
 
 #[cfg(test)]

@@ -69,6 +69,14 @@ struct Cli {
     /// Add a virtio-rng device fed from the host's getrandom; options: [id=NAME][,iommu=on].
     #[arg(long, value_name = "id=NAME,iommu=on", num_args = 0..=1, default_missing_value = "")]
     rng: Option<String>,
+    /// A device emulated by a vfio-user server, passed through:
+    /// socket=PATH[,id=NAME][,iommu=on][,p2p=off] (repeatable).
+    #[arg(long, value_name = "socket=PATH,...")]
+    user_device: Vec<String>,
+    /// A host PCI device passed through with kernel VFIO: path=/sys/bus/pci/devices/DDDD:BB:SS.F
+    /// [,id=NAME][,iommu=on][,p2p=off][,managed=on][,group=take][,backend=group|iommufd] (repeatable).
+    #[arg(long, value_name = "path=SYSFS_PATH,...")]
+    device: Vec<String>,
     /// JSON file of CPUID masks applied on top of the CPUID KVM supports (a common CPU baseline).
     #[arg(long, value_name = "PATH")]
     cpu_template: Option<PathBuf>,
@@ -101,6 +109,8 @@ impl Cli {
             || !self.net.is_empty()
             || self.console.is_some()
             || self.rng.is_some()
+            || !self.user_device.is_empty()
+            || !self.device.is_empty()
             || self.cpu_template.is_some()
     }
 
@@ -126,6 +136,12 @@ impl Cli {
         }
         if let Some(s) = &self.rng {
             c.rng = Some(config::parse_rng(s)?);
+        }
+        for u in &self.user_device {
+            c.user_devices.push(config::parse_user_device(u)?);
+        }
+        for d in &self.device {
+            c.host_devices.push(config::parse_host_device(d)?);
         }
         c.payload.kernel = self.kernel;
         c.payload.initramfs = self.initramfs;

@@ -128,6 +128,25 @@ struct Entry {
     bars: Vec<BarRegistration>,
 }
 
+/// Where a BAR decodes now, readable without locking any device (the passthrough DMA path
+/// routes peer-to-peer accesses with it from a device's DMA thread).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BarWindow {
+    /// Guest physical start.
+    pub start: u64,
+    /// Length.
+    pub len: u64,
+    /// Slot of the function.
+    pub slot: u8,
+    /// BAR index.
+    pub index: usize,
+    /// I/O space rather than memory.
+    pub io: bool,
+}
+
+/// The BAR windows of every function, kept current across guest BAR moves.
+pub type BarWindows = Arc<std::sync::RwLock<Vec<BarWindow>>>;
+
 /// KVM memory slot numbers for mapped BAR areas (RAM uses the ones below `first`).
 struct SlotNumbers {
     next: u32,
@@ -141,6 +160,7 @@ struct Shared {
     pio_bus: Arc<Bus>,
     entries: Mutex<Vec<Entry>>,
     slots: Mutex<SlotNumbers>,
+    windows: BarWindows,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -181,6 +201,21 @@ impl Shared {
         // are unique (SlotNumbers) and the guest range lies inside the function's BAR, which the
         // allocator keeps apart from RAM and other BARs.
         unsafe { self.vm_fd.set_user_memory_region(r) }
+    }
+
+    /// Record (or, with `base` None, forget) where BAR `index` of `slot` decodes.
+    fn set_window(&self, slot: u8, bar: &BarRegistration, base: Option<u64>) {
+        let mut w = self.windows.write().unwrap_or_else(|e| e.into_inner());
+        w.retain(|x| !(x.slot == slot && x.index == bar.index));
+        if let Some(start) = base {
+            w.push(BarWindow {
+                start,
+                len: bar.size,
+                slot,
+                index: bar.index,
+                io: bar.kind == BarKind::Io,
+            });
+        }
     }
 
     /// Put a BAR at `base`: the trapped range on its bus, each mapped area in its KVM slot, the
@@ -273,6 +308,7 @@ impl Shared {
         };
         if let Some(old) = bar.registered.take() {
             self.unregister_bar(&entry.id, &entry.device, bar, old, bar.mapped.len());
+            self.set_window(slot, bar, None);
         }
         // Address 0 is how guests park a BAR they are not using.
         if m.new_addr == 0 {
@@ -287,6 +323,7 @@ impl Shared {
             return;
         }
         bar.registered = Some(m.new_addr);
+        self.set_window(slot, bar, Some(m.new_addr));
         log::info!(
             "{}: BAR {} moved from {:#x} to {:#x}",
             entry.id,
@@ -328,6 +365,7 @@ impl PciDevices {
                 next: first_kvm_slot,
                 free: Vec::new(),
             }),
+            windows: Arc::new(std::sync::RwLock::new(Vec::new())),
         });
         let handler_shared = shared.clone();
         lock(&pci_bus)
@@ -391,6 +429,9 @@ impl PciDevices {
                 .map(|b| (b.index, b.registered.unwrap_or(0), b.size))
                 .collect(),
         };
+        for b in &bars {
+            self.shared.set_window(slot, b, b.registered);
+        }
         log::info!("{id}: {kind} at {address}, BARs {:x?}", info.bars);
         self.shared.entries().push(Entry {
             id: id.to_string(),
@@ -529,6 +570,11 @@ impl PciDevices {
             .iter()
             .map(|e| (e.id.clone(), e.kind, e.slot, e.device.clone()))
             .collect()
+    }
+
+    /// Where every BAR decodes now (kept current across guest BAR moves).
+    pub fn bar_windows(&self) -> BarWindows {
+        self.shared.windows.clone()
     }
 
     /// `(KVM slot, guest address, length)` of every mapped BAR area that decodes now.

@@ -39,6 +39,7 @@ use crate::kvm_components::{KvmVmPart, VcpuComponent};
 use crate::layout::*;
 use crate::legacy_devices::create_legacy_devices;
 use crate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
+use crate::passthrough::DmaContext;
 use crate::pci_devices::{PciDevices, PciDevicesError};
 use crate::registry::{Registry, RegistryError};
 use crate::vcpu::{self, Vcpu, VcpuControl, VcpuError};
@@ -421,18 +422,30 @@ fn plug_pci_functions(
     config: &VmConfig,
     plan: &PciPlan,
     pci_devices: &mut PciDevices,
-    mem: &GuestMemoryMmap,
+    (mem, mmio): (&GuestMemoryMmap, &Arc<Bus>),
     origin: Origin,
     registry: &mut Registry,
 ) -> Result<VmConfig> {
     let interrupts = pci_devices.interrupt_manager();
+    let dma = DmaContext {
+        mem: mem.clone(),
+        mmio: mmio.clone(),
+        windows: pci_devices.bar_windows(),
+        pci_windows: vec![
+            (PCI_MMIO32_START, PCI_MMIO32_SIZE),
+            (pci_mmio64_start(config.memory.size), PCI_MMIO64_SIZE),
+        ],
+        peers: Default::default(),
+    };
     let mut plug = |id: &str, addr: PciAddress, f: Arc<Mutex<dyn PciFunction>>| -> Result<()> {
         let kind = f.lock().unwrap_or_else(|e| e.into_inner()).kind();
         pci_devices.add(id, addr, f.clone())?;
         registry.register(id, kind, Some(addr), f)?;
         Ok(())
     };
-    let ctx = |address, access| BuildContext {
+    let ctx = |address, access, iommu| BuildContext {
+        dma: &dma,
+        iommu,
         mem,
         interrupts: interrupts.clone(),
         address,
@@ -454,7 +467,7 @@ fn plug_pci_functions(
                 source,
             })?;
         iommu = Some((dev.translator(), dev.fault_reporter()));
-        let f = device_builders::virtio_function("iommu", Box::new(dev), &ctx(addr, None))?;
+        let f = device_builders::virtio_function("iommu", Box::new(dev), &ctx(addr, None, None))?;
         plug(IOMMU_DEVICE_ID, addr, f)?;
         log::info!("{IOMMU_DEVICE_ID}: virtio-iommu at {addr} for endpoint(s) {endpoints:x?}");
     }
@@ -468,7 +481,8 @@ fn plug_pci_functions(
             )) as Arc<dyn AccessPlatform>),
             _ => None,
         };
-        let f = device_builders::build(config, device, &ctx(*addr, access))?;
+        let translator = iommu.as_ref().map(|(t, _)| t.clone());
+        let f = device_builders::build(config, device, &ctx(*addr, access, translator))?;
         plug(&device.id, *addr, f)?;
         resolved.set_pci_address(device.kind, device.index, *addr);
     }
@@ -564,7 +578,7 @@ impl Vm {
             &config,
             &plan,
             &mut pci_devices,
-            &mem,
+            (&mem, &mmio),
             origin,
             &mut registry,
         )?;
@@ -767,8 +781,10 @@ impl Vm {
             let path = dir.join(name).display().to_string();
             move |source| VmError::SnapshotIo { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(io(""))?;
+        // Collect the state first: a component that cannot be saved (a passthrough device)
+        // refuses before anything is written.
         let sections = self.registry.snapshot_all()?;
+        std::fs::create_dir_all(dir).map_err(io(""))?;
         let config =
             serde_json::to_vec_pretty(&self.config).map_err(|source| VmError::SnapshotConfig {
                 path: dir.join(CONFIG).display().to_string(),

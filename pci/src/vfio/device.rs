@@ -135,8 +135,31 @@ pub struct VfioPciDevice {
     intx_on_device: bool,
     pending_bar_move: Option<BarMove>,
     failed: Arc<AtomicBool>,
+    error_hook: Arc<std::sync::Mutex<Option<devices::virtio::ErrorHook>>>,
     stats: Arc<VfioStats>,
     bad_access: LogLimiter,
+    /// The DMA server of this device (the backend holds it weakly, so the two do not keep each
+    /// other alive).
+    dma: Option<Arc<dyn DmaHandler>>,
+}
+
+/// Gives a backend a handler without owning it.
+struct WeakDmaHandler(std::sync::Weak<dyn DmaHandler>);
+
+impl DmaHandler for WeakDmaHandler {
+    fn dma_read(&self, addr: u64, data: &mut [u8]) -> std::io::Result<()> {
+        match self.0.upgrade() {
+            Some(h) => h.dma_read(addr, data),
+            None => Err(std::io::Error::from(std::io::ErrorKind::NotConnected)),
+        }
+    }
+
+    fn dma_write(&self, addr: u64, data: &[u8]) -> std::io::Result<()> {
+        match self.0.upgrade() {
+            Some(h) => h.dma_write(addr, data),
+            None => Err(std::io::Error::from(std::io::ErrorKind::NotConnected)),
+        }
+    }
 }
 
 fn le16(b: &[u8], at: usize) -> u16 {
@@ -268,14 +291,21 @@ impl VfioPciDevice {
             intx_on_device: false,
             pending_bar_move: None,
             failed: Arc::new(AtomicBool::new(false)),
+            error_hook: Default::default(),
             stats: Arc::new(VfioStats::default()),
             bad_access: LogLimiter::new(),
+            dma: None,
         };
         let failed = dev.failed.clone();
+        let error_hook = dev.error_hook.clone();
         let hook_id = dev.id.clone();
         dev.backend.set_failure_hook(Arc::new(move |reason: &str| {
             if !failed.swap(true, Ordering::SeqCst) {
                 log::error!("{hook_id}: the device is gone ({reason}); it reads as all-ones");
+                let hook = error_hook.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if let Some(hook) = hook {
+                    hook(&hook_id, &format!("the device is gone: {reason}"));
+                }
             }
         }));
         dev.enable_intx().map_err(be)?;
@@ -428,6 +458,18 @@ impl VfioPciDevice {
             direct: vec![false; usize::from(vectors)],
             on_device: false,
         })
+    }
+
+    /// Report the device's failure (its backend died) to `hook` as `(id, reason)`.
+    pub fn set_error_hook(&mut self, hook: devices::virtio::ErrorHook) {
+        *self.error_hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Serve the DMA the device cannot do itself with `handler` (kept alive by this function).
+    pub fn set_dma_handler(&mut self, handler: Arc<dyn DmaHandler>) {
+        self.backend
+            .set_dma_handler(Arc::new(WeakDmaHandler(Arc::downgrade(&handler))));
+        self.dma = Some(handler);
     }
 
     /// The counters the VMM's DMA handler adds to.

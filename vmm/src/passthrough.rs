@@ -1,0 +1,348 @@
+//! The DMA side of passthrough devices: what each device's DMA space holds, and how the VMM
+//! serves the DMA a device cannot do by itself.
+//!
+//! A device's DMA space (without the virtual IOMMU, or while its endpoint bypasses it) maps
+//! guest RAM at its guest physical addresses, backed by the guest-RAM memfd, so the device (a
+//! vfio-user server, or the host IOMMU for kernel VFIO) reaches RAM directly. Unless the device
+//! is `p2p=off`, the PCI MMIO windows are mapped too, without memory behind them: a vfio-user
+//! server's DMA there comes back as DMA_READ/DMA_WRITE, which [`PassthroughDma`] serves through
+//! the guest physical address space — a peer passthrough device's BAR (forwarded to that
+//! device as a region access), or any other device's BAR on the MMIO bus. That is peer-to-peer
+//! DMA over vfio-user. A `p2p=off` device's DMA space has RAM only, and DMA from a peer into its
+//! BARs is refused: it can neither reach nor be reached by a peer (the two-domain scheme device
+//! migration relies on).
+//!
+//! Behind the virtual IOMMU (`iommu=on`), the DMA space follows the guest's MAP/UNMAP requests
+//! for the device's endpoint exactly ([`ExternalMappingListener`]): a mapping of RAM is mapped
+//! with memory behind it, a mapping of anything else (a peer's BAR) without, and is served
+//! here by translating the IOVA with the mappings recorded by the listener (not by locking the
+//! IOMMU: the listener runs under the IOMMU's lock while it waits for the device, and the
+//! device may be waiting for a DMA served here).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use devices::Bus;
+use iommu::ExternalMappingListener;
+use pci::vfio::{DmaBacking, DmaHandler, DmaProt, VfioBackend, VfioError, VfioStats};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::memory::GuestMemoryMmap;
+use crate::pci_devices::BarWindows;
+
+/// A passthrough device the DMA of others may target: its slot, its backend (peer-to-peer
+/// writes are forwarded to it as region accesses, never through its lock) and whether it is
+/// `p2p=off`.
+#[derive(Clone)]
+pub struct Peer {
+    /// PCI slot.
+    pub slot: u8,
+    /// Its backend.
+    pub backend: Arc<dyn VfioBackend>,
+    /// `p2p=off`: peers may not reach it.
+    pub p2p_off: bool,
+}
+
+/// Every passthrough device of the VM, shared by their DMA handlers.
+pub type Peers = Arc<RwLock<Vec<Peer>>>;
+
+/// The guest physical address space as passthrough DMA sees it.
+#[derive(Clone)]
+pub struct DmaContext {
+    /// Guest RAM.
+    pub mem: GuestMemoryMmap,
+    /// The MMIO bus (other devices' BARs).
+    pub mmio: Arc<Bus>,
+    /// Where every BAR decodes now.
+    pub windows: BarWindows,
+    /// The PCI MMIO windows `(start, len)` mapped for peer-to-peer DMA.
+    pub pci_windows: Vec<(u64, u64)>,
+    /// Every passthrough device.
+    pub peers: Peers,
+}
+
+/// One device's DMA space and the server of its trapped DMA.
+pub struct PassthroughDma {
+    id: String,
+    slot: u8,
+    p2p: bool,
+    backend: Arc<dyn VfioBackend>,
+    ctx: DmaContext,
+    stats: Arc<VfioStats>,
+    /// Behind the IOMMU and not bypassing: IOVA → (size, guest physical address), for the
+    /// mappings without memory behind them.
+    iova: RwLock<BTreeMap<u64, (u64, u64)>>,
+    translated: AtomicBool,
+    /// The ranges mapped now, to undo on bypass changes.
+    mapped: RwLock<Vec<(u64, u64)>>,
+}
+
+fn rw() -> DmaProt {
+    DmaProt {
+        read: true,
+        write: true,
+    }
+}
+
+fn fault(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, what.to_string())
+}
+
+impl PassthroughDma {
+    /// The DMA space of device `id` in `slot`; `p2p` false for `p2p=off`; `translated` when it
+    /// sits behind the virtual IOMMU (its space then starts empty and follows the guest).
+    pub fn new(
+        id: &str,
+        slot: u8,
+        p2p: bool,
+        translated: bool,
+        backend: Arc<dyn VfioBackend>,
+        ctx: DmaContext,
+        stats: Arc<VfioStats>,
+    ) -> Self {
+        Self {
+            id: id.to_string(),
+            slot,
+            p2p,
+            backend,
+            ctx,
+            stats,
+            iova: RwLock::new(BTreeMap::new()),
+            translated: AtomicBool::new(translated),
+            mapped: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Map RAM at its guest physical addresses and, unless `p2p=off`, the PCI windows without
+    /// memory (identity DMA space).
+    pub fn map_identity(&self) -> Result<(), VfioError> {
+        for region in self.ctx.mem.iter() {
+            let gpa = region.start_addr().0;
+            self.map_ram(gpa, gpa, region.len())?;
+        }
+        if self.p2p {
+            for &(start, len) in &self.ctx.pci_windows {
+                self.backend
+                    .dma_map(start, len, DmaBacking::Trapped, rw())?;
+                self.record(start, len);
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&self, iova: u64, len: u64) {
+        self.mapped
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((iova, len));
+    }
+
+    /// Map `len` bytes of guest RAM at `gpa` at `iova`, with the memfd behind it (split at
+    /// region boundaries).
+    fn map_ram(&self, iova: u64, gpa: u64, len: u64) -> Result<(), VfioError> {
+        let mut done = 0;
+        while done < len {
+            let at = gpa + done;
+            let region =
+                self.ctx
+                    .mem
+                    .find_region(GuestAddress(at))
+                    .ok_or_else(|| VfioError::Invalid {
+                        what: "DMA map",
+                        reason: format!("{at:#x} is not guest RAM"),
+                    })?;
+            let within = at - region.start_addr().0;
+            let n = (region.len() - within).min(len - done);
+            let file = region.file_offset().ok_or_else(|| VfioError::Invalid {
+                what: "DMA map",
+                reason: "guest RAM is not file-backed".into(),
+            })?;
+            let host = region.as_ptr() as u64 + within;
+            self.backend.dma_map(
+                iova + done,
+                n,
+                DmaBacking::Memory {
+                    fd: file.file().as_fd(),
+                    offset: file.start() + within,
+                    host_addr: host,
+                },
+                rw(),
+            )?;
+            self.record(iova + done, n);
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn unmap_all(&self) -> io::Result<()> {
+        let ranges = std::mem::take(&mut *self.mapped.write().unwrap_or_else(|e| e.into_inner()));
+        self.iova.write().unwrap_or_else(|e| e.into_inner()).clear();
+        for (iova, len) in ranges {
+            self.backend
+                .dma_unmap(iova, len)
+                .map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+        let end = gpa.saturating_add(len);
+        self.ctx.mem.iter().any(|r| {
+            let s = r.start_addr().0;
+            gpa >= s && end <= s + r.len()
+        })
+    }
+
+    /// The guest physical address of `len` bytes at device address `addr`.
+    fn to_gpa(&self, addr: u64, len: u64) -> io::Result<u64> {
+        if !self.translated.load(Ordering::SeqCst) {
+            return Ok(addr);
+        }
+        let map = self.iova.read().unwrap_or_else(|e| e.into_inner());
+        let (&iova, &(size, phys)) = map
+            .range(..=addr)
+            .next_back()
+            .ok_or_else(|| fault("IOVA not mapped"))?;
+        if addr.saturating_add(len) > iova + size {
+            return Err(fault("IOVA range not mapped"));
+        }
+        Ok(phys + (addr - iova))
+    }
+
+    /// Route an access of `len` bytes at guest physical `gpa`: RAM, a peer passthrough device's
+    /// BAR (its backend, region offset), or the MMIO bus.
+    fn route(&self, gpa: u64, len: u64) -> io::Result<Target> {
+        if self.is_ram(gpa, len) {
+            return Ok(Target::Ram);
+        }
+        let windows = self.ctx.windows.read().unwrap_or_else(|e| e.into_inner());
+        let w = windows
+            .iter()
+            .find(|w| !w.io && gpa >= w.start && gpa.saturating_add(len) <= w.start + w.len)
+            .copied()
+            .ok_or_else(|| fault("no RAM or device BAR at the address"))?;
+        drop(windows);
+        if w.slot == self.slot {
+            return Err(fault("a device cannot DMA into its own BAR"));
+        }
+        if !self.p2p {
+            return Err(fault("p2p=off: this device may not reach peers"));
+        }
+        let peers = self.ctx.peers.read().unwrap_or_else(|e| e.into_inner());
+        match peers.iter().find(|p| p.slot == w.slot) {
+            Some(p) if p.p2p_off => Err(fault("the peer is p2p=off")),
+            Some(p) => Ok(Target::Peer(
+                p.backend.clone(),
+                w.index as u32,
+                gpa - w.start,
+            )),
+            None => Ok(Target::Mmio),
+        }
+    }
+
+    fn count<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        self.stats
+            .dma_requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = &r {
+            self.stats
+                .dma_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            log::debug!("{}: DMA refused: {e}", self.id);
+        }
+        r
+    }
+}
+
+/// Where an access goes.
+enum Target {
+    Ram,
+    Peer(Arc<dyn VfioBackend>, u32, u64),
+    Mmio,
+}
+
+impl DmaHandler for PassthroughDma {
+    fn dma_read(&self, addr: u64, data: &mut [u8]) -> io::Result<()> {
+        let r = (|| {
+            let gpa = self.to_gpa(addr, data.len() as u64)?;
+            match self.route(gpa, data.len() as u64)? {
+                Target::Ram => self
+                    .ctx
+                    .mem
+                    .read_slice(data, GuestAddress(gpa))
+                    .map_err(io::Error::other),
+                Target::Peer(b, index, off) => {
+                    b.region_read(index, off, data).map_err(io::Error::other)
+                }
+                Target::Mmio => self.ctx.mmio.read(gpa, data).map_err(io::Error::other),
+            }
+        })();
+        self.count(r)
+    }
+
+    fn dma_write(&self, addr: u64, data: &[u8]) -> io::Result<()> {
+        let r = (|| {
+            let gpa = self.to_gpa(addr, data.len() as u64)?;
+            match self.route(gpa, data.len() as u64)? {
+                // Through guest memory, so the write is dirty-tracked.
+                Target::Ram => self
+                    .ctx
+                    .mem
+                    .write_slice(data, GuestAddress(gpa))
+                    .map_err(io::Error::other),
+                Target::Peer(b, index, off) => {
+                    b.region_write(index, off, data).map_err(io::Error::other)
+                }
+                Target::Mmio => self.ctx.mmio.write(gpa, data).map_err(io::Error::other),
+            }
+        })();
+        self.count(r)
+    }
+}
+
+impl ExternalMappingListener for PassthroughDma {
+    fn map(&self, _endpoint: u32, iova: u64, size: u64, phys: u64, _flags: u32) -> io::Result<()> {
+        if self.is_ram(phys, size) {
+            return self.map_ram(iova, phys, size).map_err(io::Error::other);
+        }
+        self.iova
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(iova, (size, phys));
+        self.backend
+            .dma_map(iova, size, DmaBacking::Trapped, rw())
+            .map_err(io::Error::other)?;
+        self.record(iova, size);
+        Ok(())
+    }
+
+    fn unmap(&self, _endpoint: u32, iova: u64, size: u64) -> io::Result<()> {
+        let end = iova.saturating_add(size);
+        self.iova
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|&s, _| s < iova || s >= end);
+        let gone: Vec<(u64, u64)> = {
+            let mut mapped = self.mapped.write().unwrap_or_else(|e| e.into_inner());
+            let (gone, keep) = mapped.drain(..).partition(|&(s, _)| s >= iova && s < end);
+            *mapped = keep;
+            gone
+        };
+        for (s, len) in gone {
+            self.backend.dma_unmap(s, len).map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    fn bypass(&self, _endpoint: u32, enabled: bool) -> io::Result<()> {
+        self.unmap_all()?;
+        self.translated.store(!enabled, Ordering::SeqCst);
+        if enabled {
+            self.map_identity().map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+}
