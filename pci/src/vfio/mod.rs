@@ -2,6 +2,7 @@
 //! backends — vfio-user over a Unix socket, kernel VFIO container/group, kernel VFIO iommufd.
 
 pub mod backend;
+pub mod kernel;
 pub mod sysfs;
 
 pub use backend::{
