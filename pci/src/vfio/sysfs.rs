@@ -515,6 +515,19 @@ impl ManagedBinding {
         }
     }
 
+    /// Gives up restoring (logged with each device): for when a device is still in use and
+    /// unbinding it from vfio-pci would block until its VFIO files are closed.
+    pub fn forget(&mut self) -> Vec<Rebound> {
+        for r in &self.rebound {
+            warn!(
+                "{}: left on vfio-pci (was {}); give it back by hand",
+                r.bdf,
+                r.original.as_deref().unwrap_or("unbound")
+            );
+        }
+        std::mem::take(&mut self.rebound)
+    }
+
     /// Gives every rebound device back to its original driver now, reporting failures.
     pub fn restore(mut self) -> Result<(), SysfsError> {
         self.restore_all()
@@ -875,6 +888,22 @@ mod tests {
             "{err:?}"
         );
         assert!(std::error::Error::source(&err).is_some());
+    }
+
+    #[test]
+    fn forget_leaves_the_device_on_vfio_pci() {
+        let f = Fake::new(&["vfio-pci", "nvme"]);
+        f.add_device(DEV, Some(1), Some("nvme"));
+        let opts = BindOptions {
+            managed: true,
+            take_group: false,
+        };
+        let mut p = f.sysfs().prepare(DEV, opts).unwrap();
+        let forgotten = p.binding.forget();
+        assert_eq!(forgotten.len(), 1);
+        assert_eq!(forgotten[0].original.as_deref(), Some("nvme"));
+        drop(p);
+        assert_eq!(f.driver(DEV).as_deref(), Some("vfio-pci"));
     }
 
     #[test]

@@ -44,7 +44,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use log::debug;
+use log::{debug, warn};
 use thiserror::Error;
 use vfio_bindings::bindings::vfio::{
     vfio_device_info, vfio_region_info, VFIO_BASE, VFIO_DEVICE_FLAGS_RESET,
@@ -335,9 +335,10 @@ pub struct KernelVfioDevice {
     regions: Vec<Option<Region>>,
     dma: Arc<dyn DmaMapper>,
     /// The device (and through it the container or iommufd); also the fd regions map from.
-    device: Arc<VfioDevice>,
-    /// Dropped after `device`: the host driver gets the device back once it is closed.
-    _binding: ManagedBinding,
+    /// Dropped by hand, before the managed binding is restored.
+    device: ManuallyDrop<Arc<VfioDevice>>,
+    /// Restored after `device` is closed (see the `Drop` impl and [`KernelVfioDevice::close`]).
+    binding: Option<ManagedBinding>,
 }
 
 /// The DMA side of a [`KernelVfioDevice`] (its group's [`SharedDma`]).
@@ -392,9 +393,27 @@ impl KernelVfioDevice {
             info,
             regions,
             dma,
-            device: Arc::new(device),
-            _binding: binding,
+            device: ManuallyDrop::new(Arc::new(device)),
+            binding: Some(binding),
         })
+    }
+
+    /// Closes the device and gives the devices `managed=on` rebound back to their host
+    /// drivers, reporting failures (dropping does the same, logging them). Every
+    /// [`RegionInfo`] and BAR mapping of the device must be gone: the kernel cannot unbind a
+    /// device from vfio-pci while it is open.
+    pub fn close(this: Arc<Self>) -> Result<(), KernelVfioError> {
+        let mut dev = Arc::try_unwrap(this).map_err(|this| KernelVfioError::Device {
+            bdf: this.bdf.clone(),
+            what: "close",
+            source: io::Error::new(io::ErrorKind::ResourceBusy, "the device is still shared"),
+        })?;
+        let binding = dev.binding.take();
+        drop(dev);
+        match binding {
+            Some(b) => Ok(b.restore()?),
+            None => Ok(()),
+        }
     }
 
     /// The device's PCI address.
@@ -458,11 +477,29 @@ impl KernelVfioDevice {
         let words = irq_set_words(index, flags, start, fds);
         // SAFETY: `words` is a valid `struct vfio_irq_set` with `argsz` covering the fds that
         // follow it; the kernel only reads it.
-        let ret = unsafe { ioctl_with_ptr(&*self.device, VFIO_DEVICE_SET_IRQS(), words.as_ptr()) };
+        let ret = unsafe { ioctl_with_ptr(&**self.device, VFIO_DEVICE_SET_IRQS(), words.as_ptr()) };
         if ret < 0 {
             return Err(last_errno(what));
         }
         Ok(())
+    }
+}
+
+impl Drop for KernelVfioDevice {
+    fn drop(&mut self) {
+        let mut binding = self.binding.take();
+        if Arc::strong_count(&self.device) > 1 {
+            if let Some(b) = binding.as_mut() {
+                // A RegionInfo still holds the device open: unbinding it from vfio-pci would
+                // block until that is closed, so the host drivers are not restored.
+                warn!("{}: device still open when dropped", self.bdf);
+                b.forget();
+            }
+        }
+        // SAFETY: `self.device` is dropped exactly once, here, and not used afterwards.
+        unsafe { ManuallyDrop::drop(&mut self.device) };
+        // Now that the device is closed, the host drivers can have it back.
+        drop(binding);
     }
 }
 
@@ -539,7 +576,7 @@ impl VfioBackend for KernelVfioDevice {
         }
         let mmap_fd: Option<Arc<dyn AsRawFd + Send + Sync>> =
             if r.flags & super::backend::VFIO_REGION_INFO_FLAG_MMAP != 0 {
-                Some(self.device.clone())
+                Some(Arc::clone(&*self.device) as Arc<dyn AsRawFd + Send + Sync>)
             } else {
                 None
             };
@@ -666,7 +703,7 @@ impl VfioBackend for KernelVfioDevice {
             });
         }
         // SAFETY: VFIO_DEVICE_RESET takes no argument.
-        let ret = unsafe { ioctl(&*self.device, VFIO_DEVICE_RESET()) };
+        let ret = unsafe { ioctl(&**self.device, VFIO_DEVICE_RESET()) };
         if ret < 0 {
             return Err(last_errno("reset"));
         }

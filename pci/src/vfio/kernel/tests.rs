@@ -296,7 +296,7 @@ fn kernel_vfio_device_end_to_end() {
         .unwrap_or_else(|e| panic!("SKIFF_TEST_VFIO_DEVICE={spec}: cannot open it: {e}"));
     assert_eq!(dev.kind(), "vfio-group");
     exercise(&dev, vendor);
-    drop(dev);
+    KernelVfioDevice::close(dev).unwrap();
 
     if !Path::new("/dev/iommu").exists() || !device.path.join("vfio-dev").is_dir() {
         let _ = writeln!(
@@ -312,6 +312,7 @@ fn kernel_vfio_device_end_to_end() {
         .unwrap_or_else(|e| panic!("SKIFF_TEST_VFIO_DEVICE={spec}: iommufd: {e}"));
     assert_eq!(dev.kind(), "vfio-iommufd");
     exercise(&dev, vendor);
+    KernelVfioDevice::close(dev).unwrap();
 }
 
 #[test]
