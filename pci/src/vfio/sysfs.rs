@@ -673,6 +673,21 @@ mod tests {
     const MATE: &str = "0000:01:00.1";
     const BRIDGE: &str = "0000:00:01.0";
     const STUB: &str = "0000:01:00.2";
+    const MANAGED: BindOptions = BindOptions {
+        managed: true,
+        take_group: false,
+    };
+    const TAKE: BindOptions = BindOptions {
+        managed: true,
+        take_group: true,
+    };
+
+    /// One device on nvme, alone in group 1.
+    fn nvme_device() -> Fake {
+        let f = Fake::new(&["vfio-pci", "nvme"]);
+        f.add_device(DEV, Some(1), Some("nvme"));
+        f
+    }
 
     #[test]
     fn pci_address_syntax() {
@@ -721,12 +736,8 @@ mod tests {
         assert!(msg.contains("group=take,managed=on"), "{msg}");
         assert!(msg.contains("vfio-pci yourself"), "{msg}");
         // managed alone does not take the group either.
-        let opts = BindOptions {
-            managed: true,
-            take_group: false,
-        };
         assert!(matches!(
-            f.sysfs().prepare(DEV, opts),
+            f.sysfs().prepare(DEV, MANAGED),
             Err(SysfsError::GroupNotViable { .. })
         ));
         assert!(f.writes().is_empty());
@@ -761,8 +772,7 @@ mod tests {
 
     #[test]
     fn not_bound_without_managed_is_refused() {
-        let f = Fake::new(&["vfio-pci", "nvme"]);
-        f.add_device(DEV, Some(1), Some("nvme"));
+        let f = nvme_device();
         let err = f.sysfs().prepare(DEV, BindOptions::default()).unwrap_err();
         assert!(err.to_string().contains("bound to nvme"), "{err}");
         assert!(err.to_string().contains("managed=on"), "{err}");
@@ -771,13 +781,8 @@ mod tests {
 
     #[test]
     fn managed_binds_and_restore_gives_back() {
-        let f = Fake::new(&["vfio-pci", "nvme"]);
-        f.add_device(DEV, Some(1), Some("nvme"));
-        let opts = BindOptions {
-            managed: true,
-            take_group: false,
-        };
-        let p = f.sysfs().prepare(DEV, opts).unwrap();
+        let f = nvme_device();
+        let p = f.sysfs().prepare(DEV, MANAGED).unwrap();
         assert_eq!(f.driver(DEV).as_deref(), Some("vfio-pci"));
         assert_eq!(
             p.binding.rebound(),
@@ -810,19 +815,14 @@ mod tests {
 
     #[test]
     fn dropping_the_guard_restores_after_a_later_failure() {
-        let f = Fake::new(&["vfio-pci", "nvme"]);
-        f.add_device(DEV, Some(1), Some("nvme"));
-        let opts = BindOptions {
-            managed: true,
-            take_group: false,
-        };
+        let f = nvme_device();
         let open_vfio = |p: &PreparedDevice| -> Result<(), String> {
             assert_eq!(p.device.bdf, DEV);
             Err("VFIO_GROUP_GET_DEVICE_FD failed".into())
         };
         let result = f
             .sysfs()
-            .prepare(DEV, opts)
+            .prepare(DEV, MANAGED)
             .map_err(|e| e.to_string())
             .and_then(|p| open_vfio(&p));
         assert!(result.is_err());
@@ -836,11 +836,7 @@ mod tests {
         f.add_device(MATE, Some(4), Some("snd_hda_intel"));
         f.add_device(BRIDGE, Some(4), Some("pcieport"));
         f.add_device(STUB, Some(4), Some("pci-stub"));
-        let opts = BindOptions {
-            managed: true,
-            take_group: true,
-        };
-        let p = f.sysfs().prepare(DEV, opts).unwrap();
+        let p = f.sysfs().prepare(DEV, TAKE).unwrap();
         assert_eq!(f.driver(DEV).as_deref(), Some("vfio-pci"));
         assert_eq!(f.driver(MATE).as_deref(), Some("vfio-pci"));
         assert_eq!(f.driver(BRIDGE).as_deref(), Some("pcieport"));
@@ -861,11 +857,7 @@ mod tests {
         f.add_device(DEV, Some(4), Some("nvme"));
         f.add_device(MATE, Some(4), Some("snd_hda_intel"));
         *f.fail_on.lock().unwrap() = Some(format!("bus/pci/drivers_probe={MATE}"));
-        let opts = BindOptions {
-            managed: true,
-            take_group: true,
-        };
-        let err = f.sysfs().prepare(DEV, opts).unwrap_err();
+        let err = f.sysfs().prepare(DEV, TAKE).unwrap_err();
         assert!(matches!(err, SysfsError::Io { .. }), "{err:?}");
         assert_eq!(f.driver(DEV).as_deref(), Some("nvme"));
         // The mate was unbound before the probe failed: it goes back to its driver.
@@ -874,13 +866,8 @@ mod tests {
 
     #[test]
     fn restore_reports_failures() {
-        let f = Fake::new(&["vfio-pci", "nvme"]);
-        f.add_device(DEV, Some(1), Some("nvme"));
-        let opts = BindOptions {
-            managed: true,
-            take_group: false,
-        };
-        let p = f.sysfs().prepare(DEV, opts).unwrap();
+        let f = nvme_device();
+        let p = f.sysfs().prepare(DEV, MANAGED).unwrap();
         *f.fail_on.lock().unwrap() = Some(format!("bus/pci/drivers/nvme/bind={DEV}"));
         let err = p.binding.restore().unwrap_err();
         assert!(
@@ -892,13 +879,8 @@ mod tests {
 
     #[test]
     fn forget_leaves_the_device_on_vfio_pci() {
-        let f = Fake::new(&["vfio-pci", "nvme"]);
-        f.add_device(DEV, Some(1), Some("nvme"));
-        let opts = BindOptions {
-            managed: true,
-            take_group: false,
-        };
-        let mut p = f.sysfs().prepare(DEV, opts).unwrap();
+        let f = nvme_device();
+        let mut p = f.sysfs().prepare(DEV, MANAGED).unwrap();
         let forgotten = p.binding.forget();
         assert_eq!(forgotten.len(), 1);
         assert_eq!(forgotten[0].original.as_deref(), Some("nvme"));
@@ -910,11 +892,7 @@ mod tests {
     fn vfio_pci_not_loaded_is_named() {
         let f = Fake::new(&["nvme"]);
         f.add_device(DEV, Some(1), Some("nvme"));
-        let opts = BindOptions {
-            managed: true,
-            take_group: false,
-        };
-        let err = f.sysfs().prepare(DEV, opts).unwrap_err();
+        let err = f.sysfs().prepare(DEV, MANAGED).unwrap_err();
         assert!(err.to_string().contains("modprobe vfio-pci"), "{err}");
         assert_eq!(f.driver(DEV).as_deref(), Some("nvme"));
     }
