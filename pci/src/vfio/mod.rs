@@ -3,6 +3,8 @@
 
 pub mod backend;
 pub mod device;
+pub mod kernel;
+pub mod sysfs;
 
 pub use backend::{
     DeviceInfo, DmaBacking, DmaHandler, DmaProt, IrqInfo, RegionInfo, SparseArea, VfioBackend,
