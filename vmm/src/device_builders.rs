@@ -16,13 +16,16 @@ use pci::{PciFunction, VirtioPciDevice};
 use thiserror::Error;
 
 use crate::config::{
-    ConfiguredDevice, ConsoleConfig, DeviceKind, PciAddress, TapConfig, VmConfig, IOMMU_PCI_SLOT,
+    ConfiguredDevice, ConsoleConfig, DeviceKind, GroupPolicy, PciAddress, TapConfig,
+    VfioKernelBackend, VmConfig, IOMMU_PCI_SLOT,
 };
 use crate::interrupts::KvmInterruptManager;
 use crate::memory::GuestMemoryMmap;
 use crate::passthrough::{DmaContext, PassthroughDma, Peer};
 use crate::pci_devices::intx_gsi;
 use iommu::Translator;
+use pci::vfio::kernel::{IommufdSet, KernelVfioDevice, KernelVfioError, VfioGroupSet};
+use pci::vfio::sysfs::{BindOptions, PreparedDevice, SysfsRoot};
 use pci::vfio::{VfioBackend, VfioPciDevice};
 
 pub use crate::config::IOMMU_DEVICE_ID;
@@ -114,8 +117,75 @@ impl PciPlan {
     }
 }
 
+/// The VM's kernel VFIO state, created when the first host device is opened: devices of one
+/// IOMMU group share one container (or IOAS), and every group is announced to the VM's KVM VFIO
+/// device.
+pub struct KernelVfio {
+    vm_fd: Arc<kvm_ioctls::VmFd>,
+    kvm_vfio: std::sync::OnceLock<Option<Arc<vfio_ioctls::VfioDeviceFd>>>,
+    groups: std::sync::OnceLock<VfioGroupSet>,
+    iommufd: std::sync::OnceLock<IommufdSet>,
+}
+
+impl KernelVfio {
+    /// Kernel VFIO for the VM `vm_fd`.
+    pub fn new(vm_fd: Arc<kvm_ioctls::VmFd>) -> Self {
+        Self {
+            vm_fd,
+            kvm_vfio: Default::default(),
+            groups: Default::default(),
+            iommufd: Default::default(),
+        }
+    }
+
+    /// The VM's KVM VFIO device (`KVM_DEV_TYPE_VFIO`), when KVM offers one.
+    fn kvm_vfio(&self) -> Option<Arc<vfio_ioctls::VfioDeviceFd>> {
+        self.kvm_vfio
+            .get_or_init(|| {
+                let mut dev = kvm_bindings::kvm_create_device {
+                    type_: kvm_bindings::kvm_device_type_KVM_DEV_TYPE_VFIO,
+                    fd: 0,
+                    flags: 0,
+                };
+                match self.vm_fd.create_device(&mut dev) {
+                    Ok(fd) => Some(Arc::new(vfio_ioctls::VfioDeviceFd::new_from_kvm(fd))),
+                    Err(e) => {
+                        log::warn!("KVM VFIO device: {e}; continuing without it");
+                        None
+                    }
+                }
+            })
+            .clone()
+    }
+
+    /// Open a prepared host device with `backend`.
+    fn open(
+        &self,
+        backend: VfioKernelBackend,
+        prepared: PreparedDevice,
+    ) -> Result<Arc<KernelVfioDevice>, KernelVfioError> {
+        match backend {
+            VfioKernelBackend::Group => self
+                .groups
+                .get_or_init(|| VfioGroupSet::new(self.kvm_vfio()))
+                .open(prepared),
+            VfioKernelBackend::Iommufd => self
+                .iommufd
+                .get_or_init(|| IommufdSet::new(self.kvm_vfio()))
+                .open(prepared),
+        }
+    }
+}
+
+/// Where sysfs is: `/sys`, or the fake tree a test names in `SKIFF_SYSFS_ROOT`.
+fn sysfs_root() -> SysfsRoot {
+    SysfsRoot::new(std::env::var_os("SKIFF_SYSFS_ROOT").unwrap_or_else(|| "/sys".into()))
+}
+
 /// What a builder gets besides the configuration.
 pub struct BuildContext<'a> {
+    /// Kernel VFIO (host devices).
+    pub kernel_vfio: &'a KernelVfio,
     /// The guest physical address space for passthrough DMA.
     pub dma: &'a DmaContext,
     /// The virtual IOMMU's state, when the VM has one (passthrough devices behind it follow its
@@ -147,6 +217,7 @@ pub static BUILDERS: &[(DeviceKind, BuildFn)] = &[
     (DeviceKind::Console, build_console),
     (DeviceKind::Rng, build_rng),
     (DeviceKind::UserDevice, build_user_device),
+    (DeviceKind::HostDevice, build_host_device),
 ];
 
 /// Build the function of `device` with the builder of its kind.
@@ -281,6 +352,28 @@ fn build_user_device(
     let backend = pci::vfio::user::VfioUserBackend::connect(&u.socket)
         .map_err(|e| DeviceCreateError::new("--user-device", &d.id, e))?;
     passthrough_function("--user-device", Arc::new(backend), u.p2p, d, ctx)
+}
+
+fn build_host_device(
+    config: &VmConfig,
+    d: &ConfiguredDevice,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<Mutex<dyn PciFunction>>, DeviceCreateError> {
+    let h = &config.host_devices[d.index];
+    let prepared = sysfs_root()
+        .prepare(
+            &h.path.to_string_lossy(),
+            BindOptions {
+                managed: h.managed,
+                take_group: h.group == GroupPolicy::Take,
+            },
+        )
+        .map_err(|e| DeviceCreateError::new("--device", &d.id, e))?;
+    let device = ctx
+        .kernel_vfio
+        .open(h.backend, prepared)
+        .map_err(|e| DeviceCreateError::new("--device", &d.id, e))?;
+    passthrough_function("--device", device, h.p2p, d, ctx)
 }
 
 /// A passthrough function over `backend`: the PCI function, its DMA space (identity, or

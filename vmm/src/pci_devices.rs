@@ -378,6 +378,11 @@ impl PciDevices {
         })
     }
 
+    /// The KVM VM the functions belong to.
+    pub fn vm_fd(&self) -> Arc<VmFd> {
+        self.shared.vm_fd.clone()
+    }
+
     /// The VM's interrupt manager: functions take their MSI-X vectors and INTx line from it.
     pub fn interrupt_manager(&self) -> Arc<KvmInterruptManager> {
         self.interrupts.clone()

@@ -427,6 +427,7 @@ fn plug_pci_functions(
     registry: &mut Registry,
 ) -> Result<VmConfig> {
     let interrupts = pci_devices.interrupt_manager();
+    let kernel_vfio = device_builders::KernelVfio::new(pci_devices.vm_fd());
     let dma = DmaContext {
         mem: mem.clone(),
         mmio: mmio.clone(),
@@ -444,6 +445,7 @@ fn plug_pci_functions(
         Ok(())
     };
     let ctx = |address, access, iommu| BuildContext {
+        kernel_vfio: &kernel_vfio,
         dma: &dma,
         iommu,
         mem,
