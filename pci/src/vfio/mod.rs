@@ -2,6 +2,7 @@
 //! backends — vfio-user over a Unix socket, kernel VFIO container/group, kernel VFIO iommufd.
 
 pub mod backend;
+pub mod user;
 
 pub use backend::{
     DeviceInfo, DmaBacking, DmaHandler, DmaProt, IrqInfo, RegionInfo, SparseArea, VfioBackend,
