@@ -122,6 +122,8 @@ struct Pending {
 struct State {
     pending: HashMap<u16, Pending>,
     failure: Option<Failure>,
+    /// `fail` is running (the hook is being called).
+    failing: bool,
     next_id: u16,
 }
 
@@ -129,7 +131,6 @@ struct State {
 struct HookState {
     hook: Option<FailureHook>,
     reason: Option<String>,
-    fired: bool,
 }
 
 struct Shared {
@@ -158,34 +159,32 @@ struct RawMessage {
 impl Shared {
     /// Mark the connection failed (first failure wins), wake every waiter, shut the socket and
     /// call the failure hook once (not for an intentional close).
+    ///
+    /// The hook runs before waiting requests see the failure, so a caller that got the error
+    /// knows the hook has run. Requests issued meanwhile find the socket shut down.
     fn fail(&self, f: Failure) {
         {
             let mut st = lock(&self.state);
-            if st.failure.is_some() {
+            if st.failure.is_some() || st.failing {
                 return;
             }
-            st.failure = Some(f.clone());
+            st.failing = true;
         }
-        self.cond.notify_all();
         let _ = self.sock.shutdown(Shutdown::Both);
-        if matches!(f, Failure::Closed) {
-            return;
-        }
-        let reason = f.describe();
-        log::error!("vfio-user: connection failed: {reason}");
-        let hook = {
-            let mut h = lock(&self.hook);
-            h.reason = Some(reason.clone());
-            if h.fired {
-                None
-            } else {
-                h.fired = h.hook.is_some();
+        if !matches!(f, Failure::Closed) {
+            let reason = f.describe();
+            log::error!("vfio-user: connection failed: {reason}");
+            let hook = {
+                let mut h = lock(&self.hook);
+                h.reason = Some(reason.clone());
                 h.hook.clone()
+            };
+            if let Some(hook) = hook {
+                hook(&reason);
             }
-        };
-        if let Some(hook) = hook {
-            hook(&reason);
         }
+        lock(&self.state).failure = Some(f);
+        self.cond.notify_all();
     }
 
     fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
@@ -417,6 +416,7 @@ impl Client {
             state: Mutex::new(State {
                 pending: HashMap::new(),
                 failure: None,
+                failing: false,
                 next_id: 0,
             }),
             cond: Condvar::new(),
@@ -522,7 +522,8 @@ impl Client {
 
     /// The connection has failed (or was closed).
     pub fn is_failed(&self) -> bool {
-        lock(&self.shared.state).failure.is_some()
+        let st = lock(&self.shared.state);
+        st.failure.is_some() || st.failing
     }
 
     /// Where the server's DMA_READ/DMA_WRITE go.
@@ -534,18 +535,13 @@ impl Client {
             .unwrap_or_else(|e| e.into_inner()) = Some(handler);
     }
 
-    /// Called once when the connection fails; right away if it already has.
+    /// Called once when the connection fails; right away if it already has (each hook set is
+    /// called once: a hook set after the failure still learns of it).
     pub fn set_failure_hook(&self, hook: FailureHook) {
         let call = {
             let mut h = lock(&self.shared.hook);
             h.hook = Some(hook.clone());
-            match h.reason.clone() {
-                Some(r) if !h.fired => {
-                    h.fired = true;
-                    Some(r)
-                }
-                _ => None,
-            }
+            h.reason.clone()
         };
         if let Some(reason) = call {
             hook(&reason);

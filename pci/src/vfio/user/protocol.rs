@@ -205,6 +205,18 @@ impl<'a> Cursor<'a> {
         Cursor { buf, pos: 0, what }
     }
 
+    /// A cursor over a structure whose fixed part is `min` bytes: shorter is refused at once.
+    pub(crate) fn fixed(buf: &'a [u8], what: &'static str, min: usize) -> Result<Self, WireError> {
+        if buf.len() < min {
+            return Err(WireError::Short {
+                what,
+                need: min,
+                got: buf.len(),
+            });
+        }
+        Ok(Cursor::new(buf, what))
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
         let Some(end) = end else {
@@ -554,7 +566,7 @@ impl Version {
 
     /// Parse a payload.
     pub fn decode(payload: &[u8]) -> Result<Version, WireError> {
-        let mut c = Cursor::new(payload, "VERSION");
+        let mut c = Cursor::fixed(payload, "VERSION", 4)?;
         let major = c.u16()?;
         let minor = c.u16()?;
         let caps = Capabilities::from_json(c.rest())?;
@@ -637,7 +649,7 @@ impl DeviceInfoWire {
 
     /// Parse a reply, bounding region and interrupt counts.
     pub fn decode(payload: &[u8]) -> Result<DeviceInfoWire, WireError> {
-        let mut c = Cursor::new(payload, "DEVICE_GET_INFO reply");
+        let mut c = Cursor::fixed(payload, "DEVICE_GET_INFO reply", 16)?;
         let d = DeviceInfoWire {
             argsz: c.u32()?,
             flags: c.u32()?,
@@ -691,7 +703,7 @@ impl RegionInfoWire {
     /// Parse a reply: region size bounded, the capability chain bounded and walked, the
     /// sparse areas checked against the region.
     pub fn decode(payload: &[u8]) -> Result<RegionInfoWire, WireError> {
-        let mut c = Cursor::new(payload, "DEVICE_GET_REGION_INFO reply");
+        let mut c = Cursor::fixed(payload, "DEVICE_GET_REGION_INFO reply", REGION_INFO_SIZE)?;
         let mut r = RegionInfoWire {
             argsz: c.u32()?,
             flags: c.u32()?,
@@ -708,11 +720,16 @@ impl RegionInfoWire {
                 r.index, r.size, r.offset
             )));
         }
-        if r.flags & REGION_INFO_FLAG_CAPS == 0 || r.cap_offset == 0 {
+        if r.flags & REGION_INFO_FLAG_CAPS == 0 {
             return Ok(r);
         }
+        // Like the kernel, a server answers a too-small argsz with the size needed, FLAG_CAPS
+        // and (usually) cap_offset 0: the caller asks again.
         if (r.argsz as usize) > payload.len() {
             r.caps_truncated = true;
+            return Ok(r);
+        }
+        if r.cap_offset == 0 {
             return Ok(r);
         }
         r.sparse = parse_region_caps(payload, r.cap_offset as usize)?;
@@ -827,7 +844,7 @@ impl IrqInfoWire {
 
     /// Parse a reply, bounding the vector count.
     pub fn decode(payload: &[u8]) -> Result<IrqInfoWire, WireError> {
-        let mut c = Cursor::new(payload, "DEVICE_GET_IRQ_INFO reply");
+        let mut c = Cursor::fixed(payload, "DEVICE_GET_IRQ_INFO reply", 16)?;
         let i = IrqInfoWire {
             argsz: c.u32()?,
             flags: c.u32()?,
@@ -899,7 +916,7 @@ impl RegionAccess {
 
     /// Parse a payload; data is whatever follows the 16 bytes.
     pub fn decode(payload: &[u8]) -> Result<RegionAccess, WireError> {
-        let mut c = Cursor::new(payload, "region access");
+        let mut c = Cursor::fixed(payload, "region access", 16)?;
         Ok(RegionAccess {
             offset: c.u64()?,
             region: c.u32()?,
@@ -1007,7 +1024,7 @@ impl DeviceFeature {
 
     /// Parse a payload.
     pub fn decode(payload: &[u8]) -> Result<DeviceFeature, WireError> {
-        let mut c = Cursor::new(payload, "DEVICE_FEATURE");
+        let mut c = Cursor::fixed(payload, "DEVICE_FEATURE", 8)?;
         Ok(DeviceFeature {
             argsz: c.u32()?,
             flags: c.u32()?,
@@ -1039,7 +1056,7 @@ impl MigData {
 
     /// Parse a read reply: `size` bytes of data must be there (extra bytes are ignored).
     pub fn decode(payload: &[u8]) -> Result<MigData, WireError> {
-        let mut c = Cursor::new(payload, "MIG_DATA");
+        let mut c = Cursor::fixed(payload, "MIG_DATA", 8)?;
         let argsz = c.u32()?;
         let size = c.u32()?;
         let data = c.bytes(size as usize)?.to_vec();
