@@ -349,7 +349,7 @@ fn build_user_device(
     ctx: &BuildContext<'_>,
 ) -> Result<Arc<Mutex<dyn PciFunction>>, DeviceCreateError> {
     let u = &config.user_devices[d.index];
-    let backend = pci::vfio::user::VfioUserBackend::connect(&u.socket)
+    let backend = pci::vfio::user::VfioUserBackend::connect(&u.socket, Default::default())
         .map_err(|e| DeviceCreateError::new("--user-device", &d.id, e))?;
     passthrough_function("--user-device", Arc::new(backend), u.p2p, d, ctx)
 }

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod device;
 pub mod kernel;
 pub mod sysfs;
+pub mod user;
 
 pub use backend::{
     DeviceInfo, DmaBacking, DmaHandler, DmaProt, IrqInfo, RegionInfo, SparseArea, VfioBackend,
