@@ -305,3 +305,62 @@ fn device_options_are_checked_before_the_guest_starts() {
     let e = format!("path={}", empty.display());
     assert_refused(&run_skiff(&["--disk", &e], DEADLINE), 1, "empty.img");
 }
+
+#[test]
+fn passthrough_options_are_checked_before_the_guest_starts() {
+    let dir = temp_dir("passthrough-bad");
+    let missing = dir.join("no-server.sock");
+    let socket = format!("socket={}", missing.display());
+    // No server at the socket: a clear error naming the device and the socket, nothing runs.
+    let run = run_skiff(&["--user-device", &socket], DEADLINE);
+    assert_refused(&run, 1, "userdev0");
+    assert!(run.stderr.contains("no-server.sock"), "{}", run.log());
+    // One server serves one device.
+    assert_refused(
+        &run_skiff(
+            &["--user-device", &socket, "--user-device", &socket],
+            DEADLINE,
+        ),
+        2,
+        "twice",
+    );
+    assert_refused(
+        &run_skiff(&["--user-device", "id=x"], DEADLINE),
+        2,
+        "socket=",
+    );
+    assert_refused(
+        &run_skiff(&["--user-device", &format!("{socket},p2p=maybe")], DEADLINE),
+        2,
+        "p2p",
+    );
+    // Host devices: group=take only with managed=on; a path that is not a PCI device; on a host
+    // without an IOMMU, a real PCI device is refused with that reason.
+    assert_refused(
+        &run_skiff(
+            &[
+                "--device",
+                "path=/sys/bus/pci/devices/0000:00:00.0,group=take",
+            ],
+            DEADLINE,
+        ),
+        2,
+        "managed=on",
+    );
+    let run = run_skiff(&["--device", "path=/nonexistent/0000:99:00.0"], DEADLINE);
+    assert_refused(&run, 1, "hostdev0");
+    if let Some(first) = std::fs::read_dir("/sys/bus/pci/devices")
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+    {
+        if !std::path::Path::new("/sys/kernel/iommu_groups")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some())
+        {
+            let arg = format!("path={}", first.path().display());
+            let run = run_skiff(&["--device", &arg], DEADLINE);
+            assert_refused(&run, 1, "IOMMU");
+        }
+    }
+}
