@@ -41,6 +41,9 @@ pub fn recv_message(sock: &UnixStream) -> Result<Option<Message>, Error> {
     let (n, nfds) = match res {
         Ok(v) => v,
         Err(e) if e.errno() == libc::ENOBUFS => return Err(Error::TooManyFds),
+        // A client that exits with our last reply unread resets the connection: between two
+        // messages that is still a disconnect, not a protocol error.
+        Err(e) if e.errno() == libc::ECONNRESET => return Ok(None),
         Err(e) => return Err(Error::Io(io::Error::from_raw_os_error(e.errno()))),
     };
     let fds: Vec<OwnedFd> = raw_fds[..nfds]
