@@ -66,6 +66,12 @@ pub enum DmaError {
     BadReply(&'static str),
 }
 
+/// The next piece of a DMA access: bytes done directly, or to request from the client.
+enum Piece {
+    Direct(usize),
+    Remote(usize),
+}
+
 /// The device's DMA engine.
 pub struct DmaPort {
     shared: Arc<Shared>,
@@ -103,74 +109,68 @@ impl DmaPort {
             .clamp(1, proto::MAX_DATA_XFER)
     }
 
+    /// Resolves the next piece of an access at `addr` (at most `want` bytes): a direct piece is
+    /// done here by `direct(mapping, offset, n)` under the table's read lock; a remote one is
+    /// left to the caller, bounded by the client's `max_data_xfer_size`.
+    fn piece(
+        &self,
+        addr: u64,
+        want: usize,
+        write: bool,
+        direct: impl FnOnce(&Mapping, u64, usize) -> bool,
+    ) -> Result<Piece, DmaError> {
+        let table = self.table();
+        let r = table.find(addr).ok_or(DmaError::Unmapped(addr))?;
+        if !(if write { r.writable() } else { r.readable() }) {
+            return Err(DmaError::Denied(addr));
+        }
+        let left = usize::try_from(r.size - (addr - r.iova)).unwrap_or(usize::MAX);
+        let n = want.min(left);
+        match &r.backing {
+            Backing::Mapped(m) if direct(m, addr - r.iova, n) => Ok(Piece::Direct(n)),
+            Backing::Mapped(_) => Err(DmaError::Unmapped(addr)),
+            Backing::Remote => Ok(Piece::Remote(n.min(self.max_xfer()))),
+        }
+    }
+
     /// Reads `buf.len()` bytes at DMA address `addr`.
-    pub fn read(&mut self, mut addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+    pub fn read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         let mut done = 0;
         while done < buf.len() {
-            let remote = {
-                let table = self.table();
-                let r = table.find(addr).ok_or(DmaError::Unmapped(addr))?;
-                if !r.readable() {
-                    return Err(DmaError::Denied(addr));
-                }
-                let left = usize::try_from(r.size - (addr - r.iova)).unwrap_or(usize::MAX);
-                let n = (buf.len() - done).min(left);
-                match &r.backing {
-                    Backing::Mapped(m) => {
-                        if !m.read(addr - r.iova, &mut buf[done..done + n]) {
-                            return Err(DmaError::Unmapped(addr));
-                        }
-                        Err(n)
-                    }
-                    Backing::Remote => Ok(n.min(self.max_xfer())),
-                }
-            };
-            let n = match remote {
-                Err(n) => n,
-                Ok(n) => {
-                    self.remote_read(addr, &mut buf[done..done + n])?;
+            let a = addr + done as u64;
+            let want = buf.len() - done;
+            let n = match self.piece(a, want, false, |m, off, n| {
+                m.read(off, &mut buf[done..done + n])
+            })? {
+                Piece::Direct(n) => n,
+                Piece::Remote(n) => {
+                    self.remote_read(a, &mut buf[done..done + n])?;
                     n
                 }
             };
             self.count(n, false);
             done += n;
-            addr += n as u64;
         }
         Ok(())
     }
 
     /// Writes `data` at DMA address `addr`.
-    pub fn write(&mut self, mut addr: u64, data: &[u8]) -> Result<(), DmaError> {
+    pub fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
         let mut done = 0;
         while done < data.len() {
-            let remote = {
-                let table = self.table();
-                let r = table.find(addr).ok_or(DmaError::Unmapped(addr))?;
-                if !r.writable() {
-                    return Err(DmaError::Denied(addr));
-                }
-                let left = usize::try_from(r.size - (addr - r.iova)).unwrap_or(usize::MAX);
-                let n = (data.len() - done).min(left);
-                match &r.backing {
-                    Backing::Mapped(m) => {
-                        if !m.write(addr - r.iova, &data[done..done + n]) {
-                            return Err(DmaError::Unmapped(addr));
-                        }
-                        Err(n)
-                    }
-                    Backing::Remote => Ok(n.min(self.max_xfer())),
-                }
-            };
-            let n = match remote {
-                Err(n) => n,
-                Ok(n) => {
-                    self.remote_write(addr, &data[done..done + n])?;
+            let a = addr + done as u64;
+            let want = data.len() - done;
+            let n = match self.piece(a, want, true, |m, off, n| {
+                m.write(off, &data[done..done + n])
+            })? {
+                Piece::Direct(n) => n,
+                Piece::Remote(n) => {
+                    self.remote_write(a, &data[done..done + n])?;
                     n
                 }
             };
             self.count(n, true);
             done += n;
-            addr += n as u64;
         }
         Ok(())
     }

@@ -213,14 +213,7 @@ impl Client {
             return Err(m.error);
         }
         let m = m.ok();
-        assert_eq!(
-            (
-                le64(&m.payload, 0),
-                le32(&m.payload, 8),
-                le32(&m.payload, 12)
-            ),
-            (offset, region, count)
-        );
+        check_access(&m, offset, region, count);
         assert_eq!(m.payload.len(), 16 + count as usize);
         Ok(m.payload[16..].to_vec())
     }
@@ -232,15 +225,7 @@ impl Client {
         if m.is_error() {
             return Err(m.error);
         }
-        let m = m.ok();
-        assert_eq!(
-            (
-                le64(&m.payload, 0),
-                le32(&m.payload, 8),
-                le32(&m.payload, 12)
-            ),
-            (offset, region, data.len() as u32)
-        );
+        check_access(&m.ok(), offset, region, data.len() as u32);
         Ok(())
     }
 
@@ -311,6 +296,15 @@ impl Client {
         }
         h.join().expect("server thread panicked")
     }
+}
+
+/// A region access reply starts with offset @0 u64, region @8 u32, count @12 u32.
+fn check_access(m: &Msg, offset: u64, region: u32, count: u32) {
+    let p = &m.payload;
+    assert_eq!(
+        (le64(p, 0), le32(p, 8), le32(p, 12)),
+        (offset, region, count)
+    );
 }
 
 /// A memfd of `size` bytes, as guest RAM.
