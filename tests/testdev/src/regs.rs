@@ -160,7 +160,9 @@ pub const IRQ_DONE: u32 = 1 << 0;
 
 /// Byte `i` of the pattern with `seed`.
 pub const fn pattern_byte(seed: u32, i: u32) -> u8 {
-    let x = seed.wrapping_mul(0x9e37_79b9).wrapping_add(i.wrapping_mul(0x85eb_ca6b));
+    let x = seed
+        .wrapping_mul(0x9e37_79b9)
+        .wrapping_add(i.wrapping_mul(0x85eb_ca6b));
     (x ^ (x >> 13) ^ (x >> 24)) as u8
 }
 
