@@ -30,6 +30,7 @@ use alloc::vec::Vec;
 
 use super::iommu::{self as iommu_scenario, map_range, IovaSpace};
 use super::report::{fail, param_u64, param_vector};
+use crate::acpi::viot::Viot;
 use crate::acpi::{aml, Acpi};
 use crate::arch::ioapic::{IoApic, Polarity, Trigger};
 use crate::arch::{interrupts, lapic, paging, time};
@@ -92,6 +93,7 @@ struct Params {
     iommu: bool,
     p2p: bool,
     p2p_off: bool,
+    p2p_off_reverse: bool,
     msix: bool,
     intx: bool,
     devices: Option<u64>,
@@ -131,6 +133,7 @@ fn params(boot: &BootInfo) -> Params {
         iommu: flag("vfio.iommu"),
         p2p: flag("vfio.p2p"),
         p2p_off: flag("vfio.p2p_off"),
+        p2p_off_reverse: param_u64(boot, "vfio.p2p_off_reverse", 1) != 0,
         msix: param_u64(boot, "vfio.msix", 1) != 0,
         intx: param_u64(boot, "vfio.intx", 1) != 0,
         devices: boot
@@ -195,6 +198,29 @@ pub fn run(boot: &BootInfo) {
             None,
             format!("peer-to-peer tests need two devices, found {}", found.len()),
         );
+    }
+
+    // Without vfio.iommu=1 no device may sit behind the virtio-iommu (its DMA would fault).
+    if !prm.iommu {
+        let viot = Acpi::discover(boot.rsdp_addr)
+            .ok()
+            .and_then(|a| a.find(b"VIOT").map(Viot::parse));
+        if let Some(v) = viot {
+            for (node, segment, _) in v.pci_iommus() {
+                for f in &found {
+                    if let Some(ep) = v.endpoint_of(node, segment, f.bdf) {
+                        bad(
+                            "iommu-config",
+                            None,
+                            format!(
+                                "{} is behind the virtio-iommu (VIOT endpoint {ep:#x}); run with vfio.iommu=1",
+                                f.bdf
+                            ),
+                        );
+                    }
+                }
+            }
+        }
     }
 
     // The virtio-iommu first (it brings its own Platform), else a plain one.
@@ -312,17 +338,12 @@ pub fn run(boot: &BootInfo) {
     }
 
     if let Some(c) = ctx.as_mut() {
-        let mut n = 0;
-        while let Ok(Some(f)) = c.io.poll_fault() {
-            if n < 8 {
-                println!(
-                    "vfio: iommu fault report reason {} flags {:#x} endpoint {:#x} address {:#x}",
-                    f.reason, f.flags, f.endpoint, f.address
-                );
+        for d in &devs {
+            if d.iommu.is_some() {
+                drain_faults(c, d);
+                break;
             }
-            n += 1;
         }
-        println!("vfio: {} iommu fault report(s) in all", n);
     }
     interrupts::disable();
     println!("vfio: all ok");

@@ -111,20 +111,23 @@ pub(super) fn p2p_refused(a: &Dev, b: &Dev, ctx: &mut Option<IommuCtx>, prm: &Pa
     let len = prm.p2p_len;
     let off = P2P_OFFSET;
     let t = prm.timeout_ms;
-    for (src, dst, check, line) in [
-        (
-            a,
-            b,
-            "p2p-off-peer-refused",
-            "vfio: p2p to a p2p=off peer refused",
-        ),
-        (
+    let mut cases = Vec::from([(
+        a,
+        b,
+        "p2p-off-peer-refused",
+        "vfio: p2p to a p2p=off peer refused",
+    )]);
+    if prm.p2p_off_reverse {
+        cases.push((
             b,
             a,
             "p2p-off-source-refused",
             "vfio: p2p from a p2p=off device refused",
-        ),
-    ] {
+        ));
+    } else {
+        println!("vfio: p2p-off-source-refused skipped (vfio.p2p_off_reverse=0)");
+    }
+    for (src, dst, check, line) in cases {
         mem_fill(dst, off, len);
         // Device memory just filled, as 32-bit words: the refused write must leave all of it.
         let addr = match peer_addr(src, dst, ctx, off, len) {
