@@ -21,6 +21,10 @@ static COUNTS: [AtomicU32; 256] = [const { AtomicU32::new(0) }; 256];
 static LEVEL_ACK: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
 static LAST_ACK: [AtomicU8; 256] = [const { AtomicU8::new(0) }; 256];
 static ACK_BITS: [AtomicU8; 256] = [const { AtomicU8::new(0) }; 256];
+static CLEAR_ADDR: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+static CLEAR_VALUE: [AtomicU32; 256] = [const { AtomicU32::new(0) }; 256];
+static CLEAR_SEEN: [AtomicU32; 256] = [const { AtomicU32::new(0) }; 256];
+static MASK_PIN: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
 
 /// Called by the IDT stubs for vectors 32..=255 with interrupts disabled.
 pub extern "C" fn irq_dispatch(vector: u64) {
@@ -39,6 +43,24 @@ pub extern "C" fn irq_dispatch(vector: u64) {
             Ordering::SeqCst,
         );
     }
+    let clear = CLEAR_ADDR[v].load(Ordering::SeqCst);
+    if clear != 0 {
+        // SAFETY: `clear` was registered by `set_status_clear` as the address of a 32-bit
+        // write-1-to-clear interrupt status register in an identity-mapped, uncached BAR.
+        let seen = unsafe { core::ptr::read_volatile(clear as *const u32) };
+        CLEAR_SEEN[v].store(
+            CLEAR_SEEN[v].load(Ordering::Relaxed) | seen,
+            Ordering::SeqCst,
+        );
+        // SAFETY: as above.
+        unsafe {
+            core::ptr::write_volatile(clear as *mut u32, CLEAR_VALUE[v].load(Ordering::SeqCst))
+        };
+    }
+    let pin = MASK_PIN[v].load(Ordering::SeqCst);
+    if pin != 0 {
+        super::ioapic::IoApic::new(pin & !0xFFF, 0).mask((pin & 0xFF) as u32);
+    }
     if v != usize::from(SPURIOUS_VECTOR) {
         lapic::eoi();
     }
@@ -53,6 +75,37 @@ pub fn count(vector: u8) -> u32 {
 /// the EOI — for level-triggered INTx, reading the virtio ISR register deasserts the line.
 pub fn set_level_ack(vector: u8, addr: u64) {
     LEVEL_ACK[usize::from(vector)].store(addr, Ordering::SeqCst);
+}
+
+/// Register (non-zero `addr`) or clear (0) a 32-bit write-1-to-clear status register that the
+/// handler for `vector` reads (see [`status_seen`]) and then writes `value` to before the EOI —
+/// a device whose level-triggered INTx stays asserted until its status bit is cleared.
+pub fn set_status_clear(vector: u8, addr: u64, value: u32) {
+    CLEAR_VALUE[usize::from(vector)].store(value, Ordering::SeqCst);
+    CLEAR_ADDR[usize::from(vector)].store(addr, Ordering::SeqCst);
+}
+
+/// The OR of every value the handler read from the `set_status_clear` register of `vector`
+/// since the last [`reset_status_seen`].
+pub fn status_seen(vector: u8) -> u32 {
+    CLEAR_SEEN[usize::from(vector)].load(Ordering::SeqCst)
+}
+
+/// Forget what [`status_seen`] reports for `vector`.
+pub fn reset_status_seen(vector: u8) {
+    CLEAR_SEEN[usize::from(vector)].store(0, Ordering::SeqCst);
+}
+
+/// Make the handler for `vector` mask I/O APIC pin `pin` of the I/O APIC at `ioapic_base`
+/// (4 KiB aligned) before the EOI (`ioapic_base` 0: stop doing that). With a level-triggered
+/// line this keeps an asserted line from interrupting again, so a test can look at it.
+pub fn set_mask_on_arrival(vector: u8, ioapic_base: u64, pin: u32) {
+    let v = if ioapic_base == 0 {
+        0
+    } else {
+        (ioapic_base & !0xFFF) | u64::from(pin & 0xFF)
+    };
+    MASK_PIN[usize::from(vector)].store(v, Ordering::SeqCst);
 }
 
 /// The value the handler last read from the `set_level_ack` register of `vector`.

@@ -90,6 +90,19 @@ impl IoApic {
         self.write(0x10 + 2 * pin, low | MASKED);
     }
 
+    /// Unmask the entry for `gsi` (a level-triggered line that is still asserted then
+    /// interrupts again).
+    pub fn unmask(&self, gsi: u32) {
+        let pin = gsi - self.gsi_base;
+        let low = self.read(0x10 + 2 * pin);
+        self.write(0x10 + 2 * pin, low & !MASKED);
+    }
+
+    /// The MMIO base address.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
     /// Raw low dword of the entry for `gsi` (vector, flags, remote IRR in bit 14).
     pub fn entry_low(&self, gsi: u32) -> u32 {
         self.read(0x10 + 2 * (gsi - self.gsi_base))

@@ -5,6 +5,7 @@ pub mod idt;
 pub mod interrupts;
 pub mod ioapic;
 pub mod lapic;
+pub mod paging;
 pub mod port;
 pub mod smp;
 pub mod time;

@@ -210,7 +210,7 @@ pub fn bring_up(boot: &BootInfo) -> Setup {
 
 /// Hands out IOVAs: granule-aligned, with an unmapped guard granule after every range, skipping
 /// reserved regions.
-struct IovaSpace {
+pub(super) struct IovaSpace {
     next: u64,
     end: u64,
     granule: u64,
@@ -218,7 +218,7 @@ struct IovaSpace {
 }
 
 impl IovaSpace {
-    fn new(c: &iommu::Config, reserved: &[ResvMem]) -> IovaSpace {
+    pub(super) fn new(c: &iommu::Config, reserved: &[ResvMem]) -> IovaSpace {
         let g = c.granule();
         let base = if c.input_start <= IOVA_BASE && IOVA_BASE.saturating_add(1 << 30) <= c.input_end
         {
@@ -234,7 +234,7 @@ impl IovaSpace {
         }
     }
 
-    fn alloc(&mut self, len: u64) -> Result<u64, String> {
+    pub(super) fn alloc(&mut self, len: u64) -> Result<u64, String> {
         let size = len.max(1).next_multiple_of(self.granule);
         loop {
             let start = self.next;
@@ -258,7 +258,7 @@ impl IovaSpace {
 }
 
 /// MAP `pages` granules at `iova` to `gpa` (both granule-aligned) in `domain`.
-fn map_pages(
+pub(super) fn map_pages(
     io: &mut Iommu,
     domain: u32,
     iova: u64,
@@ -279,7 +279,7 @@ fn map_pages(
 }
 
 /// Map the granules covering `[gpa, gpa + len)` at a fresh IOVA range; returns the IOVA of `gpa`.
-fn map_range(
+pub(super) fn map_range(
     io: &mut Iommu,
     space: &mut IovaSpace,
     domain: u32,

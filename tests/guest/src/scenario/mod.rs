@@ -21,6 +21,7 @@ mod poweroff;
 mod reboot;
 pub mod report;
 mod serial_stream;
+mod vfio;
 mod virtio_blk;
 mod virtio_console;
 mod virtio_net;
@@ -132,6 +133,11 @@ pub static SCENARIOS: &[Scenario] = &[
         name: "dirty",
         about: "write known guest pages (and one virtio-blk read) in rounds driven by a mailbox the host writes (dirty-log tests)",
         run: dirty::run,
+    },
+    Scenario {
+        name: "vfio",
+        about: "skiff-testdev (vfio-user): BARs, DMA with data checks, MSI-X, level INTx, device memory, virtio-iommu (vfio.iommu=1), peer-to-peer (vfio.p2p=1, vfio.p2p_off=1)",
+        run: vfio::run,
     },
 ];
 

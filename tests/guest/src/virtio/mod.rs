@@ -142,6 +142,16 @@ impl Platform {
             .collect()
     }
 
+    /// Make sure memory BAR `index` of `bdf` has an address below 4 GiB (see
+    /// [`bar::ensure_assigned`]), avoiding every range already in use on bus 0.
+    pub fn assign_bar(
+        &mut self,
+        bdf: crate::pci::Bdf,
+        index: u8,
+    ) -> Result<(bar::Bar, bool), &'static str> {
+        bar::ensure_assigned(self.cfg, bdf, index, &mut self.used)
+    }
+
     /// Open `func` as a virtio-pci modern device and print one line about it:
     /// `virtio: BB:DD.F NAME bars [N@0xADDR(+0xSIZE)[ assigned] ...] msix N|none`.
     ///
