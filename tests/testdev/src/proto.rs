@@ -53,10 +53,11 @@ pub const FLAG_NO_REPLY: u32 = 1 << 4;
 /// Header flags: the reply carries an error.
 pub const FLAG_ERROR: u32 = 1 << 5;
 
-/// Protocol major version we speak.
-pub const VERSION_MAJOR: u16 = 1;
+/// Protocol major version we speak: 0, as the spec's VERSION example and libvfio-user
+/// (`LIB_VFIO_USER_MAJOR`) have it (found when skiff's client first met this server).
+pub const VERSION_MAJOR: u16 = 0;
 /// Protocol minor version we speak.
-pub const VERSION_MINOR: u16 = 0;
+pub const VERSION_MINOR: u16 = 1;
 
 /// Largest data count in one REGION/DMA read or write we accept and announce.
 pub const MAX_DATA_XFER: usize = 1 << 20;

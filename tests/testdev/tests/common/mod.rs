@@ -198,7 +198,7 @@ impl Client {
     }
 
     pub fn version(&mut self, json: &str) -> Msg {
-        let mut p = fields(&[(1, 2), (0, 2)]);
+        let mut p = fields(&[(0, 2), (1, 2)]);
         p.extend_from_slice(json.as_bytes());
         p.push(0);
         self.call(CMD_VERSION, &p).ok()
