@@ -468,6 +468,82 @@ pub fn skiff_remote_bin() -> PathBuf {
     bin
 }
 
+/// Path of the `skiff-testdev` binary (the vfio-user test device) of the same build profile
+/// (built because the `testdev` package has integration tests of its own).
+pub fn testdev_bin() -> PathBuf {
+    let bin = skiff_bin().with_file_name("skiff-testdev");
+    assert!(
+        bin.exists(),
+        "{} not found: run the tests with `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `skiff-testdev` serving one vfio-user client on a socket; killed when dropped.
+pub struct TestDevice {
+    /// Its socket.
+    pub socket: PathBuf,
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl TestDevice {
+    /// Start a device named `id` on `dir/id.sock` (with `args` added) and wait for its socket.
+    pub fn start(dir: &Path, id: &str, args: &[&str]) -> Self {
+        let socket = dir.join(format!("{id}.sock"));
+        let log = dir.join(format!("{id}.log"));
+        let child = Command::new(testdev_bin())
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--id")
+            .arg(id)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("testdev log"))
+            .spawn()
+            .expect("spawn skiff-testdev");
+        wait_for_path(&socket, Duration::from_secs(10));
+        Self { socket, child, log }
+    }
+
+    /// The `--user-device` option for this device, with `extra` options appended.
+    pub fn option(&self, extra: &str) -> String {
+        format!("socket={}{extra}", self.socket.display())
+    }
+
+    /// Kill the device process (a device that dies under a running VM).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Wait for the device to exit on its own (its client disconnected); its exit status and log.
+    pub fn wait(&mut self, timeout: Duration) -> (Option<i32>, String) {
+        let deadline = Instant::now() + timeout;
+        let code = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (code, std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+}
+
+impl Drop for TestDevice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Run `skiff-remote --api-socket SOCKET args...`; returns (exit code, stdout, stderr).
 pub fn remote(socket: &Path, args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(skiff_remote_bin())
