@@ -893,6 +893,8 @@ mod tests {
 
     use crate::interrupt::fake::FakeInterruptManager;
 
+    type FailureHook = Arc<dyn Fn(&str) + Send + Sync>;
+
     /// A device answering from memory: config space, BAR0 (4 KiB registers, MSI-X table at 0x800,
     /// PBA at 0xc00) and BAR2 (64 KiB, mappable from a memfd); records interrupt set-up.
     #[derive(Default)]
@@ -902,7 +904,7 @@ mod tests {
         irqs: Mutex<BTreeMap<(u32, u32), Option<EventFd>>>,
         unmask: Mutex<Option<i32>>,
         failing: AtomicBool,
-        hook: Mutex<Option<Arc<dyn Fn(&str) + Send + Sync>>>,
+        hook: Mutex<Option<FailureHook>>,
         memfd: Option<Arc<std::fs::File>>,
     }
 
