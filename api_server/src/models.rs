@@ -45,6 +45,10 @@ pub struct DeviceInfo {
     pub kind: String,
     /// PCI address `segment:bus:device.function`, e.g. `0000:00:01.0`.
     pub pci_address: String,
+    /// Passthrough devices: `backend` (`vfio-user`, `vfio-group`, `vfio-iommufd`), `socket`, or
+    /// `host_device` and `iommu_group`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub details: std::collections::BTreeMap<String, String>,
 }
 
 /// The `vm.info` response.

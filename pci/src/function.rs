@@ -123,6 +123,11 @@ pub trait PciFunction: PciDevice + BusDevice + Migratable + Send {
     fn handle_intx_resample(&self) -> io::Result<()> {
         Ok(())
     }
+    /// What `vm.info` shows about the function beyond its kind and address, as `(key, value)`
+    /// (a passthrough device: its backend, socket or host device and IOMMU group).
+    fn details(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
     /// I/O counters for `vm.counters` as `(name, value)`.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()

@@ -256,10 +256,17 @@ impl Vmm {
                             vm.pci_devices()
                                 .devices()
                                 .into_iter()
-                                .map(|(id, kind, slot, _)| DeviceInfo {
+                                .map(|(id, kind, slot, dev)| DeviceInfo {
                                     id,
                                     kind: kind.to_string(),
                                     pci_address: format!("0000:00:{slot:02x}.0"),
+                                    details: dev
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .details()
+                                        .into_iter()
+                                        .map(|(k, v)| (k.to_string(), v))
+                                        .collect(),
                                 })
                                 .collect()
                         })

@@ -200,6 +200,11 @@ pub trait DmaHandler: Send + Sync {
 pub trait VfioBackend: Send + Sync {
     /// `vfio-user`, `vfio-group` or `vfio-iommufd`, for `vm.info`.
     fn kind(&self) -> &'static str;
+    /// Where the device is, for `vm.info`: `socket` (vfio-user), `host_device` and
+    /// `iommu_group` (kernel VFIO).
+    fn describe(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
     /// The device's info.
     fn device_info(&self) -> Result<DeviceInfo, VfioError>;
     /// Region `index`'s info.

@@ -860,6 +860,12 @@ impl PciFunction for VfioPciDevice {
         None
     }
 
+    fn details(&self) -> Vec<(&'static str, String)> {
+        let mut d = vec![("backend", self.backend.kind().to_string())];
+        d.extend(self.backend.describe());
+        d
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let s = &self.stats;
         vec![

@@ -141,7 +141,8 @@ fn a_dying_device_leaves_the_vm_running_and_snapshots_are_refused() {
     assert!(
         info.contains("\"accel0\"")
             && info.contains("\"vfio-user\"")
-            && info.contains("0000:00:01.0"),
+            && info.contains("0000:00:01.0")
+            && info.contains(&td.socket.display().to_string()),
         "{info}"
     );
 

@@ -135,7 +135,13 @@ impl VfioGroupSet {
             }
             e => device_open_error(&bdf, "opening the device in its group", e),
         })?;
-        let dev = KernelVfioDevice::new("vfio-group", bdf, device, ctx, prepared.binding)?;
+        let dev = KernelVfioDevice::new(
+            "vfio-group",
+            (bdf, prepared.group.id),
+            device,
+            ctx,
+            prepared.binding,
+        )?;
         Ok(Arc::new(dev))
     }
 }

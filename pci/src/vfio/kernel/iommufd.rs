@@ -127,7 +127,13 @@ impl IommufdSet {
         let ops: Arc<dyn VfioOps> = ctx.space().vfio.clone();
         let device = VfioDevice::new(&prepared.device.path, ops, true)
             .map_err(|e| device_open_error(&bdf, "binding the device to iommufd", e))?;
-        let dev = KernelVfioDevice::new("vfio-iommufd", bdf, device, ctx, prepared.binding)?;
+        let dev = KernelVfioDevice::new(
+            "vfio-iommufd",
+            (bdf, prepared.group.id),
+            device,
+            ctx,
+            prepared.binding,
+        )?;
         Ok(Arc::new(dev))
     }
 }

@@ -331,6 +331,7 @@ struct Region {
 pub struct KernelVfioDevice {
     kind: &'static str,
     bdf: String,
+    group: u32,
     info: DeviceInfo,
     regions: Vec<Option<Region>>,
     dma: Arc<dyn DmaMapper>,
@@ -367,7 +368,7 @@ impl KernelVfioDevice {
     /// Wraps a device vfio-ioctls opened: reads its info and regions.
     pub(crate) fn new(
         kind: &'static str,
-        bdf: String,
+        (bdf, group): (String, u32),
         device: VfioDevice,
         dma: Arc<dyn DmaMapper>,
         binding: ManagedBinding,
@@ -390,6 +391,7 @@ impl KernelVfioDevice {
         Ok(KernelVfioDevice {
             kind,
             bdf,
+            group,
             info,
             regions,
             dma,
@@ -542,6 +544,13 @@ fn get_region_info(device: &VfioDevice, index: u32) -> Result<Region, VfioError>
 impl VfioBackend for KernelVfioDevice {
     fn kind(&self) -> &'static str {
         self.kind
+    }
+
+    fn describe(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("host_device", self.bdf.clone()),
+            ("iommu_group", self.group.to_string()),
+        ]
     }
 
     fn device_info(&self) -> Result<DeviceInfo, VfioError> {

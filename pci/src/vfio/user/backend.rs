@@ -43,6 +43,7 @@ fn mismatch(what: &'static str, reason: String) -> VfioError {
 /// A device reached over the vfio-user protocol.
 pub struct VfioUserBackend {
     client: Client,
+    socket: Option<std::path::PathBuf>,
 }
 
 impl VfioUserBackend {
@@ -50,6 +51,7 @@ impl VfioUserBackend {
     pub fn connect(path: &Path, options: ClientOptions) -> Result<Self, VfioError> {
         Ok(VfioUserBackend {
             client: Client::connect(path, options)?,
+            socket: Some(path.to_path_buf()),
         })
     }
 
@@ -57,6 +59,7 @@ impl VfioUserBackend {
     pub fn from_stream(stream: UnixStream, options: ClientOptions) -> Result<Self, VfioError> {
         Ok(VfioUserBackend {
             client: Client::from_stream(stream, options)?,
+            socket: None,
         })
     }
 
@@ -184,6 +187,13 @@ impl VfioUserBackend {
 impl VfioBackend for VfioUserBackend {
     fn kind(&self) -> &'static str {
         "vfio-user"
+    }
+
+    fn describe(&self) -> Vec<(&'static str, String)> {
+        self.socket
+            .iter()
+            .map(|p| ("socket", p.display().to_string()))
+            .collect()
     }
 
     fn device_info(&self) -> Result<DeviceInfo, VfioError> {
