@@ -86,6 +86,7 @@ impl FakeVm {
                         },
                         id,
                         pci_address: format!("0000:00:{:02x}.0", i + 1),
+                        details: Default::default(),
                     })
                     .collect();
                 return ApiReply::json(&VmInfo {
