@@ -681,6 +681,8 @@ mod tests {
     use pci::VirtioPciDevice;
     use vm_memory::GuestAddress;
 
+    use pci::{MappedArea, PciFunction, PciFunctionError};
+
     /// A VM with an irqchip, its PCI bus and buses, and the function manager under test.
     fn new_pci_devices() -> Option<(Arc<Mutex<PciBus>>, Arc<Bus>, PciDevices)> {
         let kvm = crate::testing::require_kvm()?;
@@ -811,6 +813,152 @@ mod tests {
             Ok(())
         }
         fn reset(&mut self) {}
+    }
+
+    /// A function with one 64 KiB memory BAR whose second half is host memory (a memfd) mapped
+    /// into the guest, like a passthrough BAR with a sparse-mmap area.
+    struct MappedFn {
+        config: pci::PciConfiguration,
+        file: Arc<std::fs::File>,
+        bar_move: Option<BarMove>,
+        trapped: Arc<Mutex<Vec<u64>>>,
+    }
+
+    impl pci::PciDevice for MappedFn {
+        fn config_read(&mut self, reg_idx: usize) -> u32 {
+            self.config.read_reg(reg_idx)
+        }
+        fn config_write(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
+            if let Some(m) = self.config.write_reg(reg_idx, offset, data) {
+                self.bar_move = Some(m);
+            }
+        }
+        fn id(&self) -> String {
+            "mapped0".into()
+        }
+        fn take_bar_move(&mut self) -> Option<BarMove> {
+            self.bar_move.take()
+        }
+    }
+
+    impl devices::bus::BusDevice for MappedFn {
+        fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+            self.trapped.lock().unwrap().push(offset);
+            data.fill(0x5a);
+        }
+        fn write(&mut self, _base: u64, offset: u64, _data: &[u8]) {
+            self.trapped.lock().unwrap().push(offset);
+        }
+    }
+
+    impl migration::Pausable for MappedFn {}
+    impl Snapshottable for MappedFn {
+        fn id(&self) -> String {
+            "mapped0".into()
+        }
+        fn snapshot(&mut self) -> Result<StateSection, StateError> {
+            Ok(StateSection {
+                id: "mapped0".into(),
+                version: 1,
+                data: Vec::new(),
+            })
+        }
+        fn restore(&mut self, _: &StateSection) -> Result<(), StateError> {
+            Ok(())
+        }
+    }
+    impl migration::Migratable for MappedFn {}
+
+    impl PciFunction for MappedFn {
+        fn kind(&self) -> &'static str {
+            "mapped"
+        }
+        fn bar_requests(&self) -> Vec<pci::BarRequest> {
+            vec![pci::BarRequest {
+                index: 0,
+                size: 0x10000,
+                kind: BarKind::Mem64 { prefetchable: true },
+                mapped: vec![MappedArea {
+                    bar_offset: 0x8000,
+                    len: 0x8000,
+                    fd: self.file.clone(),
+                    fd_offset: 0,
+                    writable: true,
+                }],
+            }]
+        }
+        fn set_bar(&mut self, index: usize, addr: u64) -> Result<(), PciFunctionError> {
+            self.config
+                .set_bar_address(index, addr)
+                .map_err(|source| PciFunctionError::Config {
+                    id: "mapped0".into(),
+                    source,
+                })
+        }
+        fn bar_address(&self, index: usize) -> Option<u64> {
+            self.config.bar_address(index)
+        }
+    }
+
+    #[test]
+    fn mapped_bar_areas_get_kvm_slots_and_follow_guest_moves() {
+        let Some((pci_bus, mmio, mut pd)) = new_pci_devices() else {
+            return;
+        };
+        let file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+        file.set_len(0x8000).unwrap();
+        let header = pci::PciHeader {
+            vendor_id: 0x1b36,
+            device_id: 0x0f5f,
+            revision_id: 0,
+            class_code: 0xff,
+            subclass: 0,
+            prog_if: 0,
+            subsystem_vendor_id: 0,
+            subsystem_id: 0,
+            multifunction: false,
+        };
+        let mut config = pci::PciConfiguration::new(&header, pci::ConfigSpaceSize::Legacy);
+        let kind = BarKind::Mem64 { prefetchable: true };
+        config.add_bar(0, 0x10000, kind, 0).unwrap();
+        let trapped = Arc::new(Mutex::new(Vec::new()));
+        let f = Arc::new(Mutex::new(MappedFn {
+            config,
+            file: Arc::new(file),
+            bar_move: None,
+            trapped: trapped.clone(),
+        }));
+        let info = pd.add("mapped0", PciAddress::new(3).unwrap(), f).unwrap();
+        let base = info.bars[0].1;
+        // The mapped half is a KVM slot after the RAM slots (first_kvm_slot = 1 here); the BAR
+        // window is published for the DMA path.
+        assert_eq!(pd.mapped_areas(), [(1, base + 0x8000, 0x8000)]);
+        assert_eq!(pd.bar_windows().read().unwrap()[0].start, base);
+        // The trapped half reaches the function through the MMIO bus.
+        let mut b = [0u8; 4];
+        mmio.read(base + 0x10, &mut b).unwrap();
+        assert_eq!(b, [0x5a; 4]);
+        assert_eq!(*trapped.lock().unwrap(), [0x10]);
+        // The guest moves the BAR (64-bit: low then high dword): the slot and the trapped range
+        // follow, the window too.
+        let new_base = 0x20_0000_0000u64;
+        {
+            let bus = pci_bus.lock().unwrap();
+            bus.config_write(0, 3, 0, 4, 0, &((new_base as u32) | 0xc).to_le_bytes());
+            bus.config_write(0, 3, 0, 5, 0, &((new_base >> 32) as u32).to_le_bytes());
+        }
+        assert_eq!(pd.mapped_areas(), [(1, new_base + 0x8000, 0x8000)]);
+        assert!(mmio.read(base + 0x10, &mut b).is_err());
+        mmio.read(new_base + 0x20, &mut b).unwrap();
+        assert_eq!(pd.bar_windows().read().unwrap()[0].start, new_base);
+        // Parked at 0 (how guests disable a BAR): nothing decodes, no slot is mapped.
+        {
+            let bus = pci_bus.lock().unwrap();
+            bus.config_write(0, 3, 0, 4, 0, &0xcu32.to_le_bytes());
+            bus.config_write(0, 3, 0, 5, 0, &0u32.to_le_bytes());
+        }
+        assert!(pd.mapped_areas().is_empty());
+        assert!(pd.bar_windows().read().unwrap().is_empty());
     }
 
     #[test]
