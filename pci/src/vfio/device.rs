@@ -30,6 +30,7 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::*;
+use super::msi::{find_msi, Msi, MsiChange};
 use crate::configuration::{
     BarKind, BarMove, ConfigSpaceSize, PciConfigError, PciConfiguration, PciHeader, CAP_ID_MSIX,
     COMMAND_STATUS_REG, NUM_BAR_REGS,
@@ -131,6 +132,7 @@ pub struct VfioPciDevice {
     config: PciConfiguration,
     bars: Vec<VfioBar>,
     msix: Option<Msix>,
+    msi: Option<Msi>,
     intx: Option<IntxLine>,
     intx_on_device: bool,
     pending_bar_move: Option<BarMove>,
@@ -262,6 +264,27 @@ impl VfioPciDevice {
             )?),
             None => None,
         };
+        let msi = match find_msi(&cfg, MAX_CAPABILITIES) {
+            Some(capable) => {
+                let count = backend
+                    .irq_info(VFIO_PCI_MSI_IRQ_INDEX)
+                    .map(|i| i.count)
+                    .unwrap_or(0);
+                if count == 0 {
+                    None
+                } else {
+                    Some(
+                        Msi::new(&mut config, capable.min(count), interrupts.clone()).map_err(
+                            |e| VfioPciError::Unsupported {
+                                id: id.to_string(),
+                                reason: e.to_string(),
+                            },
+                        )?,
+                    )
+                }
+            }
+            None => None,
+        };
         let intx_count = backend
             .irq_info(VFIO_PCI_INTX_IRQ_INDEX)
             .map(|i| i.count)
@@ -287,6 +310,7 @@ impl VfioPciDevice {
             config,
             bars,
             msix,
+            msi,
             intx,
             intx_on_device: false,
             pending_bar_move: None,
@@ -310,7 +334,7 @@ impl VfioPciDevice {
         }));
         dev.enable_intx().map_err(be)?;
         log::info!(
-            "{id}: {} {:04x}:{:04x}, BARs {:?}, MSI-X {}, INTx {}",
+            "{id}: {} {:04x}:{:04x}, BARs {:?}, MSI-X {}, MSI {}, INTx {}",
             dev.backend.kind(),
             header.vendor_id,
             header.device_id,
@@ -319,6 +343,7 @@ impl VfioPciDevice {
                 .map(|b| (b.index, b.size))
                 .collect::<Vec<_>>(),
             dev.msix.as_ref().map_or(0, |m| m.config.num_vectors()),
+            dev.msi.as_ref().map_or(0, |m| m.max_vectors()),
             dev.intx.is_some()
         );
         Ok(dev)
@@ -550,8 +575,10 @@ impl VfioPciDevice {
                 );
             }
             if !enabled {
-                if let Err(e) = self.enable_intx() {
-                    log::warn!("{}: cannot re-enable INTx: {e}", self.id);
+                if !self.msi.as_ref().is_some_and(Msi::enabled) {
+                    if let Err(e) = self.enable_intx() {
+                        log::warn!("{}: cannot re-enable INTx: {e}", self.id);
+                    }
                 }
                 return;
             }
@@ -582,6 +609,57 @@ impl VfioPciDevice {
             // What the device signalled while the vector was parked is delivered now.
             if want && m.parking[i].read().is_ok_and(|n| n > 0) {
                 let _ = m.config.trigger(v);
+            }
+        }
+    }
+
+    /// Bring the device's MSI eventfds in line with the emulated capability.
+    fn sync_msi(&mut self) {
+        let Some(m) = self.msi.as_mut() else { return };
+        let mut intx_back = false;
+        match m.sync(&self.config) {
+            MsiChange::None => {}
+            MsiChange::Enable => {
+                if self.intx_on_device {
+                    if let Err(e) = self.backend.disable_irqs(VFIO_PCI_INTX_IRQ_INDEX) {
+                        log::warn!("{}: cannot disable INTx: {e}", self.id);
+                    }
+                    self.intx_on_device = false;
+                }
+                let n = m.enabled_vectors();
+                let fds: Vec<Option<&EventFd>> = (0..n).map(|v| Some(m.device_fd(v))).collect();
+                if let Err(e) = self
+                    .backend
+                    .set_irq_eventfds(VFIO_PCI_MSI_IRQ_INDEX, 0, &fds)
+                {
+                    log::warn!("{}: MSI enable: {e}", self.id);
+                }
+                for v in 0..n {
+                    m.deliver_pending(v);
+                }
+            }
+            MsiChange::Disable => {
+                if let Err(e) = self.backend.disable_irqs(VFIO_PCI_MSI_IRQ_INDEX) {
+                    log::warn!("{}: MSI disable: {e}", self.id);
+                }
+                intx_back = !self.msix.as_ref().is_some_and(|x| x.on_device);
+            }
+            MsiChange::Vectors(vs) => {
+                for v in vs {
+                    let fd = m.device_fd(v);
+                    if let Err(e) =
+                        self.backend
+                            .set_irq_eventfds(VFIO_PCI_MSI_IRQ_INDEX, v, &[Some(fd)])
+                    {
+                        log::warn!("{}: MSI vector {v}: {e}", self.id);
+                    }
+                    m.deliver_pending(v);
+                }
+            }
+        }
+        if intx_back {
+            if let Err(e) = self.enable_intx() {
+                log::warn!("{}: cannot re-enable INTx: {e}", self.id);
             }
         }
     }
@@ -681,6 +759,12 @@ fn carve(area: SparseArea, holes: &[(u64, u64)]) -> Vec<SparseArea> {
 
 impl PciDevice for VfioPciDevice {
     fn config_read(&mut self, reg_idx: usize) -> u32 {
+        if let Some(m) = self.msi.as_mut() {
+            if m.pending_reg() == reg_idx {
+                let bits = m.pending_bits();
+                self.config.set_reg(reg_idx, bits);
+            }
+        }
         self.config.read_reg(reg_idx)
     }
 
@@ -690,6 +774,9 @@ impl PciDevice for VfioPciDevice {
         }
         if reg_idx == COMMAND_STATUS_REG {
             self.forward_command();
+        }
+        if self.msi.as_ref().is_some_and(|m| m.owns(reg_idx)) {
+            self.sync_msi();
         }
         if self.msix.as_ref().is_some_and(|m| m.cap_reg == reg_idx) {
             let control = (self.config.read_reg(reg_idx) >> 16) as u16;
@@ -884,7 +971,11 @@ impl Drop for VfioPciDevice {
         if self.failed() {
             return;
         }
-        for index in [VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX] {
+        for index in [
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            VFIO_PCI_MSI_IRQ_INDEX,
+            VFIO_PCI_INTX_IRQ_INDEX,
+        ] {
             let _ = self.backend.disable_irqs(index);
         }
     }
@@ -925,6 +1016,9 @@ mod tests {
             cfg[0x34] = 0x40;
             cfg[0x3d] = 1;
             cfg[0x40] = CAP_ID_MSIX;
+            cfg[0x41] = 0x50;
+            cfg[0x50] = crate::configuration::CAP_ID_MSI;
+            cfg[0x52] = 1 << 1; // Multiple Message Capable: 2 vectors, 32-bit, no masking
             cfg[0x42..0x44].copy_from_slice(&1u16.to_le_bytes());
             cfg[0x44..0x48].copy_from_slice(&0x800u32.to_le_bytes());
             cfg[0x48..0x4c].copy_from_slice(&0xc00u32.to_le_bytes());
@@ -992,6 +1086,7 @@ mod tests {
                 flags: 1,
                 count: match index {
                     VFIO_PCI_INTX_IRQ_INDEX => 1,
+                    VFIO_PCI_MSI_IRQ_INDEX => 2,
                     VFIO_PCI_MSIX_IRQ_INDEX => 2,
                     _ => 0,
                 },
@@ -1081,11 +1176,16 @@ mod tests {
         assert_eq!(dev.config_read(0), 0x0f5f_1b36);
         assert_eq!(dev.config_read(2) >> 24, 0xff);
         assert_eq!((dev.config_read(15) >> 8) & 0xff, 1, "INTA#");
-        // Only the MSI-X capability is shown.
+        // Only the emulated MSI-X and MSI capabilities are shown.
         let cap = (dev.config_read(13) & 0xfc) as usize;
         assert_eq!(dev.config_read(cap / 4) & 0xff, u32::from(CAP_ID_MSIX));
+        let next = ((dev.config_read(cap / 4) >> 8) & 0xfc) as usize;
         assert_eq!(
-            (dev.config_read(cap / 4) >> 8) & 0xff,
+            dev.config_read(next / 4) & 0xff,
+            u32::from(crate::configuration::CAP_ID_MSI)
+        );
+        assert_eq!(
+            (dev.config_read(next / 4) >> 8) & 0xff,
             0,
             "no other capability"
         );
@@ -1120,6 +1220,71 @@ mod tests {
             .unwrap()
             .contains_key(&(VFIO_PCI_INTX_IRQ_INDEX, 0)));
         assert!(backend.unmask.lock().unwrap().is_some());
+    }
+
+    /// The MSI capability's register index in the guest's view.
+    fn msi_reg(dev: &mut VfioPciDevice) -> usize {
+        let mut cap = (dev.config_read(13) & 0xfc) as usize;
+        while dev.config_read(cap / 4) & 0xff != u32::from(crate::configuration::CAP_ID_MSI) {
+            cap = ((dev.config_read(cap / 4) >> 8) & 0xfc) as usize;
+            assert_ne!(cap, 0, "no MSI capability");
+        }
+        cap / 4
+    }
+
+    #[test]
+    fn msi_vectors_masking_pending_and_back_to_intx() {
+        let (backend, im, mut dev) = device();
+        let r = msi_reg(&mut dev);
+        let control = (dev.config_read(r) >> 16) as u16;
+        assert_eq!(control & 0x0e, 1 << 1, "2 vectors capable");
+        assert_ne!(control & (1 << 7), 0, "64-bit");
+        assert_ne!(control & (1 << 8), 0, "per-vector masking (emulated)");
+        dev.config_write(r + 1, 0, &0xfee0_0000u32.to_le_bytes());
+        dev.config_write(r + 2, 0, &0u32.to_le_bytes());
+        dev.config_write(r + 3, 0, &0x60u32.to_le_bytes());
+        dev.config_write(r + 4, 0, &0b10u32.to_le_bytes()); // vector 1 masked
+                                                            // Enable with 2 vectors (MME = 1).
+        dev.config_write(r, 2, &((1u16 << 4) | 1).to_le_bytes());
+        let signal = |v: u32| {
+            let irqs = backend.irqs.lock().unwrap();
+            irqs[&(VFIO_PCI_MSI_IRQ_INDEX, v)]
+                .as_ref()
+                .unwrap()
+                .write(1)
+                .unwrap();
+        };
+        assert!(
+            !backend
+                .irqs
+                .lock()
+                .unwrap()
+                .contains_key(&(VFIO_PCI_INTX_IRQ_INDEX, 0)),
+            "INTx is off while MSI is on"
+        );
+        // MSI-X took the first two GSIs; MSI vectors are the next two.
+        signal(0);
+        assert_eq!(im.fired(2), 1, "vector 0 reaches KVM directly");
+        signal(1);
+        assert_eq!(im.fired(3), 0, "masked vector 1 is held");
+        assert_eq!(dev.config_read(r + 5), 0b10, "pending bit of vector 1");
+        dev.config_write(r + 4, 0, &0u32.to_le_bytes());
+        assert_eq!(im.fired(3), 1, "delivered on unmask");
+        assert_eq!(dev.config_read(r + 5), 0);
+        signal(1);
+        assert_eq!(im.fired(3), 1);
+        // Routes: vector v carries data | v.
+        let routes = im.routes.lock().unwrap().clone();
+        let gsis: Vec<_> = routes.values().copied().collect();
+        assert!(
+            gsis.contains(&(0xfee0_0000, 0x60)) && gsis.contains(&(0xfee0_0000, 0x61)),
+            "{routes:?}"
+        );
+        // Disable: MSI off on the device, INTx back.
+        dev.config_write(r, 2, &(1u16 << 4).to_le_bytes());
+        let irqs = backend.irqs.lock().unwrap();
+        assert!(!irqs.keys().any(|(i, _)| *i == VFIO_PCI_MSI_IRQ_INDEX));
+        assert!(irqs.contains_key(&(VFIO_PCI_INTX_IRQ_INDEX, 0)));
     }
 
     #[test]
