@@ -19,7 +19,9 @@
 //!
 //! Run with `cargo bench -p vmm --bench passthrough`. It needs `skiff-testdev` next to `skiff`
 //! (target/<profile>/); when it is missing this program builds it with the same profile.
-//! `SKIFF_BENCH_QUICK=1` runs fewer iterations; `SKIFF_TESTDEV` points at another binary.
+//! The guest part runs `SKIFF_BENCH_RUNS` times (default 3, a fresh VM and devices each time) and
+//! prints medians over the runs with their spread. `SKIFF_BENCH_QUICK=1` runs one short guest
+//! run; `SKIFF_TESTDEV` points at another `skiff-testdev` binary.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -274,10 +276,9 @@ fn tsc_rate(run: &GuestRun) -> (f64, String) {
     let guest = (g1 - g0) as f64 / secs;
     let host = (h1 - h0) as f64 / secs;
     let mut how = format!(
-        "guest rdtsc against this process's wall clock between the guest's first and last \
-         tsc-mark lines ({secs:.1} s apart): {:.4} GHz;\n     cross-checks: host rdtsc over the same \
-         interval {:.4} GHz ({:+.0} ppm)",
-        guest / 1e9,
+        "guest rdtsc against this process's wall clock over the {secs:.2} s between the guest's \
+         first and last tsc-mark lines;\n     cross-checks: host rdtsc over the same interval \
+         {:.4} GHz ({:+.0} ppm)",
         host / 1e9,
         (host / guest - 1.0) * 1e6
     );
@@ -300,38 +301,76 @@ fn tsc_rate(run: &GuestRun) -> (f64, String) {
     (guest, how)
 }
 
-fn ns(cycles: f64, hz: f64) -> f64 {
-    cycles / hz * 1e9
+/// One row over all runs: each run's line of `what`/`kind`, with that run's TSC rate.
+struct Row<'a> {
+    lines: Vec<(&'a Line, f64)>,
 }
 
-fn print_guest(run: &GuestRun, hz: f64) {
-    let find = |what: &str, kind: &str| {
-        run.lines
+impl Row<'_> {
+    fn find<'a>(runs: &'a [(GuestRun, f64)], what: &str, kind: &str) -> Option<Row<'a>> {
+        let lines: Vec<(&Line, f64)> = runs
             .iter()
-            .find(|l| l.what == what && l.kind() == kind)
-    };
-    let any = run.lines.iter().find(|l| l.what == "access");
+            .filter_map(|(r, hz)| {
+                r.lines
+                    .iter()
+                    .find(|l| l.what == what && l.kind() == kind)
+                    .map(|l| (l, *hz))
+            })
+            .collect();
+        (!lines.is_empty()).then_some(Row { lines })
+    }
+
+    /// `f` of every run (cycles converted by `f` itself with the run's TSC rate).
+    fn each(&self, f: impl Fn(&Line, f64) -> f64) -> Vec<f64> {
+        self.lines.iter().map(|(l, hz)| f(l, *hz)).collect()
+    }
+
+    /// Median over the runs of field `k`, in ns.
+    fn ns(&self, k: &str) -> f64 {
+        median(&mut self.each(|l, hz| l.get(k) / hz * 1e9))
+    }
+
+    /// Median over the runs of field `k`, in cycles.
+    fn cycles(&self, k: &str) -> f64 {
+        median(&mut self.each(|l, _| l.get(k)))
+    }
+
+    /// `lo-hi` of the runs' values of `f` (formatted with `prec` decimals), or `-` for one run.
+    fn spread(&self, prec: usize, f: impl Fn(&Line, f64) -> f64) -> String {
+        let v = self.each(f);
+        if v.len() < 2 {
+            return "-".into();
+        }
+        let lo = v.iter().cloned().fold(f64::MAX, f64::min);
+        let hi = v.iter().cloned().fold(f64::MIN, f64::max);
+        format!("{lo:.prec$}-{hi:.prec$}")
+    }
+}
+
+fn print_guest(runs: &[(GuestRun, f64)]) {
+    let nruns = runs.len();
+    let first = &runs[0].0;
+    let any = first.lines.iter().find(|l| l.what == "access");
     let (n, batches) = any
         .map(|l| (l.get("n"), l.get("batches")))
         .unwrap_or_default();
     println!();
     println!(
-        "1. one guest access, cycles and ns per access (median / mean / min over {batches} batches of {n})"
+        "1. one guest access (per access; median/mean over {batches} batches of {n} in each run, \
+         then the median over the {nruns} runs; \"runs\": the runs' medians, lo-hi)"
     );
     println!(
-        "   {:<52} {:>9} {:>9} {:>9}   {:>9} {:>9}",
-        "", "median", "mean", "min", "median ns", "mean ns"
+        "   {:<50} {:>9} {:>9} {:>9} {:>9} {:>15}",
+        "", "median", "mean", "min", "cycles", "runs ns"
+    );
+    println!(
+        "   {:<50} {:>9} {:>9} {:>9} {:>9}",
+        "", "ns", "ns", "ns", "median"
     );
     let rows = [
-        (
-            "ram-read",
-            "guest RAM read (the floor: emulated guest code)",
-        ),
+        ("ram-read", "guest RAM read (floor: emulated guest code)"),
         ("bar2-read", "testdev BAR 2 read (mapped device memory)"),
-        (
-            "virtio-common-read",
-            "virtio common-config read (skiff, in-process)",
-        ),
+        ("virtio-common-read", "virtio common-config read (in skiff)"),
         ("virtio-kick", "virtio queue notify (ioeventfd kick)"),
         (
             "testdev-reg-read",
@@ -344,16 +383,21 @@ fn print_guest(run: &GuestRun, hz: f64) {
     ];
     let mut med = HashMap::new();
     for (kind, name) in rows {
-        let Some(l) = find("access", kind) else {
-            println!("   {name:<52} (not measured)");
+        let Some(r) = Row::find(runs, "access", kind) else {
+            println!("   {name:<50} (not measured)");
             continue;
         };
-        let (m, a, lo) = (l.get("median"), l.get("mean"), l.get("min"));
+        let m = r.ns("median");
         med.insert(kind, m);
+        let lo = r
+            .each(|l, hz| l.get("min") / hz * 1e9)
+            .into_iter()
+            .fold(f64::MAX, f64::min);
         println!(
-            "   {name:<52} {m:>9.0} {a:>9.0} {lo:>9.0}   {:>9.0} {:>9.0}",
-            ns(m, hz),
-            ns(a, hz)
+            "   {name:<50} {m:>9.0} {:>9.0} {lo:>9.0} {:>9.0} {:>15}",
+            r.ns("mean"),
+            r.cycles("median"),
+            r.spread(0, |l, hz| l.get("median") / hz * 1e9)
         );
     }
     if let (Some(v), Some(c), Some(k)) = (
@@ -362,8 +406,8 @@ fn print_guest(run: &GuestRun, hz: f64) {
         med.get("virtio-kick"),
     ) {
         println!(
-            "   ratios (medians): vfio-user register read = {:.1}x the in-process register read, \
-             {:.1}x the ioeventfd kick; in-process read = {:.1}x the kick",
+            "   ratios (medians): vfio-user register read = {:.1}x the in-skiff register read \
+             = {:.1}x the ioeventfd kick; in-skiff read = {:.1}x the kick",
             v / c,
             v / k,
             c / k
@@ -372,56 +416,66 @@ fn print_guest(run: &GuestRun, hz: f64) {
 
     println!();
     println!(
-        "2. DMA command streams (at most {WINDOW} commands in flight; requests = DMA_WRITEs to skiff, \
-         commands x ceil(len / 1 MiB))"
+        "2. DMA command streams, at most {WINDOW} commands in flight (median over the runs; \
+         requests = DMA_WRITEs to skiff = commands x ceil(len / 1 MiB))"
     );
     println!(
-        "   {:<44} {:>6} {:>9} {:>10} {:>13} {:>9}",
-        "", "cmds", "ms", "cmds/s", "DMA_WRITE/s", "MB/s"
+        "   {:<40} {:>6} {:>9} {:>9} {:>12} {:>8} {:>13}",
+        "", "cmds", "ms", "cmds/s", "DMA_WRITE/s", "MB/s", "runs MB/s"
     );
     let mut mbs = HashMap::new();
-    for l in run.lines.iter().filter(|l| l.what == "dma") {
-        let (len, cmds, cycles) = (l.get("len"), l.get("cmds"), l.get("cycles"));
-        let secs = cycles / hz;
-        let p2p = l.kind() == "p2p";
-        let requests = if p2p {
-            cmds * (len / MAX_XFER as f64).ceil()
-        } else {
-            0.0
-        };
-        let mb = cmds * len / secs / 1e6;
-        mbs.insert((l.kind().to_string(), len as u64), mb);
-        let name = if p2p {
-            format!("P2P_WRITE A -> B's BAR 2, {} KiB", len as u64 / 1024)
-        } else {
-            format!("WRITE_PATTERN into guest RAM, {} KiB", len as u64 / 1024)
-        };
-        println!(
-            "   {name:<44} {cmds:>6.0} {:>9.1} {:>10.0} {:>13} {mb:>9.1}",
-            secs * 1e3,
-            cmds / secs,
-            if p2p {
-                format!("{:.0}", requests / secs)
+    for len in [4096.0f64, 65536.0] {
+        for kind in ["p2p", "ram"] {
+            let Some(r) = runs
+                .iter()
+                .map(|(g, hz)| {
+                    g.lines
+                        .iter()
+                        .find(|l| l.what == "dma" && l.kind() == kind && l.get("len") == len)
+                        .map(|l| (l, *hz))
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(|lines| Row { lines })
+            else {
+                continue;
+            };
+            let cmds = r.cycles("cmds");
+            let secs = r.cycles("cycles") / r.lines[0].1;
+            let per_s = median(&mut r.each(|l, hz| l.get("cmds") / (l.get("cycles") / hz)));
+            let mb_of = |l: &Line, hz: f64| l.get("cmds") * len / (l.get("cycles") / hz) / 1e6;
+            let mb = median(&mut r.each(mb_of));
+            mbs.insert((kind, len as u64), mb);
+            let p2p = kind == "p2p";
+            let name = if p2p {
+                format!("P2P_WRITE A -> B's BAR 2, {} KiB", len as u64 / 1024)
+            } else {
+                format!("WRITE_PATTERN to guest RAM, {} KiB", len as u64 / 1024)
+            };
+            let requests = if p2p {
+                format!("{:.0}", per_s * (len / MAX_XFER as f64).ceil())
             } else {
                 "- (direct)".into()
-            }
-        );
-        if p2p {
+            };
             println!(
-                "   {:<44} (B counted {} REGION_WRITEs from skiff, A wrote {} bytes)",
-                "",
-                l.get("peer_writes"),
-                l.get("dma_written")
+                "   {name:<40} {cmds:>6.0} {:>9.1} {per_s:>9.0} {requests:>12} {mb:>8.1} {:>13}",
+                secs * 1e3,
+                r.spread(1, mb_of)
             );
+            if p2p {
+                let l = r.lines[0].0;
+                println!(
+                    "   {:<40} (run 1: B counted {} REGION_WRITEs from skiff, A wrote {} bytes)",
+                    "",
+                    l.get("peer_writes"),
+                    l.get("dma_written")
+                );
+            }
         }
     }
     for len in [4096u64, 65536] {
-        if let (Some(p), Some(r)) = (
-            mbs.get(&("p2p".to_string(), len)),
-            mbs.get(&("ram".to_string(), len)),
-        ) {
+        if let (Some(p), Some(r)) = (mbs.get(&("p2p", len)), mbs.get(&("ram", len))) {
             println!(
-                "   {} KiB: P2P through skiff reaches {:.0} % of the direct-DMA throughput",
+                "   {} KiB: P2P through skiff = {:.0} % of the direct-DMA throughput",
                 len / 1024,
                 p / r * 100.0
             );
@@ -429,36 +483,44 @@ fn print_guest(run: &GuestRun, hz: f64) {
     }
 
     println!();
-    let irq = find("irq", "msix");
-    let n = irq.map(|l| l.get("n")).unwrap_or_default();
-    println!("3. device -> guest completion of an 8-byte WRITE_PATTERN, from the doorbell write ({n} each)");
+    let n = Row::find(runs, "irq", "msix")
+        .map(|r| r.cycles("n"))
+        .unwrap_or_default();
     println!(
-        "   {:<52} {:>9} {:>9} {:>9} {:>9}   {:>9} {:>9}",
-        "", "median", "mean", "min", "max", "median us", "mean us"
+        "3. completion of an 8-byte WRITE_PATTERN into guest RAM, from the doorbell write \
+         ({n} per run; median over the runs)"
+    );
+    println!(
+        "   {:<50} {:>9} {:>9} {:>9} {:>9} {:>15}",
+        "", "median", "mean", "min", "max", "runs us"
+    );
+    println!(
+        "   {:<50} {:>9} {:>9} {:>9} {:>9}",
+        "", "us", "us", "us", "us"
     );
     for (kind, name) in [
         ("msix", "doorbell -> MSI-X handler entry"),
         ("poll", "doorbell -> REG_COMPLETED changed (polled)"),
-        (
-            "doorbell-write",
-            "the doorbell write alone (no interrupt enabled)",
-        ),
+        ("doorbell-write", "the doorbell write alone (no interrupt)"),
     ] {
-        if let Some(l) = find("irq", kind) {
-            let (m, a) = (l.get("median"), l.get("mean"));
+        if let Some(r) = Row::find(runs, "irq", kind) {
             println!(
-                "   {name:<52} {m:>9.0} {a:>9.0} {:>9.0} {:>9.0}   {:>9.1} {:>9.1}",
-                l.get("min"),
-                l.get("max"),
-                ns(m, hz) / 1e3,
-                ns(a, hz) / 1e3
+                "   {name:<50} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>15}",
+                r.ns("median") / 1e3,
+                r.ns("mean") / 1e3,
+                r.ns("min") / 1e3,
+                r.ns("max") / 1e3,
+                r.spread(1, |l, hz| l.get("median") / hz * 1e6)
             );
         }
     }
-    if let (Some(i), Some(p)) = (find("irq", "msix"), find("irq", "poll")) {
+    if let (Some(i), Some(p)) = (
+        Row::find(runs, "irq", "msix"),
+        Row::find(runs, "irq", "poll"),
+    ) {
         println!(
             "   interrupt / polling (medians): {:.2}x",
-            i.get("median") / p.get("median")
+            i.ns("median") / p.ns("median")
         );
     }
 }
@@ -552,7 +614,7 @@ fn main() {
     println!("  skiff-testdev: {}", testdev.display());
     println!(
         "  guest: built-in test guest, scenario=vfio-bench {params}; 1 vCPU, 512 MiB, \
-         two skiff-testdev (A = 00:01.0, B = 00:02.0) + virtio-rng"
+         two skiff-testdev (A, B) + virtio-rng; a fresh VM and devices per run"
     );
     if Path::new("/sys/module/kvm_pvm").exists() {
         println!(
@@ -560,15 +622,34 @@ fn main() {
              is slow, so guest-side figures are upper bounds dominated by emulation"
         );
     }
-    let run = run_guest(&skiff, &testdev, &dir.0, &params)
-        .unwrap_or_else(|(why, transcript)| fail(&why, &transcript, &dir.0));
-    let (hz, how) = tsc_rate(&run);
-    println!(
-        "  guest run: {:.1} s wall clock; TSC {:.4} GHz from {how}",
-        run.wall.as_secs_f64(),
-        hz / 1e9
-    );
-    print_guest(&run, hz);
+    let nruns: usize = std::env::var("SKIFF_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if quick() { 1 } else { 3 })
+        .max(1);
+    let mut runs = Vec::new();
+    for i in 0..nruns {
+        let run = run_guest(&skiff, &testdev, &dir.0, &params)
+            .unwrap_or_else(|(why, transcript)| fail(&why, &transcript, &dir.0));
+        let (hz, how) = tsc_rate(&run);
+        println!(
+            "  guest run {}: {:.1} s wall clock; TSC {:.4} GHz: {how}",
+            i + 1,
+            run.wall.as_secs_f64(),
+            hz / 1e9
+        );
+        if i == 0 {
+            if let Some(d) = run.lines.iter().find(|l| l.what == "devices") {
+                println!(
+                    "  devices: testdev A at {}, B at {}",
+                    d.kv.get("a").map(String::as_str).unwrap_or("?"),
+                    d.kv.get("b").map(String::as_str).unwrap_or("?")
+                );
+            }
+        }
+        runs.push((run, hz));
+    }
+    print_guest(&runs);
     dma_map_times(&testdev, &dir.0);
     println!();
     println!("whole benchmark: {:.1} s", started.elapsed().as_secs_f64());

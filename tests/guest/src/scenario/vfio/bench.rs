@@ -188,8 +188,10 @@ pub fn run(boot: &BootInfo) {
         Rng::init(t, None).unwrap_or_else(|e| bad("bench-rng", None, e))
     });
     println!(
-        "vfio-bench: devices testdev={} virtio-rng={}",
+        "vfio-bench: devices testdev={} a={} b={} virtio-rng={}",
         devs.len(),
+        a.name,
+        devs.get(1).map(|d| d.name.as_str()).unwrap_or("-"),
         rng.is_some() as u32
     );
 
