@@ -47,6 +47,14 @@ fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// The host's 1-minute load average (the machine is shared: the figures move with it).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn quick() -> bool {
     std::env::var_os("SKIFF_BENCH_QUICK").is_some()
 }
@@ -542,8 +550,8 @@ fn dma_map_times(testdev: &Path, dir: &Path) {
         "4. DMA_MAP / DMA_UNMAP of memfd-backed guest RAM into a skiff-testdev (host side, median of {reps})"
     );
     println!(
-        "   {:<10} {:>8} {:>12} {:>12} {:>12}",
-        "RAM", "regions", "map ms", "unmap ms", "map GiB/s"
+        "   {:<10} {:>8} {:>12} {:>12} {:>16}",
+        "RAM", "regions", "map ms", "unmap ms", "map us/region"
     );
     for (name, size) in [
         ("256 MiB", 256u64 << 20),
@@ -584,13 +592,16 @@ fn dma_map_times(testdev: &Path, dir: &Path) {
         }
         let m = median(&mut map);
         println!(
-            "   {name:<10} {:>8} {m:>12.3} {:>12.3} {:>12.0}",
+            "   {name:<10} {:>8} {m:>12.3} {:>12.3} {:>16.1}",
             mem.num_regions(),
             median(&mut unmap),
-            size as f64 / (1u64 << 30) as f64 / (m / 1e3)
+            m * 1e3 / mem.num_regions() as f64
         );
     }
-    println!("   (the server mmaps the memfd per region: the cost is per mapping, not per byte)");
+    println!(
+        "   (one DMA_MAP per RAM region, with the memfd; the server mmaps it lazily: the cost is \
+         per mapping, not per byte)"
+    );
 }
 
 fn main() {
@@ -615,6 +626,11 @@ fn main() {
     println!(
         "  guest: built-in test guest, scenario=vfio-bench {params}; 1 vCPU, 512 MiB, \
          two skiff-testdev (A, B) + virtio-rng; a fresh VM and devices per run"
+    );
+    println!(
+        "  host: {} CPUs, 1-minute load average {} at the start",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg()
     );
     if Path::new("/sys/module/kvm_pvm").exists() {
         println!(
@@ -652,5 +668,9 @@ fn main() {
     print_guest(&runs);
     dma_map_times(&testdev, &dir.0);
     println!();
-    println!("whole benchmark: {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "whole benchmark: {:.1} s; 1-minute load average {} at the end",
+        started.elapsed().as_secs_f64(),
+        loadavg()
+    );
 }
