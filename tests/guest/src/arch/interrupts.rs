@@ -25,9 +25,12 @@ static CLEAR_ADDR: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
 static CLEAR_VALUE: [AtomicU32; 256] = [const { AtomicU32::new(0) }; 256];
 static CLEAR_SEEN: [AtomicU32; 256] = [const { AtomicU32::new(0) }; 256];
 static MASK_PIN: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+/// TSC at the entry of the last interrupt handled (latency benchmarks): [`entry_tsc`].
+static ENTRY_TSC: AtomicU64 = AtomicU64::new(0);
 
 /// Called by the IDT stubs for vectors 32..=255 with interrupts disabled.
 pub extern "C" fn irq_dispatch(vector: u64) {
+    ENTRY_TSC.store(super::time::rdtsc(), Ordering::SeqCst);
     let v = (vector & 0xFF) as usize;
     // Plain load + store instead of a locked read-modify-write: only the BSP takes interrupts
     // and the handler is not reentrant (interrupt gate), so there is no concurrent writer.
@@ -64,6 +67,11 @@ pub extern "C" fn irq_dispatch(vector: u64) {
     if v != usize::from(SPURIOUS_VECTOR) {
         lapic::eoi();
     }
+}
+
+/// The TSC read when the dispatcher was entered for the last interrupt (any vector).
+pub fn entry_tsc() -> u64 {
+    ENTRY_TSC.load(Ordering::SeqCst)
 }
 
 /// How many times `vector` has arrived.

@@ -139,6 +139,11 @@ pub static SCENARIOS: &[Scenario] = &[
         about: "skiff-testdev (vfio-user): BARs, DMA with data checks, MSI-X, level INTx, device memory, virtio-iommu (vfio.iommu=1), peer-to-peer (vfio.p2p=1, vfio.p2p_off=1)",
         run: vfio::run,
     },
+    Scenario {
+        name: "vfio-bench",
+        about: "passthrough benchmark (vmm/benches/passthrough.rs): trapped MMIO vs ioeventfd vs in-VMM register cost, P2P/RAM DMA command streams, MSI-X latency vs polling",
+        run: vfio::bench::run,
+    },
 ];
 
 /// Look a scenario up by name.

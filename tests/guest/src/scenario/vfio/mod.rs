@@ -14,6 +14,7 @@
 #[path = "../../../../testdev/src/regs.rs"]
 mod regs;
 
+pub(super) mod bench;
 mod dev;
 mod irq;
 mod p2p;
