@@ -1,6 +1,7 @@
 //! PCI configuration space access (ECAM and the legacy 0xCF8/0xCFC ports) and bus enumeration.
 
 pub mod bar;
+pub mod msi;
 pub mod msix;
 
 use alloc::vec::Vec;

@@ -1,5 +1,6 @@
 //! PCI configuration space (region 7) of the test device: type 0 header, BAR0 32-bit 4 KiB,
-//! BAR2 64-bit prefetchable 1 MiB, interrupt pin A, one MSI-X capability.
+//! BAR2 64-bit prefetchable 1 MiB, interrupt pin A, an MSI-X capability and, optionally (`--msi`),
+//! an MSI capability after it (64-bit address, per-vector masking).
 
 use crate::regs;
 
@@ -7,6 +8,23 @@ use crate::regs;
 pub const CONFIG_SIZE: usize = 256;
 /// Offset of the MSI-X capability.
 pub const MSIX_CAP: usize = 0x40;
+/// Offset of the MSI capability (present with `--msi`): 24 bytes (64-bit, per-vector masking).
+pub const MSI_CAP: usize = 0x50;
+/// MSI capability ID.
+pub const MSI_CAP_ID: u8 = 0x05;
+/// MSI control: enable.
+pub const MSI_CTRL_ENABLE: u16 = 1 << 0;
+/// MSI control: 64-bit address capable.
+pub const MSI_CTRL_64BIT: u16 = 1 << 7;
+/// MSI control: per-vector masking capable.
+pub const MSI_CTRL_PVM: u16 = 1 << 8;
+/// Offsets inside the MSI capability (64-bit layout).
+const MSI_CONTROL: usize = MSI_CAP + 2;
+const MSI_ADDR_LO: usize = MSI_CAP + 4;
+const MSI_ADDR_HI: usize = MSI_CAP + 8;
+const MSI_DATA: usize = MSI_CAP + 0x0c;
+const MSI_MASK: usize = MSI_CAP + 0x10;
+const MSI_PENDING: usize = MSI_CAP + 0x14;
 
 const COMMAND: usize = 0x04;
 const STATUS: usize = 0x06;
@@ -31,8 +49,13 @@ impl Default for ConfigSpace {
 }
 
 impl ConfigSpace {
-    /// The power-on config space.
+    /// The power-on config space without an MSI capability.
     pub fn new() -> ConfigSpace {
+        Self::with_msi(false)
+    }
+
+    /// The power-on config space; `msi` adds the MSI capability (chained after MSI-X).
+    pub fn with_msi(msi: bool) -> ConfigSpace {
         let mut c = ConfigSpace {
             bytes: [0; CONFIG_SIZE],
             wmask: [0; CONFIG_SIZE],
@@ -71,6 +94,23 @@ impl ConfigSpace {
             MSIX_CAP + 8,
             regs::MSIX_PBA_OFFSET as u32 | regs::REGS_BAR as u32,
         );
+        if msi {
+            c.bytes[MSIX_CAP + 1] = MSI_CAP as u8;
+            // MSI: id 0x05, last capability. Control: Multiple Message Capable (bits 3:1) =
+            // log2(vectors), 64-bit, per-vector masking; enable (bit 0) and Multiple Message
+            // Enable (bits 6:4) writable. No extended message data.
+            c.bytes[MSI_CAP] = MSI_CAP_ID;
+            c.bytes[MSI_CAP + 1] = 0;
+            let mmc = regs::MSI_VECTORS.trailing_zeros() as u16;
+            c.put16(MSI_CONTROL, (mmc << 1) | MSI_CTRL_64BIT | MSI_CTRL_PVM);
+            c.wmask[MSI_CONTROL] = 0x71;
+            c.mask32(MSI_ADDR_LO, 0xffff_fffc);
+            c.mask32(MSI_ADDR_HI, 0xffff_ffff);
+            c.wmask[MSI_DATA] = 0xff;
+            c.wmask[MSI_DATA + 1] = 0xff;
+            c.mask32(MSI_MASK, (1u32 << regs::MSI_VECTORS) - 1);
+            // Pending bits: read-only, set by the device.
+        }
         c
     }
 
@@ -85,6 +125,9 @@ impl ConfigSpace {
     }
     fn get16(&self, off: usize) -> u16 {
         u16::from_le_bytes([self.bytes[off], self.bytes[off + 1]])
+    }
+    fn get32(&self, off: usize) -> u32 {
+        u32::from_le_bytes(self.bytes[off..off + 4].try_into().unwrap())
     }
 
     /// Reads `buf.len()` bytes at `off`; false when out of range.
@@ -116,6 +159,35 @@ impl ConfigSpace {
     /// MSI-X function mask bit.
     pub fn msix_masked(&self) -> bool {
         self.get16(MSIX_CAP + 2) & MSIX_CTRL_MASK != 0
+    }
+
+    /// Whether the MSI capability is present.
+    pub fn has_msi(&self) -> bool {
+        self.bytes[MSI_CAP] == MSI_CAP_ID
+    }
+
+    /// MSI enable bit (false without the capability).
+    pub fn msi_enabled(&self) -> bool {
+        self.has_msi() && self.get16(MSI_CONTROL) & MSI_CTRL_ENABLE != 0
+    }
+
+    /// MSI per-vector mask bit of `vector`.
+    pub fn msi_masked(&self, vector: u16) -> bool {
+        self.has_msi() && self.get32(MSI_MASK) & (1 << vector) != 0
+    }
+
+    /// MSI pending bit of `vector`.
+    pub fn msi_pending(&self, vector: u16) -> bool {
+        self.has_msi() && self.get32(MSI_PENDING) & (1 << vector) != 0
+    }
+
+    /// Sets or clears the MSI pending bit of `vector` (the device's side; read-only to clients).
+    pub fn set_msi_pending(&mut self, vector: u16, on: bool) {
+        if !self.has_msi() {
+            return;
+        }
+        let p = self.get32(MSI_PENDING) & !(1 << vector);
+        self.put32(MSI_PENDING, p | if on { 1 << vector } else { 0 });
     }
 
     /// INTx disable bit of the command register.
@@ -167,5 +239,33 @@ mod tests {
             0xc001,
             "table size stays read-only"
         );
+        assert_eq!(c.bytes[MSIX_CAP + 1], 0, "no MSI without --msi");
+        assert!(!c.has_msi() && !c.msi_enabled());
+    }
+
+    #[test]
+    fn msi_capability_and_masks() {
+        let mut c = ConfigSpace::with_msi(true);
+        assert_eq!(c.bytes[MSIX_CAP + 1] as usize, MSI_CAP);
+        assert_eq!((c.bytes[MSI_CAP], c.bytes[MSI_CAP + 1]), (MSI_CAP_ID, 0));
+        assert_eq!(rd32(&c, MSI_CAP as u64) >> 16, 0x0182, "MMC 1, 64-bit, PVM");
+        assert!(c.write(MSI_CAP as u64, &[0xff; 24]));
+        assert_eq!(
+            rd32(&c, MSI_CAP as u64),
+            0x01f3_0005,
+            "enable + MME writable"
+        );
+        assert!(c.msi_enabled());
+        assert_eq!(rd32(&c, MSI_CAP as u64 + 4), 0xffff_fffc);
+        assert_eq!(rd32(&c, MSI_CAP as u64 + 8), 0xffff_ffff);
+        assert_eq!(rd32(&c, MSI_CAP as u64 + 0xc), 0x0000_ffff, "16-bit data");
+        assert_eq!(rd32(&c, MSI_CAP as u64 + 0x10), 0b11, "two mask bits");
+        assert_eq!(rd32(&c, MSI_CAP as u64 + 0x14), 0, "pending is read-only");
+        assert!(c.msi_masked(0) && c.msi_masked(1));
+        c.set_msi_pending(0, true);
+        assert!(c.msi_pending(0) && !c.msi_pending(1));
+        assert_eq!(rd32(&c, MSI_CAP as u64 + 0x14), 1);
+        c.set_msi_pending(0, false);
+        assert!(!c.msi_pending(0));
     }
 }

@@ -160,6 +160,8 @@ pub struct Regs {
 pub struct Irqs {
     /// MSI-X vector trigger eventfds.
     pub msix: [Option<File>; MSIX_VECTORS as usize],
+    /// MSI vector trigger eventfds (only with the MSI capability).
+    pub msi: [Option<File>; MSI_VECTORS as usize],
     /// INTx trigger eventfd.
     pub intx: Option<File>,
     /// INTx unmask (resample) eventfd, polled by the socket thread.
@@ -199,6 +201,13 @@ pub struct Device {
 
 impl Default for Device {
     fn default() -> Self {
+        Device::new(false)
+    }
+}
+
+impl Device {
+    /// A device at power-on; `msi` gives it the MSI capability (`--msi`).
+    pub fn new(msi: bool) -> Self {
         Device {
             state: DeviceState::Running,
             regs: Regs::default(),
@@ -207,7 +216,7 @@ impl Default for Device {
             running: false,
             stream: None,
             generation: 0,
-            config: ConfigSpace::new(),
+            config: ConfigSpace::with_msi(msi),
             msix_table: [0; 16 * MSIX_VECTORS as usize],
             msix_pba: [0; 8],
             irqs: Irqs::default(),
@@ -339,6 +348,14 @@ impl Device {
         self.config.msix_enabled() || self.irqs.msix.iter().any(Option::is_some)
     }
 
+    /// Whether interrupts go out as MSI (when not as MSI-X, which wins): same choice as for
+    /// MSI-X — its enable bit is set in config space, or the client gave MSI vectors eventfds
+    /// (SET_IRQS index 1, as kernel VFIO enables MSI).
+    pub fn msi_mode(&self) -> bool {
+        !self.msix_mode()
+            && (self.config.msi_enabled() || self.irqs.msi.iter().any(Option::is_some))
+    }
+
     /// Sets `bits` in IRQ_STATUS and delivers the interrupt the control register allows.
     pub fn raise(&mut self, bits: u32) {
         self.regs.irq_status |= bits;
@@ -349,13 +366,42 @@ impl Device {
                     signal(f, "MSI-X vector 0");
                 }
             }
+        } else if self.msi_mode() && self.regs.irq_control & bits != 0 {
+            self.msi_message(0);
         }
         self.update_intx();
     }
 
-    /// The INTx level: pending, enabled, not disabled in the command register, MSI-X off.
+    /// Sends MSI `vector`'s message (edge, one per event); while its mask bit (in our config
+    /// space) is set, the message is held in the pending bit instead.
+    fn msi_message(&mut self, vector: u16) {
+        if self.config.msi_masked(vector) {
+            debug!("MSI vector {vector} masked: pending");
+            self.config.set_msi_pending(vector, true);
+        } else if let Some(f) = &self.irqs.msi[usize::from(vector)] {
+            signal(f, &format!("MSI vector {vector}"));
+        }
+    }
+
+    /// After a client config write: a pending MSI vector that is no longer masked sends its
+    /// message, and INTx is re-evaluated (MSI/MSI-X enable, INTx disable may have changed).
+    pub fn config_written(&mut self) {
+        for v in 0..MSI_VECTORS {
+            if self.config.msi_pending(v) && !self.config.msi_masked(v) {
+                self.config.set_msi_pending(v, false);
+                if self.msi_mode() {
+                    self.msi_message(v);
+                }
+            }
+        }
+        self.update_intx();
+    }
+
+    /// The INTx level: pending, enabled, not disabled in the command register, MSI-X and MSI
+    /// off.
     pub fn intx_level(&self) -> bool {
         !self.msix_mode()
+            && !self.msi_mode()
             && self.regs.irq_status & self.regs.irq_control != 0
             && !self.config.intx_disabled()
     }
@@ -408,7 +454,7 @@ impl Device {
         self.queue.clear();
         self.stream = None;
         self.generation = self.generation.wrapping_add(1);
-        self.config = ConfigSpace::new();
+        self.config = ConfigSpace::with_msi(self.config.has_msi());
         self.msix_table = [0; 16 * MSIX_VECTORS as usize];
         self.msix_pba = [0; 8];
         self.irqs.intx_masked = false;

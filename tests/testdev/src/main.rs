@@ -1,4 +1,4 @@
-//! `skiff-testdev --socket PATH [--id NAME] [--no-p2p] [-v]`: serves one vfio-user client on
+//! `skiff-testdev --socket PATH [--id NAME] [--no-p2p] [--msi] [-v]`: serves one vfio-user client on
 //! PATH, exits 0 when it disconnects cleanly, non-zero on errors; removes PATH on exit.
 
 use std::os::unix::fs::FileTypeExt;
@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use log::{error, info};
 
-const USAGE: &str = "usage: skiff-testdev --socket PATH [--id NAME] [--no-p2p] [-v]
+const USAGE: &str = "usage: skiff-testdev --socket PATH [--id NAME] [--no-p2p] [--msi] [-v]
 
 A vfio-user PCI test device (vendor 1b36, device 0f5f): DMA engine, MSI-X/INTx,
 1 MiB device memory in BAR2, peer-to-peer writes. Serves one client on PATH and
@@ -16,6 +16,7 @@ exits when it disconnects.
   --socket PATH  Unix socket to listen on (a stale socket file is replaced)
   --id NAME      name used in log lines (default: testdev)
   --no-p2p       the device does not support the P2P migration states
+  --msi          add an MSI capability (64-bit, per-vector masking, 2 vectors)
   -v             debug logging (RUST_LOG overrides)";
 
 struct Args {
@@ -33,6 +34,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--socket" => socket = Some(PathBuf::from(it.next().ok_or("--socket needs a path")?)),
             "--id" => opts.id = it.next().ok_or("--id needs a name")?,
             "--no-p2p" => opts.p2p = false,
+            "--msi" => opts.msi = true,
             "-v" | "--verbose" => verbose = true,
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown argument {a:?}")),

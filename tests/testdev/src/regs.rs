@@ -10,13 +10,15 @@
 //! - BAR 2: [`DEVICE_MEMORY_SIZE`] bytes of device memory, 64-bit, backed by a shareable file and
 //!   offered as one sparse-mmap area covering the whole BAR (the VMM maps it into the guest).
 //!   Peer-to-peer writes from another device land here.
-//! - Interrupts: MSI-X with [`MSIX_VECTORS`] vectors, and INTx pin A.
+//! - Interrupts: MSI-X with [`MSIX_VECTORS`] vectors, and INTx pin A; with `--msi` also an MSI
+//!   capability (ID 0x05, 64-bit address, per-vector masking, [`MSI_VECTORS`] vectors capable).
 //!
 //! A command: write its parameters to `REG_ADDR_*`, `REG_ADDR2_*`, `REG_LEN`, `REG_SEED`, then
 //! its code to `REG_DOORBELL`. The device runs it, then increments `REG_COMPLETED` (or
 //! `REG_FAILED`, with the reason in `REG_LAST_ERROR`), sets `IRQ_DONE` in `REG_IRQ_STATUS` and,
-//! when `REG_IRQ_CONTROL` allows, raises MSI-X vector 0 (if MSI-X is enabled) or INTx (level: it
-//! stays asserted until the guest writes 1 to `IRQ_DONE` in `REG_IRQ_STATUS`). Commands run in
+//! when `REG_IRQ_CONTROL` allows, raises MSI-X vector 0 (if MSI-X is enabled), else MSI vector 0
+//! (if MSI is enabled), else INTx (level: it stays asserted until the guest writes 1 to
+//! `IRQ_DONE` in `REG_IRQ_STATUS`). Commands run in
 //! order; a doorbell write while one runs is queued (at most [`QUEUE_DEPTH`]).
 //!
 //! Addresses are DMA addresses (IOVAs: guest physical addresses when the device is not behind
@@ -44,6 +46,10 @@ pub const MSIX_VECTORS: u16 = 2;
 pub const MSIX_TABLE_OFFSET: u64 = 0x800;
 /// MSI-X PBA offset in BAR 0.
 pub const MSIX_PBA_OFFSET: u64 = 0xc00;
+
+/// MSI vectors the MSI capability offers (`--msi` only): Multiple Message Capable = log2 of it.
+/// Completions use vector 0.
+pub const MSI_VECTORS: u16 = 2;
 
 /// Commands queued at most while one runs.
 pub const QUEUE_DEPTH: usize = 16;

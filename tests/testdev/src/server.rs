@@ -28,6 +28,9 @@ pub struct Options {
     /// Whether the device supports the P2P migration states (`--no-p2p` clears it; used by the
     /// migration feature, next step).
     pub p2p: bool,
+    /// Whether the device has an MSI capability (`--msi`): config space shows it and
+    /// DEVICE_GET_IRQ_INFO reports [`regs::MSI_VECTORS`] for index 1 (MSI).
+    pub msi: bool,
     /// How long the device waits for the client's reply to a DMA_READ/DMA_WRITE.
     pub dma_timeout: Duration,
 }
@@ -37,6 +40,7 @@ impl Default for Options {
         Options {
             id: "testdev".into(),
             p2p: true,
+            msi: false,
             dma_timeout: Duration::from_secs(10),
         }
     }
@@ -48,6 +52,7 @@ struct Session {
     shared: Arc<Shared>,
     writer: Arc<Writer>,
     bar2_fd: OwnedFd,
+    msi: bool,
     negotiated: bool,
     replies: Option<Sender<Message>>,
 }
@@ -56,13 +61,13 @@ struct Session {
 /// messages), `Err` on a protocol or I/O error that ended the session.
 pub fn serve(sock: UnixStream, opts: &Options) -> Result<(), Error> {
     info!(
-        "{}: client connected (p2p migration support: {})",
-        opts.id, opts.p2p
+        "{}: client connected (p2p migration support: {}, msi: {})",
+        opts.id, opts.p2p, opts.msi
     );
     let bar2_fd = memfd("skiff-testdev-bar2", regs::DEVICE_MEMORY_SIZE).map_err(Error::Setup)?;
     let bar2 = Mapping::new(&bar2_fd, 0, regs::DEVICE_MEMORY_SIZE, true).map_err(Error::Setup)?;
     let shared = Arc::new(Shared {
-        dev: Mutex::new(Device::default()),
+        dev: Mutex::new(Device::new(opts.msi)),
         wake: Condvar::new(),
         dma: RwLock::new(DmaTable::default()),
         bar2,
@@ -78,6 +83,7 @@ pub fn serve(sock: UnixStream, opts: &Options) -> Result<(), Error> {
         shared: shared.clone(),
         writer,
         bar2_fd,
+        msi: opts.msi,
         negotiated: false,
         replies: Some(tx),
     };
@@ -237,7 +243,7 @@ impl Session {
                     .u32(NUM_IRQS))
             }
             CMD_DEVICE_GET_REGION_INFO => self.region_info(p),
-            CMD_DEVICE_GET_IRQ_INFO => irq_info(p),
+            CMD_DEVICE_GET_IRQ_INFO => irq_info(p, self.msi),
             CMD_DEVICE_SET_IRQS => self.set_irqs(p, msg.fds),
             CMD_REGION_READ => self.region_read(p),
             CMD_REGION_WRITE => self.region_write(p),
@@ -441,6 +447,7 @@ impl Session {
         let max = match index {
             IRQ_INTX => 1,
             IRQ_MSIX => regs::MSIX_VECTORS as u32,
+            IRQ_MSI if self.msi => regs::MSI_VECTORS as u32,
             IRQ_MSI | 3 | 4 => 0,
             _ => return Err(libc::EINVAL),
         };
@@ -450,6 +457,11 @@ impl Session {
             match index {
                 IRQ_INTX => (d.irqs.intx, d.irqs.intx_unmask) = (None, None),
                 IRQ_MSIX => d.irqs.msix = Default::default(),
+                IRQ_MSI => {
+                    d.irqs.msi = Default::default();
+                    // INTx may take over again.
+                    d.update_intx();
+                }
                 _ => {}
             }
             return ok(Bytes::default());
@@ -503,6 +515,22 @@ impl Session {
                 }
             }
             (IRQ_MSIX, _, _) => return Err(libc::EINVAL),
+            (IRQ_MSI, IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD) => {
+                for (i, f) in files.into_iter().enumerate() {
+                    d.irqs.msi[start as usize + i] = f;
+                }
+                // MSI takes over from INTx (or gives it back when every fd was de-assigned).
+                d.update_intx();
+            }
+            (IRQ_MSI, IRQ_SET_ACTION_TRIGGER, _) => {
+                for (i, _) in sel.iter().enumerate().filter(|(_, &s)| s) {
+                    if let Some(f) = &d.irqs.msi[start as usize + i] {
+                        crate::write_eventfd(f);
+                    }
+                }
+            }
+            // Like kernel VFIO: MASK/UNMASK only for INTx.
+            (IRQ_MSI, _, _) => return Err(libc::EINVAL),
             _ => {}
         }
         ok(Bytes::default())
@@ -561,8 +589,8 @@ impl Session {
                 if !d.config.write(offset, data) {
                     return Err(libc::EINVAL);
                 }
-                // MSI-X enable or INTx disable may have changed.
-                d.update_intx();
+                // MSI-X/MSI enable, MSI mask bits or INTx disable may have changed.
+                d.config_written();
             }
             _ => return Err(libc::EINVAL),
         }
@@ -633,7 +661,7 @@ fn bar0_byte(d: &Device, off: u64) -> u8 {
     }
 }
 
-fn irq_info(p: &[u8]) -> Reply {
+fn irq_info(p: &[u8], msi: bool) -> Reply {
     need(p, 16)?;
     let (argsz, index) = (le32(p, 0), le32(p, 8));
     if argsz < 16 || index >= NUM_IRQS {
@@ -644,7 +672,10 @@ fn irq_info(p: &[u8]) -> Reply {
             IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED,
             1,
         ),
-        IRQ_MSI => (IRQ_INFO_EVENTFD, 0),
+        IRQ_MSI => (
+            IRQ_INFO_EVENTFD,
+            if msi { regs::MSI_VECTORS as u32 } else { 0 },
+        ),
         IRQ_MSIX => (IRQ_INFO_EVENTFD, regs::MSIX_VECTORS as u32),
         _ => (0, 0),
     };

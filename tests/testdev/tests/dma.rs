@@ -185,6 +185,111 @@ fn intx_is_level_triggered_with_unmask() {
     c.finish().unwrap();
 }
 
+/// `--msi`: with MSI eventfds set (SET_IRQS index 1), completions signal MSI vector 0 and INTx
+/// stays quiet; the per-vector mask bit in config space holds the message in the pending bit
+/// until unmasked; MSI-X wins over MSI; de-assigning the MSI eventfds gives INTx back, and so
+/// does clearing the MSI enable bit of config space.
+#[test]
+fn msi_vector_0_signals_completions() {
+    let mut c = Client::negotiated_with(true);
+    let ram = memfd(0x10000);
+    c.dma_map(RAM, 0x10000, Some(ram.as_raw_fd())).ok();
+    let intx = EventFd::new(EFD_NONBLOCK).unwrap();
+    c.call_fds(
+        SET_IRQS,
+        &set_irqs(DATA_EVENTFD | ACTION_TRIGGER, 0, 0, 1),
+        &[intx.as_raw_fd()],
+    )
+    .ok();
+    // The capability: after MSI-X (0x40), at 0x50; mask bits @0x10, pending bits @0x14.
+    let msi = c.region_read(CONFIG, 0x41, 1).unwrap()[0] as u64;
+    assert_eq!(c.region_read(CONFIG, msi, 1).unwrap()[0], 0x05);
+    let (mask, pending) = (msi + 0x10, msi + 0x14);
+    // One eventfd for vector 0, as a VMM does when the guest enables one vector.
+    let v0 = EventFd::new(EFD_NONBLOCK).unwrap();
+    c.call_fds(
+        SET_IRQS,
+        &set_irqs(DATA_EVENTFD | ACTION_TRIGGER, 1, 0, 1),
+        &[v0.as_raw_fd()],
+    )
+    .ok();
+    c.set_reg(REG_IRQ_CONTROL, IRQ_DONE);
+    c.command(CMD_WRITE_PATTERN, RAM, 0, 64, 1);
+    c.wait_done(1);
+    assert_eq!(read_at(&ram, 0, 64), pattern(1, 64));
+    assert!(fired(&v0, 2000), "MSI vector 0 on completion");
+    assert!(!fired(&intx, 100), "no INTx while MSI is in use");
+    assert_eq!(
+        c.region_read(CONFIG, 6, 1).unwrap()[0] & 0x08,
+        0,
+        "INTx status"
+    );
+    assert_eq!(c.reg(REG_IRQ_STATUS), IRQ_DONE);
+    c.set_reg(REG_IRQ_STATUS, IRQ_DONE);
+    // Edge: the next completion signals again.
+    c.command(CMD_WRITE_PATTERN, RAM, 0, 64, 2);
+    c.wait_done(2);
+    assert!(fired(&v0, 2000), "second completion");
+    c.set_reg(REG_IRQ_STATUS, IRQ_DONE);
+
+    // Masked: no message, the pending bit holds it; unmasking sends it once.
+    c.region_write(CONFIG, mask, &1u32.to_le_bytes()).unwrap();
+    c.command(CMD_WRITE_PATTERN, RAM, 0, 64, 3);
+    c.wait_done(3);
+    assert!(!fired(&v0, 200), "masked");
+    assert_eq!(le32(&c.region_read(CONFIG, pending, 4).unwrap(), 0), 1);
+    c.region_write(CONFIG, mask, &0u32.to_le_bytes()).unwrap();
+    assert!(fired(&v0, 2000), "the pending message on unmask");
+    assert_eq!(le32(&c.region_read(CONFIG, pending, 4).unwrap(), 0), 0);
+    assert!(!fired(&v0, 100), "only once");
+    c.set_reg(REG_IRQ_STATUS, IRQ_DONE);
+
+    // SET_IRQS TRIGGER with DATA_NONE signals the eventfd (loopback).
+    c.call(SET_IRQS, &set_irqs(DATA_NONE | ACTION_TRIGGER, 1, 0, 1))
+        .ok();
+    assert!(fired(&v0, 2000), "loopback trigger");
+
+    // MSI-X eventfds win over MSI.
+    let x0 = EventFd::new(EFD_NONBLOCK).unwrap();
+    c.call_fds(
+        SET_IRQS,
+        &set_irqs(DATA_EVENTFD | ACTION_TRIGGER, 2, 0, 1),
+        &[x0.as_raw_fd()],
+    )
+    .ok();
+    c.command(CMD_WRITE_PATTERN, RAM, 0, 64, 4);
+    c.wait_done(4);
+    assert!(fired(&x0, 2000), "MSI-X vector 0");
+    assert!(!fired(&v0, 100), "not MSI while MSI-X is in use");
+    c.set_reg(REG_IRQ_STATUS, IRQ_DONE);
+    c.call(SET_IRQS, &set_irqs(DATA_NONE | ACTION_TRIGGER, 2, 0, 0))
+        .ok();
+
+    // MSI disabled (count 0): INTx takes over again.
+    c.call(SET_IRQS, &set_irqs(DATA_NONE | ACTION_TRIGGER, 1, 0, 0))
+        .ok();
+    c.command(CMD_WRITE_PATTERN, RAM, 0, 64, 5);
+    c.wait_done(5);
+    assert!(fired(&intx, 2000), "INTx after MSI was disabled");
+    assert!(!fired(&v0, 100), "no MSI after it was disabled");
+    c.set_reg(REG_IRQ_STATUS, IRQ_DONE);
+    // The MSI enable bit in config space alone also means MSI (no eventfd: nothing is sent);
+    // clearing it lets the pending INTx out.
+    c.call(SET_IRQS, &set_irqs(DATA_NONE | ACTION_UNMASK, 0, 0, 1))
+        .ok();
+    c.region_write(CONFIG, msi + 2, &[0x01, 0x00]).unwrap();
+    c.command(CMD_WRITE_PATTERN, RAM, 0, 64, 6);
+    c.wait_done(6);
+    assert!(!fired(&intx, 100), "MSI enabled in config space");
+    c.region_write(CONFIG, msi + 2, &[0x00, 0x00]).unwrap();
+    assert!(
+        fired(&intx, 2000),
+        "INTx once MSI is disabled in config space"
+    );
+    assert_eq!(c.reg(REG_VIOLATIONS), 0);
+    c.finish().unwrap();
+}
+
 /// Answers one DMA_WRITE request, checking it, and returns its (address, data).
 fn take_dma_write(c: &mut Client) -> (u64, Vec<u8>) {
     let r = c.next_request();
@@ -353,6 +458,7 @@ fn binary_serves_one_client_and_removes_its_socket() {
                 "--id",
                 "bin",
                 "--no-p2p",
+                "--msi",
                 "-v",
             ])
             .spawn()

@@ -424,3 +424,94 @@ fn garbage_after_version_never_panics() {
         let _ = c.finish();
     }
 }
+
+/// `--msi`: an MSI capability chained after MSI-X (ID 0x05, 64-bit, per-vector masking,
+/// Multiple Message Capable = log2(MSI_VECTORS)), IRQ info index 1 with MSI_VECTORS and
+/// EVENTFD, SET_IRQS index 1 bounded by it. Without `--msi`: neither (the default).
+#[test]
+fn msi_capability_and_irq_info() {
+    // IRQ info: argsz @0, flags @4, index @8, count @12.
+    let irq = |c: &mut Client, index: u64| {
+        c.call(
+            GET_IRQ_INFO,
+            &fields(&[(16, 4), (0, 4), (index, 4), (0, 4)]),
+        )
+        .ok()
+        .payload
+    };
+    let set = |index: u64, start: u64, count: u64| {
+        fields(&[(20, 4), (0b100001, 4), (index, 4), (start, 4), (count, 4)])
+    };
+
+    let mut c = Client::negotiated_with(false);
+    let cfg = c.region_read(CONFIG, 0, 256).unwrap();
+    let msix = cfg[0x34] as usize;
+    assert_eq!(
+        (cfg[msix], cfg[msix + 1]),
+        (0x11, 0),
+        "MSI-X is the only capability"
+    );
+    assert_eq!(irq(&mut c, 1), fields(&[(16, 4), (1, 4), (1, 4), (0, 4)]));
+    assert_eq!(c.call(SET_IRQS, &set(1, 0, 1)).errno(), libc::EINVAL as u32);
+    c.finish().unwrap();
+
+    let mut c = Client::negotiated_with(true);
+    let cfg = c.region_read(CONFIG, 0, 256).unwrap();
+    assert_ne!(le16(&cfg, 6) & (1 << 4), 0, "capability list");
+    // Walk the list: MSI-X (0x11) at 0x40, then MSI (0x05) at 0x50, last.
+    let msix = cfg[0x34] as usize;
+    assert_eq!((msix, cfg[msix]), (0x40, 0x11));
+    let msi = cfg[msix + 1] as usize;
+    assert_eq!((msi, cfg[msi], cfg[msi + 1]), (0x50, 0x05, 0));
+    // Message control @2: MMC (bits 3:1) = 1 (two vectors), 64-bit (bit 7), per-vector
+    // masking (bit 8), disabled; then address lo @4, hi @8, data @0xc, mask @0x10,
+    // pending @0x14 — all zero at power-on.
+    assert_eq!(MSI_VECTORS, 2);
+    assert_eq!(le16(&cfg, msi + 2), 0x0182);
+    assert_eq!(&cfg[msi + 4..msi + 0x18], &[0u8; 20]);
+    assert_eq!(
+        &cfg[msi + 0x18..],
+        &[0u8; 256 - 0x68][..],
+        "nothing after it"
+    );
+    // Writable: enable + MME, address (dword aligned), data (16 bits), the two mask bits.
+    c.region_write(CONFIG, msi as u64, &[0xff; 24]).unwrap();
+    let cap = c.region_read(CONFIG, msi as u64, 24).unwrap();
+    assert_eq!(
+        cap,
+        fields(&[
+            (0x05, 1),
+            (0, 1),
+            (0x01f3, 2),
+            (0xffff_fffc, 4),
+            (0xffff_ffff, 4),
+            (0xffff, 4),
+            (0b11, 4),
+            (0, 4),
+        ])
+    );
+    // A device reset restores the capability (disabled, unmasked) and keeps it.
+    c.call(RESET, &[]).ok();
+    let cfg = c.region_read(CONFIG, 0, 256).unwrap();
+    assert_eq!(
+        (cfg[0x41], cfg[0x50], le16(&cfg, 0x52)),
+        (0x50, 0x05, 0x0182)
+    );
+    assert_eq!(le32(&cfg, 0x60), 0);
+
+    // IRQ info index 1: EVENTFD, count MSI_VECTORS; the other indexes unchanged.
+    assert_eq!(
+        irq(&mut c, 1),
+        fields(&[(16, 4), (1, 4), (1, 4), (MSI_VECTORS as u64, 4)])
+    );
+    assert_eq!(le32(&irq(&mut c, 2), 12), MSIX_VECTORS as u32);
+    assert_eq!(le32(&irq(&mut c, 0), 12), 1);
+    // SET_IRQS index 1: within MSI_VECTORS only; MASK/UNMASK refused (INTx only, like VFIO).
+    c.call(SET_IRQS, &set(1, 0, 2)).ok();
+    c.call(SET_IRQS, &set(1, 1, 1)).ok();
+    assert_eq!(c.call(SET_IRQS, &set(1, 1, 2)).errno(), libc::EINVAL as u32);
+    assert_eq!(c.call(SET_IRQS, &set(1, 2, 1)).errno(), libc::EINVAL as u32);
+    let mask = fields(&[(20, 4), (0b1001, 4), (1, 4), (0, 4), (1, 4)]);
+    assert_eq!(c.call(SET_IRQS, &mask).errno(), libc::EINVAL as u32);
+    c.finish().unwrap();
+}

@@ -107,12 +107,18 @@ pub struct Client {
 impl Client {
     /// A server on one end of a socket pair, running in a thread.
     pub fn start() -> Client {
+        Client::start_with(false)
+    }
+
+    /// [`Client::start`], the device with an MSI capability when `msi` (`--msi`).
+    pub fn start_with(msi: bool) -> Client {
         let _ = env_logger::builder().is_test(true).try_init();
         let (a, b) = UnixStream::pair().unwrap();
         a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let opts = testdev::Options {
             id: "test".into(),
             p2p: true,
+            msi,
             dma_timeout: Duration::from_secs(3),
         };
         let server = std::thread::spawn(move || testdev::serve(b, &opts));
@@ -125,7 +131,12 @@ impl Client {
     }
 
     pub fn negotiated() -> Client {
-        let mut c = Client::start();
+        Client::negotiated_with(false)
+    }
+
+    /// [`Client::negotiated`] with the device's MSI capability on or off.
+    pub fn negotiated_with(msi: bool) -> Client {
+        let mut c = Client::start_with(msi);
         c.version(r#"{"capabilities":{"max_msg_fds":8,"pgsizes":4096}}"#);
         c
     }

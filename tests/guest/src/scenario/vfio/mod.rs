@@ -1,6 +1,6 @@
 //! `vfio`: the vfio-user test device `skiff-testdev` (1b36:0f5f) as the guest sees it through
 //! skiff's passthrough: BAR sizing, registers, DMA into and out of guest RAM (data verified),
-//! MSI-X and level-triggered INTx, direct access to its device memory (BAR 2), DMA remapping
+//! MSI-X and level-triggered INTx, MSI (`vfio.msi=1`, needs `skiff-testdev --msi`), direct access to its device memory (BAR 2), DMA remapping
 //! through the virtio-iommu (`vfio.iommu=1`), and peer-to-peer writes between two devices
 //! (`vfio.p2p=1`), or their refusal when the peer is configured `p2p=off` (`vfio.p2p_off=1`).
 //!
@@ -37,6 +37,7 @@ use crate::arch::ioapic::{IoApic, Polarity, Trigger};
 use crate::arch::{interrupts, lapic, paging, time};
 use crate::bootinfo::BootInfo;
 use crate::dma;
+use crate::pci::msi::{self, Msi};
 use crate::pci::msix::{self, Msix};
 use crate::pci::{bar, capabilities, command, update_command, ConfigSpace, PciFunction};
 use crate::println;
@@ -47,6 +48,8 @@ use crate::virtio::Platform;
 const MSIX_VECTOR: u8 = 0x38;
 /// Default INTx vector of the first device (the n-th device uses this + n).
 const INTX_VECTOR: u8 = 0x48;
+/// Default MSI vector of the first device (the n-th device uses this + n).
+const MSI_VECTOR: u8 = 0x58;
 /// Default DMA length: odd, spans three pages.
 const DEFAULT_LEN: u64 = 9029;
 /// Default length of a peer-to-peer write.
@@ -97,12 +100,14 @@ struct Params {
     p2p_off_reverse: bool,
     msix: bool,
     intx: bool,
+    msi: bool,
     devices: Option<u64>,
     len: u32,
     p2p_len: u32,
     timeout_ms: u64,
     msix_vector: u8,
     intx_vector: u8,
+    msi_vector: u8,
     gsis: Vec<u32>,
     mmio_flag: bool,
 }
@@ -137,6 +142,7 @@ fn params(boot: &BootInfo) -> Params {
         p2p_off_reverse: param_u64(boot, "vfio.p2p_off_reverse", 1) != 0,
         msix: param_u64(boot, "vfio.msix", 1) != 0,
         intx: param_u64(boot, "vfio.intx", 1) != 0,
+        msi: flag("vfio.msi"),
         devices: boot
             .param("vfio.devices")
             .map(|_| param_u64(boot, "vfio.devices", 0)),
@@ -145,6 +151,7 @@ fn params(boot: &BootInfo) -> Params {
         timeout_ms: param_u64(boot, "vfio.timeout_ms", 10_000),
         msix_vector: param_vector(boot, "vfio.vector", MSIX_VECTOR),
         intx_vector: param_vector(boot, "vfio.intx_vector", INTX_VECTOR),
+        msi_vector: param_vector(boot, "vfio.msi_vector", MSI_VECTOR),
         gsis,
         mmio_flag: param_u64(boot, "vfio.mmio_flag", 1) != 0,
     };
@@ -327,6 +334,11 @@ pub fn run(boot: &BootInfo) {
         }
     } else {
         println!("vfio: intx skipped (vfio.intx=0)");
+    }
+    if prm.msi {
+        for d in &devs {
+            msi_test(d, cfg, &prm, &devs, &mut ctx);
+        }
     }
 
     // 7. Peer to peer.
