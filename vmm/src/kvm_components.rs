@@ -12,7 +12,9 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use migration::{Migratable, Pausable, Snapshottable, StateError, StateSection};
 
 use crate::vcpu_state::{restore_vcpu, save_vcpu, section_id};
-use crate::vm_state::{restore_vm, save_vm, CLOCK_SECTION, IRQCHIP_SECTION, PIT_SECTION};
+use crate::vm_state::{
+    restore_vm_with, save_vm, ClockMode, CLOCK_SECTION, IRQCHIP_SECTION, PIT_SECTION,
+};
 
 /// The state of one vCPU (registers, MSRs, LAPIC, events, ...), section `cpuN`.
 pub struct VcpuComponent {
@@ -55,14 +57,17 @@ impl Migratable for VcpuComponent {}
 pub struct KvmVmPart {
     section: &'static str,
     vm: Arc<VmFd>,
+    clock: Arc<Mutex<ClockMode>>,
 }
 
 impl KvmVmPart {
-    /// The three parts of `vm`, in restore order (irqchip, PIT, clock).
-    pub fn all(vm: &Arc<VmFd>) -> [Self; 3] {
+    /// The three parts of `vm`, in restore order (irqchip, PIT, clock); the clock is restored
+    /// as `clock` says when the restore happens.
+    pub fn all(vm: &Arc<VmFd>, clock: &Arc<Mutex<ClockMode>>) -> [Self; 3] {
         [IRQCHIP_SECTION, PIT_SECTION, CLOCK_SECTION].map(|section| Self {
             section,
             vm: vm.clone(),
+            clock: clock.clone(),
         })
     }
 
@@ -99,7 +104,8 @@ impl Snapshottable for KvmVmPart {
                 *s = section.clone();
             }
         }
-        restore_vm(&self.vm, &all).map_err(|e| match e {
+        let mode = *self.clock.lock().unwrap_or_else(|e| e.into_inner());
+        restore_vm_with(&self.vm, &all, mode).map_err(|e| match e {
             crate::vm_state::VmStateError::State(s) => s,
             other => StateError::component(self.section, other),
         })

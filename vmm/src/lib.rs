@@ -17,6 +17,7 @@ pub mod passthrough;
 pub mod pci_devices;
 pub mod registry;
 pub mod testing;
+pub mod throttle;
 pub mod timing;
 pub mod vcpu;
 pub mod vcpu_state;

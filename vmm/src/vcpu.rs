@@ -278,20 +278,20 @@ impl VcpuControl {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn kick(threads: &[JoinHandle<()>]) {
-        for t in threads {
-            use std::os::unix::thread::JoinHandleExt;
-            // SAFETY: the thread handle is alive (not joined), so its pthread_t is valid; the kick
-            // signal has a handler installed by `install_kick_handler`.
+    fn kick(threads: &[libc::pthread_t]) {
+        for &t in threads {
+            // SAFETY: the vCPU threads are alive until the VM joins them, after stopping them
+            // (no caller kicks after that), so each pthread_t is valid; the kick signal has a
+            // handler installed by `install_kick_handler`.
             unsafe {
-                libc::pthread_kill(t.as_pthread_t(), kick_signal());
+                libc::pthread_kill(t, kick_signal());
             }
         }
     }
 
     /// Stop every vCPU and wait until all `threads` have parked.
-    pub fn pause(&self, threads: &[JoinHandle<()>], timeout: Duration) -> Result<()> {
-        let total = threads.iter().filter(|t| !t.is_finished()).count();
+    pub fn pause(&self, threads: &[libc::pthread_t], timeout: Duration) -> Result<()> {
+        let total = threads.len();
         {
             let mut st = self.lock();
             st.pause = true;
@@ -321,6 +321,15 @@ impl VcpuControl {
         Ok(())
     }
 
+    /// Ask every vCPU (threads `ids`) to park, without waiting for them (vCPU throttling: a
+    /// vCPU inside a long guest run is kicked out of it).
+    pub fn request_pause(&self, ids: &[libc::pthread_t]) {
+        self.lock().pause = true;
+        self.requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Self::kick(ids);
+    }
+
     /// Make vCPU threads park before their first KVM_RUN (a restored VM starts paused).
     pub fn start_paused(&self) {
         self.lock().pause = true;
@@ -338,7 +347,7 @@ impl VcpuControl {
     }
 
     /// Ask every vCPU thread to exit and wake them.
-    pub fn stop(&self, threads: &[JoinHandle<()>]) {
+    pub fn stop(&self, threads: &[libc::pthread_t]) {
         self.lock().stop = true;
         self.requested
             .store(true, std::sync::atomic::Ordering::SeqCst);

@@ -43,6 +43,7 @@ use crate::passthrough::DmaContext;
 use crate::pci_devices::{PciDevices, PciDevicesError};
 use crate::registry::{Registry, RegistryError};
 use crate::vcpu::{self, Vcpu, VcpuControl, VcpuError};
+use crate::vm_state::ClockMode;
 
 /// The built-in demo guest (the no_std test guest), embedded at build time.
 pub static DEMO_GUEST: &[u8] = include_bytes!(env!("SKIFF_DEMO_GUEST"));
@@ -191,6 +192,15 @@ pub enum VmError {
     /// vCPU set-up or control failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A helper thread could not be started.
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 type Result<T> = std::result::Result<T, VmError>;
@@ -238,18 +248,28 @@ pub mod snapshot_files {
     pub const MEMORY: &str = "memory.bin";
 }
 
+/// What a VM shares with the threads that act on it while it runs (a live migration's worker):
+/// guest memory and its KVM slots, the component registry, vCPU control. Everything behind
+/// `&self`.
+pub struct VmCore {
+    vm_fd: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    ram_slots: Vec<RamSlot>,
+    dirty_logging: AtomicBool,
+    registry: Registry,
+    control: Arc<VcpuControl>,
+    /// The vCPU threads (set when they start), to kick them.
+    vcpu_threads: Mutex<Vec<libc::pthread_t>>,
+}
+
 /// A built VM.
 pub struct Vm {
     config: VmConfig,
-    vm_fd: Arc<VmFd>,
-    mem: GuestMemoryMmap,
+    core: Arc<VmCore>,
     _memfd: File,
-    ram_slots: Vec<RamSlot>,
-    dirty_logging: AtomicBool,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: Arc<VmExitEvent>,
-    control: Arc<VcpuControl>,
     pending_vcpus: Vec<Vcpu>,
     vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
     threads: Vec<JoinHandle<()>>,
@@ -257,8 +277,8 @@ pub struct Vm {
     ged: Arc<Mutex<AcpiGed>>,
     pci_devices: PciDevices,
     plan: PciPlan,
-    registry: Registry,
     paused_at_start: bool,
+    clock_mode: Arc<Mutex<ClockMode>>,
     _triggers: Vec<EventFdTrigger>,
 }
 
@@ -550,7 +570,8 @@ impl Vm {
         let mmio = Arc::new(Bus::new());
         let mut registry = Registry::new();
         let vcpus = create_vcpus(&kvm, &vm_fd, &config, (&pio, &mmio, &exit), &mut registry)?;
-        for part in KvmVmPart::all(&vm_fd) {
+        let clock_mode = Arc::new(Mutex::new(ClockMode::default()));
+        for part in KvmVmPart::all(&vm_fd, &clock_mode) {
             registry.register(part.section(), "kvm", None, Arc::new(Mutex::new(part)))?;
         }
         let pci_bus = Arc::new(Mutex::new(PciBus::new()));
@@ -592,15 +613,19 @@ impl Vm {
         );
         Ok(Self {
             config,
-            vm_fd,
-            mem,
+            core: Arc::new(VmCore {
+                vm_fd,
+                mem,
+                ram_slots,
+                dirty_logging: AtomicBool::new(false),
+                registry,
+                control: vcpus.control,
+                vcpu_threads: Mutex::new(Vec::new()),
+            }),
             _memfd: memfd,
-            ram_slots,
-            dirty_logging: AtomicBool::new(false),
             pio,
             mmio,
             exit,
-            control: vcpus.control,
             pending_vcpus: vcpus.pending,
             vcpu_fds: vcpus.fds,
             threads: Vec::new(),
@@ -608,8 +633,8 @@ impl Vm {
             ged: legacy.ged,
             pci_devices,
             plan,
-            registry,
             paused_at_start: false,
+            clock_mode,
             _triggers: legacy.triggers,
         })
     }
@@ -618,7 +643,7 @@ impl Vm {
     /// the boot vCPU's registers.
     pub fn load_kernel(&mut self) -> Result<()> {
         let config = &self.config;
-        let mem = &self.mem;
+        let mem = &self.core.mem;
         let mem_size = config.memory.size;
         let kernel = load_payload(config, mem)?;
         let rsdp = create_acpi_tables(
@@ -667,16 +692,28 @@ impl Vm {
         memory: &mut File,
         memory_name: &str,
     ) -> Result<()> {
-        restore_memory_image(&self.mem, memory, true).map_err(|source| {
+        restore_memory_image(&self.core.mem, memory, true).map_err(|source| {
             VmError::SnapshotMemory {
                 path: memory_name.to_string(),
                 source,
             }
         })?;
-        self.registry.restore_all(sections)?;
+        self.restore_components(sections, ClockMode::Continue)
+    }
+
+    /// Load every component's state from `sections` (guest RAM already holds the saved
+    /// contents); the clock continues as `clock` says. The VM then comes up paused. Nothing may
+    /// have run yet.
+    pub fn restore_components(
+        &mut self,
+        sections: &[StateSection],
+        clock: ClockMode,
+    ) -> Result<()> {
+        *self.clock_mode.lock().unwrap_or_else(|e| e.into_inner()) = clock;
+        self.core.registry.restore_all(sections)?;
         // Restored devices are paused (they must not touch guest memory before the vCPUs run).
         self.pci_devices.follow_restored_bars();
-        self.control.start_paused();
+        self.core.control.start_paused();
         self.paused_at_start = true;
         log::info!(
             "VM state restored ({} sections); the VM is paused",
@@ -687,33 +724,29 @@ impl Vm {
 
     /// Start every vCPU thread.
     pub fn start(&mut self) -> Result<()> {
+        use std::os::unix::thread::JoinHandleExt;
         for v in self.pending_vcpus.drain(..) {
             self.threads.push(v.spawn()?);
         }
+        *self.core.lock_threads() = self.threads.iter().map(|t| t.as_pthread_t()).collect();
         Ok(())
     }
 
     /// Stop every vCPU, then every component (devices, serial port, GED, ...); when this returns
     /// nothing touches guest memory or raises interrupts. On failure the VM keeps running.
     pub fn pause(&self) -> Result<()> {
-        self.control.pause(&self.threads, PAUSE_TIMEOUT)?;
-        if let Err(e) = self.registry.pause_all() {
-            self.control.resume();
-            return Err(e.into());
-        }
-        Ok(())
+        self.core.pause()
     }
 
     /// Let every component and then the vCPUs continue.
     pub fn resume(&self) -> Result<()> {
-        self.registry.resume_all()?;
-        self.control.resume();
-        Ok(())
+        self.core.resume()
     }
 
     /// Stop and join every vCPU thread.
     pub fn shutdown(&mut self) {
-        self.control.stop(&self.threads);
+        let ids = std::mem::take(&mut *self.core.lock_threads());
+        self.core.control.stop(&ids);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -731,12 +764,17 @@ impl Vm {
 
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
-        &self.mem
+        &self.core.mem
     }
 
     /// The KVM VM.
     pub fn vm_fd(&self) -> &Arc<VmFd> {
-        &self.vm_fd
+        &self.core.vm_fd
+    }
+
+    /// What a worker thread (live migration) shares with this VM.
+    pub fn core(&self) -> Arc<VmCore> {
+        self.core.clone()
     }
 
     /// The port I/O and MMIO buses.
@@ -761,7 +799,7 @@ impl Vm {
 
     /// Every component of the VM.
     pub fn registry(&self) -> &Registry {
-        &self.registry
+        &self.core.registry
     }
 
     /// Whether the VM was restored from a snapshot and starts paused.
@@ -769,9 +807,19 @@ impl Vm {
         self.paused_at_start
     }
 
+    /// Start throttling the vCPUs (auto-converge for a live migration); starts at 0 %.
+    pub fn throttle(&self) -> Result<crate::throttle::Throttle> {
+        self.core.throttle()
+    }
+
     /// Number of vCPUs currently parked.
     pub fn parked_vcpus(&self) -> usize {
-        self.control.parked()
+        self.core.control.parked()
+    }
+
+    /// Whether every vCPU is parked (paused) now.
+    pub fn all_vcpus_parked(&self) -> bool {
+        self.core.control.parked() == self.threads.len()
     }
 
     /// Write a snapshot of this PAUSED VM into `dir` (created if missing): the configuration
@@ -785,7 +833,7 @@ impl Vm {
         };
         // Collect the state first: a component that cannot be saved (a passthrough device)
         // refuses before anything is written.
-        let sections = self.registry.snapshot_all()?;
+        let sections = self.core.registry.snapshot_all()?;
         std::fs::create_dir_all(dir).map_err(io(""))?;
         let config =
             serde_json::to_vec_pretty(&self.config).map_err(|source| VmError::SnapshotConfig {
@@ -804,7 +852,7 @@ impl Vm {
         std::io::Write::flush(&mut state).map_err(io(STATE))?;
         let memory = File::create(dir.join(MEMORY)).map_err(io(MEMORY))?;
         let mut memory = std::io::BufWriter::with_capacity(1 << 20, memory);
-        let stats = write_memory_image(&self.mem, &mut memory).map_err(|source| {
+        let stats = write_memory_image(&self.core.mem, &mut memory).map_err(|source| {
             VmError::SnapshotMemory {
                 path: dir.join(MEMORY).display().to_string(),
                 source,
@@ -818,6 +866,71 @@ impl Vm {
             stats.stream_bytes >> 20
         );
         Ok(())
+    }
+
+    /// The RAM layout `(guest address, length)` of every region, in address order.
+    pub fn ram_layout(&self) -> Vec<(u64, u64)> {
+        self.core.ram_layout()
+    }
+
+    /// Start dirty page logging (see [`VmCore::start_dirty_log`]).
+    pub fn start_dirty_log(&self) -> Result<()> {
+        self.core.start_dirty_log()
+    }
+
+    /// The pages written since the last call (see [`VmCore::dirty_pages`]).
+    pub fn dirty_pages(&self) -> Result<DirtyBitmap> {
+        self.core.dirty_pages()
+    }
+
+    /// Stop dirty page logging.
+    pub fn stop_dirty_log(&self) -> Result<()> {
+        self.core.stop_dirty_log()
+    }
+}
+
+impl VmCore {
+    fn lock_threads(&self) -> std::sync::MutexGuard<'_, Vec<libc::pthread_t>> {
+        self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Every component of the VM.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Stop every vCPU, then every component; on failure the VM keeps running.
+    pub fn pause(&self) -> Result<()> {
+        let ids = self.lock_threads().clone();
+        self.control.pause(&ids, PAUSE_TIMEOUT)?;
+        if let Err(e) = self.registry.pause_all() {
+            self.control.resume();
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Let every component and then the vCPUs continue.
+    pub fn resume(&self) -> Result<()> {
+        self.registry.resume_all()?;
+        self.control.resume();
+        Ok(())
+    }
+
+    /// Start throttling the vCPUs; starts at 0 %.
+    pub fn throttle(&self) -> Result<crate::throttle::Throttle> {
+        let ids = self.lock_threads().clone();
+        crate::throttle::Throttle::start(self.control.clone(), ids).map_err(|source| {
+            VmError::Thread {
+                what: "throttle",
+                source,
+            }
+        })
     }
 
     /// The RAM layout `(guest address, length)` of every region, in address order.

@@ -11,8 +11,8 @@
 //! guest agent); Firecracker makes the same choice.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE,
+    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::VmFd;
 use migration::codec::{StateReader, StateWriter};
@@ -146,11 +146,27 @@ fn decode(sections: &[StateSection]) -> Result<VmState> {
     Ok(VmState { chips, pit, clock })
 }
 
+/// How the guest's clock continues after a restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClockMode {
+    /// From the saved value (a snapshot: no jump by the time it sat on disk).
+    #[default]
+    Continue,
+    /// Forward by the real time since the save, when the save recorded the host's realtime
+    /// (`KVM_CLOCK_REALTIME`): a live migration's downtime passes for the guest too.
+    Advance,
+}
+
 /// Restore irqchip, PIT and clock from `sections` (which may hold other sections too) into a VM
 /// that has its in-kernel irqchip and PIT and whose vCPUs have not run (or are paused).
 ///
 /// Every section is decoded and checked before the first ioctl.
 pub fn restore_vm(vm: &VmFd, sections: &[StateSection]) -> Result<()> {
+    restore_vm_with(vm, sections, ClockMode::Continue)
+}
+
+/// [`restore_vm`] with the clock handled as `mode` says.
+pub fn restore_vm_with(vm: &VmFd, sections: &[StateSection], mode: ClockMode) -> Result<()> {
     let state = decode(sections)?;
     for c in &state.chips {
         vm.set_irqchip(c).map_err(|source| VmStateError::Kvm {
@@ -163,10 +179,14 @@ pub fn restore_vm(vm: &VmFd, sections: &[StateSection]) -> Result<()> {
         })?;
     }
     vm.set_pit2(&state.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
-    // Only the clock value: no KVM_CLOCK_REALTIME, so KVM does not advance the clock by the
-    // wall time that passed since the save (see the module documentation).
+    // Continue: only the clock value, no KVM_CLOCK_REALTIME, so KVM does not advance the clock
+    // by the wall time that passed since the save (see the module documentation). Advance: hand
+    // back the saved realtime with KVM_CLOCK_REALTIME, so KVM adds the time that passed.
+    let realtime = mode == ClockMode::Advance && state.clock.flags & KVM_CLOCK_REALTIME != 0;
     let clock = kvm_clock_data {
         clock: state.clock.clock,
+        flags: if realtime { KVM_CLOCK_REALTIME } else { 0 },
+        realtime: if realtime { state.clock.realtime } else { 0 },
         ..Default::default()
     };
     vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
