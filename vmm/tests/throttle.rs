@@ -12,9 +12,9 @@ fn last_counter(path: &std::path::Path) -> u64 {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
+        .rev()
         .filter_map(|l| l.strip_prefix("counter: "))
-        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
-        .last()
+        .find_map(|rest| rest.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
 
