@@ -260,6 +260,8 @@ pub struct VmCore {
     control: Arc<VcpuControl>,
     /// The vCPU threads (set when they start), to kick them.
     vcpu_threads: Mutex<Vec<libc::pthread_t>>,
+    /// Pages to report dirty again at the next [`VmCore::dirty_pages`].
+    redirty: Mutex<Vec<(u64, u64)>>,
 }
 
 /// A built VM.
@@ -621,6 +623,7 @@ impl Vm {
                 registry,
                 control: vcpus.control,
                 vcpu_threads: Mutex::new(Vec::new()),
+                redirty: Mutex::new(Vec::new()),
             }),
             _memfd: memfd,
             pio,
@@ -922,6 +925,16 @@ impl VmCore {
         Ok(())
     }
 
+    /// Report `ranges` dirty again at the next [`Self::dirty_pages`] (pages taken out of the log
+    /// but not sent yet).
+    pub fn mark_dirty(&self, ranges: &[(u64, u64)]) -> Result<()> {
+        self.redirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(ranges);
+        Ok(())
+    }
+
     /// Start throttling the vCPUs; starts at 0 %.
     pub fn throttle(&self) -> Result<crate::throttle::Throttle> {
         let ids = self.lock_threads().clone();
@@ -969,6 +982,9 @@ impl VmCore {
             }
         }
         set.merge_guest_memory_bitmap(&self.mem)?;
+        for (gpa, len) in std::mem::take(&mut *self.redirty.lock().unwrap_or_else(|e| e.into_inner())) {
+            set.mark(gpa, len)?;
+        }
         for c in self.registry.components() {
             c.state
                 .lock()

@@ -1,0 +1,234 @@
+//! Live migration: the source side ([`source`]) sends a running VM over one or more connections
+//! ([`transport`]) with the wire protocol and pre-copy planner of the `migration` crate; the target
+//! side ([`target`]) builds the VM from the configuration that arrives, loads RAM and state, and
+//! runs it. Both run on a worker thread; the control loop is told when they end
+//! ([`MigrationEvents`]) and the API reads their progress ([`SharedProgress`]).
+//!
+//! A failure at any step leaves the source VM running (resumed if it was paused), with dirty
+//! logging and throttling stopped; nothing the guest wrote is lost because the source keeps
+//! running its own copy until the target reports RESUMED.
+
+pub mod source;
+pub mod target;
+pub mod transport;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use api_server::migration::{MigrationPhase, MigrationProgress};
+use thiserror::Error;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::vm::{Vm, VmError};
+
+/// Errors of a migration.
+#[derive(Debug, Error)]
+pub enum MigrateError {
+    /// A connection failed.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The stream broke the protocol, or a peer sent something invalid.
+    #[error(transparent)]
+    Stream(#[from] migration::stream::StreamError),
+    /// The target refused the VM.
+    #[error("the target refused the VM: {0}")]
+    Refused(String),
+    /// The target failed to load or run the VM.
+    #[error("the target could not run the VM: {0}")]
+    TargetFailed(String),
+    /// The source aborted (sent by the source to the target).
+    #[error("the source aborted the migration: {0}")]
+    Aborted(String),
+    /// The planner gave up (the guest dirties memory faster than it can be sent).
+    #[error("the migration cannot converge: {0}")]
+    GaveUp(String),
+    /// The planner's limits are invalid.
+    #[error(transparent)]
+    Planner(#[from] migration::planner::PlannerError),
+    /// Cancelled through the API.
+    #[error("cancelled")]
+    Cancelled,
+    /// The VM could not be paused, resumed, built or loaded.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The peer sent something out of order.
+    #[error("protocol: {0}")]
+    Unexpected(String),
+    /// The configuration that arrived cannot be used.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// Progress shared between a migration worker and the API.
+#[derive(Clone)]
+pub struct SharedProgress {
+    inner: Arc<Mutex<MigrationProgress>>,
+    cancel: Arc<AtomicBool>,
+    start: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Default for SharedProgress {
+    fn default() -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(MigrationProgress::default())),
+            cancel: Arc::new(AtomicBool::new(false)),
+            start: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+impl SharedProgress {
+    /// The progress now.
+    pub fn get(&self) -> MigrationProgress {
+        let mut p = self.lock().clone();
+        if let Some(start) = *self.start.lock().unwrap_or_else(|e| e.into_inner()) {
+            if !matches!(
+                p.phase,
+                MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled
+            ) {
+                p.elapsed_ms = start.elapsed().as_millis() as u64;
+            }
+        }
+        p
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MigrationProgress> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Start a new migration's progress (phase setup).
+    pub fn begin(&self) {
+        self.cancel.store(false, Ordering::SeqCst);
+        *self.start.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *self.lock() = MigrationProgress {
+            phase: MigrationPhase::Setup,
+            ..Default::default()
+        };
+        crate::events::emit("migration", "setup", serde_json::Value::Null);
+    }
+
+    /// Update the figures with `f`.
+    pub fn update(&self, f: impl FnOnce(&mut MigrationProgress)) {
+        f(&mut self.lock());
+    }
+
+    /// Enter `phase`, with an event carrying the figures.
+    pub fn phase(&self, phase: MigrationPhase) {
+        let elapsed = self
+            .start
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map_or(0, |s| s.elapsed().as_millis() as u64);
+        let snapshot = {
+            let mut p = self.lock();
+            p.phase = phase;
+            p.elapsed_ms = elapsed;
+            p.clone()
+        };
+        crate::events::emit(
+            "migration",
+            phase.as_str(),
+            serde_json::to_value(&snapshot).unwrap_or_default(),
+        );
+    }
+
+    /// The migration ended with `error` (cancelled or failed).
+    pub fn fail(&self, error: &MigrateError) {
+        let phase = if matches!(error, MigrateError::Cancelled) {
+            MigrationPhase::Cancelled
+        } else {
+            MigrationPhase::Failed
+        };
+        self.lock().error = Some(error.to_string());
+        self.phase(phase);
+    }
+
+    /// Ask the worker to stop.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a cancel was asked for.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Fail with [`MigrateError::Cancelled`] when a cancel was asked for.
+    pub fn check_cancel(&self) -> Result<(), MigrateError> {
+        if self.cancelled() {
+            Err(MigrateError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// How a migration worker ended, for the control loop.
+pub enum MigrationOutcome {
+    /// Source: the target runs the VM; this process stops it and exits.
+    Sent,
+    /// Source: the migration failed; the VM runs on here.
+    SendFailed(MigrateError),
+    /// Target: the VM arrived and runs.
+    Received(Box<Vm>),
+    /// Target: nothing arrived that could run.
+    ReceiveFailed(MigrateError),
+}
+
+/// Outcomes of migration workers, with the eventfd the control loop watches.
+pub struct MigrationEvents {
+    fd: EventFd,
+    queue: Mutex<Vec<MigrationOutcome>>,
+}
+
+impl MigrationEvents {
+    /// A new channel.
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            fd: EventFd::new(EFD_NONBLOCK)?,
+            queue: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// The eventfd the control loop watches.
+    pub fn fd(&self) -> &EventFd {
+        &self.fd
+    }
+
+    /// Report `outcome` from a worker.
+    pub fn send(&self, outcome: MigrationOutcome) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(outcome);
+        let _ = self.fd.write(1);
+    }
+
+    /// The outcomes reported since the last call.
+    pub fn take(&self) -> Vec<MigrationOutcome> {
+        let _ = self.fd.read();
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// The host facts a target must share with the source: CPU vendor and the feature leaves the
+/// guest may have used.
+pub fn host_record() -> Vec<(String, String)> {
+    // SAFETY (of the intrinsic): CPUID exists on every x86_64 CPU.
+    let leaf = |l: u32, s: u32| std::arch::x86_64::__cpuid_count(l, s);
+    let v = leaf(0, 0);
+    let mut vendor = Vec::with_capacity(12);
+    for r in [v.ebx, v.edx, v.ecx] {
+        vendor.extend_from_slice(&r.to_le_bytes());
+    }
+    let l1 = leaf(1, 0);
+    let l7 = leaf(7, 0);
+    vec![
+        ("cpu.vendor".into(), String::from_utf8_lossy(&vendor).into_owned()),
+        ("cpu.leaf1.ecx".into(), format!("{:#010x}", l1.ecx)),
+        ("cpu.leaf1.edx".into(), format!("{:#010x}", l1.edx)),
+        ("cpu.leaf7.ebx".into(), format!("{:#010x}", l7.ebx)),
+        ("cpu.leaf7.ecx".into(), format!("{:#010x}", l7.ecx)),
+    ]
+}

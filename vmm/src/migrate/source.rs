@@ -1,0 +1,276 @@
+//! The source side of a live migration.
+//!
+//! 1. Connect (`connections` streams), HELLO + CONFIG on the first; wait for ACCEPT.
+//! 2. Start dirty logging; send all RAM (zero pages skipped), spread over the connections.
+//! 3. Iterate over the dirty pages while the planner says so, throttling the vCPUs when it asks.
+//! 4. Switch over: stop throttling, pause every vCPU and component, send the last dirty pages and
+//!    every component's state, COMPLETE on every connection.
+//! 5. Wait for the target's RESUMED.
+//!
+//! Any error before RESUMED: the VM is resumed if this side paused it, dirty logging stops, the
+//! throttle stops, and an ABORT is sent when the connection still works.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use api_server::migration::{MigrationPhase, SendMigrationRequest};
+use migration::planner::{Decision, IterationReport, Planner, PlannerConfig};
+use migration::ram::ZeroPages;
+use migration::stream::{
+    spread_ranges, Config, DeviceEntry, Hello, Message, MigrationReceiver, MigrationSender,
+    FEATURE_PRECOPY, PROTOCOL_VERSION,
+};
+
+use super::transport::{connect, Conn};
+use super::{host_record, MigrateError, SharedProgress};
+use crate::config::VmConfig;
+use crate::vm::VmCore;
+
+/// Pages per RAM piece dealt to a connection.
+const SPREAD_CHUNK: u64 = 4 << 20;
+/// How long the target may take to load the VM and answer RESUMED.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(120);
+
+type Senders = Vec<MigrationSender<Conn>>;
+
+/// The VM's description for the target's checks.
+fn describe(core: &VmCore, config: &VmConfig) -> Result<Config, MigrateError> {
+    let vm_config =
+        serde_json::to_vec(config).map_err(|e| MigrateError::Config(e.to_string()))?;
+    Ok(Config {
+        vm_config,
+        host: host_record(),
+        ram: core.ram_layout(),
+        devices: core
+            .registry()
+            .components()
+            .iter()
+            .map(|c| DeviceEntry {
+                id: c.id.clone(),
+                kind: c.kind.clone(),
+                pci_address: c.pci_address.map(|a| a.to_string()),
+            })
+            .collect(),
+    })
+}
+
+/// Send the pages of `ranges` over every connection (each gets its share), then end the
+/// iteration on all of them. Returns the bytes written.
+fn send_pass(
+    core: &VmCore,
+    senders: &mut Senders,
+    ranges: Vec<(u64, u64)>,
+    zeros: ZeroPages,
+) -> Result<u64, MigrateError> {
+    let before: u64 = senders.iter().map(|s| s.bytes_sent()).sum();
+    let shares = spread_ranges(ranges, senders.len(), SPREAD_CHUNK);
+    let mem = core.memory();
+    std::thread::scope(|scope| -> Result<(), MigrateError> {
+        let workers: Vec<_> = senders
+            .iter_mut()
+            .zip(shares)
+            .map(|(s, share)| {
+                scope.spawn(move || -> Result<(), MigrateError> {
+                    s.send_ram(mem, share, zeros)?;
+                    s.end_iteration()?;
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| MigrateError::Unexpected("a sender thread panicked".into()))??;
+        }
+        Ok(())
+    })?;
+    Ok(senders.iter().map(|s| s.bytes_sent()).sum::<u64>() - before)
+}
+
+/// Open the connections and get the target to accept the VM.
+fn handshake(
+    core: &VmCore,
+    config: &VmConfig,
+    req: &SendMigrationRequest,
+) -> Result<(Senders, MigrationReceiver<Conn>, Conn), MigrateError> {
+    let n = req.connections.max(1) as usize;
+    let conns = connect(&req.destination_url, n)?;
+    let mut senders = Vec::with_capacity(n);
+    let mut replies = None;
+    let mut control = None;
+    for (i, conn) in conns.into_iter().enumerate() {
+        if i == 0 {
+            control = Some(conn.try_clone()?);
+            replies = Some(MigrationReceiver::replies(conn.try_clone()?)?);
+        }
+        let mut s = MigrationSender::new(conn)?;
+        s.send(&Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            software: format!("skiff {}", env!("CARGO_PKG_VERSION")),
+            features: vec![FEATURE_PRECOPY.into()],
+            connection: i as u16,
+            connections: n as u16,
+        }))?;
+        senders.push(s);
+    }
+    let (mut replies, control) = match (replies, control) {
+        (Some(r), Some(c)) => (r, c),
+        _ => return Err(MigrateError::Unexpected("no connection".into())),
+    };
+    senders[0].send(&Message::Config(describe(core, config)?))?;
+    for s in &mut senders {
+        s.get_mut().flush()?;
+    }
+    match replies.recv()? {
+        Message::Accept => Ok((senders, replies, control)),
+        Message::Refuse(reason) => Err(MigrateError::Refused(reason)),
+        other => Err(MigrateError::Unexpected(format!(
+            "expected ACCEPT or REFUSE, got {:?}",
+            other.kind()
+        ))),
+    }
+}
+
+/// Pre-copy until the planner switches over; returns with the VM still running.
+fn precopy(
+    core: &VmCore,
+    senders: &mut Senders,
+    req: &SendMigrationRequest,
+    progress: &SharedProgress,
+    throttle: &crate::throttle::Throttle,
+) -> Result<(), MigrateError> {
+    let ram_bytes: u64 = core.ram_layout().iter().map(|(_, l)| l).sum();
+    let mut planner = Planner::new(
+        PlannerConfig {
+            downtime_limit: Duration::from_millis(req.downtime_limit_ms),
+            max_iterations: req.max_iterations.unwrap_or(30),
+            ..PlannerConfig::default()
+        },
+        ram_bytes,
+    )?;
+    progress.phase(api_server::migration::MigrationPhase::Precopy);
+    let mut ranges = core.ram_layout();
+    let mut zeros = ZeroPages::Skip;
+    loop {
+        progress.check_cancel()?;
+        let start = Instant::now();
+        let sent = send_pass(core, senders, ranges, zeros)?;
+        let dirty = core.dirty_pages()?;
+        let decision = planner.record(&IterationReport {
+            bytes_sent: sent,
+            duration: start.elapsed(),
+            dirty_pages: dirty.count(),
+            device_precopy_pending: 0,
+            device_stop_state: 0,
+        });
+        let p = planner.progress();
+        progress.update(|m| {
+            m.iteration = p.iteration;
+            m.bytes_sent = p.bytes_sent;
+            m.bytes_remaining = p.bytes_remaining;
+            m.dirty_rate_pages_per_s = p.dirty_rate;
+            m.bandwidth_bytes_per_s = p.bandwidth;
+            m.expected_downtime_ms = p.expected_downtime.map_or(0, |d| d.as_millis() as u64);
+            m.throttle_percent = p.throttle;
+        });
+        ranges = dirty.runs().collect();
+        zeros = ZeroPages::Send;
+        match decision {
+            Decision::Iterate => {}
+            Decision::Throttle(pct) => throttle.set(pct),
+            Decision::SwitchOver { expected_downtime } => {
+                log::info!(
+                    "migration: switching over after {} iteration(s), expected downtime {expected_downtime:?}",
+                    p.iteration
+                );
+                // The pages dirtied during the last pass go in the stop phase.
+                return resend_later(core, ranges);
+            }
+            Decision::GiveUp(reason) => return Err(MigrateError::GaveUp(reason)),
+        }
+    }
+}
+
+/// Put `ranges` back in the dirty log so the stop phase sends them (they were taken out by the
+/// last `dirty_pages` call).
+fn resend_later(core: &VmCore, ranges: Vec<(u64, u64)>) -> Result<(), MigrateError> {
+    core.mark_dirty(&ranges)?;
+    Ok(())
+}
+
+/// Stop the guest and send the rest; returns with the VM paused.
+fn switchover(
+    core: &VmCore,
+    mut senders: Senders,
+    progress: &SharedProgress,
+) -> Result<Instant, MigrateError> {
+    progress.phase(MigrationPhase::Switchover);
+    let paused_at = Instant::now();
+    core.pause()?;
+    let dirty = core.dirty_pages()?;
+    send_pass(core, &mut senders, dirty.runs().collect(), ZeroPages::Send)?;
+    let sections = core.registry().snapshot_all()?;
+    senders[0].send(&Message::State(sections))?;
+    progress.phase(MigrationPhase::Completing);
+    for s in senders {
+        let (mut conn, _) = s.complete()?;
+        conn.flush()?;
+    }
+    Ok(paused_at)
+}
+
+/// Run a migration of the VM behind `core` (configuration `config`) as `req` asks. On success
+/// the target runs the VM and this VM stays paused (the caller stops it); on failure the VM runs.
+pub fn send(
+    core: Arc<VmCore>,
+    config: VmConfig,
+    req: SendMigrationRequest,
+    progress: SharedProgress,
+) -> Result<(), MigrateError> {
+    progress.begin();
+    let mut paused = false;
+    let result = (|| {
+        let (mut senders, mut replies, control) = handshake(&core, &config, &req)?;
+        core.start_dirty_log()?;
+        let mut throttle = core.throttle()?;
+        let pre = precopy(&core, &mut senders, &req, &progress, &throttle);
+        throttle.stop();
+        if let Err(e) = pre {
+            let _ = senders[0].send(&Message::Abort(e.to_string()));
+            return Err(e);
+        }
+        progress.check_cancel()?;
+        paused = true;
+        let paused_at = switchover(&core, senders, &progress)?;
+        control.set_timeouts(Some(RESUME_TIMEOUT))?;
+        match replies.recv()? {
+            Message::Resumed => {
+                let downtime = paused_at.elapsed();
+                progress.update(|p| p.downtime_ms = Some(downtime.as_millis() as u64));
+                Ok(())
+            }
+            Message::Failed(reason) => Err(MigrateError::TargetFailed(reason)),
+            other => Err(MigrateError::Unexpected(format!(
+                "expected RESUMED, got {:?}",
+                other.kind()
+            ))),
+        }
+    })();
+    let _ = core.stop_dirty_log();
+    match result {
+        Ok(()) => {
+            progress.phase(MigrationPhase::Completed);
+            Ok(())
+        }
+        Err(e) => {
+            if paused {
+                if let Err(r) = core.resume() {
+                    log::error!("migration failed and the VM cannot be resumed: {r}");
+                }
+            }
+            log::error!("migration failed: {e}; the VM keeps running here");
+            progress.fail(&e);
+            Err(e)
+        }
+    }
+}

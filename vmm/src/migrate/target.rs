@@ -1,0 +1,195 @@
+//! The target side of a live migration: listen, take HELLO (and the extra connections it
+//! announces) and CONFIG, build the VM from that configuration (with this host's overrides) and
+//! check it matches the source's description (RAM layout, devices, CPU); ACCEPT or REFUSE; load
+//! RAM from every connection (never an older copy of a page over a newer one) and the component
+//! state; start the VM paused, restore, resume, and answer RESUMED. Nothing runs until the whole
+//! stream arrived and checked out; any failure answers FAILED (or REFUSE) and drops the VM.
+
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use api_server::migration::{MigrationPhase, ReceiveMigrationRequest};
+use migration::stream::{
+    Config, DeviceEntry, Message, MigrationReceiver, MigrationSender, RamApplier,
+};
+use migration::StateSection;
+
+use super::transport::{Conn, Listener};
+use super::{host_record, MigrateError, SharedProgress};
+use crate::config::VmConfig;
+use crate::vm::{Origin, Vm};
+use crate::vm_state::ClockMode;
+
+/// How long the target waits for the source to connect.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long it waits for the source's extra connections.
+const EXTRA_ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most connections a source may open.
+const MAX_CONNECTIONS: usize = 16;
+
+fn unexpected(what: &str, got: &Message) -> MigrateError {
+    MigrateError::Unexpected(format!("expected {what}, got {:?}", got.kind()))
+}
+
+/// This VM's description, to compare with the source's.
+fn describe(vm: &Vm) -> Config {
+    Config {
+        vm_config: Vec::new(),
+        host: host_record(),
+        ram: vm.ram_layout(),
+        devices: vm
+            .registry()
+            .components()
+            .iter()
+            .map(|c| DeviceEntry {
+                id: c.id.clone(),
+                kind: c.kind.clone(),
+                pci_address: c.pci_address.map(|a| a.to_string()),
+            })
+            .collect(),
+    }
+}
+
+/// Accept the source's connections: the first one's HELLO says how many follow.
+fn accept_all(
+    listener: &Listener,
+) -> Result<(MigrationReceiver<Conn>, MigrationSender<Conn>, Vec<MigrationReceiver<Conn>>), MigrateError>
+{
+    let conn0 = listener.accept(ACCEPT_TIMEOUT)?;
+    let reply = MigrationSender::replies(conn0.try_clone()?)?;
+    let mut rx0 = MigrationReceiver::new(conn0)?;
+    let hello = match rx0.recv()? {
+        Message::Hello(h) => h,
+        other => return Err(unexpected("HELLO", &other)),
+    };
+    let n = usize::from(hello.connections);
+    if n == 0 || n > MAX_CONNECTIONS || hello.connection != 0 {
+        return Err(MigrateError::Unexpected(format!(
+            "HELLO announces connection {} of {n} (1 to {MAX_CONNECTIONS} connections)",
+            hello.connection
+        )));
+    }
+    let mut others = Vec::with_capacity(n - 1);
+    for i in 1..n {
+        let mut rx = MigrationReceiver::new(listener.accept(EXTRA_ACCEPT_TIMEOUT)?)?;
+        match rx.recv()? {
+            Message::Hello(h) if usize::from(h.connection) == i => others.push(rx),
+            other => return Err(unexpected(&format!("HELLO of connection {i}"), &other)),
+        }
+    }
+    Ok((rx0, reply, others))
+}
+
+/// Build the VM the CONFIG describes (with this host's overrides) and check it matches.
+fn build(req: &ReceiveMigrationRequest, cfg: &Config) -> Result<Vm, MigrateError> {
+    let mut config: VmConfig = serde_json::from_slice(&cfg.vm_config)
+        .map_err(|e| MigrateError::Config(format!("the source's configuration: {e}")))?;
+    req.apply_overrides(&mut config)
+        .map_err(|e| MigrateError::Config(e.to_string()))?;
+    config
+        .validate()
+        .map_err(|e| MigrateError::Config(e.to_string()))?;
+    let vm = Vm::create(config, Origin::Restore)?;
+    let diffs = cfg.differences(&describe(&vm));
+    if !diffs.is_empty() {
+        return Err(MigrateError::Config(diffs.join("; ")));
+    }
+    Ok(vm)
+}
+
+/// Read every connection to its COMPLETE, loading RAM into `vm`; returns the state sections.
+fn load(
+    vm: &Vm,
+    rx0: MigrationReceiver<Conn>,
+    others: Vec<MigrationReceiver<Conn>>,
+) -> Result<Vec<StateSection>, MigrateError> {
+    let applier = Mutex::new(RamApplier::new(&vm.ram_layout()).map_err(|e| {
+        MigrateError::Unexpected(format!("RAM layout: {e}"))
+    })?);
+    let mem = vm.memory();
+    let drain = |mut rx: MigrationReceiver<Conn>| -> Result<Option<Vec<StateSection>>, MigrateError> {
+        let mut sections = None;
+        loop {
+            match rx.recv()? {
+                Message::Ram(frame) => {
+                    applier
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .apply(mem, &frame)?;
+                }
+                Message::IterationEnd(_) | Message::DevicePrecopy { .. } => {}
+                Message::State(s) => sections = Some(s),
+                Message::Complete(_) => return Ok(sections),
+                Message::Abort(reason) => return Err(MigrateError::Aborted(reason)),
+                other => return Err(unexpected("RAM, STATE or COMPLETE", &other)),
+            }
+        }
+    };
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = others.into_iter().map(|rx| scope.spawn(move || drain(rx))).collect();
+        let main = drain(rx0);
+        let mut sections = main?;
+        for w in workers {
+            let s = w
+                .join()
+                .map_err(|_| MigrateError::Unexpected("a receiver thread panicked".into()))??;
+            if s.is_some() {
+                sections = s;
+            }
+        }
+        sections.ok_or_else(|| MigrateError::Unexpected("the stream carried no STATE".into()))
+    })
+}
+
+/// Receive a VM on `req.receiver_url`; returns it running.
+pub fn receive(req: ReceiveMigrationRequest, progress: SharedProgress) -> Result<Vm, MigrateError> {
+    progress.begin();
+    let result = (|| {
+        let listener = Listener::bind(&req.receiver_url)?;
+        let (mut rx0, mut reply, others) = accept_all(&listener)?;
+        drop(listener);
+        let cfg = match rx0.recv()? {
+            Message::Config(c) => c,
+            other => return Err(unexpected("CONFIG", &other)),
+        };
+        let mut vm = match build(&req, &cfg) {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = reply.send(&Message::Refuse(e.to_string()));
+                let _ = reply.get_mut().flush();
+                return Err(e);
+            }
+        };
+        reply.send(&Message::Accept)?;
+        reply.get_mut().flush()?;
+        progress.phase(MigrationPhase::Precopy);
+        let loaded = load(&vm, rx0, others).and_then(|sections| {
+            progress.phase(MigrationPhase::Completing);
+            vm.restore_components(&sections, ClockMode::Advance)?;
+            vm.start()?;
+            vm.resume()?;
+            Ok(())
+        });
+        match loaded {
+            Ok(()) => {
+                reply.send(&Message::Resumed)?;
+                reply.get_mut().flush()?;
+                Ok(vm)
+            }
+            Err(e) => {
+                let _ = reply.send(&Message::Failed(e.to_string()));
+                let _ = reply.get_mut().flush();
+                Err(e)
+            }
+        }
+    })();
+    match &result {
+        Ok(_) => progress.phase(MigrationPhase::Completed),
+        Err(e) => {
+            log::error!("incoming migration failed: {e}");
+            progress.fail(e);
+        }
+    }
+    result
+}

@@ -1,0 +1,216 @@
+//! Migration transport: one or more byte streams between source and target, over TCP
+//! (`tcp:HOST:PORT`) or a Unix socket (`unix:PATH`); on a Unix socket the source can also hand
+//! the guest-RAM memfd to the target (`local=on`, SCM_RIGHTS) so no RAM is copied at all.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use api_server::migration::MigrationUrl;
+
+/// How long a connection attempt or an accept may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer that sends or takes nothing for this long is considered gone.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One migration connection.
+#[derive(Debug)]
+pub enum Conn {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix stream socket.
+    Unix(UnixStream),
+}
+
+impl Conn {
+    /// Another handle on the same connection (to read replies while writing).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Bound every read and write by `timeout`.
+    pub fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)
+            }
+            Conn::Unix(s) => {
+                s.set_read_timeout(timeout)?;
+                s.set_write_timeout(timeout)
+            }
+        }
+    }
+
+    /// Shut both directions down (unblocks a thread reading or writing it).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
+    /// The Unix socket, for passing file descriptors.
+    pub fn unix(&self) -> Option<&UnixStream> {
+        match self {
+            Conn::Unix(s) => Some(s),
+            Conn::Tcp(_) => None,
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.flush(),
+            Conn::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// Open `n` connections to `url`, each retried until [`CONNECT_TIMEOUT`].
+pub fn connect(url: &MigrationUrl, n: usize) -> io::Result<Vec<Conn>> {
+    (0..n).map(|_| connect_one(url)).collect()
+}
+
+fn connect_one(url: &MigrationUrl) -> io::Result<Conn> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        let attempt = match url {
+            MigrationUrl::Tcp { host, port } => {
+                let addr = (host.as_str(), *port).to_socket_addrs()?.next().ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, format!("{host}: no address"))
+                })?;
+                TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map(|s| {
+                    let _ = s.set_nodelay(true);
+                    Conn::Tcp(s)
+                })
+            }
+            MigrationUrl::Unix { path } => UnixStream::connect(path).map(Conn::Unix),
+        };
+        match attempt {
+            Ok(c) => {
+                c.set_timeouts(Some(IO_TIMEOUT))?;
+                return Ok(c);
+            }
+            // The target may not be listening yet; a refused or missing socket is retried.
+            Err(e)
+                if Instant::now() < deadline
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+                    ) =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A listening migration endpoint on the target.
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix socket (its file is removed when the listener is dropped).
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Listen on `url` (a stale Unix socket file is replaced).
+    pub fn bind(url: &MigrationUrl) -> io::Result<Self> {
+        Ok(match url {
+            MigrationUrl::Tcp { host, port } => Listener::Tcp(TcpListener::bind((host.as_str(), *port))?),
+            MigrationUrl::Unix { path } => {
+                if std::fs::symlink_metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
+                    let _ = std::fs::remove_file(path);
+                }
+                Listener::Unix(UnixListener::bind(path)?, path.clone())
+            }
+        })
+    }
+
+    /// Accept one connection, waiting at most `timeout`.
+    pub fn accept(&self, timeout: Duration) -> io::Result<Conn> {
+        let fd = match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l, _) => l.as_fd(),
+        };
+        wait_readable(fd, timeout)?;
+        let conn = match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }
+            Listener::Unix(l, _) => Conn::Unix(l.accept()?.0),
+        };
+        conn.set_timeouts(Some(IO_TIMEOUT))?;
+        Ok(conn)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Wait until `fd` is readable, at most `timeout`.
+fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call; one entry.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    match n {
+        n if n < 0 => Err(io::Error::last_os_error()),
+        0 => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no migration source connected in time",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Send `fds` (the guest-RAM memfd) with a one-byte message over a Unix connection.
+pub fn send_fds(conn: &UnixStream, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    pci::vfio::user::sock::send_all(conn, &[0u8], fds)
+}
+
+/// Receive the fds sent with [`send_fds`] (at most `max`).
+pub fn recv_fds(conn: &UnixStream, max: usize) -> io::Result<Vec<OwnedFd>> {
+    let mut byte = [0u8; 1];
+    let mut fds = Vec::new();
+    pci::vfio::user::sock::recv_exact(conn, &mut byte, &mut fds, max).map_err(io::Error::other)?;
+    Ok(fds)
+}
