@@ -5,6 +5,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::config::VmConfig;
+use crate::migration::{ReceiveMigrationRequest, SendMigrationRequest};
 use crate::models::{RestoreRequest, SnapshotRequest, VmState};
 
 /// An action the control thread performs. Bodies are already parsed and checked (JSON shape,
@@ -39,6 +40,23 @@ pub enum ApiAction {
     Restore(RestoreRequest),
     /// `PUT /api/v1/vm.delete`: stop and forget the VM.
     Delete,
+    /// `PUT /api/v1/vm.send-migration`: start migrating the VM (checked: URL, ranges, `local`
+    /// only with `unix:`). Answer `Empty` once the migration has started (the target is
+    /// connected; the progress already reports this migration, not the last one); it goes on
+    /// in the background, reported by `MigrationProgress` and one
+    /// `migration` event per phase. The VM becomes `Migrating`, and `Migrated` once completed.
+    SendMigration(SendMigrationRequest),
+    /// `PUT /api/v1/vm.receive-migration`: on a skiff without a VM, listen on the URL and
+    /// receive a VM, applying the (checked) overrides with
+    /// `ReceiveMigrationRequest::apply_overrides` to the configuration that arrives. Answer
+    /// `Empty` once listening.
+    ReceiveMigration(ReceiveMigrationRequest),
+    /// `GET /api/v1/vm.migration-progress`: answer `Json(MigrationProgress)` (phase `none` when
+    /// no migration has run).
+    MigrationProgress,
+    /// `PUT /api/v1/vm.migration-cancel`: stop the running migration (phase `cancelled`; the
+    /// source VM goes on as before). 409 when none is running.
+    MigrationCancel,
 }
 
 impl ApiAction {
@@ -59,6 +77,10 @@ impl ApiAction {
             ApiAction::Snapshot(_) => "vm.snapshot",
             ApiAction::Restore(_) => "vm.restore",
             ApiAction::Delete => "vm.delete",
+            ApiAction::SendMigration(_) => "vm.send-migration",
+            ApiAction::ReceiveMigration(_) => "vm.receive-migration",
+            ApiAction::MigrationProgress => "vm.migration-progress",
+            ApiAction::MigrationCancel => "vm.migration-cancel",
         }
     }
 }
@@ -125,6 +147,15 @@ impl ApiError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self {
             status: 500,
+            message: message.into(),
+            state: None,
+        }
+    }
+
+    /// 501: the action is valid but this build cannot carry it out.
+    pub fn not_implemented(message: impl Into<String>) -> Self {
+        Self {
+            status: 501,
             message: message.into(),
             state: None,
         }

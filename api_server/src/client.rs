@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use thiserror::Error;
 
 use crate::config::VmConfig;
+use crate::migration::{MigrationProgress, ReceiveMigrationRequest, SendMigrationRequest};
 use crate::models::{
     ApiErrorBody, Counters, PingResponse, RestoreRequest, SnapshotRequest, VmInfo, VmState,
 };
@@ -283,5 +284,26 @@ impl ApiClient {
     /// `PUT vm.delete`.
     pub fn delete(&self) -> Result<(), ClientError> {
         self.put("vm.delete", None)
+    }
+
+    /// `PUT vm.send-migration`: start migrating the VM. Returns once the migration is under
+    /// way; follow it with [`ApiClient::migration_progress`].
+    pub fn send_migration(&self, request: &SendMigrationRequest) -> Result<(), ClientError> {
+        self.put("vm.send-migration", Self::to_body(request)?)
+    }
+
+    /// `PUT vm.receive-migration`: listen for a migrating VM (on a skiff without a VM).
+    pub fn receive_migration(&self, request: &ReceiveMigrationRequest) -> Result<(), ClientError> {
+        self.put("vm.receive-migration", Self::to_body(request)?)
+    }
+
+    /// `GET vm.migration-progress`.
+    pub fn migration_progress(&self) -> Result<MigrationProgress, ClientError> {
+        self.get("vm.migration-progress")
+    }
+
+    /// `PUT vm.migration-cancel`.
+    pub fn migration_cancel(&self) -> Result<(), ClientError> {
+        self.put("vm.migration-cancel", None)
     }
 }

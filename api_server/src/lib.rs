@@ -10,6 +10,7 @@
 pub mod action;
 pub mod client;
 pub mod config;
+pub mod migration;
 pub mod models;
 pub mod openapi;
 pub mod pci_address;
@@ -17,6 +18,10 @@ pub mod server;
 
 pub use action::{ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, Responder};
 pub use client::{ApiClient, ClientError};
+pub use migration::{
+    DeviceOverride, MigrationPhase, MigrationProgress, MigrationUrl, ReceiveMigrationRequest,
+    SendMigrationRequest,
+};
 pub use models::{
     ApiErrorBody, Counters, DeviceInfo, PingResponse, RestoreRequest, SnapshotRequest, VmInfo,
     VmState,

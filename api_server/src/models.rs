@@ -7,6 +7,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
+pub use crate::migration::{
+    DeviceOverride, MigrationPhase, MigrationProgress, MigrationUrl, ReceiveMigrationRequest,
+    SendMigrationRequest,
+};
 
 /// The lifecycle state of the VM. "No VM" (before `vm.create`, after `vm.delete`) is not a state:
 /// errors then carry no `state` and `vm.info` answers 409.
@@ -20,6 +24,14 @@ pub enum VmState {
     Paused,
     /// The VM was shut down (`vm.shutdown` or the guest powered off); `vm.boot` starts it again.
     Shutdown,
+    /// A live migration is under way: on the source from `vm.send-migration` until it ends (the
+    /// guest keeps running during pre-copy), on the target from the moment the VM's
+    /// configuration arrives until it resumes. Lifecycle actions get 409; a failed or cancelled
+    /// migration puts the source back in the state it had and leaves the target without a VM.
+    Migrating,
+    /// The source after a completed migration: the guest runs on the target. Only `vm.info`,
+    /// `vm.migration-progress`, `vm.delete` and `vmm.shutdown` remain.
+    Migrated,
 }
 
 impl std::fmt::Display for VmState {
@@ -29,6 +41,8 @@ impl std::fmt::Display for VmState {
             VmState::Running => "Running",
             VmState::Paused => "Paused",
             VmState::Shutdown => "Shutdown",
+            VmState::Migrating => "Migrating",
+            VmState::Migrated => "Migrated",
         };
         f.write_str(s)
     }
@@ -136,6 +150,12 @@ mod tests {
             "\"Paused\""
         );
         assert_eq!(VmState::Shutdown.to_string(), "Shutdown");
+        for s in [VmState::Migrating, VmState::Migrated] {
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::json!(s.to_string())
+            );
+        }
         assert!(serde_json::from_str::<VmState>("\"paused\"").is_err());
     }
 

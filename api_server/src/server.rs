@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::action::{ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, Responder};
 use crate::config::VmConfig;
+use crate::migration::{ReceiveMigrationRequest, SendMigrationRequest};
 use crate::models::{file_url_path, ApiErrorBody, RestoreRequest, SnapshotRequest};
 use crate::openapi::Spec;
 
@@ -48,6 +49,10 @@ pub enum BodyKind {
     Snapshot,
     /// A [`RestoreRequest`].
     Restore,
+    /// A [`SendMigrationRequest`].
+    SendMigration,
+    /// A [`ReceiveMigrationRequest`].
+    ReceiveMigration,
 }
 
 /// One endpoint the server serves.
@@ -82,6 +87,14 @@ pub const ROUTES: &[Route] = &[
     route("/api/v1/vm.snapshot", "PUT", BodyKind::Snapshot),
     route("/api/v1/vm.restore", "PUT", BodyKind::Restore),
     route("/api/v1/vm.delete", "PUT", BodyKind::None),
+    route("/api/v1/vm.send-migration", "PUT", BodyKind::SendMigration),
+    route(
+        "/api/v1/vm.receive-migration",
+        "PUT",
+        BodyKind::ReceiveMigration,
+    ),
+    route("/api/v1/vm.migration-progress", "GET", BodyKind::None),
+    route("/api/v1/vm.migration-cancel", "PUT", BodyKind::None),
 ];
 
 /// Errors starting or stopping the server.
@@ -463,6 +476,20 @@ fn parse_json<T: DeserializeOwned>(
     endpoint: &str,
     body: &[u8],
 ) -> Result<T, ApiError> {
+    parse_json_checked(route, endpoint, body, false, |_: &T| Ok(()))
+}
+
+/// Parse a body: JSON, then serde, then `check` (the model's own checks, whose errors name the
+/// field), then the spec's schema. With `name_fields`, a serde error is replaced by the spec's
+/// error when the spec rejects the body too, since the spec's errors name the field (`$.x`) and
+/// serde_json's do not.
+fn parse_json_checked<T: DeserializeOwned>(
+    route: &Route,
+    endpoint: &str,
+    body: &[u8],
+    name_fields: bool,
+    check: impl FnOnce(&T) -> Result<(), String>,
+) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request(format!(
             "{endpoint}: a JSON body is required"
@@ -470,8 +497,20 @@ fn parse_json<T: DeserializeOwned>(
     }
     let bad = |e: String| ApiError::bad_request(format!("{endpoint}: invalid JSON body: {e}"));
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
-    let typed = T::deserialize(&value).map_err(|e| bad(e.to_string()))?;
-    if let Some(schema) = spec().request_schema(route.path, route.method) {
+    let schema = spec().request_schema(route.path, route.method);
+    let typed = match T::deserialize(&value) {
+        Ok(t) => t,
+        Err(e) => {
+            if name_fields {
+                if let Some(Err(named)) = schema.as_ref().map(|s| spec().validate(s, &value)) {
+                    return Err(bad(named));
+                }
+            }
+            return Err(bad(e.to_string()));
+        }
+    };
+    check(&typed).map_err(|e| ApiError::bad_request(format!("{endpoint}: {e}")))?;
+    if let Some(schema) = schema {
         spec().validate(&schema, &value).map_err(bad)?;
     }
     Ok(typed)
@@ -503,6 +542,8 @@ fn parse_action(route: &Route, endpoint: &str, body: &[u8]) -> Result<ApiAction,
                 "vm.info" => ApiAction::Info,
                 "vm.counters" => ApiAction::Counters,
                 "vm.delete" => ApiAction::Delete,
+                "vm.migration-progress" => ApiAction::MigrationProgress,
+                "vm.migration-cancel" => ApiAction::MigrationCancel,
                 other => return Err(ApiError::internal(format!("unmapped endpoint {other}"))),
             }
         }
@@ -525,6 +566,20 @@ fn parse_action(route: &Route, endpoint: &str, body: &[u8]) -> Result<ApiAction,
                 .map_err(|e| ApiError::bad_request(format!("{endpoint}: source_url {e}")))?;
             ApiAction::Restore(r)
         }
+        BodyKind::SendMigration => ApiAction::SendMigration(parse_json_checked(
+            route,
+            endpoint,
+            body,
+            true,
+            SendMigrationRequest::validate,
+        )?),
+        BodyKind::ReceiveMigration => ApiAction::ReceiveMigration(parse_json_checked(
+            route,
+            endpoint,
+            body,
+            true,
+            ReceiveMigrationRequest::validate,
+        )?),
     })
 }
 

@@ -157,6 +157,56 @@ fn server_conforms_to_the_openapi_spec() {
     assert_eq!(check("PUT", "vm.delete", None), 204);
     assert_eq!(check("PUT", "vm.restore", Some(restore)), 204);
     assert_eq!(check("GET", "vm.info", None), 200);
+    // Live migration: progress always answers; cancel with nothing to cancel conflicts.
+    assert_eq!(check("GET", "vm.migration-progress", None), 200);
+    assert_eq!(check("PUT", "vm.migration-cancel", None), 409);
+    let recv = json!({"receiver_url": "tcp:[::]:6000", "overrides": {"disk0": {"path": "/n"}}});
+    assert_eq!(
+        check("PUT", "vm.receive-migration", Some(recv.clone())),
+        409
+    );
+    assert_eq!(
+        check(
+            "PUT",
+            "vm.receive-migration",
+            Some(json!({"receiver_url": 1}))
+        ),
+        400
+    );
+    assert_eq!(
+        check(
+            "PUT",
+            "vm.send-migration",
+            Some(json!({"destination_url": "x"}))
+        ),
+        400
+    );
+    let slow = json!({"destination_url": "unix:/run/slow.sock", "local": true, "connections": 4});
+    assert_eq!(check("PUT", "vm.send-migration", Some(slow.clone())), 204);
+    assert_eq!(check("PUT", "vm.send-migration", Some(slow)), 409);
+    assert_eq!(check("GET", "vm.migration-progress", None), 200);
+    assert_eq!(check("PUT", "vm.migration-cancel", None), 204);
+    assert_eq!(check("GET", "vm.migration-progress", None), 200);
+    assert_eq!(h.state(), Some(VmState::Running));
+    let send = json!({"destination_url": "tcp:192.0.2.1:6000", "downtime_limit_ms": 50,
+                      "bandwidth_limit_mbps": 1000, "max_iterations": 8});
+    assert_eq!(check("PUT", "vm.send-migration", Some(send.clone())), 204);
+    for _ in 0..6 {
+        assert_eq!(check("GET", "vm.migration-progress", None), 200);
+    }
+    assert_eq!(h.state(), Some(VmState::Migrated));
+    assert_eq!(check("GET", "vm.info", None), 200);
+    assert_eq!(check("PUT", "vm.send-migration", Some(send)), 409);
+    assert_eq!(check("PUT", "vm.delete", None), 204);
+    assert_eq!(check("PUT", "vm.receive-migration", Some(recv)), 204);
+    assert_eq!(
+        check(
+            "PUT",
+            "vm.restore",
+            Some(json!({"source_url": "file:///s"}))
+        ),
+        204
+    );
     // Wrong methods: 405 is documented for every operation.
     for r in ROUTES {
         let other = if r.method == "GET" { "PUT" } else { "GET" };
@@ -571,4 +621,370 @@ fn stop_right_after_answering_delivers_the_answer() {
     assert!(t0.elapsed() < Duration::from_secs(3));
     assert!(waiting.join().unwrap().is_err());
     drop(held);
+}
+
+fn send_body(extra: Value) -> Vec<u8> {
+    let mut v = json!({"destination_url": "tcp:192.0.2.1:6000"});
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// Every bad field of the migration bodies is a 400 that names the field; nothing reaches the
+/// VMM.
+#[test]
+fn migration_bodies_name_the_bad_field() {
+    let h = Harness::start("mig400");
+    let c = h.client();
+    let send = |extra: Value| send_body(extra);
+    let recv =
+        |o: Value| serde_json::to_vec(&json!({"receiver_url": "tcp:h:1", "overrides": o})).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("vm.send-migration", b"".to_vec(), "JSON body is required"),
+        (
+            "vm.send-migration",
+            b"{}".to_vec(),
+            "\"destination_url\" is missing",
+        ),
+        (
+            "vm.send-migration",
+            br#"{"destination_url": 5}"#.to_vec(),
+            "$.destination_url: expected string",
+        ),
+        (
+            "vm.send-migration",
+            br#"{"destination_url": "file:///x"}"#.to_vec(),
+            "destination_url: \"file:///x\": expected tcp:HOST:PORT",
+        ),
+        (
+            "vm.send-migration",
+            br#"{"destination_url": "tcp:h:0"}"#.to_vec(),
+            "destination_url: \"tcp:h:0\": port 0",
+        ),
+        (
+            "vm.send-migration",
+            br#"{"destination_url": "tcp:::1:6000"}"#.to_vec(),
+            "destination_url: \"tcp:::1:6000\": put an IPv6 address in brackets",
+        ),
+        (
+            "vm.send-migration",
+            br#"{"destination_url": "unix:rel.sock"}"#.to_vec(),
+            "destination_url: \"unix:rel.sock\": the socket path must be absolute",
+        ),
+        (
+            "vm.send-migration",
+            send(json!({"connections": 0})),
+            "connections: 0 is out of range (1 to 16)",
+        ),
+        (
+            "vm.send-migration",
+            send(json!({"connections": 17})),
+            "connections: 17 is out of range (1 to 16)",
+        ),
+        (
+            "vm.send-migration",
+            send(json!({"connections": 5000000000u64})),
+            "$.connections: 5000000000 is above the maximum 16",
+        ),
+        (
+            "vm.send-migration",
+            send(json!({"connections": -1})),
+            "$.connections: -1 is below the minimum 1",
+        ),
+        (
+            "vm.send-migration",
+            send(json!({"connections": "2"})),
+            "$.connections: expected integer",
+        ),
+        (
+            "vm.send-migration",
+            send(json!({"local": true})),
+            "local: a local migration needs a unix: destination_url, not tcp:192.0.2.1:6000",
+        ),
+        (
+            "vm.send-migration",
+            send(json!({"local": "yes"})),
+            "$.local: expected boolean",
+        ),
+        (
+            "vm.send-migration",
+            send(json!({"downtime_limit_ms": 0})),
+            "downtime_limit_ms: 0 is out of range",
+        ),
+        (
+            "vm.send-migration",
+            send(json!({"downtime_limit_ms": 1.5})),
+            "$.downtime_limit_ms: expected integer",
+        ),
+        (
+            "vm.send-migration",
+            send(json!({"downtime_limit_ms": 1e30})),
+            "$.downtime_limit_ms: expected integer",
+        ),
+        (
+            "vm.send-migration",
+            send(json!({"bandwidth_limit_mbps": 0})),
+            "bandwidth_limit_mbps: 0 is out of range",
+        ),
+        (
+            "vm.send-migration",
+            send(json!({"bandwidth_limit_mbps": null})),
+            "$.bandwidth_limit_mbps: expected integer, got null",
+        ),
+        (
+            "vm.send-migration",
+            send(json!({"max_iterations": 0})),
+            "max_iterations: 0 is out of range",
+        ),
+        (
+            "vm.send-migration",
+            send(json!({"max_iterations": 99999999999u64})),
+            "$.max_iterations: 99999999999 is above the maximum 10000",
+        ),
+        (
+            "vm.send-migration",
+            send(json!({"migration_timeout": 10})),
+            "property \"migration_timeout\" is not documented",
+        ),
+        (
+            "vm.send-migration",
+            br#"["tcp:h:1"]"#.to_vec(),
+            "expected object",
+        ),
+        (
+            "vm.receive-migration",
+            b"{}".to_vec(),
+            "\"receiver_url\" is missing",
+        ),
+        (
+            "vm.receive-migration",
+            br#"{"receiver_url": "tcp:h"}"#.to_vec(),
+            "receiver_url: \"tcp:h\": missing :PORT",
+        ),
+        (
+            "vm.receive-migration",
+            br#"{"receiver_url": "unix:/r", "local": true}"#.to_vec(),
+            "property \"local\" is not documented",
+        ),
+        (
+            "vm.receive-migration",
+            recv(json!([])),
+            "$.overrides: expected object",
+        ),
+        (
+            "vm.receive-migration",
+            recv(json!({"disk0": "/x"})),
+            "$.overrides.disk0: expected object",
+        ),
+        (
+            "vm.receive-migration",
+            recv(json!({"disk0": {"file": "/x"}})),
+            "$.overrides.disk0: property \"file\" is not documented",
+        ),
+        (
+            "vm.receive-migration",
+            recv(json!({"disk0": {"path": 3}})),
+            "$.overrides.disk0.path: expected string",
+        ),
+        (
+            "vm.receive-migration",
+            recv(json!({"disk0": {}})),
+            "overrides.disk0: give exactly one of path, tap, socket (got none)",
+        ),
+        (
+            "vm.receive-migration",
+            recv(json!({"net0": {"tap": "t", "path": "/p"}})),
+            "overrides.net0: give exactly one of path, tap, socket (got path, tap)",
+        ),
+        (
+            "vm.receive-migration",
+            recv(json!({"disk0": {"path": "img"}})),
+            "overrides.disk0.path: \"img\" must be an absolute path",
+        ),
+        (
+            "vm.receive-migration",
+            recv(json!({"net0": {"tap": "much-too-long-name"}})),
+            "overrides.net0.tap: \"much-too-long-name\" is not an interface name",
+        ),
+        (
+            "vm.receive-migration",
+            recv(json!({"accel0": {"socket": "x"}})),
+            "overrides.accel0.socket",
+        ),
+        (
+            "vm.receive-migration",
+            recv(json!({"a b": {"path": "/x"}})),
+            "overrides: \"a b\" is not a device id",
+        ),
+    ];
+    for (ep, body, want) in cases {
+        let r = c
+            .raw("PUT", &format!("{V1}{ep}"), Some(body.clone()))
+            .unwrap();
+        let e = err_body(&r);
+        assert_eq!(
+            r.status,
+            400,
+            "{ep} {}: {}",
+            String::from_utf8_lossy(&body),
+            e.error
+        );
+        assert!(e.error.starts_with(ep), "{}", e.error);
+        assert!(
+            e.error.contains(want),
+            "{ep} {}: {:?} lacks {want:?}",
+            String::from_utf8_lossy(&body),
+            e.error
+        );
+    }
+    // Body limit applies as everywhere.
+    let mut big = br#"{"receiver_url": "unix:/r", "overrides": {"#.to_vec();
+    for i in 0..3000 {
+        big.extend_from_slice(format!(r#""disk{i}": {{"path": "/img/{i}"}},"#).as_bytes());
+    }
+    big.extend_from_slice(br#""x": {"path": "/x"}}}"#);
+    let r = c
+        .raw("PUT", &format!("{V1}vm.receive-migration"), Some(big))
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(err_body(&r).error.contains("65536 bytes"));
+    assert!(
+        h.vm.lock().unwrap().log.is_empty(),
+        "nothing reached the VMM"
+    );
+    // Good bodies reach it, parsed and with defaults filled in.
+    c.raw("PUT", &format!("{V1}vm.receive-migration"), Some(br#"{"receiver_url": "tcp:[::1]:6000", "overrides": {"hostdev0": {"path": "/sys/bus/pci/devices/0000:01:00.0"}}}"#.to_vec())).unwrap();
+    let got = h.vm.lock().unwrap().received.clone().unwrap();
+    assert_eq!(
+        got.receiver_url.tcp_address().as_deref(),
+        Some("[::1]:6000")
+    );
+    assert_eq!(got.overrides["hostdev0"].fields(), vec!["path"]);
+}
+
+#[test]
+fn migration_through_the_client() {
+    use api_server::{MigrationPhase, MigrationUrl, ReceiveMigrationRequest, SendMigrationRequest};
+    let h = Harness::start("migc");
+    let c = h.client();
+    let p = c.migration_progress().unwrap();
+    assert_eq!(p.phase, MigrationPhase::None);
+    let (st, _, state) = api_status(c.migration_cancel());
+    assert_eq!((st, state), (409, None));
+    let url = MigrationUrl::parse("tcp:192.0.2.1:6000").unwrap();
+    let (st, msg, _) = api_status(c.send_migration(&SendMigrationRequest::new(url.clone())));
+    assert_eq!(st, 409, "{msg}");
+
+    // The client's request is what the server passes on, validated.
+    let mut bad = SendMigrationRequest::new(url.clone());
+    bad.connections = 0;
+    let (st, msg, _) = api_status(c.send_migration(&bad));
+    assert_eq!(st, 400);
+    assert!(msg.contains("connections"), "{msg}");
+
+    c.create(&VmConfig::default()).unwrap();
+    c.boot().unwrap();
+    let mut req = SendMigrationRequest::new(url);
+    req.connections = 4;
+    req.bandwidth_limit_mbps = Some(800);
+    c.send_migration(&req).unwrap();
+    assert_eq!(h.vm.lock().unwrap().sent.as_ref(), Some(&req));
+    assert_eq!(h.state(), Some(VmState::Migrating));
+    let (st, _, state) = api_status(c.pause());
+    assert_eq!((st, state), (409, Some(VmState::Migrating)));
+    let mut phases = Vec::new();
+    loop {
+        let p = c.migration_progress().unwrap();
+        if phases.last() != Some(&p.phase) {
+            phases.push(p.phase);
+        }
+        if p.phase.is_final() {
+            assert_eq!(p.downtime_ms, Some(42));
+            break;
+        }
+    }
+    use MigrationPhase as P;
+    assert_eq!(
+        phases,
+        vec![
+            P::Setup,
+            P::Precopy,
+            P::Switchover,
+            P::Completing,
+            P::Completed
+        ]
+    );
+    assert_eq!(h.state(), Some(VmState::Migrated));
+    assert_eq!(c.info().unwrap().state, VmState::Migrated);
+
+    // A failed one puts the source back as it was.
+    c.delete().unwrap();
+    c.create(&VmConfig::default()).unwrap();
+    c.boot().unwrap();
+    c.pause().unwrap();
+    c.send_migration(&SendMigrationRequest::new(
+        MigrationUrl::parse("tcp:fail.invalid:1").unwrap(),
+    ))
+    .unwrap();
+    let last = loop {
+        let p = c.migration_progress().unwrap();
+        if p.phase.is_final() {
+            break p;
+        }
+    };
+    assert_eq!(last.phase, P::Failed);
+    assert_eq!(
+        last.error.as_deref(),
+        Some("the target closed the connection")
+    );
+    assert_eq!(h.state(), Some(VmState::Paused));
+
+    // Receive on a skiff without a VM.
+    c.delete().unwrap();
+    let mut r = ReceiveMigrationRequest::new(MigrationUrl::parse("unix:/run/r.sock").unwrap());
+    r.overrides.insert(
+        "net0".into(),
+        api_server::DeviceOverride {
+            tap: Some("tap1".into()),
+            ..Default::default()
+        },
+    );
+    c.receive_migration(&r).unwrap();
+    assert_eq!(h.vm.lock().unwrap().received.as_ref(), Some(&r));
+}
+
+/// The VMM of this build answers the migration actions with 501; that is documented.
+#[test]
+fn not_implemented_is_documented() {
+    let path = socket_path("501");
+    let (tx, rx) = channel::<api_server::ApiRequest>();
+    let _s = ApiServer::start(&path, tx, EventFd::new(0).unwrap()).unwrap();
+    std::thread::spawn(move || {
+        for r in rx {
+            let _ = r.respond.send(Err(api_server::ApiError::not_implemented(
+                "live migration is not available in this build yet",
+            )));
+        }
+    });
+    let c = ApiClient::new(&path).unwrap();
+    let spec = Spec::load();
+    for (m, ep, body) in [
+        ("PUT", "vm.send-migration", Some(send_body(json!({})))),
+        (
+            "PUT",
+            "vm.receive-migration",
+            Some(br#"{"receiver_url": "unix:/r"}"#.to_vec()),
+        ),
+        ("GET", "vm.migration-progress", None),
+        ("PUT", "vm.migration-cancel", None),
+    ] {
+        let path = format!("{V1}{ep}");
+        let r = c.raw(m, &path, body).unwrap();
+        assert_eq!(r.status, 501, "{ep}");
+        spec.check_response(&path, m, r.status, &r.body).unwrap();
+    }
+    let e = c.migration_progress().unwrap_err();
+    assert_eq!(e.status(), Some(501));
+    assert!(e.to_string().contains("not available in this build"), "{e}");
 }

@@ -321,6 +321,15 @@ impl Vmm {
                 }
                 None => (Err(conflict(None, "vm.delete")), Continue),
             },
+            ApiAction::SendMigration(_)
+            | ApiAction::ReceiveMigration(_)
+            | ApiAction::MigrationProgress
+            | ApiAction::MigrationCancel => (
+                Err(ApiError::not_implemented(
+                    "live migration is not available in this build yet",
+                )),
+                Continue,
+            ),
         }
     }
 

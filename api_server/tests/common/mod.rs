@@ -13,7 +13,8 @@ use api_server::config::VmConfig;
 use api_server::models::file_url_path;
 use api_server::{
     ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, ApiServer, Counters, DeviceInfo,
-    PingResponse, ServerOptions, VmInfo, VmState,
+    MigrationPhase, MigrationProgress, MigrationUrl, PingResponse, ReceiveMigrationRequest,
+    SendMigrationRequest, ServerOptions, VmInfo, VmState,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -37,6 +38,76 @@ pub struct FakeVm {
     pub config: Option<VmConfig>,
     /// Every action received, in order (endpoint names).
     pub log: Vec<&'static str>,
+    /// The migration being simulated (or the last one).
+    pub migration: Option<FakeMigration>,
+    /// The last vm.send-migration request.
+    pub sent: Option<SendMigrationRequest>,
+    /// The last vm.receive-migration request.
+    pub received: Option<ReceiveMigrationRequest>,
+}
+
+/// A scripted migration: each `vm.migration-progress` answers the next step (the last one
+/// repeats). The destination picks the script: host `fail.invalid` fails after pre-copy, a
+/// `unix:` path containing `slow` stays in pre-copy for 200 polls (time to cancel it), anything
+/// else completes in six steps.
+#[derive(Debug)]
+pub struct FakeMigration {
+    pub steps: Vec<MigrationProgress>,
+    pub pos: usize,
+    /// The state to go back to when it fails or is cancelled.
+    pub before: VmState,
+}
+
+fn step(phase: MigrationPhase, iteration: u32, sent: u64, remaining: u64) -> MigrationProgress {
+    MigrationProgress {
+        phase,
+        iteration,
+        bytes_sent: sent,
+        bytes_remaining: remaining,
+        dirty_rate_pages_per_s: 1000 / (iteration as u64 + 1),
+        bandwidth_bytes_per_s: 100 << 20,
+        expected_downtime_ms: 900 / (iteration as u64 + 1),
+        elapsed_ms: 200 * iteration as u64,
+        ..Default::default()
+    }
+}
+
+impl FakeMigration {
+    pub fn script(url: &MigrationUrl, before: VmState) -> FakeMigration {
+        use MigrationPhase as P;
+        const G: u64 = 1 << 30;
+        let mut steps = vec![step(P::Setup, 0, 0, 0), step(P::Precopy, 1, G / 2, G / 2)];
+        match url {
+            MigrationUrl::Tcp { host, .. } if host == "fail.invalid" => {
+                let mut f = step(P::Failed, 1, G / 2, G / 2);
+                f.error = Some("the target closed the connection".into());
+                steps.push(f);
+            }
+            MigrationUrl::Unix { path } if path.to_string_lossy().contains("slow") => {
+                for i in 0..200 {
+                    steps.push(step(P::Precopy, 2 + i, G, G / 4));
+                }
+            }
+            _ => {
+                steps.push(step(P::Precopy, 2, G, 64 << 20));
+                steps.push(step(P::Switchover, 3, G + (32 << 20), 8 << 20));
+                let mut c = step(P::Completing, 3, G + (40 << 20), 0);
+                c.downtime_ms = Some(42);
+                steps.push(c.clone());
+                c.phase = P::Completed;
+                steps.push(c);
+            }
+        }
+        FakeMigration {
+            steps,
+            pos: 0,
+            before,
+        }
+    }
+
+    fn current(&self) -> &MigrationProgress {
+        &self.steps[self.pos.min(self.steps.len() - 1)]
+    }
 }
 
 fn conflict(what: &str, state: Option<VmState>) -> ApiError {
@@ -119,6 +190,38 @@ impl FakeVm {
                 } else {
                     Paused
                 }
+            }
+            (ApiAction::SendMigration(r), Some(before @ (Running | Paused))) => {
+                self.migration = Some(FakeMigration::script(&r.destination_url, before));
+                self.sent = Some(r);
+                Migrating
+            }
+            (ApiAction::ReceiveMigration(r), None) => {
+                self.received = Some(r);
+                return Ok(ApiReply::Empty);
+            }
+            (ApiAction::MigrationProgress, _) => {
+                let Some(m) = self.migration.as_mut() else {
+                    return ApiReply::json(&MigrationProgress::default());
+                };
+                let p = m.current().clone();
+                m.pos += 1;
+                if p.phase.is_final() && self.state == Some(Migrating) {
+                    self.state = Some(match p.phase {
+                        MigrationPhase::Completed => Migrated,
+                        _ => m.before,
+                    });
+                }
+                return ApiReply::json(&p);
+            }
+            (ApiAction::MigrationCancel, Some(Migrating)) => {
+                let m = self.migration.as_mut().expect("migrating");
+                let mut c = m.current().clone();
+                c.phase = MigrationPhase::Cancelled;
+                m.steps.truncate(m.pos.min(m.steps.len()));
+                m.steps.push(c);
+                m.pos = m.steps.len() - 1;
+                m.before
             }
             (ApiAction::Delete, _) => {
                 self.state = None;
