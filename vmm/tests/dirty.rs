@@ -2,8 +2,8 @@
 //! log), by a device (virtio-blk writing a read's data and its used ring through the VMM) and by
 //! the VMM itself (the mailbox written here through `vm.memory()`).
 //!
-//! The `dirty` test guest (`tests/guest/src/scenario/dirty.rs`) pre-touches every page it will
-//! use, prints their addresses, then waits with interrupts off, reading (never writing) a mailbox
+//! The `dirty-log` test guest (`tests/guest/src/scenario/dirty_log.rs`) pre-touches every page it
+//! will use, prints their addresses, then waits with interrupts off, reading (never writing) a mailbox
 //! page. Each round: pause → (start the log | collect the previous round) → write the mailbox →
 //! resume → the guest writes a known subset of a 64-page region (round 1 also does one virtio-blk
 //! read) → pause → `vm.dirty_pages()` must hold every page written in the round and nothing
@@ -251,7 +251,7 @@ fn dirty_log_reports_exactly_the_pages_written() {
     let config: VmConfig = serde_json::from_value(serde_json::json!({
         "cpus": { "boot_vcpus": 1 },
         "serial": { "file": serial },
-        "payload": { "cmdline": "scenario=dirty" },
+        "payload": { "cmdline": "scenario=dirty-log" },
         "disks": [ { "path": disk } ],
     }))
     .expect("config");

@@ -1,207 +1,469 @@
-//! `dirty`: a guest whose writes are known page by page, so a host test can check that the VMM's
-//! dirty-page log reports exactly the pages the guest (and a device) wrote.
+//! `dirty`: a memory-dirtying workload for live-migration tests. The guest keeps rewriting a
+//! working set at a chosen rate; every page says which page it is and which generation it holds,
+//! so a page lost or left stale by a migration is caught the next time the guest touches it. The
+//! guest also measures its own longest stall (a migration's downtime) with the TSC.
 //!
-//! Interrupts stay disabled throughout; only the BSP runs. Set-up:
+//! Parameters (all optional):
 //!
-//! * a region of [`REGION_PAGES`] pages at `dirty.base=` (default 40 MiB, outside the image; it
-//!   must be RAM), a mailbox page and a buffer page above it with an untouched page between each;
-//! * the first virtio-blk disk, polled (no interrupts), and a warm-up read of sector 0 into the
-//!   buffer page;
-//! * every page used later is written once now (region, mailbox, buffer, the ring pages, 16 KiB
-//!   of stack), so later phases write data only, never first-touch state.
+//! | parameter | default | meaning |
+//! |---|---|---|
+//! | `dirty.mib=N` | 64 | working set in MiB (`N * 256` pages) |
+//! | `dirty.rate=P` | 0 | pages rewritten per second (0: as fast as the guest can) |
+//! | `dirty.report_ms=N` | 500 | a progress line every N ms |
+//! | `dirty.verify_every=N` | 10 | a full verification sweep every N progress lines (0: only at the end) |
+//! | `dirty.seconds=N` | 0 | run N seconds, then a last sweep and power-off (0: forever) |
+//! | `dirty.base=ADDR` | 16 MiB | where the generation table and the working set start (RAM, outside the image) |
+//! | `dirty.tsc_hz=HZ` | PIT | the TSC rate, instead of measuring it against the PIT |
 //!
-//! Then it prints (all addresses `0x%x`, ranges `[start, end)`):
+//! Memory: at `dirty.base` a table of one u64 per page (the generation the page must hold),
+//! rounded up to whole pages, then the working set. Both are ordinary guest RAM, so they migrate
+//! like everything else; the guest's own counters live on its stack (also RAM).
 //!
-//! ```text
-//! dirty: image 0xS-0xE            # the loaded image incl. .bss, stacks and heap (locks, counters)
-//! dirty: stack 0xS-0xE            # the part of the boot stack this scenario uses (inside the image)
-//! dirty: rings 0xD 0xA 0xU        # descriptor table, available ring, used ring (one page each)
-//! dirty: buffer 0xB               # one page, outside the image
-//! dirty: region 0xR pages 64      # outside the image
-//! dirty: mailbox 0xM              # one page, outside the image
-//! dirty: ready
-//! ```
+//! A page holding generation `g` of page `p`: word 0 = `p`, word 1 = `g`, word 2 = checksum of
+//! words 3..512 (their wrapping sum), words 3..512 = `body_seed(p, g)` (a 64-bit hash of `p` and
+//! `g`, so a page from another generation or another place differs in every word). The body is
+//! written with `rep stosq` and checked with `repe scasq`: this host's KVM emulates guest
+//! kernel code instruction by instruction, and one string instruction costs far less there than
+//! 509 stores (or loads and compares) would. All
+//! pages are first written with generation 0. Then pass `g = 1, 2, ...` visits every page once,
+//! in a strided order that spreads consecutive writes across the working set, and for each page:
+//! checks that the table says `g - 1`, checks the page (index, generation, every body word,
+//! checksum), rewrites it with `g`, and sets the table entry to `g`.
 //!
-//! and polls the mailbox's first u64 (volatile reads and `pause`, never a write) for 1:
+//! Stall measure: the TSC is read after every page written or verified, every pacing poll and
+//! every byte printed; the longest gap between two consecutive reads is the longest time the guest
+//! did not run (a pause, a migration's downtime), with a resolution of about one page's work.
 //!
-//! * **1** — write region pages `i % 3 == 1`, read sector 1 into the buffer page through the blk
-//!   (the device writes the buffer and the used ring), print `dirty: buffer <first 16 bytes hex>`,
-//!   `dirty: round 1 done` and `dirty: round 1 pages i,j,...`; poll for 2;
-//! * **2** — write region pages `i % 5 == 0`, no I/O, print `dirty: round 2 done` and
-//!   `dirty: round 2 pages ...`; poll for 3;
-//! * **3** — print `dirty: end` and power off.
-//!
-//! Any other mailbox value: `result: FAIL` and a panic.
+//! See `tests/guest/README.md` (`dirty` workload) for the output lines.
 
 use alloc::format;
-use alloc::string::String;
-use alloc::vec::Vec;
 
-use super::report::{fail, or_fail, param_u64};
+use super::report::{fail, param_u64};
+use crate::arch::time::{calibrate_tsc_pit, rdtsc, ASSUMED_MAX_TSC_HZ};
 use crate::bootinfo::{BootInfo, MemoryKind};
-use crate::dma;
-use crate::println;
-use crate::virtio::blk::{Blk, S_OK};
-use crate::virtio::{types, Platform};
 
-/// Pages in the region.
-pub const REGION_PAGES: u64 = 64;
 const PAGE: u64 = 4096;
-const DEFAULT_BASE: u64 = 40 << 20;
+const WORDS: u64 = PAGE / 8;
+/// Header words: index, generation, checksum.
+const HEADER: u64 = 3;
+const DEFAULT_BASE: u64 = 16 << 20;
+const STEP: u64 = 0x9e37_79b9_7f4a_7c15;
 
 extern "C" {
     static __image_start: u8;
     static __image_end: u8;
 }
 
-fn rsp() -> u64 {
-    let v: u64;
-    // SAFETY: reads the stack pointer only.
-    unsafe { core::arch::asm!("mov {}, rsp", out(reg) v, options(nomem, nostack)) };
-    v
+fn rd(addr: u64) -> u64 {
+    // SAFETY: every address passed is inside the table or working set, which `run` checked to be
+    // RAM (identity mapped, 8-byte aligned) used by nothing else.
+    unsafe { core::ptr::read_volatile(addr as *const u64) }
 }
 
-/// Write 16 KiB of stack (and return the lowest stack address used), so the pages the rounds'
-/// calls use later have been written before.
-#[inline(never)]
-fn touch_stack() -> u64 {
-    let mut a = [0u8; 16 * 1024];
-    for i in (0..a.len()).step_by(64) {
-        // SAFETY: writing our own local array.
-        unsafe { core::ptr::write_volatile(&mut a[i], i as u8) };
+fn wr(addr: u64, v: u64) {
+    // SAFETY: as in `rd`.
+    unsafe { core::ptr::write_volatile(addr as *mut u64, v) }
+}
+
+/// The first body word of page `p` at generation `g` (splitmix64 of both).
+fn body_seed(p: u64, g: u64) -> u64 {
+    let mut z = (p << 40 ^ g).wrapping_add(STEP);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Store `v` in `count` u64 words from `addr` (`rep stosq`: one instruction, which KVM's emulator
+/// runs far faster than a loop of stores on this host).
+fn fill(addr: u64, count: u64, v: u64) {
+    // SAFETY: [addr, addr + 8 * count) lies inside the working set (see `rd`); the direction flag
+    // is clear (the ABI guarantees it between functions).
+    unsafe {
+        core::arch::asm!(
+            "rep stosq",
+            inout("rcx") count => _,
+            inout("rdi") addr => _,
+            in("rax") v,
+            options(nostack, preserves_flags)
+        )
+    };
+}
+
+/// The index of the first of `count` u64 words from `addr` that is not `v`, or `count`
+/// (`repe scasq`).
+fn scan(addr: u64, count: u64, v: u64) -> u64 {
+    if count == 0 {
+        return 0;
     }
-    core::hint::black_box(&a);
-    (a.as_ptr() as u64).min(rsp())
+    let end: u64;
+    // SAFETY: reads [addr, addr + 8 * count) inside the working set; the direction flag is clear.
+    unsafe {
+        core::arch::asm!(
+            "repe scasq",
+            inout("rcx") count => _,
+            inout("rdi") addr => end,
+            in("rax") v,
+            options(nostack, readonly)
+        )
+    };
+    // rdi is past the last word compared; it differs only if the scan stopped early or the very
+    // last word differs.
+    let last = (end - addr) / 8 - 1;
+    if rd(addr + last * 8) != v {
+        last
+    } else {
+        count
+    }
 }
 
-fn write_page(addr: u64, value: u64) {
-    dma::write::<u64>(addr, value);
-    dma::write::<u64>(addr + PAGE / 2, !value);
+/// The body checksum of generation `g` of page `p`: the wrapping sum of the body words.
+fn checksum(p: u64, g: u64) -> u64 {
+    body_seed(p, g).wrapping_mul(WORDS - HEADER)
 }
 
-/// Read a page's first word and write it back (a write that changes nothing).
-fn rewrite(addr: u64) {
-    let page = addr & !(PAGE - 1);
-    let v = dma::read::<u64>(page);
-    dma::write::<u64>(page, v);
+/// Write generation `g` of page `p` at `addr`: body first, then the header.
+fn write_page(addr: u64, p: u64, g: u64) {
+    fill(addr + HEADER * 8, WORDS - HEADER, body_seed(p, g));
+    wr(addr, p);
+    wr(addr + 8, g);
+    wr(addr + 16, checksum(p, g));
 }
 
-fn wait_mailbox(mailbox: u64, want: u64) {
-    loop {
-        let v = dma::read::<u64>(mailbox);
-        if v == want {
-            return;
+/// What is wrong with a page.
+enum Bad {
+    Gen(u64),
+    Index(u64),
+    Word { w: u64, expect: u64, found: u64 },
+    Checksum { stored: u64, computed: u64 },
+}
+
+/// Check that the page at `addr` holds generation `g` of page `p`: header index and generation,
+/// every body word, and the stored checksum against the body's (every body word being the seed,
+/// the body's sum is `seed * 509`).
+fn check_page(addr: u64, p: u64, g: u64) -> Result<(), Bad> {
+    let found = rd(addr + 8);
+    if found != g {
+        return Err(Bad::Gen(found));
+    }
+    let index = rd(addr);
+    if index != p {
+        return Err(Bad::Index(index));
+    }
+    let seed = body_seed(p, g);
+    let body = addr + HEADER * 8;
+    let bad = scan(body, WORDS - HEADER, seed);
+    if bad != WORDS - HEADER {
+        return Err(Bad::Word {
+            w: HEADER + bad,
+            expect: seed,
+            found: rd(body + bad * 8),
+        });
+    }
+    let stored = rd(addr + 16);
+    let computed = checksum(p, g);
+    if stored != computed {
+        return Err(Bad::Checksum { stored, computed });
+    }
+    Ok(())
+}
+
+/// Print the failure line for page `p` and panic.
+fn page_fail(p: u64, g: u64, bad: Bad, when: &str) -> ! {
+    let line = match bad {
+        Bad::Gen(h) => format!("dirty: FAIL page {p} expected gen {g} found gen {h}"),
+        Bad::Index(i) => format!("dirty: FAIL page {p} gen {g} holds index {i}"),
+        Bad::Word { w, expect, found } => format!(
+            "dirty: FAIL page {p} gen {g} word {w} expected {expect:#018x} found {found:#018x}"
+        ),
+        Bad::Checksum { stored, computed } => format!(
+            "dirty: FAIL page {p} gen {g} checksum stored {stored:#018x} computed {computed:#018x}"
+        ),
+    };
+    crate::println!("{line} ({when})");
+    panic!("dirty: page {p} does not hold generation {g} ({when})");
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// The longest gap between consecutive TSC reads.
+struct Stall {
+    last: u64,
+    /// Longest gap since the workload started (ticks).
+    max: u64,
+    /// Longest gap since the previous progress line (ticks).
+    recent: u64,
+    /// Times the TSC read lower than before (not counted as gaps).
+    backwards: u64,
+}
+
+impl Stall {
+    fn new() -> Self {
+        Stall {
+            last: rdtsc(),
+            max: 0,
+            recent: 0,
+            backwards: 0,
         }
-        if v != want - 1 {
-            fail(format!(
-                "dirty: mailbox holds {v}, expected {} or {want}",
-                want - 1
-            ));
+    }
+
+    /// Read the TSC, account the gap since the previous read, return the TSC.
+    fn tick(&mut self) -> u64 {
+        let now = rdtsc();
+        if now >= self.last {
+            let gap = now - self.last;
+            self.max = self.max.max(gap);
+            self.recent = self.recent.max(gap);
+        } else {
+            self.backwards += 1;
         }
-        core::hint::spin_loop();
+        self.last = now;
+        now
     }
-}
 
-/// Write the region pages selected by `pick`; returns their indices.
-fn write_round(region: u64, round: u64, pick: impl Fn(u64) -> bool) -> Vec<u64> {
-    let mut written = Vec::with_capacity(REGION_PAGES as usize);
-    for i in 0..REGION_PAGES {
-        if pick(i) {
-            written.push(i);
+    /// Print `line` and a newline one byte at a time, reading the TSC between bytes (printing is
+    /// slow on an emulated UART; it must not look like a stall, nor hide one).
+    fn print(&mut self, line: &str) {
+        for c in line.chars().chain(core::iter::once('\n')) {
+            crate::print!("{c}");
+            self.tick();
         }
     }
-    // Allocate before writing so no heap growth happens in between (noise, but in the image).
-    for &i in &written {
-        write_page(region + i * PAGE, (round << 32) | i);
+}
+
+/// Ticks to microseconds.
+fn us(ticks: u64, hz: u64) -> u64 {
+    (u128::from(ticks) * 1_000_000 / u128::from(hz)) as u64
+}
+
+/// The workload's state (on the stack, i.e. in guest RAM).
+struct Work {
+    table: u64,
+    pages_base: u64,
+    pages: u64,
+    stride: u64,
+    /// Generation being written by the current pass.
+    gen: u64,
+    /// Position in the current pass (pages of this pass already rewritten).
+    pos: u64,
+    written: u64,
+    sweeps: u64,
+}
+
+impl Work {
+    fn page_addr(&self, p: u64) -> u64 {
+        self.pages_base + p * PAGE
     }
-    written
+
+    /// Check page `p` against the table, rewrite it with the current generation.
+    fn step(&mut self) {
+        let p = (self.pos * self.stride) % self.pages;
+        let expect = rd(self.table + p * 8);
+        if expect != self.gen - 1 {
+            crate::println!(
+                "dirty: FAIL table entry of page {p} says gen {expect}, expected gen {}",
+                self.gen - 1
+            );
+            panic!("dirty: generation table changed under the guest");
+        }
+        let addr = self.page_addr(p);
+        if let Err(bad) = check_page(addr, p, expect) {
+            page_fail(p, expect, bad, "before rewrite");
+        }
+        write_page(addr, p, self.gen);
+        wr(self.table + p * 8, self.gen);
+        self.written += 1;
+        self.pos += 1;
+        if self.pos == self.pages {
+            self.pos = 0;
+            self.gen += 1;
+        }
+    }
+
+    /// Verify every page against the table (which must say `gen` for exactly the `pos` pages
+    /// already rewritten in this pass and `gen - 1` for the others).
+    fn sweep(&mut self, stall: &mut Stall) {
+        let mut newer = 0;
+        for p in 0..self.pages {
+            let g = rd(self.table + p * 8);
+            if g == self.gen {
+                newer += 1;
+            } else if g != self.gen - 1 {
+                crate::println!(
+                    "dirty: FAIL table entry of page {p} says gen {g}, expected gen {} or {}",
+                    self.gen - 1,
+                    self.gen
+                );
+                panic!("dirty: generation table changed under the guest");
+            }
+            if let Err(bad) = check_page(self.page_addr(p), p, g) {
+                page_fail(p, g, bad, "sweep");
+            }
+            stall.tick();
+        }
+        if newer != self.pos {
+            crate::println!(
+                "dirty: FAIL table holds {newer} pages at gen {}, expected {}",
+                self.gen,
+                self.pos
+            );
+            panic!("dirty: generation table changed under the guest");
+        }
+        self.sweeps += 1;
+        stall.print(&format!(
+            "dirty: verified {} pages ok sweep {} gen {}",
+            self.pages, self.sweeps, self.gen
+        ));
+    }
 }
 
-fn list(pages: &[u64]) -> String {
-    let v: Vec<String> = pages.iter().map(|p| format!("{p}")).collect();
-    v.join(",")
-}
-
-/// Run the protocol.
+/// Check the parameters and the memory, then run the workload.
 pub fn run(boot: &BootInfo) {
     crate::arch::interrupts::disable();
+    let mib = param_u64(boot, "dirty.mib", 64);
+    let rate = param_u64(boot, "dirty.rate", 0);
+    let report_ms = param_u64(boot, "dirty.report_ms", 500).max(1);
+    let verify_every = param_u64(boot, "dirty.verify_every", 10);
+    let seconds = param_u64(boot, "dirty.seconds", 0);
     let base = param_u64(boot, "dirty.base", DEFAULT_BASE);
+    if mib == 0 {
+        fail("dirty.mib=0: the working set must not be empty");
+    }
     if !base.is_multiple_of(PAGE) {
         fail(format!("dirty.base={base:#x} is not page aligned"));
     }
-    let region = base;
-    let mailbox = region + (REGION_PAGES + 1) * PAGE;
-    let buffer = mailbox + 2 * PAGE;
-    let end = buffer + PAGE;
+    let pages = mib * 256;
+    let table_bytes = (pages * 8).next_multiple_of(PAGE);
+    let pages_base = base + table_bytes;
+    let end = pages_base + pages * PAGE;
     // Linker symbols: only their addresses are taken.
     let (img_start, img_end) = (
         core::ptr::addr_of!(__image_start) as u64,
         core::ptr::addr_of!(__image_end) as u64,
     );
-    if region < img_end && end > img_start {
+    if base < img_end && end > img_start {
         fail(format!(
-            "dirty.base={base:#x}: [{region:#x}, {end:#x}) overlaps the image"
+            "dirty: [{base:#x}, {end:#x}) overlaps the image [{img_start:#x}, {img_end:#x})"
         ));
     }
     let in_ram = boot
         .memory_map
         .iter()
-        .any(|e| e.kind == MemoryKind::Ram && e.addr <= region && e.addr + e.size >= end);
+        .any(|e| e.kind == MemoryKind::Ram && e.addr <= base && e.addr + e.size >= end);
     if !in_ram || end > 1 << 32 {
         fail(format!(
-            "dirty: [{region:#x}, {end:#x}) is not RAM below 4 GiB"
+            "dirty: [{base:#x}, {end:#x}) ({mib} MiB + table) is not RAM below 4 GiB"
         ));
     }
 
-    let mut p = Platform::discover(boot);
-    let Some(&first) = p.virtio_devices(types::BLOCK).first() else {
-        fail("dirty: no virtio-blk device");
+    let (hz, source) = match param_u64(boot, "dirty.tsc_hz", 0) {
+        0 => match calibrate_tsc_pit(50, 3) {
+            Some(hz) => (hz, "pit"),
+            None => (ASSUMED_MAX_TSC_HZ, "assumed"),
+        },
+        hz => (hz, "param"),
     };
-    let t = or_fail(p.open(first));
-    let mut b = or_fail(Blk::init(t, 0));
-    let st = or_fail(b.read(0, buffer, 512));
-    if st != S_OK {
-        fail(format!("dirty: warm-up read status {st}"));
+    crate::println!("dirty: tsc_hz {hz} source {source}");
+
+    let mut stride = (pages * 5 / 13) | 1;
+    while gcd(stride, pages) != 1 {
+        stride += 2;
     }
+    crate::println!(
+        "dirty: start mib {mib} pages {pages} table {base:#x} pages_at {pages_base:#x} end {end:#x} stride {stride} rate {rate} report_ms {report_ms} verify_every {verify_every} seconds {seconds}"
+    );
 
-    // Pre-touch everything the rounds will write.
-    for i in 0..REGION_PAGES {
-        write_page(region + i * PAGE, 0);
+    let t_init = rdtsc();
+    for p in 0..pages {
+        write_page(pages_base + p * PAGE, p, 0);
+        wr(base + p * 8, 0);
     }
-    dma::write::<u64>(mailbox, 0);
-    write_page(buffer, 0);
-    let [(desc, _), (avail, _), (used, _)] = b.q.regions();
-    for r in [desc, avail, used] {
-        rewrite(r);
+    let init_ms = us(rdtsc().wrapping_sub(t_init), hz) / 1000;
+    crate::println!("dirty: initialized {pages} pages in {init_ms} ms");
+
+    let mut w = Work {
+        table: base,
+        pages_base,
+        pages,
+        stride,
+        gen: 1,
+        pos: 0,
+        written: 0,
+        sweeps: 0,
+    };
+    let report_ticks = (u128::from(hz) * u128::from(report_ms) / 1000).max(1) as u64;
+    let page_ticks = hz.checked_div(rate).map_or(0, |t| t.max(1));
+    // At most 100 ms of pacing backlog: after a stall the guest catches up only that much.
+    let backlog = hz / 10;
+
+    let mut stall = Stall::new();
+    let start = stall.last;
+    let stop = (seconds != 0).then(|| start.wrapping_add(seconds.saturating_mul(hz)));
+    let mut next_report = start.wrapping_add(report_ticks);
+    let mut due = start;
+    let mut reports = 0u64;
+    let mut last_report_tsc = start;
+    let mut last_report_written = 0u64;
+    stall.print("dirty: running");
+    loop {
+        let now = stall.tick();
+        if stop.is_some_and(|s| now.wrapping_sub(s) as i64 >= 0) {
+            break;
+        }
+        if now.wrapping_sub(next_report) as i64 >= 0 {
+            reports += 1;
+            let span = now.wrapping_sub(last_report_tsc).max(1);
+            let done = w.written - last_report_written;
+            let per_s = (u128::from(done) * u128::from(hz) / u128::from(span)) as u64;
+            let line = format!(
+                "dirty: gen {} pages_written {} rate {per_s}/s max_stall_us {} max_stall_ticks {} recent_stall_us {} report {reports} tsc_backwards {}",
+                w.gen,
+                w.written,
+                us(stall.max, hz),
+                stall.max,
+                us(stall.recent, hz),
+                stall.backwards,
+            );
+            stall.recent = 0;
+            stall.print(&line);
+            if verify_every != 0 && reports.is_multiple_of(verify_every) {
+                w.sweep(&mut stall);
+            }
+            last_report_tsc = stall.last;
+            last_report_written = w.written;
+            next_report = next_report.wrapping_add(report_ticks);
+            // Behind by more than one interval (a long stall or sweep): restart the schedule.
+            if stall.last.wrapping_sub(next_report) as i64 >= 0 {
+                next_report = stall.last.wrapping_add(report_ticks);
+            }
+            continue;
+        }
+        if page_ticks != 0 {
+            if (now.wrapping_sub(due) as i64) < 0 {
+                core::hint::spin_loop();
+                continue;
+            }
+            if now.wrapping_sub(due) > backlog {
+                due = now - backlog;
+            }
+            due = due.wrapping_add(page_ticks);
+        }
+        w.step();
     }
-    rewrite(b.header_addr());
-    let stack_top = (rsp() + 2 * PAGE).next_multiple_of(PAGE);
-    let stack_low = touch_stack() & !(PAGE - 1);
-    let stack_low = stack_low.saturating_sub(PAGE);
-
-    println!("dirty: image {img_start:#x}-{img_end:#x}");
-    println!("dirty: stack {stack_low:#x}-{stack_top:#x}");
-    println!("dirty: rings {desc:#x} {avail:#x} {used:#x}");
-    println!("dirty: buffer {buffer:#x}");
-    println!("dirty: region {region:#x} pages {REGION_PAGES}");
-    println!("dirty: mailbox {mailbox:#x}");
-    println!("dirty: ready");
-
-    wait_mailbox(mailbox, 1);
-    let r1 = write_round(region, 1, |i| i % 3 == 1);
-    let st = or_fail(b.read(1, buffer, 512));
-    if st != S_OK {
-        fail(format!("dirty: round 1 read status {st}"));
-    }
-    println!("dirty: buffer {}", dma::hex(&dma::read_bytes(buffer, 16)));
-    println!("dirty: round 1 done");
-    println!("dirty: round 1 pages {}", list(&r1));
-
-    wait_mailbox(mailbox, 2);
-    let r2 = write_round(region, 2, |i| i % 5 == 0);
-    println!("dirty: round 2 done");
-    println!("dirty: round 2 pages {}", list(&r2));
-
-    wait_mailbox(mailbox, 3);
-    println!("dirty: end");
+    let summary = format!(
+        "dirty: end gen {} pages_written {} max_stall_us {} max_stall_ticks {} reports {reports} tsc_backwards {}",
+        w.gen,
+        w.written,
+        us(stall.max, hz),
+        stall.max,
+        stall.backwards
+    );
+    stall.print(&summary);
+    w.sweep(&mut stall);
+    crate::println!("dirty: done");
+    crate::println!("result: PASS");
 }

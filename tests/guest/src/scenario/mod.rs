@@ -9,6 +9,7 @@ mod boot;
 mod counter;
 mod demo;
 mod dirty;
+mod dirty_log;
 mod hostile;
 mod idle;
 mod intx;
@@ -130,8 +131,13 @@ pub static SCENARIOS: &[Scenario] = &[
         run: serial_stream::run,
     },
     Scenario {
-        name: "dirty",
+        name: "dirty-log",
         about: "write known guest pages (and one virtio-blk read) in rounds driven by a mailbox the host writes (dirty-log tests)",
+        run: dirty_log::run,
+    },
+    Scenario {
+        name: "dirty",
+        about: "rewrite a working set at a set rate, every page carrying index, generation and checksum, verified before each rewrite and in full sweeps; reports the longest stall (live-migration tests)",
         run: dirty::run,
     },
     Scenario {
