@@ -10,15 +10,20 @@
 //!   bitmaps and components' own logs;
 //! - [`ram`]: the streamable RAM encoding (header, DATA/ZERO/END records) used for snapshot
 //!   memory images and, record by record, by the live-migration stream;
-//! - [`memory_file`]: the older sparse RAM image (`SKIFFMEM`), still read on restore.
+//! - [`memory_file`]: the older sparse RAM image (`SKIFFMEM`), still read on restore;
+//! - [`stream`]: the live-migration wire protocol (versioned, framed, checksummed; RAM over
+//!   several connections with per-page iteration versions);
+//! - [`planner`]: the pre-copy planner (iterate, throttle, switch over or give up).
 //!
-//! This crate must not know about KVM, PCI or HTTP.
+//! This crate must not know about KVM, PCI, sockets or HTTP.
 
 pub mod codec;
 pub mod dirty;
 pub mod memory_file;
+pub mod planner;
 pub mod ram;
 pub mod snapshot;
+pub mod stream;
 #[cfg(test)]
 mod test_util;
 

@@ -1,0 +1,311 @@
+//! RAM frames: building them from guest memory, and applying them without ever putting an older
+//! copy of a page over a newer one.
+
+use std::io::Read;
+
+use vm_memory::GuestMemoryBackend;
+
+use super::message::{RamFrame, RAM_HEAD};
+use super::{Result, StreamError, MAX_ITERATION};
+use crate::dirty::validate_layout;
+use crate::memory_file::{read_up_to, PAGE_SIZE};
+use crate::ram::{apply_record, RamReader, RamRecord, RamStats, RamStreamError, RamWriter};
+
+const PAGE: usize = PAGE_SIZE as usize;
+
+/// Split `ranges` ((guest address, length), non-overlapping at page granularity) into pieces of
+/// at most `chunk` bytes (rounded up to whole pages), widened to whole pages, and deal them
+/// round-robin to `connections` lists (at least one). Each page lands in exactly one list.
+pub fn spread_ranges<I>(ranges: I, connections: usize, chunk: u64) -> Vec<Vec<(u64, u64)>>
+where
+    I: IntoIterator<Item = (u64, u64)>,
+{
+    let n = connections.max(1);
+    let chunk = chunk.max(1).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    let mut out = vec![Vec::new(); n];
+    let mut next = 0;
+    for (gpa, len) in ranges {
+        if len == 0 {
+            continue;
+        }
+        let mut at = gpa - gpa % PAGE_SIZE;
+        let end = gpa
+            .saturating_add(len)
+            .checked_next_multiple_of(PAGE_SIZE)
+            .unwrap_or(u64::MAX - (PAGE_SIZE - 1));
+        while at < end {
+            let piece = (end - at).min(chunk);
+            out[next].push((at, piece));
+            next = (next + 1) % n;
+            at += piece;
+        }
+    }
+    out
+}
+
+/// Records of one RAM frame being built: a [`RamWriter`] over the frame payload, whose RAM header
+/// was dropped (the receiver knows the layout) and whose first [`RAM_HEAD`] bytes are filled at
+/// the end.
+#[derive(Debug)]
+pub(crate) struct RamBatch {
+    writer: RamWriter<Vec<u8>>,
+}
+
+impl RamBatch {
+    /// An empty batch over `layout`, with room for about `capacity` bytes.
+    pub fn new(
+        layout: &[(u64, u64)],
+        capacity: usize,
+    ) -> std::result::Result<Self, RamStreamError> {
+        let mut buf = Vec::with_capacity(capacity);
+        buf.resize(RAM_HEAD, 0);
+        let mut writer = RamWriter::new(buf, layout)?;
+        writer.get_mut().truncate(RAM_HEAD);
+        Ok(Self { writer })
+    }
+
+    /// The writer, to add records.
+    pub fn writer(&mut self) -> &mut RamWriter<Vec<u8>> {
+        &mut self.writer
+    }
+
+    /// Payload bytes so far.
+    pub fn len(&mut self) -> usize {
+        self.writer.get_mut().len()
+    }
+
+    /// DATA and ZERO records so far.
+    pub fn records(&self) -> u64 {
+        self.writer.stats().records
+    }
+
+    /// Close the records with END and fill the header: the frame payload and its counts.
+    pub fn finish(
+        self,
+        iteration: u32,
+    ) -> std::result::Result<(Vec<u8>, RamStats), RamStreamError> {
+        let (mut buf, stats) = self.writer.finish()?;
+        let pages = u32::try_from(stats.data_pages + stats.zero_pages).map_err(|_| {
+            RamStreamError::InvalidRange {
+                gpa: 0,
+                len: 0,
+                reason: "more than 2^32 pages in one frame",
+            }
+        })?;
+        buf[..4].copy_from_slice(&iteration.to_le_bytes());
+        buf[4..RAM_HEAD].copy_from_slice(&pages.to_le_bytes());
+        Ok((buf, stats))
+    }
+}
+
+/// Per page of guest RAM, the last iteration whose copy was applied: one byte per 4 KiB page
+/// (256 KiB per GiB of RAM), 0 meaning "never".
+///
+/// The rule: a page's copy from iteration `i` is applied only if no copy from an iteration
+/// `> i` was applied (see the module doc of [`crate::stream`] for what the sender guarantees).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageVersions {
+    layout: Vec<(u64, u64)>,
+    versions: Vec<Vec<u8>>,
+}
+
+impl PageVersions {
+    /// No page applied yet, over `layout` ((guest address, length) regions in address order).
+    pub fn new(layout: &[(u64, u64)]) -> std::result::Result<Self, RamStreamError> {
+        validate_layout(layout).map_err(RamStreamError::InvalidLayout)?;
+        let versions = layout
+            .iter()
+            .map(|&(gpa, len)| {
+                usize::try_from(len / PAGE_SIZE)
+                    .map(|pages| vec![0u8; pages])
+                    .map_err(|_| RamStreamError::InvalidLayout(format!("region {gpa:#x} too big")))
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(Self {
+            layout: layout.to_vec(),
+            versions,
+        })
+    }
+
+    /// (region index, page index) of the page holding `gpa`, if it is RAM.
+    fn locate(&self, gpa: u64) -> Option<(usize, usize)> {
+        let i = self
+            .layout
+            .partition_point(|&(start, _)| start <= gpa)
+            .checked_sub(1)?;
+        let (start, len) = self.layout[i];
+        (gpa - start < len).then(|| (i, ((gpa - start) / PAGE_SIZE) as usize))
+    }
+
+    /// The last iteration applied to the page holding `gpa`; `None` if never (or not RAM).
+    pub fn last_applied(&self, gpa: u64) -> Option<u32> {
+        let (r, p) = self.locate(gpa)?;
+        self.versions[r][p].checked_sub(1).map(u32::from)
+    }
+
+    /// Whether a copy of the page at `gpa` from `iteration` must be dropped: a copy from a later
+    /// iteration was applied.
+    pub fn is_stale(&self, gpa: u64, iteration: u32) -> bool {
+        self.last_applied(gpa).is_some_and(|last| last > iteration)
+    }
+
+    /// Record that the copy from `iteration` (at most [`MAX_ITERATION`]) of `pages` pages from
+    /// `gpa` was applied; pages outside RAM are ignored.
+    pub fn mark_applied(&mut self, gpa: u64, pages: u64, iteration: u32) {
+        let v = iteration.min(MAX_ITERATION) as u8 + 1;
+        for page in 0..pages {
+            if let Some((r, p)) = gpa
+                .checked_add(page * PAGE_SIZE)
+                .and_then(|a| self.locate(a))
+            {
+                self.versions[r][p] = v;
+            }
+        }
+    }
+
+    /// The runs `(page offset, pages)` of the `pages` pages from `gpa` (inside one region) whose
+    /// copy from `iteration` is not stale.
+    pub fn fresh_runs(&self, gpa: u64, pages: u64, iteration: u32) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for page in 0..pages {
+            let stale = gpa
+                .checked_add(page * PAGE_SIZE)
+                .is_none_or(|a| self.is_stale(a, iteration));
+            if stale {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == page => *n += 1,
+                _ => runs.push((page, 1)),
+            }
+        }
+        runs
+    }
+
+    /// Bytes this table uses.
+    pub fn memory_bytes(&self) -> usize {
+        self.versions.iter().map(Vec::len).sum()
+    }
+}
+
+/// What [`RamApplier::apply`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// RAM frames applied.
+    pub frames: u64,
+    /// Pages written to guest memory.
+    pub applied_pages: u64,
+    /// Pages dropped because a copy from a later iteration was already applied.
+    pub stale_pages: u64,
+}
+
+/// Target side: applies RAM frames from every connection to guest memory, page by page through
+/// [`PageVersions`].
+///
+/// It takes `&mut self`: with one receiving thread per connection, share it behind a lock held
+/// for each [`RamApplier::apply`], so a page's check and write are not split by another frame.
+#[derive(Debug)]
+pub struct RamApplier {
+    layout: Vec<(u64, u64)>,
+    /// A RAM stream header for `layout`: the frames carry records only.
+    header: Vec<u8>,
+    versions: PageVersions,
+    stats: ApplyStats,
+}
+
+impl RamApplier {
+    /// An applier for guest RAM with `layout` (the layout CONFIG announced and the target has).
+    pub fn new(layout: &[(u64, u64)]) -> std::result::Result<Self, RamStreamError> {
+        let versions = PageVersions::new(layout)?;
+        let mut writer = RamWriter::new(Vec::new(), layout)?;
+        let header = std::mem::take(writer.get_mut());
+        Ok(Self {
+            layout: layout.to_vec(),
+            header,
+            versions,
+            stats: ApplyStats::default(),
+        })
+    }
+
+    /// The page versions so far.
+    pub fn versions(&self) -> &PageVersions {
+        &self.versions
+    }
+
+    /// Totals of every frame applied.
+    pub fn stats(&self) -> ApplyStats {
+        self.stats
+    }
+
+    /// Check `frame`'s records (CRCs, bounds, END's counts, the page count in its header) and
+    /// write every page not stale to `mem`. Pages written before an error stay written.
+    pub fn apply<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        frame: &RamFrame,
+    ) -> Result<ApplyStats> {
+        let iteration = frame.iteration;
+        if iteration > MAX_ITERATION {
+            return Err(StreamError::RamFrame {
+                iteration,
+                reason: format!("iterations are numbered 0 to {MAX_ITERATION}"),
+            });
+        }
+        let ram = |source| StreamError::Ram { iteration, source };
+        let input = self.header.as_slice().chain(frame.records());
+        let mut reader = RamReader::new(input, &self.layout).map_err(ram)?;
+        let mut stats = ApplyStats {
+            frames: 1,
+            ..ApplyStats::default()
+        };
+        loop {
+            let record = reader.read_record().map_err(ram)?;
+            let (gpa, pages) = match record {
+                RamRecord::End { pages, .. } => {
+                    if pages != u64::from(frame.pages) {
+                        return Err(StreamError::RamFrame {
+                            iteration,
+                            reason: format!(
+                                "the header announces {} pages, the records hold {pages}",
+                                frame.pages
+                            ),
+                        });
+                    }
+                    break;
+                }
+                RamRecord::Data { gpa, data } => (gpa, (data.len() / PAGE) as u64),
+                RamRecord::Zero { gpa, pages } => (gpa, u64::from(pages)),
+            };
+            let runs = self.versions.fresh_runs(gpa, pages, iteration);
+            for &(first, n) in &runs {
+                let run_gpa = gpa + first * PAGE_SIZE;
+                let part = match record {
+                    RamRecord::Data { data, .. } => RamRecord::Data {
+                        gpa: run_gpa,
+                        data: &data[first as usize * PAGE..(first + n) as usize * PAGE],
+                    },
+                    // n <= pages <= MAX_RECORD_PAGES.
+                    _ => RamRecord::Zero {
+                        gpa: run_gpa,
+                        pages: n as u32,
+                    },
+                };
+                apply_record(mem, &part, false).map_err(ram)?;
+                self.versions.mark_applied(run_gpa, n, iteration);
+                stats.applied_pages += n;
+            }
+            stats.stale_pages += pages - runs.iter().map(|&(_, n)| n).sum::<u64>();
+        }
+        let mut rest = reader.into_inner();
+        if read_up_to(&mut rest, &mut [0u8; 1]).map_err(|e| ram(e.into()))? != 0 {
+            return Err(StreamError::RamFrame {
+                iteration,
+                reason: "bytes after the END record".into(),
+            });
+        }
+        self.stats.frames += 1;
+        self.stats.applied_pages += stats.applied_pages;
+        self.stats.stale_pages += stats.stale_pages;
+        Ok(stats)
+    }
+}
