@@ -177,6 +177,14 @@ impl MutEventSubscriber for ControlSubscriber {
             }
         } else if self.api.as_ref().is_some_and(|a| a.wake.as_raw_fd() == fd) {
             self.on_api(ops);
+        } else if fd == self.vmm.migration_event_fd() {
+            self.unwatch_vm(ops);
+            let after = self.vmm.on_migration_events();
+            self.watch_vm(ops);
+            if after == AfterAction::ExitProcess {
+                log::info!("the VM runs on the migration target now; exiting");
+                self.outcome.get_or_insert(VmOutcome::VmmShutdown);
+            }
         } else if self.vm_fds.contains(&fd) {
             let mut buf = [0u8; 8];
             // SAFETY: reading 8 bytes from an eventfd we watch into a valid buffer.
@@ -188,7 +196,7 @@ impl MutEventSubscriber for ControlSubscriber {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        let mut fds = vec![self.signals.as_raw_fd()];
+        let mut fds = vec![self.signals.as_raw_fd(), self.vmm.migration_event_fd()];
         if let Some(api) = &self.api {
             fds.push(api.wake.as_raw_fd());
         }

@@ -13,6 +13,7 @@ pub mod kvm_components;
 pub mod layout;
 pub mod legacy_devices;
 pub mod memory;
+pub mod migrate;
 pub mod passthrough;
 pub mod pci_devices;
 pub mod registry;

@@ -11,7 +11,10 @@ use serde_json::json;
 
 use crate::config::VmConfig;
 use crate::events;
+use crate::migrate::{MigrationEvents, MigrationOutcome, SharedProgress};
 use crate::vm::Vm;
+use api_server::migration::{MigrationPhase, ReceiveMigrationRequest, SendMigrationRequest};
+use std::sync::Arc;
 
 /// What the control loop must do after an action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,11 +30,36 @@ pub enum AfterAction {
 }
 
 /// The VMM: at most one VM and its configuration.
-#[derive(Default)]
 pub struct Vmm {
     config: Option<VmConfig>,
     vm: Option<Vm>,
     state: Option<VmState>,
+    /// The last (or running) migration's progress.
+    migration: SharedProgress,
+    /// Where migration workers report how they ended.
+    migration_events: Arc<MigrationEvents>,
+    /// The state to go back to when an outgoing migration fails.
+    state_before_migration: Option<VmState>,
+    /// After a completed outgoing migration: told when a client read the final progress.
+    linger: Option<Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>>,
+}
+
+/// How long a migrated source keeps answering the API (so `skiff-remote send-migration` and
+/// orchestrators can read the final progress) before it exits.
+const MIGRATED_LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Default for Vmm {
+    fn default() -> Self {
+        Self {
+            config: None,
+            vm: None,
+            state: None,
+            migration: SharedProgress::default(),
+            migration_events: MigrationEvents::new().expect("an eventfd for migration events"),
+            state_before_migration: None,
+            linger: None,
+        }
+    }
 }
 
 fn conflict(state: Option<VmState>, what: &str) -> ApiError {
@@ -321,16 +349,173 @@ impl Vmm {
                 }
                 None => (Err(conflict(None, "vm.delete")), Continue),
             },
-            ApiAction::SendMigration(_)
-            | ApiAction::ReceiveMigration(_)
-            | ApiAction::MigrationProgress
-            | ApiAction::MigrationCancel => (
-                Err(ApiError::not_implemented(
-                    "live migration is not available in this build yet",
-                )),
-                Continue,
-            ),
+            ApiAction::SendMigration(req) => match self.send_migration(req) {
+                Ok(()) => ok(Continue),
+                Err(e) => (Err(e), Continue),
+            },
+            ApiAction::ReceiveMigration(req) => match self.receive_migration(req) {
+                Ok(()) => ok(Continue),
+                Err(e) => (Err(e), Continue),
+            },
+            ApiAction::MigrationProgress => {
+                let reply = json_reply(&self.migration.get());
+                if let Some(gate) = &self.linger {
+                    *gate.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                    gate.1.notify_all();
+                }
+                (reply, Continue)
+            }
+            ApiAction::MigrationCancel => {
+                let p = self.migration.get();
+                if matches!(
+                    p.phase,
+                    MigrationPhase::Setup | MigrationPhase::Precopy
+                ) {
+                    self.migration.cancel();
+                    ok(Continue)
+                } else {
+                    (
+                        Err(ApiError {
+                            status: 409,
+                            message: format!(
+                                "vm.migration-cancel: no migration can be cancelled (phase {})",
+                                p.phase.as_str()
+                            ),
+                            state: self.state,
+                        }),
+                        Continue,
+                    )
+                }
+            }
         }
+    }
+
+    /// Start sending the running VM to `req.destination_url` (vm.send-migration).
+    fn send_migration(&mut self, req: SendMigrationRequest) -> Result<(), ApiError> {
+        let vm = match (self.state, &self.vm) {
+            (Some(VmState::Running) | Some(VmState::Paused), Some(vm)) => vm,
+            (s, _) => return Err(conflict(s, "vm.send-migration")),
+        };
+        req.validate().map_err(|message| ApiError {
+            status: 400,
+            message,
+            state: None,
+        })?;
+        if req.local {
+            return Err(ApiError::not_implemented(
+                "vm.send-migration: local=on (handing the guest RAM to the target) is not available in this build yet",
+            ));
+        }
+        if self.state == Some(VmState::Paused) {
+            return Err(ApiError {
+                status: 409,
+                message: "vm.send-migration: resume the VM first (a paused VM is migrated as a snapshot: vm.snapshot)".into(),
+                state: self.state,
+            });
+        }
+        let (core, config) = (vm.core(), vm.config().clone());
+        let progress = self.migration.clone();
+        progress.begin();
+        let events = self.migration_events.clone();
+        std::thread::Builder::new()
+            .name("skiff-migrate-out".into())
+            .spawn(move || {
+                let outcome = match crate::migrate::source::send(core, config, req, progress) {
+                    Ok(()) => MigrationOutcome::Sent,
+                    Err(e) => MigrationOutcome::SendFailed(e),
+                };
+                events.send(outcome);
+            })
+            .map_err(|e| internal("vm.send-migration", e))?;
+        self.state_before_migration = self.state;
+        self.state = Some(VmState::Migrating);
+        Ok(())
+    }
+
+    /// Start receiving a VM on `req.receiver_url` (vm.receive-migration).
+    fn receive_migration(&mut self, req: ReceiveMigrationRequest) -> Result<(), ApiError> {
+        match self.state {
+            None | Some(VmState::Created) | Some(VmState::Shutdown) => {}
+            s => return Err(conflict(s, "vm.receive-migration (a VM exists)")),
+        }
+        if self.migration.get().phase.is_final() || self.migration.get().phase == MigrationPhase::None {
+        } else {
+            return Err(ApiError {
+                status: 409,
+                message: "vm.receive-migration: a migration is already under way".into(),
+                state: self.state,
+            });
+        }
+        let progress = self.migration.clone();
+        progress.begin();
+        let events = self.migration_events.clone();
+        std::thread::Builder::new()
+            .name("skiff-migrate-in".into())
+            .spawn(move || {
+                let outcome = match crate::migrate::target::receive(req, progress) {
+                    Ok(vm) => MigrationOutcome::Received(Box::new(vm)),
+                    Err(e) => MigrationOutcome::ReceiveFailed(e),
+                };
+                events.send(outcome);
+            })
+            .map_err(|e| internal("vm.receive-migration", e))?;
+        Ok(())
+    }
+
+    /// The eventfd migration workers signal when they end.
+    pub fn migration_event_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.migration_events.fd().as_raw_fd()
+    }
+
+    /// Take the outcome of finished migration workers.
+    pub fn on_migration_events(&mut self) -> AfterAction {
+        let mut after = AfterAction::Continue;
+        for outcome in self.migration_events.take() {
+            match outcome {
+                MigrationOutcome::Sent => {
+                    if let Some(mut vm) = self.vm.take() {
+                        vm.shutdown();
+                    }
+                    self.state = Some(VmState::Migrated);
+                    events::emit("vm", "migrated", serde_json::Value::Null);
+                    // Keep answering until a client read the final progress (or a few seconds
+                    // passed), then exit.
+                    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+                    self.linger = Some(gate.clone());
+                    let events = self.migration_events.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("skiff-migrated".into())
+                        .spawn(move || {
+                            let seen = gate.0.lock().unwrap_or_else(|e| e.into_inner());
+                            let (seen, _) = gate
+                                .1
+                                .wait_timeout_while(seen, MIGRATED_LINGER, |seen| !*seen)
+                                .unwrap_or_else(|e| e.into_inner());
+                            drop(seen);
+                            // Let the reply that was just read reach its client.
+                            std::thread::sleep(std::time::Duration::from_millis(200));
+                            events.send(MigrationOutcome::Linger);
+                        });
+                }
+                MigrationOutcome::Linger => after = AfterAction::ExitProcess,
+                MigrationOutcome::SendFailed(e) => {
+                    log::warn!("outgoing migration failed: {e}");
+                    self.state = self.state_before_migration.take().or(Some(VmState::Running));
+                }
+                MigrationOutcome::Received(vm) => {
+                    self.config = Some(vm.config().clone());
+                    self.vm = Some(*vm);
+                    self.state = Some(VmState::Running);
+                    events::emit("vm", "received", serde_json::Value::Null);
+                    after = AfterAction::VmStarted;
+                }
+                MigrationOutcome::ReceiveFailed(e) => {
+                    log::warn!("incoming migration failed: {e}");
+                }
+            }
+        }
+        after
     }
 
     /// Carry out one API action and answer it.

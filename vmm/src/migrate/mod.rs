@@ -66,6 +66,8 @@ pub struct SharedProgress {
     inner: Arc<Mutex<MigrationProgress>>,
     cancel: Arc<AtomicBool>,
     start: Arc<Mutex<Option<Instant>>>,
+    /// Connections a cancel shuts down, so a worker blocked in a long write stops at once.
+    conns: Arc<Mutex<Vec<transport::Conn>>>,
 }
 
 impl Default for SharedProgress {
@@ -74,6 +76,7 @@ impl Default for SharedProgress {
             inner: Arc::new(Mutex::new(MigrationProgress::default())),
             cancel: Arc::new(AtomicBool::new(false)),
             start: Arc::new(Mutex::new(None)),
+            conns: Arc::new(Mutex::new(Vec::new())),
         }
     }
 }
@@ -100,6 +103,7 @@ impl SharedProgress {
     /// Start a new migration's progress (phase setup).
     pub fn begin(&self) {
         self.cancel.store(false, Ordering::SeqCst);
+        self.unwatch();
         *self.start.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         *self.lock() = MigrationProgress {
             phase: MigrationPhase::Setup,
@@ -144,9 +148,25 @@ impl SharedProgress {
         self.phase(phase);
     }
 
-    /// Ask the worker to stop.
+    /// Ask the worker to stop (its connections are shut down).
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            c.shutdown();
+        }
+    }
+
+    /// Shut `conn` down when the migration is cancelled.
+    pub fn watch(&self, conn: transport::Conn) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+    }
+
+    /// Forget the connections (the migration ended).
+    pub fn unwatch(&self) {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Whether a cancel was asked for.
@@ -174,6 +194,8 @@ pub enum MigrationOutcome {
     Received(Box<Vm>),
     /// Target: nothing arrived that could run.
     ReceiveFailed(MigrateError),
+    /// Source: the final progress was read (or nobody asked in time): the process may exit.
+    Linger,
 }
 
 /// Outcomes of migration workers, with the eventfd the control loop watches.

@@ -92,9 +92,18 @@ fn handshake(
     core: &VmCore,
     config: &VmConfig,
     req: &SendMigrationRequest,
+    progress: &SharedProgress,
 ) -> Result<(Senders, MigrationReceiver<Conn>, Conn), MigrateError> {
     let n = req.connections.max(1) as usize;
-    let conns = connect(&req.destination_url, n)?;
+    let mut conns = connect(&req.destination_url, n)?;
+    for c in &conns {
+        progress.watch(c.try_clone()?);
+    }
+    progress.check_cancel()?;
+    if let Some(limit) = req.bandwidth_limit_bytes_per_s() {
+        let limit = super::transport::RateLimit::new(limit);
+        conns = conns.into_iter().map(|c| c.limited(&limit)).collect();
+    }
     let mut senders = Vec::with_capacity(n);
     let mut replies = None;
     let mut control = None;
@@ -209,7 +218,10 @@ fn switchover(
     core.pause()?;
     let dirty = core.dirty_pages()?;
     send_pass(core, &mut senders, dirty.runs().collect(), ZeroPages::Send)?;
-    let sections = core.registry().snapshot_all()?;
+    let sections = core
+        .registry()
+        .snapshot_all()
+        .map_err(crate::vm::VmError::from)?;
     senders[0].send(&Message::State(sections))?;
     progress.phase(MigrationPhase::Completing);
     for s in senders {
@@ -227,10 +239,9 @@ pub fn send(
     req: SendMigrationRequest,
     progress: SharedProgress,
 ) -> Result<(), MigrateError> {
-    progress.begin();
     let mut paused = false;
     let result = (|| {
-        let (mut senders, mut replies, control) = handshake(&core, &config, &req)?;
+        let (mut senders, mut replies, control) = handshake(&core, &config, &req, &progress)?;
         core.start_dirty_log()?;
         let mut throttle = core.throttle()?;
         let pre = precopy(&core, &mut senders, &req, &progress, &throttle);
@@ -257,6 +268,12 @@ pub fn send(
         }
     })();
     let _ = core.stop_dirty_log();
+    progress.unwatch();
+    // A cancel shuts the connections down: the error it causes is the cancel.
+    let result = match result {
+        Err(_) if progress.cancelled() => Err(MigrateError::Cancelled),
+        r => r,
+    };
     match result {
         Ok(()) => {
             progress.phase(MigrationPhase::Completed);

@@ -144,7 +144,6 @@ fn load(
 
 /// Receive a VM on `req.receiver_url`; returns it running.
 pub fn receive(req: ReceiveMigrationRequest, progress: SharedProgress) -> Result<Vm, MigrateError> {
-    progress.begin();
     let result = (|| {
         let listener = Listener::bind(&req.receiver_url)?;
         let (mut rx0, mut reply, others) = accept_all(&listener)?;

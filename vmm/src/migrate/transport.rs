@@ -1,10 +1,9 @@
 //! Migration transport: one or more byte streams between source and target, over TCP
-//! (`tcp:HOST:PORT`) or a Unix socket (`unix:PATH`); on a Unix socket the source can also hand
-//! the guest-RAM memfd to the target (`local=on`, SCM_RIGHTS) so no RAM is copied at all.
+//! (`tcp:HOST:PORT`) or a Unix socket (`unix:PATH`).
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -16,6 +15,44 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A peer that sends or takes nothing for this long is considered gone.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A bandwidth limit shared by every connection of a migration (a token bucket refilled at
+/// `bytes_per_s`, holding at most 100 ms worth).
+#[derive(Debug)]
+pub struct RateLimit {
+    bytes_per_s: u64,
+    state: std::sync::Mutex<(f64, Instant)>,
+}
+
+impl RateLimit {
+    /// A limit of `bytes_per_s`.
+    pub fn new(bytes_per_s: u64) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            bytes_per_s: bytes_per_s.max(1),
+            state: std::sync::Mutex::new((0.0, Instant::now())),
+        })
+    }
+
+    /// Wait until `n` bytes may go.
+    fn take(&self, n: usize) {
+        let rate = self.bytes_per_s as f64;
+        let wait = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let refill = now.duration_since(st.1).as_secs_f64() * rate;
+            st.0 = (st.0 + refill).min(rate / 10.0) - n as f64;
+            st.1 = now;
+            if st.0 < 0.0 {
+                Duration::from_secs_f64(-st.0 / rate)
+            } else {
+                Duration::ZERO
+            }
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
 /// One migration connection.
 #[derive(Debug)]
 pub enum Conn {
@@ -23,6 +60,8 @@ pub enum Conn {
     Tcp(TcpStream),
     /// Unix stream socket.
     Unix(UnixStream),
+    /// A connection whose writes are paced by a shared bandwidth limit.
+    Limited(Box<Conn>, std::sync::Arc<RateLimit>),
 }
 
 impl Conn {
@@ -31,7 +70,13 @@ impl Conn {
         Ok(match self {
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Limited(c, l) => Conn::Limited(Box::new(c.try_clone()?), l.clone()),
         })
+    }
+
+    /// Pace this connection's writes with `limit`.
+    pub fn limited(self, limit: &std::sync::Arc<RateLimit>) -> Self {
+        Conn::Limited(Box::new(self), limit.clone())
     }
 
     /// Bound every read and write by `timeout`.
@@ -45,6 +90,7 @@ impl Conn {
                 s.set_read_timeout(timeout)?;
                 s.set_write_timeout(timeout)
             }
+            Conn::Limited(c, _) => c.set_timeouts(timeout),
         }
     }
 
@@ -53,16 +99,13 @@ impl Conn {
         let _ = match self {
             Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
             Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Limited(c, _) => {
+                c.shutdown();
+                Ok(())
+            }
         };
     }
 
-    /// The Unix socket, for passing file descriptors.
-    pub fn unix(&self) -> Option<&UnixStream> {
-        match self {
-            Conn::Unix(s) => Some(s),
-            Conn::Tcp(_) => None,
-        }
-    }
 }
 
 impl Read for Conn {
@@ -70,6 +113,7 @@ impl Read for Conn {
         match self {
             Conn::Tcp(s) => s.read(buf),
             Conn::Unix(s) => s.read(buf),
+            Conn::Limited(c, _) => c.read(buf),
         }
     }
 }
@@ -79,6 +123,12 @@ impl Write for Conn {
         match self {
             Conn::Tcp(s) => s.write(buf),
             Conn::Unix(s) => s.write(buf),
+            Conn::Limited(c, limit) => {
+                // At most 64 KiB at a time, so the pacing stays smooth.
+                let n = buf.len().min(64 << 10);
+                limit.take(n);
+                c.write(&buf[..n])
+            }
         }
     }
 
@@ -86,6 +136,7 @@ impl Write for Conn {
         match self {
             Conn::Tcp(s) => s.flush(),
             Conn::Unix(s) => s.flush(),
+            Conn::Limited(c, _) => c.flush(),
         }
     }
 }
@@ -200,17 +251,4 @@ fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
         )),
         _ => Ok(()),
     }
-}
-
-/// Send `fds` (the guest-RAM memfd) with a one-byte message over a Unix connection.
-pub fn send_fds(conn: &UnixStream, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    pci::vfio::user::sock::send_all(conn, &[0u8], fds)
-}
-
-/// Receive the fds sent with [`send_fds`] (at most `max`).
-pub fn recv_fds(conn: &UnixStream, max: usize) -> io::Result<Vec<OwnedFd>> {
-    let mut byte = [0u8; 1];
-    let mut fds = Vec::new();
-    pci::vfio::user::sock::recv_exact(conn, &mut byte, &mut fds, max).map_err(io::Error::other)?;
-    Ok(fds)
 }
