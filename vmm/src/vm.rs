@@ -982,7 +982,9 @@ impl VmCore {
             }
         }
         set.merge_guest_memory_bitmap(&self.mem)?;
-        for (gpa, len) in std::mem::take(&mut *self.redirty.lock().unwrap_or_else(|e| e.into_inner())) {
+        for (gpa, len) in
+            std::mem::take(&mut *self.redirty.lock().unwrap_or_else(|e| e.into_inner()))
+        {
             set.mark(gpa, len)?;
         }
         for c in self.registry.components() {

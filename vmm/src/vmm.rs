@@ -367,10 +367,7 @@ impl Vmm {
             }
             ApiAction::MigrationCancel => {
                 let p = self.migration.get();
-                if matches!(
-                    p.phase,
-                    MigrationPhase::Setup | MigrationPhase::Precopy
-                ) {
+                if matches!(p.phase, MigrationPhase::Setup | MigrationPhase::Precopy) {
                     self.migration.cancel();
                     ok(Continue)
                 } else {
@@ -438,7 +435,9 @@ impl Vmm {
             None | Some(VmState::Created) | Some(VmState::Shutdown) => {}
             s => return Err(conflict(s, "vm.receive-migration (a VM exists)")),
         }
-        if self.migration.get().phase.is_final() || self.migration.get().phase == MigrationPhase::None {
+        if self.migration.get().phase.is_final()
+            || self.migration.get().phase == MigrationPhase::None
+        {
         } else {
             return Err(ApiError {
                 status: 409,
@@ -501,7 +500,10 @@ impl Vmm {
                 MigrationOutcome::Linger => after = AfterAction::ExitProcess,
                 MigrationOutcome::SendFailed(e) => {
                     log::warn!("outgoing migration failed: {e}");
-                    self.state = self.state_before_migration.take().or(Some(VmState::Running));
+                    self.state = self
+                        .state_before_migration
+                        .take()
+                        .or(Some(VmState::Running));
                 }
                 MigrationOutcome::Received(vm) => {
                     self.config = Some(vm.config().clone());

@@ -262,8 +262,14 @@ fn collect<R: Read + Send + 'static>(
 impl SkiffProcess {
     /// Start `skiff` with `args`.
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
-        let mut child = Command::new(skiff_bin())
-            .args(args)
+        let mut cmd = Command::new(skiff_bin());
+        cmd.args(args);
+        Self::spawn_command(cmd)
+    }
+
+    /// Start `cmd` (a `skiff` command, e.g. inside a network namespace).
+    pub fn spawn_command(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -347,6 +353,97 @@ impl SkiffProcess {
             stdout,
             stderr,
             elapsed: self.start.elapsed(),
+        }
+    }
+}
+
+impl Drop for SkiffProcess {
+    fn drop(&mut self) {
+        // A process a test left running (a failed assertion, a helper node) does not outlive it.
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Two "hosts" for migration tests: network namespaces `a` and `b` joined by a veth pair, with
+/// addresses [`TwoHosts::A_ADDR`] and [`TwoHosts::B_ADDR`]; removed when dropped.
+pub struct TwoHosts {
+    /// Namespace of host A.
+    pub a: String,
+    /// Namespace of host B.
+    pub b: String,
+}
+
+impl TwoHosts {
+    /// Host A's address.
+    pub const A_ADDR: &'static str = "10.213.0.1";
+    /// Host B's address.
+    pub const B_ADDR: &'static str = "10.213.0.2";
+
+    /// Create both namespaces and the link; the reason when this host cannot (pass it to
+    /// [`skip_or_fail`] with `SKIFF_SKIP_NETNS`).
+    pub fn create(tag: &str) -> Result<Self, String> {
+        let id = std::process::id();
+        let hosts = Self {
+            a: format!("skiff-{tag}-a-{id}"),
+            b: format!("skiff-{tag}-b-{id}"),
+        };
+        let (va, vb) = (format!("va{}", id % 100_000), format!("vb{}", id % 100_000));
+        let a_cidr = format!("{}/24", Self::A_ADDR);
+        let b_cidr = format!("{}/24", Self::B_ADDR);
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["netns", "add", &hosts.a],
+            vec!["netns", "add", &hosts.b],
+            vec![
+                "link", "add", &va, "netns", &hosts.a, "type", "veth", "peer", "name", &vb,
+                "netns", &hosts.b,
+            ],
+            vec!["-n", &hosts.a, "addr", "add", &a_cidr, "dev", &va],
+            vec!["-n", &hosts.b, "addr", "add", &b_cidr, "dev", &vb],
+            vec!["-n", &hosts.a, "link", "set", &va, "up"],
+            vec!["-n", &hosts.b, "link", "set", &vb, "up"],
+            vec!["-n", &hosts.a, "link", "set", "lo", "up"],
+            vec!["-n", &hosts.b, "link", "set", "lo", "up"],
+        ];
+        for args in steps {
+            match Command::new("ip").args(&args).output() {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => {
+                    return Err(format!(
+                        "cannot set up two network namespaces (ip {}): {}",
+                        args.join(" "),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ))
+                }
+                Err(e) => return Err(format!("cannot run ip: {e}")),
+            }
+        }
+        Ok(hosts)
+    }
+
+    /// A command running `program` on host `ns` (one of [`Self::a`], [`Self::b`]).
+    pub fn command(ns: &str, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(program);
+        c
+    }
+
+    /// Cut the link between the hosts (the veth pair goes down on host A).
+    pub fn cut(&self) {
+        let _ = Command::new("ip")
+            .args(["-n", &self.a, "link", "set", "dev"])
+            .arg(format!("va{}", std::process::id() % 100_000))
+            .arg("down")
+            .output();
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
 }

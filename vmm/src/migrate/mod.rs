@@ -247,7 +247,10 @@ pub fn host_record() -> Vec<(String, String)> {
     let l1 = leaf(1, 0);
     let l7 = leaf(7, 0);
     vec![
-        ("cpu.vendor".into(), String::from_utf8_lossy(&vendor).into_owned()),
+        (
+            "cpu.vendor".into(),
+            String::from_utf8_lossy(&vendor).into_owned(),
+        ),
         ("cpu.leaf1.ecx".into(), format!("{:#010x}", l1.ecx)),
         ("cpu.leaf1.edx".into(), format!("{:#010x}", l1.edx)),
         ("cpu.leaf7.ebx".into(), format!("{:#010x}", l7.ebx)),

@@ -36,8 +36,7 @@ type Senders = Vec<MigrationSender<Conn>>;
 
 /// The VM's description for the target's checks.
 fn describe(core: &VmCore, config: &VmConfig) -> Result<Config, MigrateError> {
-    let vm_config =
-        serde_json::to_vec(config).map_err(|e| MigrateError::Config(e.to_string()))?;
+    let vm_config = serde_json::to_vec(config).map_err(|e| MigrateError::Config(e.to_string()))?;
     Ok(Config {
         vm_config,
         host: host_record(),

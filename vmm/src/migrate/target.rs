@@ -54,8 +54,14 @@ fn describe(vm: &Vm) -> Config {
 /// Accept the source's connections: the first one's HELLO says how many follow.
 fn accept_all(
     listener: &Listener,
-) -> Result<(MigrationReceiver<Conn>, MigrationSender<Conn>, Vec<MigrationReceiver<Conn>>), MigrateError>
-{
+) -> Result<
+    (
+        MigrationReceiver<Conn>,
+        MigrationSender<Conn>,
+        Vec<MigrationReceiver<Conn>>,
+    ),
+    MigrateError,
+> {
     let conn0 = listener.accept(ACCEPT_TIMEOUT)?;
     let reply = MigrationSender::replies(conn0.try_clone()?)?;
     let mut rx0 = MigrationReceiver::new(conn0)?;
@@ -104,30 +110,35 @@ fn load(
     rx0: MigrationReceiver<Conn>,
     others: Vec<MigrationReceiver<Conn>>,
 ) -> Result<Vec<StateSection>, MigrateError> {
-    let applier = Mutex::new(RamApplier::new(&vm.ram_layout()).map_err(|e| {
-        MigrateError::Unexpected(format!("RAM layout: {e}"))
-    })?);
+    let applier = Mutex::new(
+        RamApplier::new(&vm.ram_layout())
+            .map_err(|e| MigrateError::Unexpected(format!("RAM layout: {e}")))?,
+    );
     let mem = vm.memory();
-    let drain = |mut rx: MigrationReceiver<Conn>| -> Result<Option<Vec<StateSection>>, MigrateError> {
-        let mut sections = None;
-        loop {
-            match rx.recv()? {
-                Message::Ram(frame) => {
-                    applier
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .apply(mem, &frame)?;
+    let drain =
+        |mut rx: MigrationReceiver<Conn>| -> Result<Option<Vec<StateSection>>, MigrateError> {
+            let mut sections = None;
+            loop {
+                match rx.recv()? {
+                    Message::Ram(frame) => {
+                        applier
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .apply(mem, &frame)?;
+                    }
+                    Message::IterationEnd(_) | Message::DevicePrecopy { .. } => {}
+                    Message::State(s) => sections = Some(s),
+                    Message::Complete(_) => return Ok(sections),
+                    Message::Abort(reason) => return Err(MigrateError::Aborted(reason)),
+                    other => return Err(unexpected("RAM, STATE or COMPLETE", &other)),
                 }
-                Message::IterationEnd(_) | Message::DevicePrecopy { .. } => {}
-                Message::State(s) => sections = Some(s),
-                Message::Complete(_) => return Ok(sections),
-                Message::Abort(reason) => return Err(MigrateError::Aborted(reason)),
-                other => return Err(unexpected("RAM, STATE or COMPLETE", &other)),
             }
-        }
-    };
+        };
     std::thread::scope(|scope| {
-        let workers: Vec<_> = others.into_iter().map(|rx| scope.spawn(move || drain(rx))).collect();
+        let workers: Vec<_> = others
+            .into_iter()
+            .map(|rx| scope.spawn(move || drain(rx)))
+            .collect();
         let main = drain(rx0);
         let mut sections = main?;
         for w in workers {

@@ -105,7 +105,6 @@ impl Conn {
             }
         };
     }
-
 }
 
 impl Read for Conn {
@@ -151,9 +150,12 @@ fn connect_one(url: &MigrationUrl) -> io::Result<Conn> {
     loop {
         let attempt = match url {
             MigrationUrl::Tcp { host, port } => {
-                let addr = (host.as_str(), *port).to_socket_addrs()?.next().ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::NotFound, format!("{host}: no address"))
-                })?;
+                let addr = (host.as_str(), *port)
+                    .to_socket_addrs()?
+                    .next()
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::NotFound, format!("{host}: no address"))
+                    })?;
                 TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map(|s| {
                     let _ = s.set_nodelay(true);
                     Conn::Tcp(s)
@@ -193,7 +195,9 @@ impl Listener {
     /// Listen on `url` (a stale Unix socket file is replaced).
     pub fn bind(url: &MigrationUrl) -> io::Result<Self> {
         Ok(match url {
-            MigrationUrl::Tcp { host, port } => Listener::Tcp(TcpListener::bind((host.as_str(), *port))?),
+            MigrationUrl::Tcp { host, port } => {
+                Listener::Tcp(TcpListener::bind((host.as_str(), *port))?)
+            }
             MigrationUrl::Unix { path } => {
                 if std::fs::symlink_metadata(path)
                     .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))

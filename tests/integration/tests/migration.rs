@@ -1,0 +1,366 @@
+//! Live migration end to end with real `skiff` processes: two "hosts" (network namespaces joined
+//! by a veth pair) with one skiff each; the guest continues on the target from exactly where it
+//! was; the memory-dirtying workload verifies every page after migration; failures leave the
+//! source running and a second attempt succeeds; round trips; cancel.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use integration::{
+    remote, remote_ok, skiff_bin, skiff_remote_bin, skip_or_fail, temp_dir, wait_for_path,
+    SkiffProcess, TwoHosts,
+};
+
+const DEADLINE: Duration = Duration::from_secs(300);
+
+/// One skiff serving its API (on host `ns`, or here when `None`).
+struct Node {
+    api: PathBuf,
+    process: SkiffProcess,
+}
+
+impl Node {
+    /// Start skiff with `--api-socket` and `args` (no args: an empty target waiting for a VM).
+    fn start(dir: &Path, name: &str, ns: Option<&str>, args: &[&str]) -> Self {
+        let api = dir.join(format!("{name}.sock"));
+        let events = format!("path={}", dir.join(format!("{name}.events")).display());
+        let mut cmd = match ns {
+            Some(ns) => TwoHosts::command(ns, &skiff_bin()),
+            None => std::process::Command::new(skiff_bin()),
+        };
+        cmd.arg("--api-socket")
+            .arg(&api)
+            .args(["--event-monitor", &events, "-v"])
+            .args(args);
+        let process = SkiffProcess::spawn_command(cmd);
+        wait_for_path(&api, Duration::from_secs(30));
+        Self { api, process }
+    }
+
+    fn remote(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        remote(&self.api, args)
+    }
+}
+
+/// The `counter: N` values in the serial file, in order.
+fn counters(serial: &Path) -> Vec<u64> {
+    std::fs::read_to_string(serial)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("counter: "))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+fn wait_for_counter(serial: &Path, at_least: u64) {
+    let deadline = Instant::now() + DEADLINE;
+    while counters(serial).last().copied().unwrap_or(0) < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not reach counter {at_least}:\n{}",
+            std::fs::read_to_string(serial).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every counter value follows the previous one: the guest neither restarted nor skipped.
+fn assert_continuous(serial: &Path) {
+    let values = counters(serial);
+    for w in values.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "the counter jumped from {} to {}:\n{}",
+            w[0],
+            w[1],
+            std::fs::read_to_string(serial).unwrap_or_default()
+        );
+    }
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    assert!(
+        !text.contains("FAIL"),
+        "the guest found damaged memory:\n{text}"
+    );
+}
+
+/// `skiff-remote send-migration` (waits for the end; its exit code and output).
+fn send(src: &Node, url: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(skiff_remote_bin())
+        .arg("--api-socket")
+        .arg(&src.api)
+        .args(["send-migration", url])
+        .args(extra)
+        .output()
+        .expect("skiff-remote");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn counter_guest_continues_on_the_other_host() {
+    let hosts = match TwoHosts::create("mig") {
+        Ok(h) => h,
+        Err(why) => return skip_or_fail("SKIFF_SKIP_NETNS", &why),
+    };
+    let dir = temp_dir("migration-hosts");
+    let serial = dir.join("serial.log");
+    let serial_arg = format!("file={}", serial.display());
+    let mut src = Node::start(
+        &dir,
+        "src",
+        Some(&hosts.a),
+        &[
+            "--memory",
+            "size=256M",
+            "--serial",
+            &serial_arg,
+            "--cmdline",
+            "scenario=counter counter.every=1",
+        ],
+    );
+    let mut dst = Node::start(&dir, "dst", Some(&hosts.b), &[]);
+    wait_for_counter(&serial, 5);
+    let url = format!("tcp:{}:6000", TwoHosts::B_ADDR);
+    let (code, out, err) = dst.remote(&["receive-migration", &url]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out) = send(&src, &url, &[]);
+    assert_eq!(
+        code,
+        Some(0),
+        "send-migration failed: {out}\n{}",
+        src.process.wait(Duration::from_secs(5)).log()
+    );
+    assert!(out.contains("migration completed"), "{out}");
+    // The source ends as Migrated and exits 0.
+    let run = src.process.wait(Duration::from_secs(30));
+    assert_eq!(run.code(), Some(0), "{}", run.log());
+    // The guest goes on on host B from exactly the next value.
+    let last = counters(&serial).last().copied().unwrap_or(0);
+    wait_for_counter(&serial, last + 5);
+    assert_continuous(&serial);
+    let (code, info, _) = dst.remote(&["info"]);
+    assert_eq!(code, Some(0));
+    assert!(info.contains("\"Running\""), "{info}");
+    let (_, progress, _) = dst.remote(&["migration-progress"]);
+    assert!(progress.contains("\"completed\""), "{progress}");
+    remote_ok(&dst.api, &["shutdown-vmm"]);
+    let run = dst.process.wait(Duration::from_secs(30));
+    assert!(!run.stderr.contains("panicked"), "{}", run.log());
+}
+
+/// Round trips on one host over Unix sockets: A → B → A → ... five times, the guest counting on.
+#[test]
+fn five_round_trips_over_unix_sockets() {
+    let dir = temp_dir("migration-trips");
+    let serial = dir.join("serial.log");
+    let serial_arg = format!("file={}", serial.display());
+    let mut current = Node::start(
+        &dir,
+        "n0",
+        None,
+        &[
+            "--memory",
+            "size=128M",
+            "--serial",
+            &serial_arg,
+            "--cmdline",
+            "scenario=counter counter.every=1",
+        ],
+    );
+    wait_for_counter(&serial, 3);
+    for trip in 1..=5 {
+        let next = Node::start(&dir, &format!("n{trip}"), None, &[]);
+        let url = format!("unix:{}", dir.join(format!("mig{trip}.sock")).display());
+        let (code, out, err) = next.remote(&["receive-migration", &url]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        let (code, out) = send(&current, &url, &["--connections", "2"]);
+        assert_eq!(code, Some(0), "trip {trip}: {out}");
+        let run = current.process.wait(Duration::from_secs(30));
+        assert_eq!(run.code(), Some(0), "trip {trip}: {}", run.log());
+        let last = counters(&serial).last().copied().unwrap_or(0);
+        wait_for_counter(&serial, last + 2);
+        current = next;
+    }
+    assert_continuous(&serial);
+    remote_ok(&current.api, &["shutdown-vmm"]);
+    current.process.wait(Duration::from_secs(30));
+}
+
+/// The memory-dirtying workload, migrated while it rewrites pages fast and while it is paced:
+/// afterwards it verifies every page (no lost or stale page); its longest stall is printed.
+#[test]
+fn dirtying_guest_loses_no_page_at_two_rates() {
+    for (name, rate) in [("fast", "0"), ("paced", "2000")] {
+        let dir = temp_dir(&format!("migration-dirty-{name}"));
+        let serial = dir.join("serial.log");
+        let serial_arg = format!("file={}", serial.display());
+        let cmdline =
+            format!("scenario=dirty dirty.mib=32 dirty.rate={rate} dirty.report_ms=300 dirty.verify_every=2");
+        let mut src = Node::start(
+            &dir,
+            "src",
+            None,
+            &[
+                "--memory",
+                "size=256M",
+                "--serial",
+                &serial_arg,
+                "--cmdline",
+                &cmdline,
+            ],
+        );
+        let dst = Node::start(&dir, "dst", None, &[]);
+        let verified = |text: &str| text.matches("dirty: verified").count();
+        let wait = |n: usize| {
+            let deadline = Instant::now() + DEADLINE;
+            loop {
+                let text = std::fs::read_to_string(&serial).unwrap_or_default();
+                assert!(!text.contains("FAIL"), "{text}");
+                if verified(&text) >= n {
+                    return text;
+                }
+                assert!(Instant::now() < deadline, "no verification line:\n{text}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        let before = verified(&wait(1));
+        let url = format!("unix:{}", dir.join("mig.sock").display());
+        let (code, out, err) = dst.remote(&["receive-migration", &url]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        let (code, out) = send(&src, &url, &["--downtime-ms", "300"]);
+        assert_eq!(code, Some(0), "{name}: {out}");
+        src.process.wait(Duration::from_secs(30));
+        // Two more full verifications on the target.
+        let text = wait(before + 2);
+        let stall = text
+            .lines()
+            .rev()
+            .find_map(|l| l.split("max_stall_us ").nth(1)?.split_whitespace().next())
+            .unwrap_or("?");
+        eprintln!("dirty workload ({name}, rate {rate}): migrated, longest guest stall {stall} us");
+        remote_ok(&dst.api, &["shutdown-vmm"]);
+    }
+}
+
+/// Failures leave the source running: a target that refuses the VM, a target killed during the
+/// transfer, a cancel; after each, a second attempt to a good target succeeds.
+#[test]
+fn failed_migrations_leave_the_source_running() {
+    let dir = temp_dir("migration-fail");
+    let serial = dir.join("serial.log");
+    let serial_arg = format!("file={}", serial.display());
+    let src = Node::start(
+        &dir,
+        "src",
+        None,
+        &[
+            "--memory",
+            "size=512M",
+            "--serial",
+            &serial_arg,
+            "--cmdline",
+            "scenario=counter counter.every=1",
+        ],
+    );
+    wait_for_counter(&serial, 3);
+    let still_running = |what: &str| {
+        let (code, info, _) = src.remote(&["info"]);
+        assert_eq!(code, Some(0), "{what}: the source does not answer");
+        assert!(info.contains("\"Running\""), "{what}: {info}");
+        let last = counters(&serial).last().copied().unwrap_or(0);
+        wait_for_counter(&serial, last + 2);
+    };
+
+    // 1. The target refuses: an override for a device the VM does not have.
+    let refusing = Node::start(&dir, "refusing", None, &[]);
+    let url = format!("unix:{}", dir.join("m1.sock").display());
+    let (code, out, err) = refusing.remote(&[
+        "receive-migration",
+        &url,
+        "--override",
+        "disk9:path=/nonexistent",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out) = send(&src, &url, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("refused") && out.contains("disk9"), "{out}");
+    still_running("after a refusal");
+
+    // 2. The target dies during the transfer (the bandwidth limit makes it last).
+    let dying = Node::start(&dir, "dying", None, &[]);
+    let url = format!("unix:{}", dir.join("m2.sock").display());
+    let (code, _, _) = dying.remote(&["receive-migration", &url]);
+    assert_eq!(code, Some(0));
+    let sender = {
+        let api = src.api.clone();
+        let url = url.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(skiff_remote_bin())
+                .arg("--api-socket")
+                .arg(&api)
+                .args(["send-migration", &url, "--bandwidth-mbps", "40"])
+                .output()
+                .expect("skiff-remote")
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    dying.process.signal("KILL");
+    let out = sender.join().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    still_running("after the target died");
+
+    // 3. Cancel during the transfer.
+    let slow = Node::start(&dir, "slow", None, &[]);
+    let url = format!("unix:{}", dir.join("m3.sock").display());
+    let (code, _, _) = slow.remote(&["receive-migration", &url]);
+    assert_eq!(code, Some(0));
+    let (code, out, err) = src.remote(&[
+        "send-migration",
+        &url,
+        "--bandwidth-mbps",
+        "40",
+        "--no-wait",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, out, err) = src.remote(&["migration-cancel"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, p, _) = src.remote(&["migration-progress"]);
+        if p.contains("\"cancelled\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration was not cancelled: {p}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    still_running("after a cancel");
+    drop(slow);
+
+    // 4. A good target: it works now.
+    let good = Node::start(&dir, "good", None, &[]);
+    let url = format!("unix:{}", dir.join("m4.sock").display());
+    let (code, _, _) = good.remote(&["receive-migration", &url]);
+    assert_eq!(code, Some(0));
+    let (code, out) = send(&src, &url, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    let last = counters(&serial).last().copied().unwrap_or(0);
+    wait_for_counter(&serial, last + 3);
+    assert_continuous(&serial);
+    remote_ok(&good.api, &["shutdown-vmm"]);
+}
