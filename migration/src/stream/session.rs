@@ -157,6 +157,10 @@ impl<W: Write> MigrationSender<W> {
         let ram = |source| StreamError::Ram { iteration, source };
         let layout = memory_layout(mem);
         let capacity = self.ram_frame_bytes + 2 * PIECE as usize;
+        // Read guest RAM in pieces no bigger than a frame, so frames stay close to their size.
+        let piece = (self.ram_frame_bytes as u64)
+            .next_multiple_of(PAGE_SIZE)
+            .min(PIECE);
         let mut total = RamStats::default();
         let mut batch = RamBatch::new(&layout, capacity).map_err(ram)?;
         for (gpa, len) in ranges {
@@ -176,7 +180,7 @@ impl<W: Write> MigrationSender<W> {
                 })
             })?;
             while at < end {
-                let n = (end - at).min(PIECE);
+                let n = (end - at).min(piece);
                 let stats = batch
                     .writer()
                     .write_ranges(mem, [(at, n)], zeros)
@@ -274,6 +278,7 @@ pub struct MigrationReceiver<R: Read> {
     iterations: u32,
     state_ids: HashSet<String>,
     done: bool,
+    completed: bool,
 }
 
 impl<R: Read> MigrationReceiver<R> {
@@ -299,6 +304,7 @@ impl<R: Read> MigrationReceiver<R> {
             iterations: 0,
             state_ids: HashSet::new(),
             done: false,
+            completed: false,
         })
     }
 
@@ -314,7 +320,7 @@ impl<R: Read> MigrationReceiver<R> {
 
     /// Whether COMPLETE was received and matched the stream.
     pub fn is_complete(&self) -> bool {
-        self.done && self.hello.is_some() && self.direction == Direction::Migration
+        self.completed
     }
 
     /// Bytes read so far, the stream start included.
@@ -425,6 +431,7 @@ impl<R: Read> MigrationReceiver<R> {
                 }
                 // recv checked the totals.
                 self.done = true;
+                self.completed = true;
             }
             Message::Abort(_) => self.done = true,
             _ => {}
