@@ -32,6 +32,8 @@ pub struct MigrationSender<W: Write> {
     ram_pages: u64,
     iterations: u32,
     ram_frame_bytes: usize,
+    /// The connection index from the HELLO sent, once it was.
+    connection: Option<u16>,
     done: bool,
 }
 
@@ -55,6 +57,7 @@ impl<W: Write> MigrationSender<W> {
             ram_pages: 0,
             iterations: 0,
             ram_frame_bytes: DEFAULT_RAM_FRAME_BYTES,
+            connection: None,
             done: false,
         })
     }
@@ -99,7 +102,23 @@ impl<W: Write> MigrationSender<W> {
                 format!("not a frame of a {}", self.direction.name()),
             ));
         }
-        Ok(())
+        if self.direction == Direction::Reply {
+            return Ok(());
+        }
+        match (self.connection, kind) {
+            (None, FrameKind::Hello) => Ok(()),
+            (None, _) => Err(Self::invalid(kind, "the first frame must be HELLO")),
+            (Some(_), FrameKind::Hello) => Err(Self::invalid(kind, "HELLO was already sent")),
+            (Some(c), FrameKind::Config | FrameKind::State | FrameKind::DevicePrecopy)
+                if c != 0 =>
+            {
+                Err(Self::invalid(
+                    kind,
+                    format!("connection {c} carries only RAM"),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Send one message. ITERATION_END and COMPLETE are sent by [`Self::end_iteration`] and
@@ -115,6 +134,9 @@ impl<W: Write> MigrationSender<W> {
         }
         let payload = msg.encode()?;
         self.frames.write(kind, &[&payload])?;
+        if let Message::Hello(h) = msg {
+            self.connection = Some(h.connection);
+        }
         if kind == FrameKind::Abort {
             self.done = true;
             self.frames.out.flush()?;

@@ -187,9 +187,13 @@ fn replies_round_trip_and_keep_to_their_direction() {
 #[test]
 fn sender_refuses_what_the_protocol_cannot_carry() {
     let mut tx = MigrationSender::new(Vec::new()).unwrap();
-    let long = "x".repeat(5000);
+    let err = tx.send(&Message::Config(config())).unwrap_err();
+    assert!(
+        err.to_string().contains("the first frame must be HELLO"),
+        "{err}"
+    );
     let bad_hello = Message::Hello(Hello {
-        software: long.clone(),
+        software: "x".repeat(5000),
         ..match hello(0, 1) {
             Message::Hello(h) => h,
             _ => unreachable!(),
@@ -199,6 +203,9 @@ fn sender_refuses_what_the_protocol_cannot_carry() {
         tx.send(&bad_hello),
         Err(StreamError::Invalid { .. })
     ));
+    tx.send(&hello(0, 1)).unwrap();
+    let start = tx.bytes_sent();
+    assert!(tx.send(&hello(0, 1)).is_err(), "a second HELLO");
     let mut c = config();
     c.ram = vec![(0, 100)];
     assert!(matches!(
@@ -221,15 +228,32 @@ fn sender_refuses_what_the_protocol_cannot_carry() {
         })),
         Err(StreamError::Invalid { .. })
     ));
-    let f = RamFrame::new(3, 0, &[]);
-    let err = tx.send(&Message::Ram(f)).unwrap_err();
+    let err = tx
+        .send(&Message::Ram(RamFrame::new(3, 0, &[])))
+        .unwrap_err();
     assert!(
         err.to_string()
             .contains("iteration 3 while iteration 0 is open"),
         "{err}"
     );
-    // Nothing of the refused messages was written: the stream is still only its start.
-    assert_eq!(tx.bytes_sent(), frame::START_LEN as u64);
+    let err = tx
+        .send_ram(&mem(&layout()), [(3 * MIB, PAGE_SIZE)], ZeroPages::Send)
+        .unwrap_err();
+    assert!(
+        matches!(err, StreamError::Ram { iteration: 0, .. }),
+        "{err}"
+    );
+    // Nothing of the refused messages was written.
+    assert_eq!(tx.bytes_sent(), start);
+
+    // A second connection carries only RAM.
+    let mut tx = MigrationSender::new(Vec::new()).unwrap();
+    tx.send(&hello(1, 2)).unwrap();
+    let err = tx.send(&Message::State(sections())).unwrap_err();
+    assert!(
+        err.to_string().contains("connection 1 carries only RAM"),
+        "{err}"
+    );
 }
 
 #[test]
