@@ -8,7 +8,7 @@ use vm_memory::GuestMemoryBackend;
 
 use super::frame::{FrameIn, FrameOut, Totals};
 use super::message::{Complete, Hello, IterationEnd, Message, RamFrame};
-use super::ram_frames::RamBatch;
+use super::ram_frames::{page_pieces, RamBatch};
 use super::{
     Direction, FrameKind, Result, StreamError, MAX_FRAME_LEN, MAX_ITERATION, PROTOCOL_VERSION,
 };
@@ -186,23 +186,15 @@ impl<W: Write> MigrationSender<W> {
         let mut total = RamStats::default();
         let mut batch = RamBatch::new(&layout, capacity).map_err(ram)?;
         for (gpa, len) in ranges {
-            if len == 0 {
-                continue;
-            }
             // Whole pages, cut at page boundaries: no page is read twice.
-            let mut at = gpa - gpa % PAGE_SIZE;
-            let end = gpa
-                .checked_add(len)
-                .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE));
-            let end = end.ok_or_else(|| {
+            let pieces = page_pieces(gpa, len, piece).ok_or_else(|| {
                 ram(crate::ram::RamStreamError::InvalidRange {
                     gpa,
                     len,
                     reason: "wraps around the address space",
                 })
             })?;
-            while at < end {
-                let n = (end - at).min(piece);
+            for (at, n) in pieces {
                 let stats = batch
                     .writer()
                     .write_ranges(mem, [(at, n)], zeros)
@@ -215,7 +207,6 @@ impl<W: Write> MigrationSender<W> {
                     );
                     self.flush_batch(full, &mut total)?;
                 }
-                at += n;
             }
         }
         if batch.records() > 0 {

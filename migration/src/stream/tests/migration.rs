@@ -221,3 +221,27 @@ fn spread_ranges_deals_every_page_once() {
         vec![vec![(0, PAGE_SIZE)]]
     );
 }
+
+#[test]
+fn page_pieces_and_wrapping_ranges() {
+    let pieces: Vec<_> = ram_frames::page_pieces(0x1800, 0x2000, 2 * PAGE_SIZE)
+        .unwrap()
+        .collect();
+    assert_eq!(pieces, vec![(0x1000, 0x2000), (0x3000, 0x1000)]);
+    assert_eq!(
+        ram_frames::page_pieces(0x1000, 0, PAGE_SIZE)
+            .unwrap()
+            .count(),
+        0
+    );
+    assert!(ram_frames::page_pieces(u64::MAX - 10, 100, PAGE_SIZE).is_none());
+    // A wrapping range is passed on whole, and the sender refuses it.
+    let spread = spread_ranges([(u64::MAX - 10, 100)], 2, PAGE_SIZE);
+    assert_eq!(spread, vec![vec![(u64::MAX - 10, 100)], vec![]]);
+    let mut tx = MigrationSender::new(Vec::new()).unwrap();
+    tx.send(&hello(0, 1)).unwrap();
+    let err = tx
+        .send_ram(&mem(&layout()), spread[0].clone(), ZeroPages::Send)
+        .unwrap_err();
+    assert!(err.to_string().contains("wraps around"), "{err}");
+}
