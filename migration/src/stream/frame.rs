@@ -1,4 +1,10 @@
 //! The frame layer: the stream start, and frames with their CRCs and the running chain.
+//!
+//! A frame's CRC starts with its index in the stream (u64 LE, not sent; the first frame after
+//! the start is 0), then covers kind, length and payload. The index matters: RAM records carry
+//! their own CRC, and a CRC32 run over data followed by that data's CRC32 ends in the same state
+//! whatever the data, so two RAM frames with records of the same shape would otherwise have the
+//! same frame CRC, and swapping them would change neither the frame CRCs nor their chain.
 
 use std::io::{Read, Write};
 
@@ -72,6 +78,7 @@ impl<W: Write> FrameOut<W> {
         head[0] = kind as u8;
         head[1..].copy_from_slice(&len32.to_le_bytes());
         let mut crc = crc32fast::Hasher::new();
+        crc.update(&self.totals.frames.to_le_bytes());
         crc.update(&head);
         self.out.write_all(&head)?;
         for p in parts {
@@ -191,6 +198,7 @@ impl<R: Read> FrameIn<R> {
         let mut crc = [0u8; 4];
         self.exact(&mut crc, offset + 5 + u64::from(len), "a frame checksum")?;
         let mut computed = crc32fast::Hasher::new();
+        computed.update(&self.totals.frames.to_le_bytes());
         computed.update(&head);
         computed.update(&payload);
         let computed = computed.finalize();

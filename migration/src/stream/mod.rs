@@ -7,8 +7,12 @@
 //! start   magic (8 bytes) | protocol version u32
 //!         magic b"SKIFFMIG" on a migration stream (source → target),
 //!               b"SKIFFRPL" on its reply stream (target → source, same connection)
-//! frame   kind u8 | length u32 (<= MAX_FRAME_LEN) | payload | CRC32 u32 of kind, length, payload
+//! frame   kind u8 | length u32 (<= MAX_FRAME_LEN) | payload | CRC32 u32
 //! ```
+//!
+//! A frame's CRC32 covers its index in the stream (u64 LE, not sent, 0 for the first frame after
+//! the start), its kind, length and payload: a frame moved to another place fails its CRC (see
+//! the frame module for why the index is needed at all).
 //!
 //! Frame kinds ([`FrameKind`]) and their payloads ([`Message`]):
 //!

@@ -15,7 +15,8 @@ const PAGE: usize = PAGE_SIZE as usize;
 
 /// Split `ranges` ((guest address, length), non-overlapping at page granularity) into pieces of
 /// at most `chunk` bytes (rounded up to whole pages), widened to whole pages, and deal them
-/// round-robin to `connections` lists (at least one). Each page lands in exactly one list.
+/// round-robin to `connections` lists (at least one). Each page lands in exactly one list; a
+/// range that wraps around the address space is passed on whole (the sender refuses it).
 pub fn spread_ranges<I>(ranges: I, connections: usize, chunk: u64) -> Vec<Vec<(u64, u64)>>
 where
     I: IntoIterator<Item = (u64, u64)>,
@@ -25,22 +26,38 @@ where
     let mut out = vec![Vec::new(); n];
     let mut next = 0;
     for (gpa, len) in ranges {
-        if len == 0 {
-            continue;
-        }
-        let mut at = gpa - gpa % PAGE_SIZE;
-        let end = gpa
-            .saturating_add(len)
-            .checked_next_multiple_of(PAGE_SIZE)
-            .unwrap_or(u64::MAX - (PAGE_SIZE - 1));
-        while at < end {
-            let piece = (end - at).min(chunk);
-            out[next].push((at, piece));
-            next = (next + 1) % n;
-            at += piece;
+        match page_pieces(gpa, len, chunk) {
+            Some(pieces) => {
+                for piece in pieces {
+                    out[next].push(piece);
+                    next = (next + 1) % n;
+                }
+            }
+            // Wraps: left whole, for the sender to refuse.
+            None => out[next].push((gpa, len)),
         }
     }
     out
+}
+
+/// `gpa..gpa + len` widened to whole pages and cut at page boundaries into pieces of at most
+/// `piece` bytes (a multiple of the page size); `None` if the range wraps.
+pub(crate) fn page_pieces(
+    gpa: u64,
+    len: u64,
+    piece: u64,
+) -> Option<impl Iterator<Item = (u64, u64)>> {
+    let start = gpa - gpa % PAGE_SIZE;
+    let end = if len == 0 {
+        start
+    } else {
+        gpa.checked_add(len)?.checked_next_multiple_of(PAGE_SIZE)?
+    };
+    let piece = piece.max(PAGE_SIZE);
+    Some(
+        (0..(end - start).div_ceil(piece))
+            .map(move |i| (start + i * piece, (end - start - i * piece).min(piece))),
+    )
 }
 
 /// Records of one RAM frame being built: a [`RamWriter`] over the frame payload, whose RAM header

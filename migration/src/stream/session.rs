@@ -8,7 +8,7 @@ use vm_memory::GuestMemoryBackend;
 
 use super::frame::{FrameIn, FrameOut, Totals};
 use super::message::{Complete, Hello, IterationEnd, Message, RamFrame};
-use super::ram_frames::RamBatch;
+use super::ram_frames::{page_pieces, RamBatch};
 use super::{
     Direction, FrameKind, Result, StreamError, MAX_FRAME_LEN, MAX_ITERATION, PROTOCOL_VERSION,
 };
@@ -32,6 +32,8 @@ pub struct MigrationSender<W: Write> {
     ram_pages: u64,
     iterations: u32,
     ram_frame_bytes: usize,
+    /// The connection index from the HELLO sent, once it was.
+    connection: Option<u16>,
     done: bool,
 }
 
@@ -55,6 +57,7 @@ impl<W: Write> MigrationSender<W> {
             ram_pages: 0,
             iterations: 0,
             ram_frame_bytes: DEFAULT_RAM_FRAME_BYTES,
+            connection: None,
             done: false,
         })
     }
@@ -99,7 +102,23 @@ impl<W: Write> MigrationSender<W> {
                 format!("not a frame of a {}", self.direction.name()),
             ));
         }
-        Ok(())
+        if self.direction == Direction::Reply {
+            return Ok(());
+        }
+        match (self.connection, kind) {
+            (None, FrameKind::Hello) => Ok(()),
+            (None, _) => Err(Self::invalid(kind, "the first frame must be HELLO")),
+            (Some(_), FrameKind::Hello) => Err(Self::invalid(kind, "HELLO was already sent")),
+            (Some(c), FrameKind::Config | FrameKind::State | FrameKind::DevicePrecopy)
+                if c != 0 =>
+            {
+                Err(Self::invalid(
+                    kind,
+                    format!("connection {c} carries only RAM"),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Send one message. ITERATION_END and COMPLETE are sent by [`Self::end_iteration`] and
@@ -115,6 +134,9 @@ impl<W: Write> MigrationSender<W> {
         }
         let payload = msg.encode()?;
         self.frames.write(kind, &[&payload])?;
+        if let Message::Hello(h) = msg {
+            self.connection = Some(h.connection);
+        }
         if kind == FrameKind::Abort {
             self.done = true;
             self.frames.out.flush()?;
@@ -157,26 +179,22 @@ impl<W: Write> MigrationSender<W> {
         let ram = |source| StreamError::Ram { iteration, source };
         let layout = memory_layout(mem);
         let capacity = self.ram_frame_bytes + 2 * PIECE as usize;
+        // Read guest RAM in pieces no bigger than a frame, so frames stay close to their size.
+        let piece = (self.ram_frame_bytes as u64)
+            .next_multiple_of(PAGE_SIZE)
+            .min(PIECE);
         let mut total = RamStats::default();
         let mut batch = RamBatch::new(&layout, capacity).map_err(ram)?;
         for (gpa, len) in ranges {
-            if len == 0 {
-                continue;
-            }
             // Whole pages, cut at page boundaries: no page is read twice.
-            let mut at = gpa - gpa % PAGE_SIZE;
-            let end = gpa
-                .checked_add(len)
-                .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE));
-            let end = end.ok_or_else(|| {
+            let pieces = page_pieces(gpa, len, piece).ok_or_else(|| {
                 ram(crate::ram::RamStreamError::InvalidRange {
                     gpa,
                     len,
                     reason: "wraps around the address space",
                 })
             })?;
-            while at < end {
-                let n = (end - at).min(PIECE);
+            for (at, n) in pieces {
                 let stats = batch
                     .writer()
                     .write_ranges(mem, [(at, n)], zeros)
@@ -189,7 +207,6 @@ impl<W: Write> MigrationSender<W> {
                     );
                     self.flush_batch(full, &mut total)?;
                 }
-                at += n;
             }
         }
         if batch.records() > 0 {
@@ -274,6 +291,7 @@ pub struct MigrationReceiver<R: Read> {
     iterations: u32,
     state_ids: HashSet<String>,
     done: bool,
+    completed: bool,
 }
 
 impl<R: Read> MigrationReceiver<R> {
@@ -299,6 +317,7 @@ impl<R: Read> MigrationReceiver<R> {
             iterations: 0,
             state_ids: HashSet::new(),
             done: false,
+            completed: false,
         })
     }
 
@@ -314,7 +333,7 @@ impl<R: Read> MigrationReceiver<R> {
 
     /// Whether COMPLETE was received and matched the stream.
     pub fn is_complete(&self) -> bool {
-        self.done && self.hello.is_some() && self.direction == Direction::Migration
+        self.completed
     }
 
     /// Bytes read so far, the stream start included.
@@ -425,6 +444,7 @@ impl<R: Read> MigrationReceiver<R> {
                 }
                 // recv checked the totals.
                 self.done = true;
+                self.completed = true;
             }
             Message::Abort(_) => self.done = true,
             _ => {}
