@@ -51,17 +51,15 @@ fn describe(vm: &Vm) -> Config {
     }
 }
 
+/// The source's connections: the first (with the reply stream on it) and the others.
+type Accepted = (
+    MigrationReceiver<Conn>,
+    MigrationSender<Conn>,
+    Vec<MigrationReceiver<Conn>>,
+);
+
 /// Accept the source's connections: the first one's HELLO says how many follow.
-fn accept_all(
-    listener: &Listener,
-) -> Result<
-    (
-        MigrationReceiver<Conn>,
-        MigrationSender<Conn>,
-        Vec<MigrationReceiver<Conn>>,
-    ),
-    MigrateError,
-> {
+fn accept_all(listener: &Listener) -> Result<Accepted, MigrateError> {
     let conn0 = listener.accept(ACCEPT_TIMEOUT)?;
     let reply = MigrationSender::replies(conn0.try_clone()?)?;
     let mut rx0 = MigrationReceiver::new(conn0)?;
