@@ -418,3 +418,101 @@ fn snapshot_restore_keeps_the_iommu_mappings() {
     assert_fault_part(after, ep, &log);
     assert_image(&img, ROUNDS + 1, &log);
 }
+
+/// A VM with virtio-blk (behind the virtio-iommu, with live mappings), virtio-net, a console and
+/// virtio-rng (behind the IOMMU too) is live-migrated to a second skiff mid-scenario (the disk
+/// image is shared storage, the NIC gets another TAP on the target): the guest's remaining I/O
+/// rounds go on through the migrated mappings, then the fault part, and the image holds every
+/// round.
+#[test]
+fn live_migration_keeps_the_iommu_mappings_and_the_devices() {
+    const ROUNDS: u64 = 5;
+    let dir = temp_dir("iommu-migrate");
+    let img = make_image(&dir);
+    let serial = dir.join("serial.log");
+    let console = dir.join("console.log");
+    let (src_api, dst_api) = (dir.join("src.sock"), dir.join("dst.sock"));
+    let tag = std::process::id() % 100_000;
+    let (tap_a, tap_b) = (format!("mta{tag}"), format!("mtb{tag}"));
+    let disk = format!("path={},iommu=on", img.display());
+    let net = format!("tap={tap_a},id=net0");
+    let con = format!("file={}", console.display());
+    let serial_arg = format!("file={}", serial.display());
+    let cmdline = iommu_cmdline(ROUNDS, 3000);
+    let mut src = SkiffProcess::spawn(&[
+        "--api-socket",
+        src_api.to_str().unwrap(),
+        "--disk",
+        &disk,
+        "--net",
+        &net,
+        "--console",
+        &con,
+        "--rng",
+        "iommu=on",
+        "--serial",
+        &serial_arg,
+        "--cmdline",
+        &cmdline,
+    ]);
+    let mut dst = SkiffProcess::spawn(&["--api-socket", dst_api.to_str().unwrap()]);
+    wait_for_path(&src_api, Duration::from_secs(30));
+    wait_for_path(&dst_api, Duration::from_secs(30));
+    let serial_text = || std::fs::read_to_string(&serial).unwrap_or_default();
+    let deadline = Instant::now() + DEADLINE;
+    while !serial_text().contains("iommu: round 1 ok") {
+        assert!(Instant::now() < deadline, "no round 1:\n{}", serial_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("unix:{}", dir.join("mig.sock").display());
+    let over = format!("net0:tap={tap_b}");
+    remote_ok(&dst_api, &["receive-migration", &url, "--override", &over]);
+    let (code, out, err) = remote(&src_api, &["send-migration", &url]);
+    let before = serial_text();
+    assert_eq!(
+        code,
+        Some(0),
+        "send-migration: {out}{err}\n{}",
+        src.wait(Duration::from_secs(5)).log()
+    );
+    let done = *rounds(&before).last().unwrap();
+    assert!(
+        done < ROUNDS,
+        "the guest finished before the migration:\n{before}"
+    );
+    let run = src.wait(Duration::from_secs(30));
+    assert_eq!(
+        run.code(),
+        Some(0),
+        "the source did not end cleanly:\n{}",
+        run.log()
+    );
+    let ep = blk_endpoint(&before, &before);
+    // The target runs the rest of the scenario, then powers the guest off.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (_, info, _) = remote(&dst_api, &["info"]);
+        if info.contains("\"Shutdown\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migrated guest did not finish: {info}\n{}",
+            serial_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    remote_ok(&dst_api, &["shutdown-vmm"]);
+    let dst_run = dst.wait(Duration::from_secs(60));
+    let all = serial_text();
+    let log = format!("{all}\n----- target -----\n{}", dst_run.log());
+    assert!(all.contains("result: PASS"), "{log}");
+    assert_eq!(
+        all.matches("guest: scenario=").count(),
+        1,
+        "the guest booted again instead of continuing\n{log}"
+    );
+    assert_eq!(rounds(&all), (1..=ROUNDS + 1).collect::<Vec<_>>(), "{log}");
+    assert_fault_part(&all, ep, &log);
+    assert_image(&img, ROUNDS + 1, &log);
+}

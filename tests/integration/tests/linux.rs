@@ -8,8 +8,9 @@
 use std::time::Duration;
 
 use integration::{
-    emulating_host, linux_cpu_workaround, run_command, run_skiff, skiff_bin, skip_or_fail,
-    smoke_kernel_dir, smoke_rootfs, temp_dir, NetNamespace, Run, TestDevice,
+    emulating_host, linux_cpu_workaround, remote, remote_ok, run_command, run_skiff, skiff_bin,
+    skip_or_fail, smoke_kernel_dir, smoke_rootfs, temp_dir, wait_for_path, NetNamespace, Run,
+    SkiffProcess, TestDevice,
 };
 
 /// Linux takes ~2 minutes to reach init here (HOST.md); leave plenty of room.
@@ -282,4 +283,77 @@ fn linux_enumerates_passthrough_devices_and_groups_the_one_behind_the_iommu() {
     } else {
         run.assert_code(0);
     }
+}
+
+#[test]
+/// The smoke kernel is live-migrated to a second skiff in the middle of its boot (once PCI is
+/// scanned) and reaches init on the target.
+fn linux_migrated_mid_boot_reaches_init_on_the_target() {
+    let dir = match smoke_kernel_dir() {
+        Ok(d) => d,
+        Err(e) => return skip_or_fail("SKIFF_SKIP_LINUX", &e),
+    };
+    let tmp = temp_dir("linux-migrate");
+    let serial = tmp.join("serial.log");
+    let (src_api, dst_api) = (tmp.join("src.sock"), tmp.join("dst.sock"));
+    let kernel = dir.join("vmlinux");
+    let initramfs = dir.join("initramfs.cpio");
+    let cmdline = format!("console=ttyS0 panic=-1 {}", linux_cpu_workaround());
+    let serial_arg = format!("file={}", serial.display());
+    let mut src = SkiffProcess::spawn(&[
+        "--api-socket",
+        src_api.to_str().unwrap(),
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initramfs",
+        initramfs.to_str().unwrap(),
+        "--cmdline",
+        cmdline.trim(),
+        "--cpus",
+        "boot=2",
+        "--memory",
+        "size=512M",
+        "--serial",
+        &serial_arg,
+    ]);
+    let mut dst = SkiffProcess::spawn(&["--api-socket", dst_api.to_str().unwrap()]);
+    wait_for_path(&src_api, Duration::from_secs(30));
+    wait_for_path(&dst_api, Duration::from_secs(30));
+    let text = || std::fs::read_to_string(&serial).unwrap_or_default();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !text().contains("PCI host bridge to bus 0000:00") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no PCI scan:\n{}",
+            text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let url = format!("unix:{}", tmp.join("mig.sock").display());
+    remote_ok(&dst_api, &["receive-migration", &url]);
+    let (code, out, err) = remote(&src_api, &["send-migration", &url]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        !text().contains("Run /init"),
+        "the kernel reached init before the migration: make the trigger earlier\n{}",
+        text()
+    );
+    let run = src.wait(Duration::from_secs(60));
+    assert_eq!(run.code(), Some(0), "{}", run.log());
+    while !text().contains("Run /init as init process") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the migrated kernel did not reach init:\n{}",
+            text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = text();
+    assert_eq!(
+        log.matches("Linux version").count(),
+        1,
+        "the kernel booted again on the target:\n{log}"
+    );
+    let _ = remote(&dst_api, &["shutdown-vmm"]);
+    let _ = dst.wait(Duration::from_secs(30));
 }

@@ -364,3 +364,188 @@ fn failed_migrations_leave_the_source_running() {
     assert_continuous(&serial);
     remote_ok(&good.api, &["shutdown-vmm"]);
 }
+
+/// Forward TCP connections from `listen` to `target`, flipping one bit of the source's stream
+/// after `after` bytes of the first connection (a corrupted link).
+fn corrupting_proxy(listen: std::net::TcpListener, target: String, after: usize) {
+    std::thread::spawn(move || {
+        let mut first = true;
+        for client in listen.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = std::net::TcpStream::connect(&target) else {
+                return;
+            };
+            let flip_at = first.then_some(after);
+            first = false;
+            let (mut c_read, mut s_write) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut buf = vec![0u8; 64 << 10];
+                let mut seen = 0usize;
+                loop {
+                    let n = match c_read.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if let Some(at) = flip_at {
+                        if seen <= at && at < seen + n {
+                            buf[at - seen] ^= 0x10;
+                        }
+                    }
+                    seen += n;
+                    if s_write.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = s_write.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut s_read, mut c_write) = (server, client);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s_read, &mut c_write);
+                let _ = c_write.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+}
+
+/// A corrupted stream is caught by the target (checksums) and the source runs on; a guest that
+/// dirties memory faster than the downtime limit allows makes the migration give up with the
+/// figures, and the source runs on with nothing lost.
+#[test]
+fn corrupted_streams_and_impossible_downtimes_fail_cleanly() {
+    let dir = temp_dir("migration-corrupt");
+    let serial = dir.join("serial.log");
+    let serial_arg = format!("file={}", serial.display());
+    let src = Node::start(
+        &dir,
+        "src",
+        None,
+        &[
+            "--memory",
+            "size=256M",
+            "--serial",
+            &serial_arg,
+            "--cmdline",
+            "scenario=dirty dirty.mib=4 dirty.rate=0 dirty.report_ms=300 dirty.verify_every=2",
+        ],
+    );
+    let verified = || {
+        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        assert!(!text.contains("FAIL"), "{text}");
+        text.matches("dirty: verified").count()
+    };
+    let wait_verified = |n: usize| {
+        let deadline = Instant::now() + DEADLINE;
+        while verified() < n {
+            assert!(Instant::now() < deadline, "no verification");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_verified(1);
+
+    // 1. A bit flipped in the middle of the RAM transfer.
+    let target = Node::start(&dir, "dst1", None, &[]);
+    let (code, _, _) = target.remote(&["receive-migration", "tcp:127.0.0.1:6101"]);
+    assert_eq!(code, Some(0));
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = proxy.local_addr().unwrap().port();
+    corrupting_proxy(proxy, "127.0.0.1:6101".into(), 1 << 20);
+    let (code, out) = send(&src, &format!("tcp:127.0.0.1:{port}"), &[]);
+    assert_eq!(code, Some(1), "a corrupted migration succeeded: {out}");
+    let (_, tp, _) = target.remote(&["migration-progress"]);
+    assert!(
+        tp.contains("\"failed\"") && tp.to_lowercase().contains("checksum"),
+        "{tp}"
+    );
+    let (_, info, _) = src.remote(&["info"]);
+    assert!(info.contains("\"Running\""), "{info}");
+    let n = verified();
+    wait_verified(n + 1);
+
+    // 2. A downtime limit the dirtying guest cannot meet over a slow link, in few iterations:
+    // the migration gives up.
+    let target = Node::start(&dir, "dst2", None, &[]);
+    let url = format!("unix:{}", dir.join("m2.sock").display());
+    let (code, _, _) = target.remote(&["receive-migration", &url]);
+    assert_eq!(code, Some(0));
+    let (code, out) = send(
+        &src,
+        &url,
+        &[
+            "--downtime-ms",
+            "1",
+            "--max-iterations",
+            "3",
+            "--bandwidth-mbps",
+            "8",
+        ],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    let (_, p, _) = src.remote(&["migration-progress"]);
+    assert!(p.contains("\"failed\"") && p.contains("converge"), "{p}");
+    let (_, info, _) = src.remote(&["info"]);
+    assert!(info.contains("\"Running\""), "{info}");
+    let n = verified();
+    wait_verified(n + 1);
+    remote_ok(&src.api, &["shutdown-vmm"]);
+}
+
+/// The link between the hosts is cut during the transfer: the source gives up on the dead
+/// connection and runs on; its guest loses nothing.
+#[test]
+fn a_cut_link_leaves_the_source_running() {
+    let hosts = match TwoHosts::create("cut") {
+        Ok(h) => h,
+        Err(why) => return skip_or_fail("SKIFF_SKIP_NETNS", &why),
+    };
+    let dir = temp_dir("migration-cut");
+    let serial = dir.join("serial.log");
+    let serial_arg = format!("file={}", serial.display());
+    let src = Node::start(
+        &dir,
+        "src",
+        Some(&hosts.a),
+        &[
+            "--memory",
+            "size=512M",
+            "--serial",
+            &serial_arg,
+            "--cmdline",
+            "scenario=counter counter.every=1",
+        ],
+    );
+    let dst = Node::start(&dir, "dst", Some(&hosts.b), &[]);
+    wait_for_counter(&serial, 3);
+    let url = format!("tcp:{}:6002", TwoHosts::B_ADDR);
+    let (code, _, _) = dst.remote(&["receive-migration", &url]);
+    assert_eq!(code, Some(0));
+    let (code, out, err) = src.remote(&[
+        "send-migration",
+        &url,
+        "--bandwidth-mbps",
+        "40",
+        "--no-wait",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    std::thread::sleep(Duration::from_secs(2));
+    hosts.cut();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, p, _) = src.remote(&["migration-progress"]);
+        if p.contains("\"failed\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source did not notice the cut: {p}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, info, _) = src.remote(&["info"]);
+    assert!(info.contains("\"Running\""), "{info}");
+    let last = counters(&serial).last().copied().unwrap_or(0);
+    wait_for_counter(&serial, last + 3);
+    assert_continuous(&serial);
+    remote_ok(&src.api, &["shutdown-vmm"]);
+}

@@ -151,6 +151,11 @@ impl SharedProgress {
     /// Ask the worker to stop (its connections are shut down).
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::SeqCst);
+        self.shut_connections();
+    }
+
+    /// Shut the migration's connections down (whatever blocks on them returns an error).
+    pub fn shut_connections(&self) {
         for c in self.conns.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             c.shutdown();
         }

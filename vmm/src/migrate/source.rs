@@ -230,6 +230,77 @@ fn switchover(
     Ok(paused_at)
 }
 
+/// The target's answer, read by a watcher thread while this side sends.
+struct Answer {
+    slot: Arc<std::sync::Mutex<Option<Result<Message, MigrateError>>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Answer {
+    /// The target's failure, if it already answered with one.
+    fn failure(&self) -> Option<MigrateError> {
+        match &*self.slot.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(Ok(Message::Failed(reason))) => Some(MigrateError::TargetFailed(reason.clone())),
+            Some(Err(e)) => Some(MigrateError::Unexpected(format!(
+                "the target's reply stream: {e}"
+            ))),
+            _ => None,
+        }
+    }
+
+    /// Wait for the answer, at most `timeout` (then the connections are shut down).
+    fn wait(
+        mut self,
+        timeout: Duration,
+        progress: &SharedProgress,
+    ) -> Result<Message, MigrateError> {
+        let deadline = Instant::now() + timeout;
+        while self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+            if Instant::now() >= deadline {
+                progress.shut_connections();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_else(|| Err(MigrateError::Unexpected("no answer from the target".into())))
+    }
+}
+
+/// Read the target's answer on a thread; anything but RESUMED shuts the connections down.
+fn watch_replies(
+    mut replies: MigrationReceiver<Conn>,
+    progress: &SharedProgress,
+    control: &Conn,
+) -> Result<Answer, MigrateError> {
+    let slot = Arc::new(std::sync::Mutex::new(None));
+    let (s, p) = (slot.clone(), progress.clone());
+    // The reply stream stays silent until the end: no read timeout on it (writes keep theirs,
+    // so a dead link still ends the transfer); the final wait is bounded by [`Answer::wait`].
+    control.set_read_timeout(None)?;
+    let thread = std::thread::Builder::new()
+        .name("skiff-migrate-replies".into())
+        .spawn(move || {
+            let got = replies.recv().map_err(MigrateError::from);
+            let stop = !matches!(got, Ok(Message::Resumed));
+            *s.lock().unwrap_or_else(|e| e.into_inner()) = Some(got);
+            if stop {
+                p.shut_connections();
+            }
+        })
+        .map_err(MigrateError::Io)?;
+    Ok(Answer {
+        slot,
+        thread: Some(thread),
+    })
+}
+
 /// Run a migration of the VM behind `core` (configuration `config`) as `req` asks. On success
 /// the target runs the VM and this VM stays paused (the caller stops it); on failure the VM runs.
 pub fn send(
@@ -240,20 +311,28 @@ pub fn send(
 ) -> Result<(), MigrateError> {
     let mut paused = false;
     let result = (|| {
-        let (mut senders, mut replies, control) = handshake(&core, &config, &req, &progress)?;
+        let (mut senders, replies, control) = handshake(&core, &config, &req, &progress)?;
+        // The target's answer can come at any time (a FAILED while RAM is still being sent): a
+        // watcher reads it and, on anything but RESUMED, shuts the connections down so this
+        // side stops at once instead of writing into a dead stream.
+        let answer = watch_replies(replies, &progress, &control)?;
         core.start_dirty_log()?;
         let mut throttle = core.throttle()?;
         let pre = precopy(&core, &mut senders, &req, &progress, &throttle);
         throttle.stop();
         if let Err(e) = pre {
             let _ = senders[0].send(&Message::Abort(e.to_string()));
-            return Err(e);
+            // The target's own reason, when it is what stopped the transfer.
+            return Err(answer.failure().unwrap_or(e));
         }
         progress.check_cancel()?;
         paused = true;
-        let paused_at = switchover(&core, senders, &progress)?;
-        control.set_timeouts(Some(RESUME_TIMEOUT))?;
-        match replies.recv()? {
+        let paused_at = switchover(&core, senders, &progress);
+        let paused_at = match paused_at {
+            Ok(at) => at,
+            Err(e) => return Err(answer.failure().unwrap_or(e)),
+        };
+        match answer.wait(RESUME_TIMEOUT, &progress)? {
             Message::Resumed => {
                 let downtime = paused_at.elapsed();
                 progress.update(|p| p.downtime_ms = Some(downtime.as_millis() as u64));

@@ -94,6 +94,15 @@ impl Conn {
         }
     }
 
+    /// Bound reads only (`None`: wait as long as it takes).
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_read_timeout(timeout),
+            Conn::Unix(s) => s.set_read_timeout(timeout),
+            Conn::Limited(c, _) => c.set_read_timeout(timeout),
+        }
+    }
+
     /// Shut both directions down (unblocks a thread reading or writing it).
     pub fn shutdown(&self) {
         let _ = match self {
