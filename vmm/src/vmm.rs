@@ -403,6 +403,21 @@ impl Vmm {
                 "vm.send-migration: local=on (handing the guest RAM to the target) is not available in this build yet",
             ));
         }
+        if let Some(c) = vm
+            .registry()
+            .components()
+            .iter()
+            .find(|c| c.kind.starts_with("vfio"))
+        {
+            return Err(ApiError {
+                status: 409,
+                message: format!(
+                    "vm.send-migration: {} is a passthrough device ({}); migrating passthrough devices is not available in this build yet",
+                    c.id, c.kind
+                ),
+                state: self.state,
+            });
+        }
         if self.state == Some(VmState::Paused) {
             return Err(ApiError {
                 status: 409,
