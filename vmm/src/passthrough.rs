@@ -264,42 +264,59 @@ enum Target {
     Mmio,
 }
 
-impl DmaHandler for PassthroughDma {
-    fn dma_read(&self, addr: u64, data: &mut [u8]) -> io::Result<()> {
+/// One DMA access the VMM serves.
+enum Access<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+impl PassthroughDma {
+    /// Serve `access` at device address `addr`: translate, route, and read or write RAM (through
+    /// guest memory, so writes are dirty-tracked), a peer's region, or the MMIO bus.
+    fn serve(&self, addr: u64, access: Access<'_>) -> io::Result<()> {
+        let len = match &access {
+            Access::Read(d) => d.len(),
+            Access::Write(d) => d.len(),
+        } as u64;
         let r = (|| {
-            let gpa = self.to_gpa(addr, data.len() as u64)?;
-            match self.route(gpa, data.len() as u64)? {
-                Target::Ram => self
+            let gpa = self.to_gpa(addr, len)?;
+            let target = self.route(gpa, len)?;
+            match (target, access) {
+                (Target::Ram, Access::Read(d)) => self
                     .ctx
                     .mem
-                    .read_slice(data, GuestAddress(gpa))
+                    .read_slice(d, GuestAddress(gpa))
                     .map_err(io::Error::other),
-                Target::Peer(b, index, off) => {
-                    b.region_read(index, off, data).map_err(io::Error::other)
+                (Target::Ram, Access::Write(d)) => self
+                    .ctx
+                    .mem
+                    .write_slice(d, GuestAddress(gpa))
+                    .map_err(io::Error::other),
+                (Target::Peer(b, i, off), Access::Read(d)) => {
+                    b.region_read(i, off, d).map_err(io::Error::other)
                 }
-                Target::Mmio => self.ctx.mmio.read(gpa, data).map_err(io::Error::other),
+                (Target::Peer(b, i, off), Access::Write(d)) => {
+                    b.region_write(i, off, d).map_err(io::Error::other)
+                }
+                (Target::Mmio, Access::Read(d)) => {
+                    self.ctx.mmio.read(gpa, d).map_err(io::Error::other)
+                }
+                (Target::Mmio, Access::Write(d)) => {
+                    self.ctx.mmio.write(gpa, d).map_err(io::Error::other)
+                }
             }
         })();
         self.count(r)
     }
+}
+
+impl DmaHandler for PassthroughDma {
+    fn dma_read(&self, addr: u64, data: &mut [u8]) -> io::Result<()> {
+        self.serve(addr, Access::Read(data))
+    }
 
     fn dma_write(&self, addr: u64, data: &[u8]) -> io::Result<()> {
-        let r = (|| {
-            let gpa = self.to_gpa(addr, data.len() as u64)?;
-            match self.route(gpa, data.len() as u64)? {
-                // Through guest memory, so the write is dirty-tracked.
-                Target::Ram => self
-                    .ctx
-                    .mem
-                    .write_slice(data, GuestAddress(gpa))
-                    .map_err(io::Error::other),
-                Target::Peer(b, index, off) => {
-                    b.region_write(index, off, data).map_err(io::Error::other)
-                }
-                Target::Mmio => self.ctx.mmio.write(gpa, data).map_err(io::Error::other),
-            }
-        })();
-        self.count(r)
+        self.serve(addr, Access::Write(data))
     }
 }
 

@@ -239,6 +239,19 @@ impl MigrationEvents {
     }
 }
 
+/// The components of a VM as the migration CONFIG describes them (id, kind, PCI address).
+pub fn device_entries(registry: &crate::registry::Registry) -> Vec<migration::stream::DeviceEntry> {
+    registry
+        .components()
+        .iter()
+        .map(|c| migration::stream::DeviceEntry {
+            id: c.id.clone(),
+            kind: c.kind.clone(),
+            pci_address: c.pci_address.map(|a| a.to_string()),
+        })
+        .collect()
+}
+
 /// The host facts a target must share with the source: CPU vendor and the feature leaves the
 /// guest may have used.
 pub fn host_record() -> Vec<(String, String)> {

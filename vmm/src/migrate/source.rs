@@ -18,8 +18,8 @@ use api_server::migration::{MigrationPhase, SendMigrationRequest};
 use migration::planner::{Decision, IterationReport, Planner, PlannerConfig};
 use migration::ram::ZeroPages;
 use migration::stream::{
-    spread_ranges, Config, DeviceEntry, Hello, Message, MigrationReceiver, MigrationSender,
-    FEATURE_PRECOPY, PROTOCOL_VERSION,
+    spread_ranges, Config, Hello, Message, MigrationReceiver, MigrationSender, FEATURE_PRECOPY,
+    PROTOCOL_VERSION,
 };
 
 use super::transport::{connect, Conn};
@@ -41,16 +41,7 @@ fn describe(core: &VmCore, config: &VmConfig) -> Result<Config, MigrateError> {
         vm_config,
         host: host_record(),
         ram: core.ram_layout(),
-        devices: core
-            .registry()
-            .components()
-            .iter()
-            .map(|c| DeviceEntry {
-                id: c.id.clone(),
-                kind: c.kind.clone(),
-                pci_address: c.pci_address.map(|a| a.to_string()),
-            })
-            .collect(),
+        devices: super::device_entries(core.registry()),
     })
 }
 

@@ -10,9 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use api_server::migration::{MigrationPhase, ReceiveMigrationRequest};
-use migration::stream::{
-    Config, DeviceEntry, Message, MigrationReceiver, MigrationSender, RamApplier,
-};
+use migration::stream::{Config, Message, MigrationReceiver, MigrationSender, RamApplier};
 use migration::StateSection;
 
 use super::transport::{Conn, Listener};
@@ -38,16 +36,7 @@ fn describe(vm: &Vm) -> Config {
         vm_config: Vec::new(),
         host: host_record(),
         ram: vm.ram_layout(),
-        devices: vm
-            .registry()
-            .components()
-            .iter()
-            .map(|c| DeviceEntry {
-                id: c.id.clone(),
-                kind: c.kind.clone(),
-                pci_address: c.pci_address.map(|a| a.to_string()),
-            })
-            .collect(),
+        devices: super::device_entries(vm.registry()),
     }
 }
 
