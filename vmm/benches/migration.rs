@@ -1,0 +1,886 @@
+//! Live migration benchmark, figures only — nothing here asserts on time (the host is shared,
+//! 2 cores, noisy). Real `skiff` processes (source and target, each with `--api-socket`) driven
+//! through `api_server::client`. One run prints:
+//!
+//! 1. RAM throughput against plain TCP: a single-stream TCP transfer (a sender thread writing
+//!    into a socket, a receiver thread reading it) on 127.0.0.1, then an idle 1 GiB guest
+//!    migrated over `tcp:127.0.0.1:PORT`: RAM bytes sent during pre-copy / pre-copy time (the
+//!    `precopy` → `switchover` events of the source's event monitor, ns timestamps), and its
+//!    ratio to the plain TCP figure. The same again between two network namespaces joined by a
+//!    veth pair (created here with `ip netns` / `ip link`, removed at the end), when possible.
+//! 2. Downtime: an idle 256 MiB guest (`dirty` scenario at 1 page/s) — the source's
+//!    `downtime_ms` (pause → target RESUMED) and the guest's own `max_stall_us` before / after;
+//!    then the `dirty` workload at three rates: downtime, iterations, highest throttle, total.
+//! 3. Scaling: 1/2/4 connections for the 1 GiB guest; 256 MiB / 1 GiB / 4 GiB guests with one
+//!    connection (total time, throughput).
+//!
+//! Filled guests: the test guest writes RAM slowly on this emulating host (the `dirty` workload
+//! initialises ~16 MiB/s, so `dirty.mib=900` would take about a minute per guest), so the guests
+//! of parts 1 and 3 are filled from the host instead: a `scenario=counter` guest is booted,
+//! paused and snapshotted, every page of its RAM image from 64 MiB up is filled with a non-zero
+//! pattern here (`vmm::memory::create_guest_memory` + the RAM image reader/writer), and each
+//! migration's source is `skiff --restore source_url=...,resume=on` of that image (the counter
+//! keeps running: an idle guest dirtying ~40 pages/s). Snapshots live in /dev/shm.
+//!
+//! Run with `cargo bench -p vmm --bench migration` (about 2-4 minutes). `SKIFF_BENCH_QUICK=1`
+//! skips the 4 GiB guest and the repeats (about 1-2 minutes); `SKIFF_BENCH_NO_NETNS=1` skips the
+//! namespace pair.
+
+use std::io::{BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use api_server::client::ApiClient;
+use api_server::migration::{
+    MigrationPhase, MigrationProgress, MigrationUrl, ReceiveMigrationRequest, SendMigrationRequest,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+const MIB: u64 = 1 << 20;
+/// Host-side fill starts here (the test guest's image, heap, DMA areas and the `dirty`
+/// workload's default region all lie below).
+const FILL_FROM: u64 = 64 * MIB;
+/// One migration (or guest preparation) must end within this.
+const DEADLINE: Duration = Duration::from_secs(120);
+/// The namespace pair's addresses (inside their own namespaces: no clash with the host's).
+const A_ADDR: &str = "10.213.7.1";
+const B_ADDR: &str = "10.213.7.2";
+
+fn quick() -> bool {
+    std::env::var_os("SKIFF_BENCH_QUICK").is_some()
+}
+
+/// The host's 1-minute load average (the figures move with it).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn mib_s(bytes_per_s: f64) -> f64 {
+    bytes_per_s / MIB as f64
+}
+
+/// A temporary directory removed at the end.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn wait_for(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !f() {
+        assert!(Instant::now() < end, "{what}: not within {deadline:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A free TCP port on `addr` (bound and released; good enough here).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One `skiff --api-socket` process (in network namespace `ns` when given), killed when dropped.
+struct Skiff {
+    name: String,
+    api: PathBuf,
+    events: PathBuf,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Skiff {
+    fn spawn(dir: &Path, name: &str, ns: Option<&str>, args: &[&str]) -> Skiff {
+        let api = dir.join(format!("{name}.sock"));
+        let events = dir.join(format!("{name}.events"));
+        let log = dir.join(format!("{name}.log"));
+        let skiff = env!("CARGO_BIN_EXE_skiff");
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, skiff]);
+                c
+            }
+            None => Command::new(skiff),
+        };
+        let child = cmd
+            .arg("--api-socket")
+            .arg(&api)
+            .arg("--event-monitor")
+            .arg(format!("path={}", events.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn skiff");
+        let s = Skiff {
+            name: name.into(),
+            api,
+            events,
+            log,
+            child,
+        };
+        wait_for(
+            &format!("{name}: API socket"),
+            Duration::from_secs(30),
+            || s.api.exists(),
+        );
+        s
+    }
+
+    fn client(&self) -> ApiClient {
+        ApiClient::new(&self.api).expect("API client")
+    }
+
+    /// Wait for the process to exit (a migrated source exits by itself).
+    fn wait_exit(&mut self, within: Duration) -> bool {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Skiff {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            if let Ok(c) = ApiClient::new(&self.api) {
+                let _ = c.shutdown_vmm();
+            }
+            if !self.wait_exit(Duration::from_secs(3)) {
+                let _ = self.child.kill();
+            }
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// (user, system) CPU seconds process `pid` used so far.
+fn cpu_s(pid: u32) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no side effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let user = f.get(11)?.parse::<u64>().ok()? as f64 / hz;
+    let system = f.get(12)?.parse::<u64>().ok()? as f64 / hz;
+    Some((user, system))
+}
+
+/// A phase event of the source's event monitor: (seconds since skiff's start, bytes sent).
+fn phase_event(events: &Path, phase: &str) -> Option<(f64, u64)> {
+    let text = std::fs::read_to_string(events).ok()?;
+    text.lines().find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        if v["source"] != "migration" || v["event"] != phase {
+            return None;
+        }
+        let t = v["timestamp"]["secs"].as_f64()? + v["timestamp"]["nanos"].as_f64()? / 1e9;
+        Some((t, v["properties"]["bytes_sent"].as_u64().unwrap_or(0)))
+    })
+}
+
+/// What one migration measured.
+struct Migration {
+    last: MigrationProgress,
+    /// Pre-copy: (seconds, bytes) from the `precopy` and `switchover` events.
+    precopy: Option<(f64, u64)>,
+    max_throttle: u8,
+    /// (user, system) CPU seconds the source and the target used during the migration.
+    cpu: Option<((f64, f64), (f64, f64))>,
+    error: Option<String>,
+}
+
+impl Migration {
+    fn ok(&self) -> bool {
+        self.error.is_none() && self.last.phase == MigrationPhase::Completed
+    }
+
+    /// Pre-copy RAM throughput, bytes/s.
+    fn precopy_rate(&self) -> Option<f64> {
+        self.precopy
+            .filter(|(s, b)| *s > 0.0 && *b > 0)
+            .map(|(s, b)| b as f64 / s)
+    }
+
+    fn total_s(&self) -> f64 {
+        self.last.elapsed_ms as f64 / 1e3
+    }
+
+    fn downtime(&self) -> String {
+        self.last
+            .downtime_ms
+            .map_or_else(|| "?".into(), |d| d.to_string())
+    }
+
+    fn cpu(&self) -> String {
+        self.cpu.map_or_else(
+            || "?".into(),
+            |((su, ss), (tu, ts))| format!("{su:.1}+{ss:.1} / {tu:.1}+{ts:.1}"),
+        )
+    }
+
+    fn status(&self) -> String {
+        match &self.error {
+            Some(e) => format!("FAILED: {e}"),
+            None => "ok".into(),
+        }
+    }
+}
+
+/// Migrate `src` to `tgt` over `url`, following the source's progress until the end.
+fn migrate(src: &mut Skiff, tgt: &Skiff, url: &str, connections: u32) -> Migration {
+    let url = MigrationUrl::parse(url).expect("url");
+    tgt.client()
+        .receive_migration(&ReceiveMigrationRequest::new(url.clone()))
+        .expect("receive-migration");
+    let mut req = SendMigrationRequest::new(url);
+    req.connections = connections;
+    let client = src.client();
+    let (src_pid, tgt_pid) = (src.child.id(), tgt.child.id());
+    let cpu0 = cpu_s(src_pid).zip(cpu_s(tgt_pid));
+    client.send_migration(&req).expect("send-migration");
+    let end = Instant::now() + DEADLINE;
+    let mut max_throttle = 0;
+    let last = loop {
+        match client.migration_progress() {
+            Ok(p) => {
+                max_throttle = max_throttle.max(p.throttle_percent);
+                if p.phase.is_final() {
+                    break p;
+                }
+            }
+            Err(e) => {
+                return Migration {
+                    last: MigrationProgress::default(),
+                    precopy: None,
+                    max_throttle,
+                    cpu: None,
+                    error: Some(format!("progress: {e}\n{}", src.log_tail())),
+                }
+            }
+        }
+        if Instant::now() > end {
+            let _ = client.migration_cancel();
+            return Migration {
+                last: MigrationProgress::default(),
+                precopy: None,
+                max_throttle,
+                cpu: None,
+                error: Some(format!("not finished within {DEADLINE:?}")),
+            };
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // The source lingers until its final progress is read: both processes are still there.
+    let cpu = match (cpu0, cpu_s(src_pid).zip(cpu_s(tgt_pid))) {
+        (Some((s0, t0)), Some((s1, t1))) => {
+            Some(((s1.0 - s0.0, s1.1 - s0.1), (t1.0 - t0.0, t1.1 - t0.1)))
+        }
+        _ => None,
+    };
+    let precopy = match (
+        phase_event(&src.events, "precopy"),
+        phase_event(&src.events, "switchover"),
+    ) {
+        (Some((t0, _)), Some((t1, bytes))) => Some((t1 - t0, bytes)),
+        _ => None,
+    };
+    let mut error = last.error.clone();
+    if last.phase == MigrationPhase::Completed {
+        if !src.wait_exit(Duration::from_secs(15)) {
+            error = Some(format!("{}: the migrated source did not exit", src.name));
+        }
+        match tgt.client().info() {
+            Ok(info) if format!("{:?}", info.state) == "Running" => {}
+            Ok(info) => error = Some(format!("target state {:?}", info.state)),
+            Err(e) => error = Some(format!("target info: {e}\n{}", tgt.log_tail())),
+        }
+    } else if error.is_none() {
+        error = Some(format!("phase {:?}", last.phase));
+    }
+    Migration {
+        last,
+        precopy,
+        max_throttle,
+        cpu,
+        error,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Network namespaces
+
+/// Two network namespaces joined by a veth pair, removed when dropped.
+struct NsPair {
+    a: String,
+    b: String,
+}
+
+impl NsPair {
+    fn create() -> Result<NsPair, String> {
+        if std::env::var_os("SKIFF_BENCH_NO_NETNS").is_some() {
+            return Err("SKIFF_BENCH_NO_NETNS is set".into());
+        }
+        let id = std::process::id();
+        let pair = NsPair {
+            a: format!("skiff-mbench-a-{id}"),
+            b: format!("skiff-mbench-b-{id}"),
+        };
+        let (va, vb) = (
+            format!("mba{}", id % 100_000),
+            format!("mbb{}", id % 100_000),
+        );
+        let (a_cidr, b_cidr) = (format!("{A_ADDR}/24"), format!("{B_ADDR}/24"));
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["netns", "add", &pair.a],
+            vec!["netns", "add", &pair.b],
+            vec![
+                "link", "add", &va, "netns", &pair.a, "type", "veth", "peer", "name", &vb, "netns",
+                &pair.b,
+            ],
+            vec!["-n", &pair.a, "addr", "add", &a_cidr, "dev", &va],
+            vec!["-n", &pair.b, "addr", "add", &b_cidr, "dev", &vb],
+            vec!["-n", &pair.a, "link", "set", &va, "up"],
+            vec!["-n", &pair.b, "link", "set", &vb, "up"],
+            vec!["-n", &pair.a, "link", "set", "lo", "up"],
+            vec!["-n", &pair.b, "link", "set", "lo", "up"],
+        ];
+        for args in steps {
+            match Command::new("ip").args(&args).output() {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => {
+                    return Err(format!(
+                        "ip {}: {}",
+                        args.join(" "),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    ))
+                }
+                Err(e) => return Err(format!("cannot run ip: {e}")),
+            }
+        }
+        Ok(pair)
+    }
+}
+
+impl Drop for NsPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// Move the calling thread into network namespace `ns` (a thread's own attribute).
+fn enter_netns(ns: &str) {
+    let f = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("open netns");
+    // SAFETY: a valid namespace fd; affects only the calling thread.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(r, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plain TCP
+
+/// One TCP stream of `mib` MiB from a sender thread to a receiver thread listening on `addr`
+/// (the receiver in namespace `ns.1`, the sender in `ns.0`). Bytes/s seen by the receiver,
+/// from accept to EOF.
+fn plain_tcp(addr: &str, ns: Option<(&str, &str)>, mib: u64) -> f64 {
+    let (tx, rx) = mpsc::channel();
+    let recv_ns = ns.map(|n| n.1.to_string());
+    let listen_addr = format!("{addr}:0");
+    let receiver = std::thread::spawn(move || {
+        if let Some(ns) = recv_ns {
+            enter_netns(&ns);
+        }
+        let l = TcpListener::bind(&listen_addr).expect("bind");
+        tx.send(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().expect("accept");
+        let t = Instant::now();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => total += n as u64,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        total as f64 / t.elapsed().as_secs_f64()
+    });
+    let to = rx.recv().unwrap();
+    let send_ns = ns.map(|n| n.0.to_string());
+    let sender = std::thread::spawn(move || {
+        if let Some(ns) = send_ns {
+            enter_netns(&ns);
+        }
+        let mut s = TcpStream::connect(to).expect("connect");
+        let buf: Vec<u8> = (0..1 << 20).map(|i| (i * 7 + 1) as u8).collect();
+        for _ in 0..mib {
+            s.write_all(&buf).expect("write");
+        }
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    sender.join().unwrap();
+    receiver.join().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Guests
+
+/// A `scenario=counter` guest of `size` bytes, paused and snapshotted, whose RAM image then has
+/// every page from [`FILL_FROM`] up filled with non-zero data. Returns the snapshot URL and the
+/// non-zero RAM bytes.
+fn filled_snapshot(dir: &Path, size: u64) -> (String, u64) {
+    let mib = size / MIB;
+    let snap = dir.join(format!("snap-{mib}M"));
+    let serial = dir.join(format!("prep-{mib}M.serial"));
+    {
+        let s = Skiff::spawn(
+            dir,
+            &format!("prep-{mib}M"),
+            None,
+            &[
+                "--memory",
+                &format!("size={mib}M"),
+                "--serial",
+                &format!("file={}", serial.display()),
+                "--cmdline",
+                "scenario=counter",
+            ],
+        );
+        wait_for("counter guest start", DEADLINE, || {
+            std::fs::read_to_string(&serial).is_ok_and(|t| t.contains("counter: start"))
+        });
+        let c = s.client();
+        c.pause().expect("pause");
+        c.snapshot(&format!("file://{}", snap.display()))
+            .expect("snapshot");
+    }
+    let (mem, _fd) = vmm::memory::create_guest_memory(size).expect("guest memory");
+    let image = snap.join("memory.bin");
+    let mut f = std::fs::File::open(&image).expect("memory.bin");
+    migration::ram::restore_memory_image(&mem, &mut f, true).expect("read the RAM image");
+    drop(f);
+    let mut buf = vec![0u8; MIB as usize];
+    let mut filled = 0u64;
+    let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    for (start, len) in regions {
+        let mut a = start.max(FILL_FROM);
+        while a < start + len {
+            let n = (start + len - a).min(MIB);
+            for (i, w) in buf[..n as usize].chunks_exact_mut(8).enumerate() {
+                let v = (a + i as u64 * 8) ^ 0x5a5a_5a5a_0000_0001;
+                w.copy_from_slice(&v.to_le_bytes());
+            }
+            mem.write_slice(&buf[..n as usize], GuestAddress(a))
+                .expect("fill");
+            filled += n;
+            a += n;
+        }
+    }
+    let mut out = BufWriter::with_capacity(4 << 20, std::fs::File::create(&image).unwrap());
+    migration::ram::write_memory_image(&mem, &mut out).expect("write the RAM image");
+    out.flush().unwrap();
+    (format!("file://{}", snap.display()), filled)
+}
+
+/// Migrate a guest restored from `snap` (running) over `url_for(port)`, source in `ns.0` and
+/// target in `ns.1` when given.
+fn migrate_snapshot(
+    dir: &Path,
+    tag: &str,
+    snap: &str,
+    ns: Option<(&str, &str)>,
+    host: &str,
+    connections: u32,
+) -> Migration {
+    let restore = format!("source_url={snap},resume=on");
+    let mut src = Skiff::spawn(
+        dir,
+        &format!("{tag}-src"),
+        ns.map(|n| n.0),
+        &["--restore", &restore],
+    );
+    // The restore ends before the API answers; make sure the guest runs.
+    wait_for("restored source running", DEADLINE, || {
+        src.client()
+            .info()
+            .is_ok_and(|i| format!("{:?}", i.state) == "Running")
+    });
+    let tgt = Skiff::spawn(dir, &format!("{tag}-dst"), ns.map(|n| n.1), &[]);
+    let url = format!("tcp:{host}:{}", free_port());
+    migrate(&mut src, &tgt, &url, connections)
+}
+
+/// One `dirty:` progress line's fields.
+#[derive(Debug, Clone, Copy)]
+struct DirtyLine {
+    report: u64,
+    rate: u64,
+    max_stall_us: u64,
+    recent_stall_us: u64,
+}
+
+fn dirty_lines(serial: &Path) -> Vec<DirtyLine> {
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    let mut out = Vec::new();
+    // Only complete lines.
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..i],
+        None => "",
+    };
+    for l in complete.lines() {
+        let Some(rest) = l.strip_prefix("dirty: gen ") else {
+            continue;
+        };
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        let field = |k: &str| -> Option<u64> {
+            let i = words.iter().position(|w| *w == k)?;
+            words.get(i + 1)?.trim_end_matches("/s").parse().ok()
+        };
+        if let (Some(report), Some(rate), Some(max), Some(recent)) = (
+            field("report"),
+            field("rate"),
+            field("max_stall_us"),
+            field("recent_stall_us"),
+        ) {
+            out.push(DirtyLine {
+                report,
+                rate,
+                max_stall_us: max,
+                recent_stall_us: recent,
+            });
+        }
+    }
+    out
+}
+
+/// What a migration of the `dirty` workload measured.
+struct DirtyRun {
+    m: Migration,
+    /// Guest rewrite rate before the migration (pages/s, last line).
+    guest_rate: u64,
+    /// `max_stall_us` before the migration and on the target after it.
+    stall_before: u64,
+    stall_after: Option<u64>,
+    /// The longest `recent_stall_us` of the lines printed from the migration's start on.
+    stall_during: Option<u64>,
+    /// Median `recent_stall_us` before the migration (the host's scheduling baseline).
+    baseline: u64,
+}
+
+/// A 256 MiB guest running the `dirty` workload over `mib` MiB at `rate` pages/s, migrated over
+/// loopback TCP once it has printed a few progress lines.
+fn dirty_migration(dir: &Path, tag: &str, mib: u64, rate: u64) -> DirtyRun {
+    let serial = dir.join(format!("{tag}.serial"));
+    let cmdline = format!(
+        "scenario=dirty dirty.mib={mib} dirty.rate={rate} dirty.report_ms=200 dirty.verify_every=0"
+    );
+    let mut src = Skiff::spawn(
+        dir,
+        &format!("{tag}-src"),
+        None,
+        &[
+            "--memory",
+            "size=256M",
+            "--serial",
+            &format!("file={}", serial.display()),
+            "--cmdline",
+            &cmdline,
+        ],
+    );
+    wait_for("dirty workload progress lines", DEADLINE, || {
+        dirty_lines(&serial).len() >= 4
+    });
+    let before = dirty_lines(&serial);
+    let last = *before.last().unwrap();
+    let baseline = median(
+        before[1..]
+            .iter()
+            .map(|l| l.recent_stall_us as f64)
+            .collect(),
+    ) as u64;
+    let tgt = Skiff::spawn(dir, &format!("{tag}-dst"), None, &[]);
+    let url = format!("tcp:127.0.0.1:{}", free_port());
+    let m = migrate(&mut src, &tgt, &url, 1);
+    let (mut stall_after, mut stall_during) = (None, None);
+    if m.ok() {
+        // Two more lines from the target.
+        let n = dirty_lines(&serial).len();
+        let end = Instant::now() + Duration::from_secs(30);
+        while dirty_lines(&serial).len() < n + 2 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let after = dirty_lines(&serial);
+        stall_after = after.last().map(|l| l.max_stall_us);
+        stall_during = after
+            .iter()
+            .filter(|l| l.report > last.report)
+            .map(|l| l.recent_stall_us)
+            .max();
+        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        if text.contains("FAIL") {
+            eprintln!("{tag}: the guest reports damaged memory:\n{text}");
+        }
+    }
+    DirtyRun {
+        m,
+        guest_rate: last.rate,
+        stall_before: last.max_stall_us,
+        stall_after,
+        stall_during,
+        baseline,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() {
+    let quick = quick();
+    let runs = if quick { 1 } else { 2 };
+    let t_start = Instant::now();
+    let base = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = TempDir(base.join(format!("skiff-bench-migration-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = &dir.0;
+    println!(
+        "skiff live migration bench (load average {} at start, {} CPUs{})",
+        loadavg(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if quick { ", SKIFF_BENCH_QUICK" } else { "" }
+    );
+
+    // Guests filled from the host.
+    let t = Instant::now();
+    let (snap_1g, filled_1g) = filled_snapshot(dir, 1 << 30);
+    let (snap_256m, filled_256m) = filled_snapshot(dir, 256 * MIB);
+    println!(
+        "prepared filled 1 GiB ({} MiB non-zero) and 256 MiB ({} MiB non-zero) guest images in {:.1} s",
+        filled_1g / MIB,
+        filled_256m / MIB,
+        t.elapsed().as_secs_f64()
+    );
+
+    // ---- 1. throughput against plain TCP
+    println!();
+    println!("== 1. RAM throughput: idle 1 GiB guest ({} MiB non-zero RAM, filled from the host), 1 connection, against one plain TCP stream", filled_1g / MIB);
+    let tcp_mib = 1024;
+    let lo_tcp = median(
+        (0..3)
+            .map(|_| plain_tcp("127.0.0.1", None, tcp_mib))
+            .collect(),
+    );
+    let mut lo_runs = Vec::new();
+    for i in 0..runs {
+        lo_runs.push(migrate_snapshot(
+            dir,
+            &format!("lo1g-{i}"),
+            &snap_1g,
+            None,
+            "127.0.0.1",
+            1,
+        ));
+    }
+    let mut rows: Vec<(String, f64, Vec<Migration>)> =
+        vec![("loopback 127.0.0.1".into(), lo_tcp, lo_runs)];
+    let netns_note = match NsPair::create() {
+        Ok(pair) => {
+            let ns = Some((pair.a.as_str(), pair.b.as_str()));
+            let tcp = median((0..3).map(|_| plain_tcp(B_ADDR, ns, tcp_mib)).collect());
+            let mut v = Vec::new();
+            for i in 0..runs {
+                v.push(migrate_snapshot(
+                    dir,
+                    &format!("ns1g-{i}"),
+                    &snap_1g,
+                    ns,
+                    B_ADDR,
+                    1,
+                ));
+            }
+            rows.push(("veth between two netns".into(), tcp, v));
+            None
+        }
+        Err(why) => Some(why),
+    };
+    println!(
+        "{:<24} {:>14} {:>16} {:>7} {:>10} {:>10} {:>6} {:>21}  status",
+        "path",
+        "plain TCP MiB/s",
+        "pre-copy MiB/s",
+        "ratio",
+        "total s",
+        "downtime",
+        "iters",
+        "CPU usr+sys src / dst"
+    );
+    for (name, tcp, migs) in &rows {
+        for m in migs {
+            let rate = m.precopy_rate();
+            println!(
+                "{:<24} {:>14.0} {:>16} {:>7} {:>10.2} {:>7} ms {:>6} {:>21}  {}",
+                name,
+                mib_s(*tcp),
+                rate.map_or("?".into(), |r| format!("{:.0}", mib_s(r))),
+                rate.map_or("?".into(), |r| format!("{:.0} %", 100.0 * r / tcp)),
+                m.total_s(),
+                m.downtime(),
+                m.last.iteration,
+                m.cpu(),
+                m.status()
+            );
+        }
+    }
+    if let Some(why) = netns_note {
+        println!("veth between two netns: skipped ({why})");
+    }
+    println!("(plain TCP: median of 3 single-stream transfers of {tcp_mib} MiB; pre-copy: bytes sent between the source's precopy and switchover events / that time; target ratio >= 80 %; CPU: user+system seconds of the source / target process from send-migration to the end)");
+
+    // ---- 2. downtime
+    println!();
+    println!("== 2. Downtime: 256 MiB guest running the dirty workload, loopback TCP, 1 connection, downtime limit 300 ms (default)");
+    let mut dirty_rows = vec![(
+        "idle (16 MiB set, 1 page/s)".to_string(),
+        dirty_migration(dir, "idle", 16, 1),
+    )];
+    for rate in [1000u64, 5000, 0] {
+        let name = if rate == 0 {
+            "32 MiB set, rate 0 (max)".to_string()
+        } else {
+            format!("32 MiB set, rate {rate}/s")
+        };
+        dirty_rows.push((name, dirty_migration(dir, &format!("rate{rate}"), 32, rate)));
+    }
+    println!(
+        "{:<28} {:>11} {:>11} {:>6} {:>9} {:>8} {:>11} {:>11} {:>11} {:>10}  status",
+        "workload",
+        "guest pg/s",
+        "downtime",
+        "iters",
+        "throttle",
+        "total s",
+        "stall pre",
+        "stall post",
+        "stall migr",
+        "baseline"
+    );
+    for (name, r) in &dirty_rows {
+        let us = |v: Option<u64>| v.map_or("?".into(), |v| format!("{:.1} ms", v as f64 / 1e3));
+        println!(
+            "{:<28} {:>11} {:>8} ms {:>6} {:>8}% {:>8.2} {:>11} {:>11} {:>11} {:>10}  {}",
+            name,
+            r.guest_rate,
+            r.m.downtime(),
+            r.m.last.iteration,
+            r.m.max_throttle,
+            r.m.total_s(),
+            us(Some(r.stall_before)),
+            us(r.stall_after),
+            us(r.stall_during),
+            us(Some(r.baseline)),
+            r.m.status()
+        );
+    }
+    let idle = &dirty_rows[0].1;
+    println!(
+        "idle guest: source downtime_ms {} (target <= 10 ms: {}); guest max_stall_us after - before = {}",
+        idle.m.downtime(),
+        match idle.m.last.downtime_ms {
+            Some(d) if d <= 10 => "met",
+            Some(_) => "NOT met",
+            None => "?",
+        },
+        match idle.stall_after {
+            Some(a) => format!("{} us", a as i64 - idle.stall_before as i64),
+            None => "?".into(),
+        }
+    );
+    println!("(downtime: source pause -> target RESUMED, ms; stall pre/post: the guest's max_stall_us before the migration / on the target after it; stall migr: longest recent_stall_us of the guest's lines from the migration's start on; baseline: median recent_stall_us before — host scheduling gaps)");
+
+    // ---- 3. scaling
+    println!();
+    println!("== 3. Scaling over loopback TCP");
+    println!(
+        "{:<30} {:>10} {:>16} {:>10} {:>10} {:>6} {:>21}  status",
+        "guest / connections",
+        "RAM MiB",
+        "pre-copy MiB/s",
+        "total s",
+        "downtime",
+        "iters",
+        "CPU usr+sys src / dst"
+    );
+    let print_row = |name: &str, filled: u64, m: &Migration| {
+        println!(
+            "{:<30} {:>10} {:>16} {:>10.2} {:>7} ms {:>6} {:>21}  {}",
+            name,
+            filled / MIB,
+            m.precopy_rate()
+                .map_or("?".into(), |r| format!("{:.0}", mib_s(r))),
+            m.total_s(),
+            m.downtime(),
+            m.last.iteration,
+            m.cpu(),
+            m.status()
+        );
+    };
+    let one_conn_1g = &rows[0].2[0];
+    println!("-- connections");
+    print_row("1 GiB, 1 connection (part 1)", filled_1g, one_conn_1g);
+    for n in [2u32, 4] {
+        let m = migrate_snapshot(dir, &format!("c{n}"), &snap_1g, None, "127.0.0.1", n);
+        print_row(&format!("1 GiB, {n} connections"), filled_1g, &m);
+    }
+    println!("-- guest size");
+    let m = migrate_snapshot(dir, "s256", &snap_256m, None, "127.0.0.1", 1);
+    print_row("256 MiB, 1 connection", filled_256m, &m);
+    print_row("1 GiB, 1 connection (part 1)", filled_1g, one_conn_1g);
+    let _ = std::fs::remove_dir_all(dir.join("snap-1024M"));
+    let _ = std::fs::remove_dir_all(dir.join("snap-256M"));
+    if quick {
+        println!("4 GiB, 1 connection: skipped (SKIFF_BENCH_QUICK)");
+    } else {
+        let (snap_4g, filled_4g) = filled_snapshot(dir, 4 << 30);
+        let m = migrate_snapshot(dir, "s4g", &snap_4g, None, "127.0.0.1", 1);
+        print_row("4 GiB, 1 connection", filled_4g, &m);
+    }
+    println!(
+        "\nwhole bench: {:.0} s, load average {} at the end",
+        t_start.elapsed().as_secs_f64(),
+        loadavg()
+    );
+}
