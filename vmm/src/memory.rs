@@ -74,6 +74,19 @@ pub fn create_guest_memory(size: u64) -> Result<(GuestMemoryMmap, File), MemoryE
     // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(MemoryError::Memfd)?;
+    guest_memory_from(file, size)
+}
+
+/// Guest RAM of `size` bytes in an existing memfd (another skiff's guest RAM, handed over for a
+/// local migration): it must be exactly `size` bytes long.
+pub fn guest_memory_from(file: File, size: u64) -> Result<(GuestMemoryMmap, File), MemoryError> {
+    let len = file.metadata().map_err(MemoryError::Memfd)?.len();
+    if len != size {
+        return Err(MemoryError::Map {
+            size,
+            reason: format!("the guest RAM file has {len} bytes, the VM needs {size}"),
+        });
+    }
     let mut offset = 0u64;
     let mut ranges = Vec::new();
     for (start, len) in ram_ranges(size) {

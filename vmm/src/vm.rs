@@ -38,7 +38,7 @@ use crate::device_builders::{self, BuildContext, DeviceCreateError, PciPlan, IOM
 use crate::kvm_components::{KvmVmPart, VcpuComponent};
 use crate::layout::*;
 use crate::legacy_devices::create_legacy_devices;
-use crate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
+use crate::memory::{create_guest_memory, guest_memory_from, GuestMemoryMmap, MemoryError};
 use crate::passthrough::DmaContext;
 use crate::pci_devices::{PciDevices, PciDevicesError};
 use crate::registry::{Registry, RegistryError};
@@ -220,13 +220,22 @@ pub fn pci_mmio64_start(mem_size: u64) -> u64 {
 }
 
 /// Where a VM's initial state comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Origin {
     /// A fresh boot: the kernel is loaded next.
     Boot,
-    /// State restored from a snapshot (or, next, received from a migration source): outputs
-    /// are appended to, and the VM comes up paused.
+    /// State restored from a snapshot or received from a migration source: outputs are
+    /// appended to, and the VM comes up paused.
     Restore,
+    /// Like [`Origin::Restore`], with guest RAM already in this memfd (a local migration hands
+    /// the source's RAM over instead of copying it).
+    RestoreInto(File),
+}
+
+impl Origin {
+    fn restoring(&self) -> bool {
+        !matches!(self, Origin::Boot)
+    }
 }
 
 /// One RAM region as a KVM memory slot.
@@ -262,13 +271,14 @@ pub struct VmCore {
     vcpu_threads: Mutex<Vec<libc::pthread_t>>,
     /// Pages to report dirty again at the next [`VmCore::dirty_pages`].
     redirty: Mutex<Vec<(u64, u64)>>,
+    /// The memfd guest RAM lives in (handed to a local migration target).
+    memfd: File,
 }
 
 /// A built VM.
 pub struct Vm {
     config: VmConfig,
     core: Arc<VmCore>,
-    _memfd: File,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: Arc<VmExitEvent>,
@@ -445,7 +455,7 @@ fn plug_pci_functions(
     plan: &PciPlan,
     pci_devices: &mut PciDevices,
     (mem, mmio): (&GuestMemoryMmap, &Arc<Bus>),
-    origin: Origin,
+    restoring: bool,
     registry: &mut Registry,
 ) -> Result<VmConfig> {
     let interrupts = pci_devices.interrupt_manager();
@@ -474,7 +484,7 @@ fn plug_pci_functions(
         interrupts: interrupts.clone(),
         address,
         access,
-        restoring: origin == Origin::Restore,
+        restoring,
     };
     // The virtio-iommu's translator and fault reporter, shared by the devices behind it.
     let mut iommu = None;
@@ -562,7 +572,11 @@ impl Vm {
         check_host(&kvm, &config)?;
         let plan = PciPlan::new(&config)?;
         let vm_fd = Arc::new(create_kvm_vm(&kvm)?);
-        let (mem, memfd) = create_guest_memory(config.memory.size)?;
+        let restoring = origin.restoring();
+        let (mem, memfd) = match origin {
+            Origin::RestoreInto(file) => guest_memory_from(file, config.memory.size)?,
+            _ => create_guest_memory(config.memory.size)?,
+        };
         let ram_slots = register_ram(&vm_fd, &mem)?;
         let exit = Arc::new(VmExitEvent::new().map_err(|source| VmError::EventFd {
             id: "exit-event".into(),
@@ -582,7 +596,7 @@ impl Vm {
             (&pio, &mmio),
             &exit,
             &config,
-            origin == Origin::Restore,
+            restoring,
             &pci_bus,
             &mut registry,
         )?;
@@ -604,7 +618,7 @@ impl Vm {
             &plan,
             &mut pci_devices,
             (&mem, &mmio),
-            origin,
+            restoring,
             &mut registry,
         )?;
         log::info!(
@@ -624,8 +638,8 @@ impl Vm {
                 control: vcpus.control,
                 vcpu_threads: Mutex::new(Vec::new()),
                 redirty: Mutex::new(Vec::new()),
+                memfd,
             }),
-            _memfd: memfd,
             pio,
             mmio,
             exit,
@@ -905,6 +919,11 @@ impl VmCore {
     /// Every component of the VM.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// The memfd guest RAM lives in.
+    pub fn memfd(&self) -> &File {
+        &self.memfd
     }
 
     /// Stop every vCPU, then every component; on failure the VM keeps running.

@@ -398,11 +398,6 @@ impl Vmm {
             message,
             state: None,
         })?;
-        if req.local {
-            return Err(ApiError::not_implemented(
-                "vm.send-migration: local=on (handing the guest RAM to the target) is not available in this build yet",
-            ));
-        }
         if let Some(c) = vm
             .registry()
             .components()

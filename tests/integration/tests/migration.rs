@@ -549,3 +549,59 @@ fn a_cut_link_leaves_the_source_running() {
     assert_continuous(&serial);
     remote_ok(&src.api, &["shutdown-vmm"]);
 }
+
+/// `local=on`: the source hands its guest-RAM memfd to a target on the same host, so no RAM is
+/// copied at all (the stream carries only the state), and the guest goes on.
+#[test]
+fn local_migration_hands_the_ram_over_without_copying_it() {
+    let dir = temp_dir("migration-local");
+    let serial = dir.join("serial.log");
+    let serial_arg = format!("file={}", serial.display());
+    let mut src = Node::start(
+        &dir,
+        "src",
+        None,
+        &[
+            "--memory",
+            "size=1G",
+            "--serial",
+            &serial_arg,
+            "--cmdline",
+            "scenario=counter counter.every=1",
+        ],
+    );
+    let dst = Node::start(&dir, "dst", None, &[]);
+    wait_for_counter(&serial, 3);
+    let url = format!("unix:{}", dir.join("mig.sock").display());
+    let (code, out, err) = dst.remote(&["receive-migration", &url]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // The progress the source reports at the end: almost nothing sent for a 1 GiB guest.
+    let (code, out, err) = src.remote(&["send-migration", &url, "--local", "--no-wait"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let deadline = Instant::now() + DEADLINE;
+    let progress = loop {
+        let (_, p, _) = src.remote(&["migration-progress"]);
+        if p.contains("\"completed\"") {
+            break p;
+        }
+        assert!(!p.contains("\"failed\""), "{p}");
+        assert!(Instant::now() < deadline, "{p}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let v: serde_json::Value = serde_json::from_str(&progress).expect("progress JSON");
+    let sent = v["bytes_sent"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        sent < 1 << 20,
+        "a local migration copied {sent} bytes of RAM: {progress}"
+    );
+    eprintln!(
+        "local migration of a 1 GiB guest: downtime {} ms",
+        v["downtime_ms"]
+    );
+    let run = src.process.wait(Duration::from_secs(30));
+    assert_eq!(run.code(), Some(0), "{}", run.log());
+    let last = counters(&serial).last().copied().unwrap_or(0);
+    wait_for_counter(&serial, last + 5);
+    assert_continuous(&serial);
+    remote_ok(&dst.api, &["shutdown-vmm"]);
+}

@@ -18,14 +18,15 @@ use api_server::migration::{MigrationPhase, SendMigrationRequest};
 use migration::planner::{Decision, IterationReport, Planner, PlannerConfig};
 use migration::ram::ZeroPages;
 use migration::stream::{
-    spread_ranges, Config, Hello, Message, MigrationReceiver, MigrationSender, FEATURE_PRECOPY,
-    PROTOCOL_VERSION,
+    spread_ranges, Config, Hello, Message, MigrationReceiver, MigrationSender, FEATURE_LOCAL_MEMFD,
+    FEATURE_PRECOPY, PROTOCOL_VERSION,
 };
 
-use super::transport::{connect, Conn};
+use super::transport::{connect, send_memfd, Conn};
 use super::{host_record, MigrateError, SharedProgress};
 use crate::config::VmConfig;
 use crate::vm::VmCore;
+use std::os::fd::AsFd;
 
 /// Pages per RAM piece dealt to a connection.
 const SPREAD_CHUNK: u64 = 4 << 20;
@@ -85,6 +86,10 @@ fn handshake(
     progress: &SharedProgress,
 ) -> Result<(Senders, MigrationReceiver<Conn>, Conn), MigrateError> {
     let n = req.connections.max(1) as usize;
+    if req.local {
+        // The target maps this process's guest RAM: it is handed over, never copied.
+        send_memfd(&req.destination_url, core.memfd().as_fd())?;
+    }
     let mut conns = connect(&req.destination_url, n)?;
     for c in &conns {
         progress.watch(c.try_clone()?);
@@ -106,7 +111,11 @@ fn handshake(
         s.send(&Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             software: format!("skiff {}", env!("CARGO_PKG_VERSION")),
-            features: vec![FEATURE_PRECOPY.into()],
+            features: if req.local {
+                vec![FEATURE_LOCAL_MEMFD.into()]
+            } else {
+                vec![FEATURE_PRECOPY.into()]
+            },
             connection: i as u16,
             connections: n as u16,
         }))?;
@@ -202,22 +211,32 @@ fn switchover(
     core: &VmCore,
     mut senders: Senders,
     progress: &SharedProgress,
+    send_ram: bool,
 ) -> Result<Instant, MigrateError> {
     progress.phase(MigrationPhase::Switchover);
     let paused_at = Instant::now();
     core.pause()?;
-    let dirty = core.dirty_pages()?;
-    send_pass(core, &mut senders, dirty.runs().collect(), ZeroPages::Send)?;
+    if send_ram {
+        let dirty = core.dirty_pages()?;
+        send_pass(core, &mut senders, dirty.runs().collect(), ZeroPages::Send)?;
+    }
     let sections = core
         .registry()
         .snapshot_all()
         .map_err(crate::vm::VmError::from)?;
     senders[0].send(&Message::State(sections))?;
     progress.phase(MigrationPhase::Completing);
+    let mut total = 0;
     for s in senders {
+        total += s.bytes_sent();
         let (mut conn, _) = s.complete()?;
         conn.flush()?;
     }
+    // Every byte the streams carried (RAM, state, framing), whatever the planner counted.
+    progress.update(|p| {
+        p.bytes_sent = total;
+        p.bytes_remaining = 0;
+    });
     Ok(paused_at)
 }
 
@@ -307,10 +326,16 @@ pub fn send(
         // watcher reads it and, on anything but RESUMED, shuts the connections down so this
         // side stops at once instead of writing into a dead stream.
         let answer = watch_replies(replies, &progress, &control)?;
-        core.start_dirty_log()?;
-        let mut throttle = core.throttle()?;
-        let pre = precopy(&core, &mut senders, &req, &progress, &throttle);
-        throttle.stop();
+        let pre = if req.local {
+            // Both sides map the same RAM: nothing to copy, straight to the switch-over.
+            Ok(())
+        } else {
+            core.start_dirty_log()?;
+            let mut throttle = core.throttle()?;
+            let pre = precopy(&core, &mut senders, &req, &progress, &throttle);
+            throttle.stop();
+            pre
+        };
         if let Err(e) = pre {
             let _ = senders[0].send(&Message::Abort(e.to_string()));
             // The target's own reason, when it is what stopped the transfer.
@@ -318,7 +343,7 @@ pub fn send(
         }
         progress.check_cancel()?;
         paused = true;
-        let paused_at = switchover(&core, senders, &progress);
+        let paused_at = switchover(&core, senders, &progress, !req.local);
         let paused_at = match paused_at {
             Ok(at) => at,
             Err(e) => return Err(answer.failure().unwrap_or(e)),

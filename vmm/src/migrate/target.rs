@@ -10,10 +10,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use api_server::migration::{MigrationPhase, ReceiveMigrationRequest};
-use migration::stream::{Config, Message, MigrationReceiver, MigrationSender, RamApplier};
+use migration::stream::{
+    Config, Message, MigrationReceiver, MigrationSender, RamApplier, FEATURE_LOCAL_MEMFD,
+};
 use migration::StateSection;
 
-use super::transport::{Conn, Listener};
+use super::transport::{first_contact, Conn, FirstContact, Listener};
 use super::{host_record, MigrateError, SharedProgress};
 use crate::config::VmConfig;
 use crate::vm::{Origin, Vm};
@@ -47,9 +49,13 @@ type Accepted = (
     Vec<MigrationReceiver<Conn>>,
 );
 
-/// Accept the source's connections: the first one's HELLO says how many follow.
-fn accept_all(listener: &Listener) -> Result<Accepted, MigrateError> {
-    let conn0 = listener.accept(ACCEPT_TIMEOUT)?;
+/// Accept the source's connections: the first one's HELLO says how many follow. A local
+/// migration's source first hands its guest-RAM memfd over on a connection of its own.
+fn accept_all(listener: &Listener) -> Result<(Accepted, Option<std::fs::File>), MigrateError> {
+    let (conn0, memfd) = match first_contact(listener.accept(ACCEPT_TIMEOUT)?)? {
+        FirstContact::Memfd(f) => (listener.accept(EXTRA_ACCEPT_TIMEOUT)?, Some(f)),
+        FirstContact::Stream(c) => (c, None),
+    };
     let reply = MigrationSender::replies(conn0.try_clone()?)?;
     let mut rx0 = MigrationReceiver::new(conn0)?;
     let hello = match rx0.recv()? {
@@ -71,11 +77,22 @@ fn accept_all(listener: &Listener) -> Result<Accepted, MigrateError> {
             other => return Err(unexpected(&format!("HELLO of connection {i}"), &other)),
         }
     }
-    Ok((rx0, reply, others))
+    if hello.has_feature(FEATURE_LOCAL_MEMFD) != memfd.is_some() {
+        return Err(MigrateError::Unexpected(
+            "a local migration needs the source's guest RAM handed over first (and only then)"
+                .into(),
+        ));
+    }
+    Ok(((rx0, reply, others), memfd))
 }
 
-/// Build the VM the CONFIG describes (with this host's overrides) and check it matches.
-fn build(req: &ReceiveMigrationRequest, cfg: &Config) -> Result<Vm, MigrateError> {
+/// Build the VM the CONFIG describes (with this host's overrides) and check it matches; with
+/// `memfd` its guest RAM is the source's.
+fn build(
+    req: &ReceiveMigrationRequest,
+    cfg: &Config,
+    memfd: Option<std::fs::File>,
+) -> Result<Vm, MigrateError> {
     let mut config: VmConfig = serde_json::from_slice(&cfg.vm_config)
         .map_err(|e| MigrateError::Config(format!("the source's configuration: {e}")))?;
     req.apply_overrides(&mut config)
@@ -83,7 +100,11 @@ fn build(req: &ReceiveMigrationRequest, cfg: &Config) -> Result<Vm, MigrateError
     config
         .validate()
         .map_err(|e| MigrateError::Config(e.to_string()))?;
-    let vm = Vm::create(config, Origin::Restore)?;
+    let origin = match memfd {
+        Some(f) => Origin::RestoreInto(f),
+        None => Origin::Restore,
+    };
+    let vm = Vm::create(config, origin)?;
     let diffs = cfg.differences(&describe(&vm));
     if !diffs.is_empty() {
         return Err(MigrateError::Config(diffs.join("; ")));
@@ -144,13 +165,13 @@ fn load(
 pub fn receive(req: ReceiveMigrationRequest, progress: SharedProgress) -> Result<Vm, MigrateError> {
     let result = (|| {
         let listener = Listener::bind(&req.receiver_url)?;
-        let (mut rx0, mut reply, others) = accept_all(&listener)?;
+        let ((mut rx0, mut reply, others), memfd) = accept_all(&listener)?;
         drop(listener);
         let cfg = match rx0.recv()? {
             Message::Config(c) => c,
             other => return Err(unexpected("CONFIG", &other)),
         };
-        let mut vm = match build(&req, &cfg) {
+        let mut vm = match build(&req, &cfg, memfd) {
             Ok(vm) => vm,
             Err(e) => {
                 let _ = reply.send(&Message::Refuse(e.to_string()));

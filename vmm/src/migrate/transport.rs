@@ -62,7 +62,13 @@ pub enum Conn {
     Unix(UnixStream),
     /// A connection whose writes are paced by a shared bandwidth limit.
     Limited(Box<Conn>, std::sync::Arc<RateLimit>),
+    /// A connection whose first bytes were already read (they are read again first).
+    Prefixed(std::io::Cursor<Vec<u8>>, Box<Conn>),
 }
+
+/// The byte a local-migration source sends with the guest-RAM memfd (a migration stream starts
+/// with its magic, `S`, instead).
+pub const MEMFD_MARKER: u8 = b'F';
 
 impl Conn {
     /// Another handle on the same connection (to read replies while writing).
@@ -71,6 +77,7 @@ impl Conn {
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
             Conn::Limited(c, l) => Conn::Limited(Box::new(c.try_clone()?), l.clone()),
+            Conn::Prefixed(p, c) => Conn::Prefixed(p.clone(), Box::new(c.try_clone()?)),
         })
     }
 
@@ -90,7 +97,7 @@ impl Conn {
                 s.set_read_timeout(timeout)?;
                 s.set_write_timeout(timeout)
             }
-            Conn::Limited(c, _) => c.set_timeouts(timeout),
+            Conn::Limited(c, _) | Conn::Prefixed(_, c) => c.set_timeouts(timeout),
         }
     }
 
@@ -99,7 +106,7 @@ impl Conn {
         match self {
             Conn::Tcp(s) => s.set_read_timeout(timeout),
             Conn::Unix(s) => s.set_read_timeout(timeout),
-            Conn::Limited(c, _) => c.set_read_timeout(timeout),
+            Conn::Limited(c, _) | Conn::Prefixed(_, c) => c.set_read_timeout(timeout),
         }
     }
 
@@ -108,7 +115,7 @@ impl Conn {
         let _ = match self {
             Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
             Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
-            Conn::Limited(c, _) => {
+            Conn::Limited(c, _) | Conn::Prefixed(_, c) => {
                 c.shutdown();
                 Ok(())
             }
@@ -122,6 +129,14 @@ impl Read for Conn {
             Conn::Tcp(s) => s.read(buf),
             Conn::Unix(s) => s.read(buf),
             Conn::Limited(c, _) => c.read(buf),
+            Conn::Prefixed(p, c) => {
+                let n = p.read(buf)?;
+                if n > 0 {
+                    Ok(n)
+                } else {
+                    c.read(buf)
+                }
+            }
         }
     }
 }
@@ -137,6 +152,7 @@ impl Write for Conn {
                 limit.take(n);
                 c.write(&buf[..n])
             }
+            Conn::Prefixed(_, c) => c.write(buf),
         }
     }
 
@@ -144,7 +160,7 @@ impl Write for Conn {
         match self {
             Conn::Tcp(s) => s.flush(),
             Conn::Unix(s) => s.flush(),
-            Conn::Limited(c, _) => c.flush(),
+            Conn::Limited(c, _) | Conn::Prefixed(_, c) => c.flush(),
         }
     }
 }
@@ -264,4 +280,54 @@ fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<()> {
         )),
         _ => Ok(()),
     }
+}
+
+/// Hand `memfd` (the guest RAM) to the target at `url` (a Unix socket) on a connection of its
+/// own, before the migration stream.
+pub fn send_memfd(url: &MigrationUrl, memfd: BorrowedFd<'_>) -> io::Result<()> {
+    match connect_one(url)? {
+        Conn::Unix(s) => pci::vfio::user::sock::send_all(&s, &[MEMFD_MARKER], &[memfd]),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "local=on needs a unix: URL",
+        )),
+    }
+}
+
+/// The first connection's first byte, on a Unix socket: the guest-RAM memfd of a local
+/// migration (then the migration stream comes on the next connection), or the start of the
+/// stream (given back, untouched).
+pub enum FirstContact {
+    /// A local migration's guest RAM.
+    Memfd(std::fs::File),
+    /// The migration stream.
+    Stream(Conn),
+}
+
+/// Look at `conn`'s first byte (see [`FirstContact`]).
+pub fn first_contact(conn: Conn) -> io::Result<FirstContact> {
+    let Conn::Unix(s) = conn else {
+        return Ok(FirstContact::Stream(conn));
+    };
+    let mut byte = [0u8; 1];
+    let mut fds = Vec::new();
+    use pci::vfio::user::sock::{recv_exact, RecvError};
+    recv_exact(&s, &mut byte, &mut fds, 1).map_err(|e| match e {
+        RecvError::Io(e) => e,
+        RecvError::Eof { .. } => io::Error::from(io::ErrorKind::UnexpectedEof),
+        RecvError::TooManyFds => io::Error::new(
+            io::ErrorKind::InvalidData,
+            "more than one file came with the memfd",
+        ),
+    })?;
+    if byte[0] == MEMFD_MARKER {
+        let fd = fds.pop().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "a memfd marker without a file")
+        })?;
+        return Ok(FirstContact::Memfd(std::fs::File::from(fd)));
+    }
+    Ok(FirstContact::Stream(Conn::Prefixed(
+        std::io::Cursor::new(byte.to_vec()),
+        Box::new(Conn::Unix(s)),
+    )))
 }
