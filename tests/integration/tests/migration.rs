@@ -193,11 +193,17 @@ fn five_round_trips_over_unix_sockets() {
     current.process.wait(Duration::from_secs(30));
 }
 
-/// The memory-dirtying workload, migrated while it rewrites pages fast and while it is paced:
-/// afterwards it verifies every page (no lost or stale page); its longest stall is printed.
+/// The memory-dirtying workload, migrated while it rewrites pages fast, while it is paced, and
+/// over a link slower than its dirty rate (the migration only converges by throttling the
+/// vCPUs): afterwards it verifies every page (no lost or stale page); its longest stall is
+/// printed.
 #[test]
-fn dirtying_guest_loses_no_page_at_two_rates() {
-    for (name, rate) in [("fast", "0"), ("paced", "2000")] {
+fn dirtying_guest_loses_no_page_at_three_rates() {
+    for (name, rate, extra) in [
+        ("fast", "0", &[][..]),
+        ("paced", "2000", &[][..]),
+        ("throttled", "0", &["--bandwidth-mbps", "24"][..]),
+    ] {
         let dir = temp_dir(&format!("migration-dirty-{name}"));
         let serial = dir.join("serial.log");
         let serial_arg = format!("file={}", serial.display());
@@ -234,9 +240,24 @@ fn dirtying_guest_loses_no_page_at_two_rates() {
         let url = format!("unix:{}", dir.join("mig.sock").display());
         let (code, out, err) = dst.remote(&["receive-migration", &url]);
         assert_eq!(code, Some(0), "{out}{err}");
-        let (code, out) = send(&src, &url, &["--downtime-ms", "300"]);
+        let mut args = vec!["--downtime-ms", "300"];
+        args.extend_from_slice(extra);
+        let (code, out) = send(&src, &url, &args);
         assert_eq!(code, Some(0), "{name}: {out}");
         src.process.wait(Duration::from_secs(30));
+        let (_, progress, _) = dst.remote(&["migration-progress"]);
+        eprintln!(
+            "dirty workload ({name}): {}",
+            out.lines().last().unwrap_or("")
+        );
+        if name == "throttled" {
+            // The source's last progress line shows the throttle it needed.
+            assert!(
+                out.lines()
+                    .any(|l| l.contains("throttle") && !l.contains("throttle 0%")),
+                "the migration converged without throttling: {out}\n{progress}"
+            );
+        }
         // Two more full verifications on the target.
         let text = wait(before + 2);
         let stall = text

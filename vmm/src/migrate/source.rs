@@ -100,12 +100,10 @@ fn handshake(
         conns = conns.into_iter().map(|c| c.limited(&limit)).collect();
     }
     let mut senders = Vec::with_capacity(n);
-    let mut replies = None;
     let mut control = None;
     for (i, conn) in conns.into_iter().enumerate() {
         if i == 0 {
             control = Some(conn.try_clone()?);
-            replies = Some(MigrationReceiver::replies(conn.try_clone()?)?);
         }
         let mut s = MigrationSender::new(conn)?;
         s.send(&Message::Hello(Hello {
@@ -121,14 +119,14 @@ fn handshake(
         }))?;
         senders.push(s);
     }
-    let (mut replies, control) = match (replies, control) {
-        (Some(r), Some(c)) => (r, c),
-        _ => return Err(MigrateError::Unexpected("no connection".into())),
-    };
+    let control = control.ok_or_else(|| MigrateError::Unexpected("no connection".into()))?;
     senders[0].send(&Message::Config(describe(core, config)?))?;
     for s in &mut senders {
         s.get_mut().flush()?;
     }
+    // The reply stream is opened only now: reading its start waits for the target, which
+    // looks at what this side sent first.
+    let mut replies = MigrationReceiver::replies(control.try_clone()?)?;
     match replies.recv()? {
         Message::Accept => Ok((senders, replies, control)),
         Message::Refuse(reason) => Err(MigrateError::Refused(reason)),
