@@ -251,14 +251,27 @@ fn bind(path: &Path) -> Result<StdUnixListener, ApiServerError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(sock_err(e)),
     }
-    let listener = StdUnixListener::bind(path).map_err(sock_err)?;
+    // Bind and listen under a temporary name, restrict it, then rename it into place: once the
+    // path exists a client can connect (a script waiting for the file never races the listen
+    // call), and nobody else can connect in the meantime. A temporary name too long for a
+    // socket address falls back to binding the path itself.
+    let temp = dir.join(format!(".skiff-api-{}", std::process::id()));
+    let staged = temp.as_os_str().len() < 108;
+    let at = if staged { temp.as_path() } else { path };
+    if staged {
+        let _ = std::fs::remove_file(at);
+    }
+    let listener = StdUnixListener::bind(at).map_err(sock_err)?;
     let cleanup = |e| {
-        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(at);
         sock_err(e)
     };
     // The socket controls the VM: only its owner may connect.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(cleanup)?;
+    std::fs::set_permissions(at, std::fs::Permissions::from_mode(0o600)).map_err(cleanup)?;
     listener.set_nonblocking(true).map_err(cleanup)?;
+    if staged {
+        std::fs::rename(at, path).map_err(cleanup)?;
+    }
     Ok(listener)
 }
 

@@ -542,6 +542,12 @@ fn socket_path_handling() {
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&stale).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
+    // The socket was staged under a temporary name and renamed into place: none is left.
+    let staged = stale
+        .parent()
+        .unwrap()
+        .join(format!(".skiff-api-{}", std::process::id()));
+    assert!(!staged.exists(), "{} left behind", staged.display());
     s.stop();
     assert!(!stale.exists(), "stop removes the socket");
     s.stop();

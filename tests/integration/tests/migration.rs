@@ -179,7 +179,14 @@ fn five_round_trips_over_unix_sockets() {
         let next = Node::start(&dir, &format!("n{trip}"), None, &[]);
         let url = format!("unix:{}", dir.join(format!("mig{trip}.sock")).display());
         let (code, out, err) = next.remote(&["receive-migration", &url]);
-        assert_eq!(code, Some(0), "{out}{err}");
+        if code != Some(0) {
+            let mut next = next;
+            let run = next.process.wait(Duration::from_millis(100));
+            panic!(
+                "trip {trip}: receive-migration: {out}{err}\ntarget: {}",
+                run.log()
+            );
+        }
         let (code, out) = send(&current, &url, &["--connections", "2"]);
         assert_eq!(code, Some(0), "trip {trip}: {out}");
         let run = current.process.wait(Duration::from_secs(30));
