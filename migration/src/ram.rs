@@ -474,7 +474,13 @@ pub struct RamReader<R: Read> {
 
 impl<R: Read> RamReader<R> {
     /// Read and check the header; its layout must be `expected_layout` (the VM's RAM).
-    pub fn new(mut input: R, expected_layout: &[(u64, u64)]) -> Result<Self> {
+    pub fn new(input: R, expected_layout: &[(u64, u64)]) -> Result<Self> {
+        Self::with_buffer(input, expected_layout, Vec::new())
+    }
+
+    /// [`Self::new`] reading records into `buf` (a buffer from [`Self::into_parts`], so that
+    /// a reader per frame does not allocate a fresh record buffer each time).
+    pub fn with_buffer(mut input: R, expected_layout: &[(u64, u64)], buf: Vec<u8>) -> Result<Self> {
         let mut offset = 0u64;
         let mut fixed = [0u8; 20];
         let got = read_up_to(&mut input, &mut fixed)?;
@@ -535,7 +541,7 @@ impl<R: Read> RamReader<R> {
                 stream_bytes: offset,
                 ..RamStats::default()
             },
-            buf: Vec::new(),
+            buf,
             ended: false,
         })
     }
@@ -563,6 +569,11 @@ impl<R: Read> RamReader<R> {
     /// The underlying reader, positioned after the last record read.
     pub fn into_inner(self) -> R {
         self.input
+    }
+
+    /// The underlying reader and the record buffer (see [`Self::with_buffer`]).
+    pub fn into_parts(self) -> (R, Vec<u8>) {
+        (self.input, self.buf)
     }
 
     /// Read the next record, checked (CRC, bounds, and for END the counts and chain).

@@ -6,7 +6,10 @@
 //!    into a socket, a receiver thread reading it) on 127.0.0.1, then an idle 1 GiB guest
 //!    migrated over `tcp:127.0.0.1:PORT`: RAM bytes sent during pre-copy / pre-copy time (the
 //!    `precopy` → `switchover` events of the source's event monitor, ns timestamps), and its
-//!    ratio to the plain TCP figure. The same again between two network namespaces joined by a
+//!    ratio to the plain TCP figure — and to plain TCP measured again while the source guest
+//!    runs (the test guest spins, its delays are rdtsc loops, and this host emulates it: this
+//!    checks whether its vCPU, not skiff, is what slows the migration down).
+//!    The same again between two network namespaces joined by a
 //!    veth pair (created here with `ip netns` / `ip link`, removed at the end), when possible.
 //! 2. Downtime: an idle 256 MiB guest (`dirty` scenario at 1 page/s) — the source's
 //!    `downtime_ms` (pause → target RESUMED) and the guest's own `max_stall_us` before / after;
@@ -523,6 +526,23 @@ fn migrate_snapshot(
     host: &str,
     connections: u32,
 ) -> Migration {
+    migrate_snapshot_beside_tcp(dir, tag, snap, ns, host, connections, None).0
+}
+
+/// A migration and the plain TCP rate measured beside its running source guest.
+type BesideTcp = (Migration, Option<f64>);
+
+/// [`migrate_snapshot`], measuring first plain TCP of `tcp_mib` MiB to `host` while the source
+/// guest runs (its vCPU spins on this host, taking a core from both transfers alike).
+fn migrate_snapshot_beside_tcp(
+    dir: &Path,
+    tag: &str,
+    snap: &str,
+    ns: Option<(&str, &str)>,
+    host: &str,
+    connections: u32,
+    tcp_mib: Option<u64>,
+) -> BesideTcp {
     let restore = format!("source_url={snap},resume=on");
     let mut src = Skiff::spawn(
         dir,
@@ -536,9 +556,10 @@ fn migrate_snapshot(
             .info()
             .is_ok_and(|i| format!("{:?}", i.state) == "Running")
     });
+    let tcp = tcp_mib.map(|mib| plain_tcp(host, ns, mib));
     let tgt = Skiff::spawn(dir, &format!("{tag}-dst"), ns.map(|n| n.1), &[]);
     let url = format!("tcp:{host}:{}", free_port());
-    migrate(&mut src, &tgt, &url, connections)
+    (migrate(&mut src, &tgt, &url, connections), tcp)
 }
 
 /// One `dirty:` progress line's fields.
@@ -706,16 +727,17 @@ fn main() {
     );
     let mut lo_runs = Vec::new();
     for i in 0..runs {
-        lo_runs.push(migrate_snapshot(
+        lo_runs.push(migrate_snapshot_beside_tcp(
             dir,
             &format!("lo1g-{i}"),
             &snap_1g,
             None,
             "127.0.0.1",
             1,
+            Some(tcp_mib),
         ));
     }
-    let mut rows: Vec<(String, f64, Vec<Migration>)> =
+    let mut rows: Vec<(String, f64, Vec<BesideTcp>)> =
         vec![("loopback 127.0.0.1".into(), lo_tcp, lo_runs)];
     let netns_note = match NsPair::create() {
         Ok(pair) => {
@@ -723,13 +745,14 @@ fn main() {
             let tcp = median((0..3).map(|_| plain_tcp(B_ADDR, ns, tcp_mib)).collect());
             let mut v = Vec::new();
             for i in 0..runs {
-                v.push(migrate_snapshot(
+                v.push(migrate_snapshot_beside_tcp(
                     dir,
                     &format!("ns1g-{i}"),
                     &snap_1g,
                     ns,
                     B_ADDR,
                     1,
+                    Some(tcp_mib),
                 ));
             }
             rows.push(("veth between two netns".into(), tcp, v));
@@ -738,25 +761,29 @@ fn main() {
         Err(why) => Some(why),
     };
     println!(
-        "{:<24} {:>14} {:>16} {:>7} {:>10} {:>10} {:>6} {:>21}  status",
+        "{:<24} {:>14} {:>16} {:>16} {:>7} {:>10} {:>10} {:>6} {:>21}  status",
         "path",
         "plain TCP MiB/s",
+        "beside guest",
         "pre-copy MiB/s",
-        "ratio",
+        "ratios",
         "total s",
         "downtime",
         "iters",
         "CPU usr+sys src / dst"
     );
     for (name, tcp, migs) in &rows {
-        for m in migs {
+        for (m, beside) in migs {
             let rate = m.precopy_rate();
+            let ratio =
+                |base: f64| rate.map_or("?".into(), |r| format!("{:.0} %", 100.0 * r / base));
             println!(
-                "{:<24} {:>14.0} {:>16} {:>7} {:>10.2} {:>7} ms {:>6} {:>21}  {}",
+                "{:<24} {:>14.0} {:>16} {:>16} {:>7} {:>10.2} {:>7} ms {:>6} {:>21}  {}",
                 name,
                 mib_s(*tcp),
+                beside.map_or("?".into(), |b| format!("{:.0}", mib_s(b))),
                 rate.map_or("?".into(), |r| format!("{:.0}", mib_s(r))),
-                rate.map_or("?".into(), |r| format!("{:.0} %", 100.0 * r / tcp)),
+                format!("{} / {}", ratio(*tcp), beside.map_or("?".into(), ratio)),
                 m.total_s(),
                 m.downtime(),
                 m.last.iteration,
@@ -768,7 +795,7 @@ fn main() {
     if let Some(why) = netns_note {
         println!("veth between two netns: skipped ({why})");
     }
-    println!("(plain TCP: median of 3 single-stream transfers of {tcp_mib} MiB; pre-copy: bytes sent between the source's precopy and switchover events / that time; target ratio >= 80 %; CPU: user+system seconds of the source / target process from send-migration to the end)");
+    println!("(plain TCP: median of 3 single-stream transfers of {tcp_mib} MiB on the quiet host; beside guest: one such transfer while the source guest (a spinning vCPU) runs; ratios: pre-copy against each; pre-copy: bytes sent between the source's precopy and switchover events / that time; target ratio >= 80 %; CPU: user+system seconds of the source / target process from send-migration to the end)");
 
     // ---- 2. downtime
     println!();
@@ -858,7 +885,7 @@ fn main() {
             m.status()
         );
     };
-    let one_conn_1g = &rows[0].2[0];
+    let one_conn_1g = &rows[0].2[0].0;
     println!("-- connections");
     print_row("1 GiB, 1 connection (part 1)", filled_1g, one_conn_1g);
     for n in [2u32, 4] {

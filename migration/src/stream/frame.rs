@@ -107,6 +107,8 @@ pub(crate) struct RawFrame {
 pub(crate) struct FrameIn<R: Read> {
     pub input: R,
     pub totals: Totals,
+    /// A payload buffer given back by the caller, filled by the next read.
+    pub spare: Option<Vec<u8>>,
 }
 
 impl<R: Read> FrameIn<R> {
@@ -143,6 +145,7 @@ impl<R: Read> FrameIn<R> {
                 bytes: START_LEN as u64,
                 ..Totals::default()
             },
+            spare: None,
         })
     }
 
@@ -185,7 +188,8 @@ impl<R: Read> FrameIn<R> {
             });
         }
         // Grow with the data actually present: a lying length in a short stream costs nothing.
-        let mut payload = Vec::new();
+        let mut payload = self.spare.take().unwrap_or_default();
+        payload.clear();
         let read = (&mut self.input)
             .take(u64::from(len))
             .read_to_end(&mut payload)?;

@@ -152,6 +152,11 @@ impl RamFrame {
     pub(crate) fn payload(&self) -> &[u8] {
         &self.payload
     }
+
+    /// The payload buffer, to be reused.
+    pub(crate) fn into_payload(self) -> Vec<u8> {
+        self.payload
+    }
 }
 
 /// The end of an iteration on one connection.

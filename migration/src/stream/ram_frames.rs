@@ -69,12 +69,15 @@ pub(crate) struct RamBatch {
 }
 
 impl RamBatch {
-    /// An empty batch over `layout`, with room for about `capacity` bytes.
+    /// An empty batch over `layout` in `buf` (a recycled payload: its contents are dropped, its
+    /// allocation kept), with room for about `capacity` bytes.
     pub fn new(
         layout: &[(u64, u64)],
+        mut buf: Vec<u8>,
         capacity: usize,
     ) -> std::result::Result<Self, RamStreamError> {
-        let mut buf = Vec::with_capacity(capacity);
+        buf.clear();
+        buf.reserve(capacity);
         buf.resize(RAM_HEAD, 0);
         let mut writer = RamWriter::new(buf, layout)?;
         writer.get_mut().truncate(RAM_HEAD);
@@ -228,6 +231,8 @@ pub struct RamApplier {
     header: Vec<u8>,
     versions: PageVersions,
     stats: ApplyStats,
+    /// The record buffer of the last frame's reader, for the next one.
+    record_buf: Vec<u8>,
 }
 
 impl RamApplier {
@@ -241,6 +246,7 @@ impl RamApplier {
             header,
             versions,
             stats: ApplyStats::default(),
+            record_buf: Vec::new(),
         })
     }
 
@@ -270,7 +276,8 @@ impl RamApplier {
         }
         let ram = |source| StreamError::Ram { iteration, source };
         let input = self.header.as_slice().chain(frame.records());
-        let mut reader = RamReader::new(input, &self.layout).map_err(ram)?;
+        let buf = std::mem::take(&mut self.record_buf);
+        let mut reader = RamReader::with_buffer(input, &self.layout, buf).map_err(ram)?;
         let mut stats = ApplyStats {
             frames: 1,
             ..ApplyStats::default()
@@ -313,7 +320,8 @@ impl RamApplier {
             }
             stats.stale_pages += pages - runs.iter().map(|&(_, n)| n).sum::<u64>();
         }
-        let mut rest = reader.into_inner();
+        let (mut rest, buf) = reader.into_parts();
+        self.record_buf = buf;
         if read_up_to(&mut rest, &mut [0u8; 1]).map_err(|e| ram(e.into()))? != 0 {
             return Err(StreamError::RamFrame {
                 iteration,

@@ -35,6 +35,8 @@ pub struct MigrationSender<W: Write> {
     /// The connection index from the HELLO sent, once it was.
     connection: Option<u16>,
     done: bool,
+    /// Payload buffers of RAM frames already sent, for the next ones.
+    spare: Vec<Vec<u8>>,
 }
 
 impl<W: Write> MigrationSender<W> {
@@ -59,6 +61,7 @@ impl<W: Write> MigrationSender<W> {
             ram_frame_bytes: DEFAULT_RAM_FRAME_BYTES,
             connection: None,
             done: false,
+            spare: Vec::new(),
         })
     }
 
@@ -184,7 +187,7 @@ impl<W: Write> MigrationSender<W> {
             .next_multiple_of(PAGE_SIZE)
             .min(PIECE);
         let mut total = RamStats::default();
-        let mut batch = RamBatch::new(&layout, capacity).map_err(ram)?;
+        let mut batch = RamBatch::new(&layout, self.spare_payload(), capacity).map_err(ram)?;
         for (gpa, len) in ranges {
             // Whole pages, cut at page boundaries: no page is read twice.
             let pieces = page_pieces(gpa, len, piece).ok_or_else(|| {
@@ -203,7 +206,7 @@ impl<W: Write> MigrationSender<W> {
                 if batch.len() >= self.ram_frame_bytes {
                     let full = std::mem::replace(
                         &mut batch,
-                        RamBatch::new(&layout, capacity).map_err(ram)?,
+                        RamBatch::new(&layout, self.spare_payload(), capacity).map_err(ram)?,
                     );
                     self.flush_batch(full, &mut total)?;
                 }
@@ -215,6 +218,12 @@ impl<W: Write> MigrationSender<W> {
         Ok(total)
     }
 
+    /// A payload buffer to fill: a recycled one when there is one. Reusing them keeps the
+    /// allocator from handing out fresh (page-faulting, zeroed) memory for every frame.
+    fn spare_payload(&mut self) -> Vec<u8> {
+        self.spare.pop().unwrap_or_default()
+    }
+
     fn flush_batch(&mut self, batch: RamBatch, total: &mut RamStats) -> Result<()> {
         let iteration = self.iteration;
         let (payload, stats) = batch
@@ -222,10 +231,12 @@ impl<W: Write> MigrationSender<W> {
             .map_err(|source| StreamError::Ram { iteration, source })?;
         let pages = (stats.data_pages + stats.zero_pages) as u32;
         self.send_ram_frame(&payload, iteration, pages)?;
+        let stream_bytes = (payload.len() + super::frame::FRAME_OVERHEAD) as u64;
+        self.spare.push(payload);
         total.data_pages += stats.data_pages;
         total.zero_pages += stats.zero_pages;
         total.records += stats.records;
-        total.stream_bytes += (payload.len() + super::frame::FRAME_OVERHEAD) as u64;
+        total.stream_bytes += stream_bytes;
         Ok(())
     }
 
@@ -344,6 +355,12 @@ impl<R: Read> MigrationReceiver<R> {
     /// The connection.
     pub fn into_inner(self) -> R {
         self.frames.input
+    }
+
+    /// Give an applied RAM frame back: its buffer receives the next frame, which spares the
+    /// allocator a fresh (page-faulting) megabyte per frame.
+    pub fn recycle(&mut self, frame: RamFrame) {
+        self.frames.spare = Some(frame.into_payload());
     }
 
     /// The next message, checked. Errors are final: the migration must fail.

@@ -133,6 +133,7 @@ fn load(
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .apply(mem, &frame)?;
+                        rx.recycle(frame);
                     }
                     Message::IterationEnd(_) | Message::DevicePrecopy { .. } => {}
                     Message::State(s) => sections = Some(s),

@@ -144,6 +144,8 @@ fn receive(streams: &[Vec<u8>], target: &Mem, rng: &mut Rng) -> Result<Received>
         match rx.recv()? {
             Message::Ram(frame) => {
                 applier.apply(target, &frame)?;
+                // As the target does: the next frame is read into this one's buffer.
+                rx.recycle(frame);
             }
             Message::Config(c) => got.config = Some(c),
             Message::State(s) => got.state.extend(s),

@@ -1,0 +1,153 @@
+//! Migration stream throughput without a VM: guest RAM sent as one pre-copy pass (RAM frames
+//! over one TCP loopback connection) and applied by a receiver into a second guest memory,
+//! against plain TCP carrying the same number of bytes in the same run. Figures only.
+//! `SKIFF_BENCH_STREAM_MIB` sets the RAM size (default 512).
+//!
+//! Run with `cargo bench -p migration --bench stream`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Instant;
+
+use migration::ram::ZeroPages;
+use migration::stream::{
+    Config, Hello, Message, MigrationReceiver, MigrationSender, RamApplier, FEATURE_PRECOPY,
+    PROTOCOL_VERSION,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const PAGE: usize = 4096;
+
+/// User and system CPU seconds of this process so far.
+fn cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 100.0;
+    (tick(11), tick(12))
+}
+
+fn pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let (b, _) = l.accept().expect("accept");
+    (a, b)
+}
+
+/// Seconds to push `bytes` through plain TCP in 1 MiB writes.
+fn plain_tcp(bytes: usize) -> f64 {
+    let (mut tx, mut rx) = pair();
+    let t = Instant::now();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0;
+        while got < bytes {
+            let n = rx.read(&mut buf).expect("read");
+            assert!(n > 0, "plain TCP ended early");
+            got += n;
+        }
+    });
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut sent = 0;
+    while sent < bytes {
+        let n = chunk.len().min(bytes - sent);
+        tx.write_all(&chunk[..n]).expect("write");
+        sent += n;
+    }
+    reader.join().expect("reader");
+    t.elapsed().as_secs_f64()
+}
+
+fn hello() -> Message {
+    Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        software: "skiff bench".into(),
+        features: vec![FEATURE_PRECOPY.into(), "connections=1".into()],
+        connection: 0,
+        connections: 1,
+    })
+}
+
+/// Seconds to send `src` as one pass and apply it into `dst`; returns (seconds, stream bytes).
+fn stream(src: &GuestMemoryMmap, dst: &GuestMemoryMmap, layout: &[(u64, u64)]) -> (f64, u64) {
+    let (tx, rx) = pair();
+    let layout_rx = layout.to_vec();
+    let t = Instant::now();
+    let received = std::thread::scope(|s| {
+        let receiver = s.spawn(move || {
+            let mut rx = MigrationReceiver::new(rx).expect("receiver");
+            let mut applier = RamApplier::new(&layout_rx).expect("applier");
+            loop {
+                match rx.recv().expect("recv") {
+                    Message::Ram(frame) => {
+                        applier.apply(dst, &frame).expect("apply");
+                        rx.recycle(frame);
+                    }
+                    Message::Complete(_) => return rx.bytes_received(),
+                    _ => {}
+                }
+            }
+        });
+        let mut tx = MigrationSender::new(tx).expect("sender");
+        tx.send(&hello()).expect("hello");
+        tx.send(&Message::Config(Config {
+            vm_config: b"{}".to_vec(),
+            host: Vec::new(),
+            ram: layout.to_vec(),
+            devices: Vec::new(),
+        }))
+        .expect("config");
+        tx.send_ram(src, layout.iter().copied(), ZeroPages::Skip)
+            .expect("send RAM");
+        tx.end_iteration().expect("end");
+        tx.send(&Message::State(Vec::new())).expect("state");
+        tx.complete().expect("complete");
+        receiver.join().expect("receiver thread")
+    });
+    (t.elapsed().as_secs_f64(), received)
+}
+
+fn main() {
+    let mib: usize = std::env::var("SKIFF_BENCH_STREAM_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let size = mib << 20;
+    let layout = vec![(0u64, size as u64)];
+    let src = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).expect("guest RAM");
+    let page: Vec<u8> = (0..PAGE).map(|i| (i % 251) as u8 + 1).collect();
+    for p in 0..size / PAGE {
+        src.write_slice(&page, GuestAddress((p * PAGE) as u64))
+            .expect("fill");
+    }
+    let mb = |bytes: f64, s: f64| bytes / (1 << 20) as f64 / s;
+
+    let c0 = cpu();
+    let tcp_s = plain_tcp(size);
+    let c1 = cpu();
+    let fresh = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).expect("RAM");
+    let (fresh_s, bytes) = stream(&src, &fresh, &layout);
+    let c2 = cpu();
+    // The same memory again: its pages are now present.
+    let (warm_s, _) = stream(&src, &fresh, &layout);
+    let c3 = cpu();
+    let tcp = mb(size as f64, tcp_s);
+    let cpu_of =
+        |a: (f64, f64), b: (f64, f64)| format!("user {:.2} s, sys {:.2} s", b.0 - a.0, b.1 - a.1);
+    println!("stream bench, {mib} MiB of non-zero RAM, one TCP loopback connection");
+    println!(
+        "  plain TCP            {tcp:7.0} MiB/s  ({})",
+        cpu_of(c0, c1)
+    );
+    for (name, s, a, b) in [
+        ("stream, fresh target", fresh_s, c1, c2),
+        ("stream, warm target ", warm_s, c2, c3),
+    ] {
+        let r = mb(bytes as f64, s);
+        println!(
+            "  {name} {r:7.0} MiB/s  {:3.0} % of plain TCP  ({})",
+            100.0 * r / tcp,
+            cpu_of(a, b)
+        );
+    }
+}
