@@ -37,6 +37,28 @@ impl Node {
         Self { api, process }
     }
 
+    /// Start a VM running the test guest with `cmdline` and `memory` (`size=...`), its serial
+    /// output in `dir/serial.log`; returns the node and that path.
+    fn guest(
+        dir: &Path,
+        name: &str,
+        ns: Option<&str>,
+        memory: &str,
+        cmdline: &str,
+    ) -> (Self, PathBuf) {
+        let serial = dir.join("serial.log");
+        let serial_arg = format!("file={}", serial.display());
+        let args = [
+            "--memory",
+            memory,
+            "--serial",
+            &serial_arg,
+            "--cmdline",
+            cmdline,
+        ];
+        (Self::start(dir, name, ns, &args), serial)
+    }
+
     fn remote(&self, args: &[&str]) -> (Option<i32>, String, String) {
         remote(&self.api, args)
     }
@@ -110,20 +132,12 @@ fn counter_guest_continues_on_the_other_host() {
         Err(why) => return skip_or_fail("SKIFF_SKIP_NETNS", &why),
     };
     let dir = temp_dir("migration-hosts");
-    let serial = dir.join("serial.log");
-    let serial_arg = format!("file={}", serial.display());
-    let mut src = Node::start(
+    let (mut src, serial) = Node::guest(
         &dir,
         "src",
         Some(&hosts.a),
-        &[
-            "--memory",
-            "size=256M",
-            "--serial",
-            &serial_arg,
-            "--cmdline",
-            "scenario=counter counter.every=1",
-        ],
+        "size=256M",
+        "scenario=counter counter.every=1",
     );
     let mut dst = Node::start(&dir, "dst", Some(&hosts.b), &[]);
     wait_for_counter(&serial, 5);
@@ -159,20 +173,12 @@ fn counter_guest_continues_on_the_other_host() {
 #[test]
 fn five_round_trips_over_unix_sockets() {
     let dir = temp_dir("migration-trips");
-    let serial = dir.join("serial.log");
-    let serial_arg = format!("file={}", serial.display());
-    let mut current = Node::start(
+    let (mut current, serial) = Node::guest(
         &dir,
         "n0",
         None,
-        &[
-            "--memory",
-            "size=128M",
-            "--serial",
-            &serial_arg,
-            "--cmdline",
-            "scenario=counter counter.every=1",
-        ],
+        "size=128M",
+        "scenario=counter counter.every=1",
     );
     wait_for_counter(&serial, 3);
     for trip in 1..=5 {
@@ -221,23 +227,9 @@ fn dirtying_guest_loses_no_page_at_three_rates() {
         }
         let slowest = extra.last() == Some(&"6");
         let dir = temp_dir(&format!("migration-dirty-{name}"));
-        let serial = dir.join("serial.log");
-        let serial_arg = format!("file={}", serial.display());
         let cmdline =
             format!("scenario=dirty dirty.mib=32 dirty.rate={rate} dirty.report_ms=300 dirty.verify_every=2");
-        let mut src = Node::start(
-            &dir,
-            "src",
-            None,
-            &[
-                "--memory",
-                "size=256M",
-                "--serial",
-                &serial_arg,
-                "--cmdline",
-                &cmdline,
-            ],
-        );
+        let (mut src, serial) = Node::guest(&dir, "src", None, "size=256M", &cmdline);
         let dst = Node::start(&dir, "dst", None, &[]);
         let verified = |text: &str| text.matches("dirty: verified").count();
         let wait = |n: usize| {
@@ -300,20 +292,12 @@ fn dirtying_guest_loses_no_page_at_three_rates() {
 #[test]
 fn failed_migrations_leave_the_source_running() {
     let dir = temp_dir("migration-fail");
-    let serial = dir.join("serial.log");
-    let serial_arg = format!("file={}", serial.display());
-    let src = Node::start(
+    let (src, serial) = Node::guest(
         &dir,
         "src",
         None,
-        &[
-            "--memory",
-            "size=512M",
-            "--serial",
-            &serial_arg,
-            "--cmdline",
-            "scenario=counter counter.every=1",
-        ],
+        "size=512M",
+        "scenario=counter counter.every=1",
     );
     wait_for_counter(&serial, 3);
     let still_running = |what: &str| {
@@ -461,20 +445,12 @@ fn corrupting_proxy(listen: std::net::TcpListener, target: String, after: usize)
 #[test]
 fn corrupted_streams_and_impossible_downtimes_fail_cleanly() {
     let dir = temp_dir("migration-corrupt");
-    let serial = dir.join("serial.log");
-    let serial_arg = format!("file={}", serial.display());
-    let src = Node::start(
+    let (src, serial) = Node::guest(
         &dir,
         "src",
         None,
-        &[
-            "--memory",
-            "size=256M",
-            "--serial",
-            &serial_arg,
-            "--cmdline",
-            "scenario=dirty dirty.mib=4 dirty.rate=0 dirty.report_ms=300 dirty.verify_every=2",
-        ],
+        "size=256M",
+        "scenario=dirty dirty.mib=4 dirty.rate=0 dirty.report_ms=300 dirty.verify_every=2",
     );
     let verified = || {
         let text = std::fs::read_to_string(&serial).unwrap_or_default();
@@ -546,20 +522,12 @@ fn a_cut_link_leaves_the_source_running() {
         Err(why) => return skip_or_fail("SKIFF_SKIP_NETNS", &why),
     };
     let dir = temp_dir("migration-cut");
-    let serial = dir.join("serial.log");
-    let serial_arg = format!("file={}", serial.display());
-    let src = Node::start(
+    let (src, serial) = Node::guest(
         &dir,
         "src",
         Some(&hosts.a),
-        &[
-            "--memory",
-            "size=512M",
-            "--serial",
-            &serial_arg,
-            "--cmdline",
-            "scenario=counter counter.every=1",
-        ],
+        "size=512M",
+        "scenario=counter counter.every=1",
     );
     let dst = Node::start(&dir, "dst", Some(&hosts.b), &[]);
     wait_for_counter(&serial, 3);
@@ -601,20 +569,12 @@ fn a_cut_link_leaves_the_source_running() {
 #[test]
 fn local_migration_hands_the_ram_over_without_copying_it() {
     let dir = temp_dir("migration-local");
-    let serial = dir.join("serial.log");
-    let serial_arg = format!("file={}", serial.display());
-    let mut src = Node::start(
+    let (mut src, serial) = Node::guest(
         &dir,
         "src",
         None,
-        &[
-            "--memory",
-            "size=1G",
-            "--serial",
-            &serial_arg,
-            "--cmdline",
-            "scenario=counter counter.every=1",
-        ],
+        "size=1G",
+        "scenario=counter counter.every=1",
     );
     let dst = Node::start(&dir, "dst", None, &[]);
     wait_for_counter(&serial, 3);
