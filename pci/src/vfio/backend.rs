@@ -14,6 +14,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use thiserror::Error;
+
+use crate::vfio::mig_backend::MigrationBackend;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Region index of BAR 0 (BARs are 0..=5).
@@ -245,4 +247,8 @@ pub trait VfioBackend: Send + Sync {
     /// Called once, when the peer is found dead (vfio-user: socket closed or timed out): the
     /// function then reads as all-ones and the VMM emits a `device-error` event.
     fn set_failure_hook(&self, _hook: Arc<dyn Fn(&str) + Send + Sync>) {}
+    /// The migration uAPI, when the backend carries it (the device may still refuse it).
+    fn migration(&self) -> Option<&dyn MigrationBackend> {
+        None
+    }
 }

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod device;
 pub mod kernel;
+pub mod mig_backend;
 mod msi;
 pub mod sysfs;
 pub mod user;

@@ -15,6 +15,7 @@ use super::protocol::{
     REGION_INFO_SIZE,
 };
 use crate::vfio::backend::{VFIO_PCI_INTX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP};
+use crate::vfio::mig_backend::MigrationBackend;
 use crate::vfio::{
     DeviceInfo, DmaBacking, DmaHandler, DmaProt, IrqInfo, RegionInfo, VfioBackend, VfioError,
 };
@@ -456,5 +457,9 @@ impl VfioBackend for VfioUserBackend {
 
     fn set_failure_hook(&self, hook: Arc<dyn Fn(&str) + Send + Sync>) {
         self.client.set_failure_hook(hook);
+    }
+
+    fn migration(&self) -> Option<&dyn MigrationBackend> {
+        Some(self)
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod migration;
 pub mod protocol;
 pub mod sock;
 

@@ -970,3 +970,5 @@ fn migration_messages_round_trip() {
     b.mig_data_write(b"xyz").unwrap();
     finish(b, h);
 }
+
+mod migration;
