@@ -101,12 +101,30 @@ impl StateError {
 }
 
 /// A component whose activity can be stopped and restarted (vCPUs, device workers).
+///
+/// Stopping a VM is two passes over every component, after every vCPU is parked: first
+/// [`Pausable::quiesce`] on all of them, then [`Pausable::pause`] on all of them. Starting it
+/// mirrors that: [`Pausable::resume_quiesced`] on all, then [`Pausable::resume`] on all, then
+/// the vCPUs. The middle state is VFIO's P2P grace state (RUNNING_P2P): a passthrough device in
+/// it starts no new peer-to-peer DMA but still accepts a peer's, so no device is stopped (and
+/// its state read) while a peer may still write into it. Components without peers keep the
+/// defaults.
 pub trait Pausable {
+    /// Stop initiating peer-to-peer DMA, keep accepting it (VFIO RUNNING_P2P). Called on every
+    /// component before any is paused; [`Pausable::resume`] must also work from here.
+    fn quiesce(&mut self) -> Result<(), StateError> {
+        Ok(())
+    }
     /// Stop all activity; when this returns the component touches neither guest memory nor interrupts.
     fn pause(&mut self) -> Result<(), StateError> {
         Ok(())
     }
-    /// Continue exactly where [`Pausable::pause`] stopped.
+    /// From paused to quiesced (VFIO STOP -> RUNNING_P2P): called on every component before
+    /// any is resumed.
+    fn resume_quiesced(&mut self) -> Result<(), StateError> {
+        Ok(())
+    }
+    /// Continue exactly where [`Pausable::pause`] (or [`Pausable::quiesce`]) stopped.
     fn resume(&mut self) -> Result<(), StateError> {
         Ok(())
     }

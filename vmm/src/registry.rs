@@ -132,26 +132,49 @@ impl Registry {
         self.components.iter().find(|c| c.id == id)
     }
 
-    /// Pause every component in order. On a failure the ones already paused are resumed, so
-    /// the VM is left as it was, and the error names the component.
+    /// Pause every component: first quiesce all of them (the P2P grace step), then pause all
+    /// of them, each pass in registry order. On a failure every component touched so far is
+    /// resumed, so the VM is left as it was, and the error names the component.
     pub fn pause_all(&self) -> Result<(), RegistryError> {
-        for (n, c) in self.components.iter().enumerate() {
-            if let Err(e) = c.lock().pause().map_err(c.err()) {
-                for done in self.components[..n].iter().rev() {
-                    if let Err(r) = done.lock().resume() {
-                        log::error!("{}: cannot resume after a failed pause: {r}", done.id);
-                    }
-                }
+        let n = self.components.len();
+        for (i, c) in self.components.iter().enumerate() {
+            // The guard must be gone before `undo` locks the components again.
+            let quiesced = c.lock().quiesce();
+            if let Err(e) = quiesced.map_err(c.err()) {
+                self.undo(i);
+                return Err(e);
+            }
+        }
+        for c in &self.components {
+            let paused = c.lock().pause();
+            if let Err(e) = paused.map_err(c.err()) {
+                self.undo(n);
                 return Err(e);
             }
         }
         Ok(())
     }
 
-    /// Resume every component, in reverse order; every component is tried, the first error is
+    /// Resume the first `n` components, in reverse order, after a failed pause.
+    fn undo(&self, n: usize) {
+        for done in self.components[..n].iter().rev() {
+            if let Err(r) = done.lock().resume() {
+                log::error!("{}: cannot resume after a failed pause: {r}", done.id);
+            }
+        }
+    }
+
+    /// Resume every component, mirroring [`Registry::pause_all`]: all to the quiesced state,
+    /// then all fully, each pass in reverse order. Every component is tried; the first error is
     /// returned.
     pub fn resume_all(&self) -> Result<(), RegistryError> {
         let mut first = None;
+        for c in self.components.iter().rev() {
+            if let Err(e) = c.lock().resume_quiesced().map_err(c.err()) {
+                log::error!("{e}");
+                first.get_or_insert(e);
+            }
+        }
         for c in self.components.iter().rev() {
             if let Err(e) = c.lock().resume().map_err(c.err()) {
                 log::error!("{e}");
@@ -339,10 +362,34 @@ mod tests {
         value: u32,
         paused: bool,
         fail_pause: bool,
+        fail_quiesce: bool,
         log: Arc<Mutex<Vec<String>>>,
     }
 
+    impl Fake {
+        fn note(&self, what: &str) {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("{what} {}", self.section));
+        }
+    }
+
     impl Pausable for Fake {
+        fn quiesce(&mut self) -> Result<(), StateError> {
+            if self.fail_quiesce {
+                return Err(StateError::Pause {
+                    id: self.section.clone(),
+                    reason: "told to fail".into(),
+                });
+            }
+            self.note("quiesce");
+            Ok(())
+        }
+        fn resume_quiesced(&mut self) -> Result<(), StateError> {
+            self.note("unstop");
+            Ok(())
+        }
         fn pause(&mut self) -> Result<(), StateError> {
             if self.fail_pause {
                 return Err(StateError::Pause {
@@ -415,7 +462,7 @@ mod tests {
     }
 
     #[test]
-    fn pause_in_order_resume_in_reverse_and_undo_a_failed_pause() {
+    fn quiesce_all_then_pause_all_resume_mirrors_and_a_failure_is_undone() {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (mut r, parts) = vm([1, 2, 3], &log);
         assert!(matches!(
@@ -428,28 +475,47 @@ mod tests {
         assert_eq!(
             *log.lock().unwrap(),
             [
+                // Every component quiesced before any is paused (the P2P grace step)...
+                "quiesce cpu0",
+                "quiesce virtio-pci/disk0",
+                "quiesce virtio-pci/disk1",
                 "pause cpu0",
                 "pause virtio-pci/disk0",
                 "pause virtio-pci/disk1",
+                // ... and the mirror on the way back.
+                "unstop virtio-pci/disk1",
+                "unstop virtio-pci/disk0",
+                "unstop cpu0",
                 "resume virtio-pci/disk1",
                 "resume virtio-pci/disk0",
                 "resume cpu0"
             ]
         );
+
+        // A failed pause: everything (all quiesced, two paused) is resumed.
         log.lock().unwrap().clear();
         parts[2].lock().unwrap().fail_pause = true;
         let e = r.pause_all().unwrap_err().to_string();
         assert!(e.starts_with("disk1: "), "{e}");
         assert!(parts.iter().all(|p| !p.lock().unwrap().paused));
         assert_eq!(
-            *log.lock().unwrap(),
+            log.lock().unwrap()[3..],
             [
                 "pause cpu0",
                 "pause virtio-pci/disk0",
+                "resume virtio-pci/disk1",
                 "resume virtio-pci/disk0",
                 "resume cpu0"
             ]
         );
+
+        // A failed quiesce: nothing is paused; the ones quiesced are resumed.
+        log.lock().unwrap().clear();
+        parts[2].lock().unwrap().fail_pause = false;
+        parts[1].lock().unwrap().fail_quiesce = true;
+        let e = r.pause_all().unwrap_err().to_string();
+        assert!(e.starts_with("disk0: "), "{e}");
+        assert_eq!(*log.lock().unwrap(), ["quiesce cpu0", "resume cpu0"]);
     }
 
     #[test]

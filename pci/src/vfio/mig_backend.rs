@@ -70,8 +70,11 @@ pub trait MigrationBackend: Send + Sync {
 
     /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_START` for `ranges` (`(iova, length)`) at `page_size`:
     /// the page size the device picked, or `None` when it has no DMA logging.
-    fn dma_logging_start(&self, page_size: u64, ranges: &[(u64, u64)])
-        -> Result<Option<u64>, VfioError>;
+    fn dma_logging_start(
+        &self,
+        page_size: u64,
+        ranges: &[(u64, u64)],
+    ) -> Result<Option<u64>, VfioError>;
 
     /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP`.
     fn dma_logging_stop(&self) -> Result<(), VfioError>;

@@ -44,12 +44,7 @@ fn short(what: &'static str, len: usize) -> VfioError {
 
 impl VfioUserBackend {
     /// One DMA_LOGGING_REPORT piece whose bitmap fits one reply.
-    fn report_piece(
-        &self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-    ) -> Result<Vec<u64>, VfioError> {
+    fn report_piece(&self, iova: u64, length: u64, page_size: u64) -> Result<Vec<u64>, VfioError> {
         const WHAT: &str = "DMA_LOGGING_REPORT";
         let words = length.div_ceil(page_size).div_ceil(64);
         let mut req = Vec::with_capacity(24);
@@ -77,7 +72,7 @@ impl VfioUserBackend {
             .collect();
         // Bits past the range must be zero (the specification); we clear them rather than trust.
         let pages = length.div_ceil(page_size);
-        if pages % 64 != 0 {
+        if !pages.is_multiple_of(64) {
             if let Some(last) = bitmap.last_mut() {
                 *last &= (1u64 << (pages % 64)) - 1;
             }

@@ -13,7 +13,11 @@ const SET: u32 = 1 << 17;
 /// A DEVICE_FEATURE request: (argsz, flags, data).
 fn feature(m: &Msg) -> (u32, u32, Vec<u8>) {
     assert_eq!(m.cmd, DEVICE_FEATURE);
-    (u32le(&m.payload, 0), u32le(&m.payload, 4), m.payload[8..].to_vec())
+    (
+        u32le(&m.payload, 0),
+        u32le(&m.payload, 4),
+        m.payload[8..].to_vec(),
+    )
 }
 
 /// A DEVICE_FEATURE reply carrying `data` (argsz = 8 + data).
@@ -97,7 +101,11 @@ fn mig_data_read_short_means_done_and_write_splits() {
         f.handshake(r#"{"capabilities":{"max_msg_fds":4,"max_data_xfer_size":16}}"#);
         // Read 100 asked, clamped to 16: answer 16 bytes.
         let m = f.expect(MIG_DATA_READ);
-        assert_eq!(u32le(&m.payload, 4), 16, "size clamped to max_data_xfer_size");
+        assert_eq!(
+            u32le(&m.payload, 4),
+            16,
+            "size clamped to max_data_xfer_size"
+        );
         assert_eq!(u32le(&m.payload, 0), 8 + 16, "argsz: the largest reply");
         let mut p = bytes!(8u32 + 16, 16u32);
         p.extend_from_slice(&[0xab; 16]);
@@ -131,7 +139,10 @@ fn mig_data_read_short_means_done_and_write_splits() {
     assert_eq!(m.mig_data_read(100).unwrap(), vec![0xab; 16]);
     assert_eq!(m.mig_data_read(16).unwrap(), vec![1, 2, 3]);
     assert!(m.mig_data_read(16).unwrap().is_empty());
-    assert!(matches!(m.mig_data_read(16), Err(VfioError::Protocol { .. })));
+    assert!(matches!(
+        m.mig_data_read(16),
+        Err(VfioError::Protocol { .. })
+    ));
     m.mig_data_write(&(0..40u8).collect::<Vec<_>>()).unwrap();
     finish(b, h);
 }
@@ -146,7 +157,15 @@ fn dma_logging_start_report_stop() {
         assert_eq!(flags, 6 | SET);
         assert_eq!(
             data,
-            bytes!(4096u64, 2u32, 0u32, 0u64, 0x10_0000u64, 0x4000_0000u64, 0x8000u64)
+            bytes!(
+                4096u64,
+                2u32,
+                0u32,
+                0u64,
+                0x10_0000u64,
+                0x4000_0000u64,
+                0x8000u64
+            )
         );
         // The device picks 8 KiB pages.
         let mut r = data.clone();
@@ -187,7 +206,10 @@ fn dma_logging_start_report_stop() {
         rep.dirty_iovas().collect::<Vec<_>>(),
         vec![0x1000, 0x1000 + 65 * 4096, 0x1000 + 129 * 4096]
     );
-    assert!(is_protocol(&m.dma_logging_report(0x1000, 4096, 4096), "another range"));
+    assert!(is_protocol(
+        &m.dma_logging_report(0x1000, 4096, 4096),
+        "another range"
+    ));
     m.dma_logging_stop().unwrap();
     assert_eq!(m.dma_logging_start(4096, &ranges).unwrap(), None);
     finish(b, h);
