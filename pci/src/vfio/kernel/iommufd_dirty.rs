@@ -176,6 +176,7 @@ impl std::fmt::Debug for IommuDirtyTracking {
 }
 
 impl IommuDirtyTracking {
+    /// A handle on `hwpt`.
     pub(crate) fn new(hwpt: Arc<DirtyHwpt>) -> Self {
         IommuDirtyTracking { hwpt }
     }

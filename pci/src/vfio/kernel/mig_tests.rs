@@ -565,6 +565,21 @@ fn reports_are_checked_before_the_kernel_sees_them() {
     }
 }
 
+#[test]
+fn a_refused_dirty_tracking_page_table_is_explained() {
+    let err = super::KernelVfioError::NoDirtyTracking {
+        bdf: "0000:01:00.0".into(),
+        reason: "IOMMU_GET_HW_INFO capabilities 0x0 lack IOMMU_HW_CAP_DIRTY_TRACKING".into(),
+    };
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("0000:01:00.0: the IOMMU cannot track"),
+        "{msg}"
+    );
+    assert!(msg.contains("IOMMU_HW_CAP_DIRTY_TRACKING"), "{msg}");
+    assert!(msg.contains("DMA logging"), "{msg}");
+}
+
 const SKIP: &str = "SKIPPED kernel VFIO migration test";
 
 #[test]

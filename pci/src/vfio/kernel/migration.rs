@@ -62,7 +62,9 @@ pub const MAX_REPORT_BITMAP_BYTES: u64 = 128 << 10;
 /// (`argsz` covers both; the payload starts at byte 8, where the header's `data[]` begins).
 #[repr(C)]
 pub(crate) struct Feature<T> {
+    /// `argsz` and `flags`.
     pub(crate) hdr: vfio_device_feature,
+    /// The feature's data (`data[]`).
     pub(crate) payload: T,
 }
 
