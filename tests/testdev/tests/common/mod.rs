@@ -117,9 +117,9 @@ impl Client {
         a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let opts = testdev::Options {
             id: "test".into(),
-            p2p: true,
             msi,
             dma_timeout: Duration::from_secs(3),
+            ..Default::default()
         };
         let server = std::thread::spawn(move || testdev::serve(b, &opts));
         Client {
