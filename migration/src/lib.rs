@@ -13,11 +13,14 @@
 //! - [`memory_file`]: the older sparse RAM image (`SKIFFMEM`), still read on restore;
 //! - [`stream`]: the live-migration wire protocol (versioned, framed, checksummed; RAM over
 //!   several connections with per-page iteration versions);
-//! - [`planner`]: the pre-copy planner (iterate, throttle, switch over or give up).
+//! - [`planner`]: the pre-copy planner (iterate, throttle, switch over or give up);
+//! - [`device_fsm`]: the VFIO device migration state machine and the arcs that migrate a VM's
+//!   passthrough devices.
 //!
 //! This crate must not know about KVM, PCI, sockets or HTTP.
 
 pub mod codec;
+pub mod device_fsm;
 pub mod dirty;
 pub mod memory_file;
 pub mod planner;

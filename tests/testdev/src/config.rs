@@ -151,6 +151,17 @@ impl ConfigSpace {
         true
     }
 
+    /// The raw bytes (migration).
+    pub fn bytes(&self) -> &[u8; CONFIG_SIZE] {
+        &self.bytes
+    }
+
+    /// Replaces the raw bytes with migrated ones (the write mask stays: it follows from the
+    /// capabilities, which source and target must share).
+    pub fn load_bytes(&mut self, b: &[u8; CONFIG_SIZE]) {
+        self.bytes = *b;
+    }
+
     /// MSI-X enable bit of the capability's control word.
     pub fn msix_enabled(&self) -> bool {
         self.get16(MSIX_CAP + 2) & MSIX_CTRL_ENABLE != 0

@@ -8,11 +8,13 @@ use std::time::Instant;
 use log::{debug, warn};
 
 use crate::config::ConfigSpace;
+use crate::dirty_log::DmaLog;
+use crate::fsm::MIGRATION_ALL;
+use crate::migration::{Loader, Saver};
 use crate::regs::*;
 
-/// The VFIO v2 migration states (values of `enum vfio_device_mig_state`). Only `Running` is
-/// reachable today (no migration messages yet); the predicates below are what the violation
-/// checks consult, so adding the transitions is all the next step needs.
+/// The VFIO v2 migration states (values of `enum vfio_device_mig_state`); the arcs between them
+/// are in `fsm.rs`, what each arc does in `transition.rs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceState {
     /// ERROR.
@@ -25,8 +27,9 @@ pub enum DeviceState {
     StopCopy = 3,
     /// RESUMING: state being loaded.
     Resuming = 4,
-    /// RUNNING_P2P: running except that it initiates no DMA (of any kind) and raises no
-    /// interrupts; it still accepts incoming peer writes.
+    /// RUNNING_P2P: running except that it initiates no DMA. The kernel asks only for no new
+    /// *P2P* DMA, and allows stopping all DMA when a device cannot tell P2P apart: our choice
+    /// is no new DMA of any kind (and no interrupts); incoming peer writes are still accepted.
     RunningP2p = 5,
     /// PRE_COPY: running while state is streamed.
     PreCopy = 6,
@@ -35,13 +38,17 @@ pub enum DeviceState {
 }
 
 impl DeviceState {
-    /// Whether the device may initiate DMA to guest memory.
+    /// Whether the device may initiate DMA (the engine runs): RUNNING and PRE_COPY only.
     pub fn allows_dma(self) -> bool {
         matches!(self, DeviceState::Running | DeviceState::PreCopy)
     }
     /// Whether the device may initiate peer-to-peer DMA. Same states as DMA; a P2P start in
-    /// a *_P2P state is counted as a P2P violation rather than a DMA one.
+    /// a *_P2P or stopped state is counted as a P2P violation rather than a DMA one.
     pub fn allows_p2p(self) -> bool {
+        self.allows_dma()
+    }
+    /// Whether the device may signal interrupts: RUNNING and PRE_COPY only.
+    pub fn allows_irqs(self) -> bool {
         self.allows_dma()
     }
     /// Whether guest MMIO (REGION_READ/WRITE of BAR0) is expected. Our choice: only the states
@@ -49,28 +56,20 @@ impl DeviceState {
     pub fn allows_guest_mmio(self) -> bool {
         matches!(self, DeviceState::Running | DeviceState::PreCopy)
     }
-    /// Whether an incoming peer write is legitimate (device memory not saved yet).
-    pub fn accepts_peer_writes(self) -> bool {
-        matches!(
-            self,
-            DeviceState::Running
-                | DeviceState::RunningP2p
-                | DeviceState::PreCopy
-                | DeviceState::PreCopyP2p
-        )
-    }
 }
 
-/// Violation counters (never cleared, not even by reset).
+/// Violation counters (never cleared, not even by reset; carried in the migrated state and
+/// added to the target's). Each is logged when counted.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Violations {
-    /// DMA started while the state forbids it.
+    /// Non-P2P DMA started in a state other than RUNNING/PRE_COPY.
     pub dma_state: u32,
-    /// Guest MMIO while not running.
+    /// Guest MMIO (BAR0 access through the VMM) while not RUNNING/PRE_COPY.
     pub mmio_state: u32,
-    /// Peer write after the state was saved.
+    /// A peer write arriving after this device's memory was saved (STOP_COPY began producing
+    /// it; the write would be lost), or while RESUMING (the load will overwrite it).
     pub late_peer_write: u32,
-    /// P2P DMA started while P2P is forbidden.
+    /// P2P DMA started in RUNNING_P2P/PRE_COPY_P2P or a stopped state.
     pub p2p_state: u32,
 }
 
@@ -115,7 +114,7 @@ pub struct Stream {
 }
 
 /// Register file (the guest-visible values of BAR0).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Regs {
     /// ADDR.
     pub addr: u64,
@@ -181,8 +180,10 @@ pub struct Device {
     pub viol: Violations,
     /// Commands waiting.
     pub queue: VecDeque<Command>,
-    /// A command is executing on the device thread.
-    pub running: bool,
+    /// The command executing on the device thread. When the device leaves RUNNING/PRE_COPY
+    /// before it ends, it goes back to the head of the queue and runs again from its start
+    /// (every command is idempotent, except a COPY whose source and destination overlap).
+    pub current: Option<Command>,
     /// The stream, when started.
     pub stream: Option<Stream>,
     /// Bumped by reset: results of work started before it are dropped.
@@ -197,6 +198,15 @@ pub struct Device {
     pub irqs: Irqs,
     /// The device thread must exit.
     pub shutdown: bool,
+    /// `VFIO_MIGRATION_*` capabilities offered (0: no migration).
+    pub mig_caps: u64,
+    /// The saving session (PRE_COPY*/STOP_COPY); kept after STOP_COPY -> STOP, until the
+    /// device runs again, to notice writes to its memory after it was saved.
+    pub save: Option<Saver>,
+    /// The resuming session (RESUMING).
+    pub load: Option<Loader>,
+    /// DMA logging, when started.
+    pub dma_log: Option<DmaLog>,
 }
 
 impl Default for Device {
@@ -213,7 +223,7 @@ impl Device {
             regs: Regs::default(),
             viol: Violations::default(),
             queue: VecDeque::new(),
-            running: false,
+            current: None,
             stream: None,
             generation: 0,
             config: ConfigSpace::with_msi(msi),
@@ -221,6 +231,10 @@ impl Device {
             msix_pba: [0; 8],
             irqs: Irqs::default(),
             shutdown: false,
+            mig_caps: MIGRATION_ALL,
+            save: None,
+            load: None,
+            dma_log: None,
         }
     }
 }
@@ -238,7 +252,7 @@ impl Device {
             REG_MAGIC => MAGIC,
             REG_VERSION => VERSION,
             REG_STATUS => {
-                let busy = if self.running || !self.queue.is_empty() {
+                let busy = if self.current.is_some() || !self.queue.is_empty() {
                     STATUS_BUSY
                 } else {
                     0
@@ -359,7 +373,14 @@ impl Device {
     /// Sets `bits` in IRQ_STATUS and delivers the interrupt the control register allows.
     pub fn raise(&mut self, bits: u32) {
         self.regs.irq_status |= bits;
-        if self.msix_mode() {
+        if !self.state.allows_irqs() {
+            // Only a guest MMIO while stopped (itself a violation) gets here: the status bit
+            // is kept, the level re-evaluated when the device runs again, an edge is dropped.
+            debug!(
+                "interrupt {bits:#x} not signalled in state {:?}",
+                self.state
+            );
+        } else if self.msix_mode() {
             // Edge: one message per event. The function mask drops it (the VMM owns the PBA).
             if self.regs.irq_control & bits != 0 && !self.config.msix_masked() {
                 if let Some(f) = &self.irqs.msix[0] {
@@ -378,6 +399,11 @@ impl Device {
         if self.config.msi_masked(vector) {
             debug!("MSI vector {vector} masked: pending");
             self.config.set_msi_pending(vector, true);
+        } else if !self.state.allows_irqs() {
+            debug!(
+                "MSI vector {vector} not signalled in state {:?}",
+                self.state
+            );
         } else if let Some(f) = &self.irqs.msi[usize::from(vector)] {
             signal(f, &format!("MSI vector {vector}"));
         }
@@ -411,7 +437,7 @@ impl Device {
     pub fn update_intx(&mut self) {
         let level = self.intx_level();
         self.config.set_intx_status(level);
-        if level && !self.irqs.intx_masked {
+        if level && !self.irqs.intx_masked && self.state.allows_irqs() {
             if let Some(f) = &self.irqs.intx {
                 signal(f, "INTx");
                 self.irqs.intx_masked = true;
@@ -427,13 +453,28 @@ impl Device {
         }
     }
 
+    /// Whether device memory written now would be lost: it was already saved (STOP_COPY
+    /// began producing it, until the device runs again), or a load will overwrite it
+    /// (RESUMING).
+    pub fn memory_saved(&self) -> bool {
+        self.state == DeviceState::Resuming || self.save.as_ref().is_some_and(Saver::finished)
+    }
+
     /// Counts a peer write into device memory, and a violation when it is late.
     pub fn peer_write(&mut self) {
         self.regs.peer_writes = self.regs.peer_writes.wrapping_add(1);
-        if !self.state.accepts_peer_writes() {
-            self.viol.late_peer_write = self.viol.late_peer_write.wrapping_add(1);
-            warn!("violation: peer write in state {:?}", self.state);
+        if self.memory_saved() {
+            self.late_peer_write(1, "peer write (REGION_WRITE)");
         }
+    }
+
+    /// Counts `n` late writes to device memory.
+    pub fn late_peer_write(&mut self, n: u32, how: &str) {
+        self.viol.late_peer_write = self.viol.late_peer_write.wrapping_add(n);
+        warn!(
+            "violation: {how} into device memory after it was saved ({n}, state {:?})",
+            self.state
+        );
     }
 
     /// Counts a DMA start against the state (`p2p`: the target is a peer's memory).
@@ -448,9 +489,18 @@ impl Device {
     }
 
     /// Device reset: registers, queue, stream, config space and interrupt state return to
-    /// power-on values. Kept: violations, the migration state, eventfds, device memory.
+    /// power-on values, the migration state to RUNNING (from any state, ERROR included, as
+    /// the kernel's VFIO_DEVICE_RESET) ending any migration session. Kept: violations, DMA
+    /// logging (a VMM facility, not device state), eventfds, device memory.
     pub fn reset(&mut self) {
+        if self.state != DeviceState::Running {
+            log::info!("reset: migration state {:?} -> Running", self.state);
+        }
+        self.state = DeviceState::Running;
+        self.save = None;
+        self.load = None;
         self.regs = Regs::default();
+        self.current = None;
         self.queue.clear();
         self.stream = None;
         self.generation = self.generation.wrapping_add(1);
@@ -475,11 +525,7 @@ mod tests {
                 "{s:?}"
             );
         }
-        assert!(
-            RunningP2p.accepts_peer_writes()
-                && !StopCopy.accepts_peer_writes()
-                && !Stop.accepts_peer_writes()
-        );
+        assert!(Running.allows_irqs() && PreCopy.allows_irqs() && !RunningP2p.allows_irqs());
     }
 
     #[test]
@@ -495,6 +541,13 @@ mod tests {
         d.check_dma(true);
         d.peer_write();
         d.state = DeviceState::StopCopy;
+        d.peer_write();
+        assert_eq!(d.viol.late_peer_write, 0, "memory not saved yet");
+        let mut saver = Saver::new(false);
+        let fd = crate::mem::memfd("t", DEVICE_MEMORY_SIZE).unwrap();
+        let mem = crate::mem::Mapping::new(&fd, 0, DEVICE_MEMORY_SIZE, true).unwrap();
+        saver.finish(&mem, &crate::migration::DeviceSnapshot::of(&d));
+        d.save = Some(saver);
         d.peer_write();
         d.check_dma(false);
         assert_eq!(

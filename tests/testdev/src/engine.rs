@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use crate::conn::{Message, Writer};
-use crate::device::{Command, Device, Stream};
+use crate::device::{Command, Device, DeviceState, Stream};
 use crate::mem::{Backing, DmaTable, Mapping};
 use crate::proto::{self, le32, le64, Header, HEADER_SIZE};
 use crate::regs::*;
@@ -61,15 +61,43 @@ pub enum DmaError {
     /// The connection is gone.
     #[error("connection closed")]
     Disconnected,
+    /// The device left RUNNING/PRE_COPY: the access is not started (the command is re-queued).
+    #[error("DMA not allowed in state {0:?}")]
+    Stopped(DeviceState),
     /// The reply does not match the request.
     #[error("malformed reply: {0}")]
     BadReply(&'static str),
 }
 
-/// The next piece of a DMA access: bytes done directly, or to request from the client.
+/// The next piece of a DMA access: bytes done directly, or requested from the client (with
+/// the request's id).
 enum Piece {
     Direct(usize),
-    Remote(usize),
+    Remote(usize, u16),
+}
+
+/// The buffer of a DMA access (what is left of it).
+enum Access<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+impl Access<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Access::Read(b) => b.len(),
+            Access::Write(b) => b.len(),
+        }
+    }
+}
+
+fn add_count(d: &mut Device, n: usize, written: bool) {
+    let c = if written {
+        &mut d.regs.dma_written
+    } else {
+        &mut d.regs.dma_read
+    };
+    *c = c.wrapping_add(n as u32);
 }
 
 /// The device's DMA engine.
@@ -98,10 +126,6 @@ impl DmaPort {
         }
     }
 
-    fn table(&self) -> std::sync::RwLockReadGuard<'_, DmaTable> {
-        self.shared.dma.read().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn max_xfer(&self) -> usize {
         self.shared
             .client_max_xfer
@@ -109,28 +133,72 @@ impl DmaPort {
             .clamp(1, proto::MAX_DATA_XFER)
     }
 
-    /// Resolves the next piece of an access at `addr` (at most `want` bytes): a direct piece is
-    /// done here by `direct(mapping, offset, n)` under the table's read lock; a remote one is
-    /// left to the caller, bounded by the client's `max_data_xfer_size`.
-    fn piece(
-        &self,
+    /// Starts the next piece of an access at `addr` under the device lock, so that no state
+    /// change slips between the check and the access: refused with `Stopped` unless the
+    /// state allows DMA; a direct piece is copied here; a remote one's request is sent here
+    /// (so it precedes, on the socket, the reply to a state change that follows), its reply
+    /// is awaited by the caller without the lock. Writes are logged for DMA logging.
+    fn start_piece(
+        &mut self,
         addr: u64,
-        want: usize,
-        write: bool,
-        direct: impl FnOnce(&Mapping, u64, usize) -> bool,
+        mut access: Access<'_>,
+        p2p: bool,
     ) -> Result<Piece, DmaError> {
-        let table = self.table();
-        let r = table.find(addr).ok_or(DmaError::Unmapped(addr))?;
-        if !(if write { r.writable() } else { r.readable() }) {
-            return Err(DmaError::Denied(addr));
+        let shared = self.shared.clone();
+        let mut d = shared.lock();
+        if !d.state.allows_dma() {
+            return Err(DmaError::Stopped(d.state));
         }
-        let left = usize::try_from(r.size - (addr - r.iova)).unwrap_or(usize::MAX);
-        let n = want.min(left);
-        match &r.backing {
-            Backing::Mapped(m) if direct(m, addr - r.iova, n) => Ok(Piece::Direct(n)),
-            Backing::Mapped(_) => Err(DmaError::Unmapped(addr)),
-            Backing::Remote => Ok(Piece::Remote(n.min(self.max_xfer()))),
+        // Cannot count after the check above; kept as the device's own assertion.
+        d.check_dma(p2p);
+        let written = matches!(access, Access::Write(_));
+        let (n, direct) = {
+            let table = shared.dma.read().unwrap_or_else(|p| p.into_inner());
+            let r = table.find(addr).ok_or(DmaError::Unmapped(addr))?;
+            if !(if written { r.writable() } else { r.readable() }) {
+                return Err(DmaError::Denied(addr));
+            }
+            let left = usize::try_from(r.size - (addr - r.iova)).unwrap_or(usize::MAX);
+            let n = access.len().min(left);
+            match &r.backing {
+                Backing::Mapped(m) => {
+                    let off = addr - r.iova;
+                    let ok = match &mut access {
+                        Access::Read(b) => m.read(off, &mut b[..n]),
+                        Access::Write(b) => m.write(off, &b[..n]),
+                    };
+                    if !ok {
+                        return Err(DmaError::Unmapped(addr));
+                    }
+                    (n, true)
+                }
+                Backing::Remote => (n.min(self.max_xfer()), false),
+            }
+        };
+        if written {
+            if let Some(log) = d.dma_log.as_mut() {
+                log.record(addr, n as u64);
+            }
         }
+        if direct {
+            add_count(&mut d, n, written);
+            return Ok(Piece::Direct(n));
+        }
+        let id = match access {
+            Access::Read(_) => {
+                let p = proto::Bytes::default().u64(addr).u64(n as u64).0;
+                self.send_request(proto::CMD_DMA_READ, &p)?
+            }
+            Access::Write(b) => {
+                let p = proto::Bytes::default()
+                    .u64(addr)
+                    .u64(n as u64)
+                    .raw(&b[..n])
+                    .0;
+                self.send_request(proto::CMD_DMA_WRITE, &p)?
+            }
+        };
+        Ok(Piece::Remote(n, id))
     }
 
     /// Reads `buf.len()` bytes at DMA address `addr`.
@@ -138,54 +206,40 @@ impl DmaPort {
         let mut done = 0;
         while done < buf.len() {
             let a = addr + done as u64;
-            let want = buf.len() - done;
-            let n = match self.piece(a, want, false, |m, off, n| {
-                m.read(off, &mut buf[done..done + n])
-            })? {
-                Piece::Direct(n) => n,
-                Piece::Remote(n) => {
-                    self.remote_read(a, &mut buf[done..done + n])?;
-                    n
+            match self.start_piece(a, Access::Read(&mut buf[done..]), false)? {
+                Piece::Direct(n) => done += n,
+                Piece::Remote(n, id) => {
+                    self.remote_read(id, a, &mut buf[done..done + n])?;
+                    self.count(n, false);
+                    done += n;
                 }
-            };
-            self.count(n, false);
-            done += n;
+            }
         }
         Ok(())
     }
 
-    /// Writes `data` at DMA address `addr`.
-    pub fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
+    /// Writes `data` at DMA address `addr` (`p2p`: into a peer's memory).
+    pub fn write(&mut self, addr: u64, data: &[u8], p2p: bool) -> Result<(), DmaError> {
         let mut done = 0;
         while done < data.len() {
             let a = addr + done as u64;
-            let want = data.len() - done;
-            let n = match self.piece(a, want, true, |m, off, n| {
-                m.write(off, &data[done..done + n])
-            })? {
-                Piece::Direct(n) => n,
-                Piece::Remote(n) => {
-                    self.remote_write(a, &data[done..done + n])?;
-                    n
+            match self.start_piece(a, Access::Write(&data[done..]), p2p)? {
+                Piece::Direct(n) => done += n,
+                Piece::Remote(n, id) => {
+                    self.remote_write(id, a, n)?;
+                    self.count(n, true);
+                    done += n;
                 }
-            };
-            self.count(n, true);
-            done += n;
+            }
         }
         Ok(())
     }
 
     fn count(&self, n: usize, written: bool) {
-        let mut d = self.shared.lock();
-        let c = if written {
-            &mut d.regs.dma_written
-        } else {
-            &mut d.regs.dma_read
-        };
-        *c = c.wrapping_add(n as u32);
+        add_count(&mut self.shared.lock(), n, written);
     }
 
-    fn request(&mut self, command: u16, payload: &[u8]) -> Result<Message, DmaError> {
+    fn send_request(&mut self, command: u16, payload: &[u8]) -> Result<u16, DmaError> {
         self.next_id = self.next_id.wrapping_add(1);
         let id = self.next_id;
         // Drop replies that arrived late for earlier (timed out) requests.
@@ -201,6 +255,10 @@ impl DmaPort {
             debug!("sending DMA request: {e}");
             DmaError::Disconnected
         })?;
+        Ok(id)
+    }
+
+    fn await_reply(&mut self, id: u16, command: u16) -> Result<Message, DmaError> {
         let deadline = Instant::now() + self.timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -220,9 +278,8 @@ impl DmaPort {
         }
     }
 
-    fn remote_read(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        let p = proto::Bytes::default().u64(addr).u64(buf.len() as u64).0;
-        let m = self.request(proto::CMD_DMA_READ, &p)?;
+    fn remote_read(&mut self, id: u16, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let m = self.await_reply(id, proto::CMD_DMA_READ)?;
         if m.header.flags & proto::FLAG_ERROR != 0 {
             return Err(DmaError::Client {
                 addr,
@@ -243,13 +300,8 @@ impl DmaPort {
         Ok(())
     }
 
-    fn remote_write(&mut self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
-        let p = proto::Bytes::default()
-            .u64(addr)
-            .u64(data.len() as u64)
-            .raw(data)
-            .0;
-        let m = self.request(proto::CMD_DMA_WRITE, &p)?;
+    fn remote_write(&mut self, id: u16, addr: u64, len: usize) -> Result<(), DmaError> {
+        let m = self.await_reply(id, proto::CMD_DMA_WRITE)?;
         if m.header.flags & proto::FLAG_ERROR != 0 {
             return Err(DmaError::Client {
                 addr,
@@ -259,7 +311,7 @@ impl DmaPort {
         // The spec's table gives the reply's count 4 bytes, libvfio-user's struct 8: accept both
         // (12 or 16 bytes) by checking the low 32 bits.
         let p = &m.payload;
-        if p.len() < 12 || le64(p, 0) != addr || le32(p, 8) != data.len() as u32 {
+        if p.len() < 12 || le64(p, 0) != addr || le32(p, 8) != len as u32 {
             return Err(DmaError::BadReply(
                 "DMA_WRITE reply does not match the request",
             ));
@@ -282,39 +334,49 @@ enum Work {
     Stream(Stream, u64, u64),
 }
 
-fn check_len(len: u32) -> Result<usize, u32> {
+/// Why a command did not complete.
+enum Fail {
+    /// It failed: `ERR_*` for LAST_ERROR.
+    Err(u32),
+    /// The device left RUNNING/PRE_COPY during it: it runs again from its start later.
+    Stopped,
+}
+
+fn check_len(len: u32) -> Result<usize, Fail> {
     if len == 0 || len > MAX_LEN {
-        Err(ERR_BAD_LEN)
+        Err(Fail::Err(ERR_BAD_LEN))
     } else {
         Ok(len as usize)
     }
 }
 
-fn dma_err(e: DmaError) -> u32 {
+fn dma_err(e: DmaError) -> Fail {
+    if let DmaError::Stopped(s) = e {
+        debug!("command interrupted: state {s:?}");
+        return Fail::Stopped;
+    }
     info!("command failed: {e}");
-    ERR_DMA
+    Fail::Err(ERR_DMA)
 }
 
-fn execute(port: &mut DmaPort, c: &Command) -> Result<Effect, u32> {
+fn execute(port: &mut DmaPort, c: &Command) -> Result<Effect, Fail> {
     match c.code {
         CMD_WRITE_PATTERN | CMD_P2P_WRITE => {
             let len = check_len(c.len)?;
-            port.shared.lock().check_dma(c.code == CMD_P2P_WRITE);
             let buf: Vec<u8> = (0..len as u32).map(|i| pattern_byte(c.seed, i)).collect();
-            port.write(c.addr, &buf).map_err(dma_err)?;
+            port.write(c.addr, &buf, c.code == CMD_P2P_WRITE)
+                .map_err(dma_err)?;
             Ok(Effect::None)
         }
         CMD_COPY => {
             let len = check_len(c.len)?;
-            port.shared.lock().check_dma(false);
             let mut buf = vec![0u8; len];
             port.read(c.addr, &mut buf).map_err(dma_err)?;
-            port.write(c.addr2, &buf).map_err(dma_err)?;
+            port.write(c.addr2, &buf, false).map_err(dma_err)?;
             Ok(Effect::None)
         }
         CMD_READ_CHECKSUM => {
             let len = check_len(c.len)?;
-            port.shared.lock().check_dma(false);
             let mut buf = vec![0u8; len];
             port.read(c.addr, &mut buf).map_err(dma_err)?;
             Ok(Effect::Result(fnv1a64(&buf)))
@@ -322,7 +384,7 @@ fn execute(port: &mut DmaPort, c: &Command) -> Result<Effect, u32> {
         CMD_STREAM_START => Ok(Effect::StreamStart),
         CMD_STREAM_STOP => Ok(Effect::StreamStop),
         CMD_CLEAR_COUNTERS => Ok(Effect::Clear),
-        _ => Err(ERR_BAD_COMMAND),
+        _ => Err(Fail::Err(ERR_BAD_COMMAND)),
     }
 }
 
@@ -365,68 +427,79 @@ fn apply(d: &mut Device, res: Result<Effect, u32>) {
 }
 
 fn stream_step(port: &mut DmaPort, s: &Stream, seq: u64) -> Result<(), DmaError> {
-    {
-        let mut d = port.shared.lock();
-        d.check_dma(false);
-        if s.peer != 0 {
-            d.check_dma(true);
-        }
-    }
     let bytes = seq.to_le_bytes();
-    port.write(s.ring.wrapping_add(8 * (seq % s.entries as u64)), &bytes)?;
+    port.write(
+        s.ring.wrapping_add(8 * (seq % s.entries as u64)),
+        &bytes,
+        false,
+    )?;
     if s.peer != 0 {
         port.write(
             s.peer.wrapping_add(8 * (seq % (DEVICE_MEMORY_SIZE / 16))),
             &bytes,
+            true,
         )?;
     }
     Ok(())
 }
 
-/// The device thread's loop; returns when `shutdown` is set.
+/// Waits for work: a queued command or a due stream step, only while the state allows DMA
+/// (RUNNING, PRE_COPY). `None`: shut down.
+fn next_work(shared: &Shared) -> Option<Work> {
+    let mut d = shared.lock();
+    loop {
+        if d.shutdown {
+            return None;
+        }
+        if d.state.allows_dma() {
+            if let Some(c) = d.queue.pop_front() {
+                d.current = Some(c);
+                return Some(Work::Cmd(c, d.generation));
+            }
+            if let Some(s) = d.stream {
+                let now = Instant::now();
+                if now >= s.next_due {
+                    return Some(Work::Stream(s, d.regs.stream_seq, d.generation));
+                }
+                d = shared
+                    .wake
+                    .wait_timeout(d, s.next_due - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                continue;
+            }
+        }
+        d = shared.wake.wait(d).unwrap_or_else(|p| p.into_inner());
+    }
+}
+
+/// The device thread's loop; returns when `shutdown` is set. A command or stream step that
+/// the device's leaving RUNNING/PRE_COPY interrupted (or that ended after it left) has no
+/// effect on the registers: the command goes back to the head of the queue, the stream step
+/// is redone, once the device runs again (here or, migrated, on the target).
 pub fn run(mut port: DmaPort) {
     let shared = port.shared.clone();
-    loop {
-        let work = {
-            let mut d = shared.lock();
-            loop {
-                if d.shutdown {
-                    return;
-                }
-                if let Some(c) = d.queue.pop_front() {
-                    d.running = true;
-                    break Work::Cmd(c, d.generation);
-                }
-                match d.stream {
-                    Some(s) => {
-                        let now = Instant::now();
-                        if now >= s.next_due {
-                            break Work::Stream(s, d.regs.stream_seq, d.generation);
-                        }
-                        d = shared
-                            .wake
-                            .wait_timeout(d, s.next_due - now)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0;
-                    }
-                    None => d = shared.wake.wait(d).unwrap_or_else(|p| p.into_inner()),
-                }
-            }
-        };
+    while let Some(work) = next_work(&shared) {
         match work {
             Work::Cmd(c, gen) => {
                 debug!("running {c:?}");
                 let res = execute(&mut port, &c);
                 let mut d = shared.lock();
-                d.running = false;
-                if d.generation == gen {
-                    apply(&mut d, res);
+                if d.generation != gen {
+                    continue;
+                }
+                d.current = None;
+                match res {
+                    _ if !d.state.allows_dma() => d.queue.push_front(c),
+                    Err(Fail::Stopped) => d.queue.push_front(c),
+                    Err(Fail::Err(e)) => apply(&mut d, Err(e)),
+                    Ok(effect) => apply(&mut d, Ok(effect)),
                 }
             }
             Work::Stream(s, seq, gen) => {
                 let res = stream_step(&mut port, &s, seq);
                 let mut d = shared.lock();
-                if d.generation != gen || d.stream.is_none() {
+                if d.generation != gen || d.stream.is_none() || !d.state.allows_dma() {
                     continue;
                 }
                 match res {
@@ -438,6 +511,7 @@ pub fn run(mut port: DmaPort) {
                             st.next_due = next.max(now);
                         }
                     }
+                    Err(DmaError::Stopped(_)) => {}
                     Err(e) => {
                         info!("stream stopped at sequence {seq}: {e}");
                         d.stream = None;

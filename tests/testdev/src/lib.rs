@@ -1,6 +1,7 @@
 //! skiff-testdev: a vfio-user PCI test device (server side), written from the protocol
 //! specification independently of skiff's client. A DMA engine with MSI-X/INTx, device memory
-//! in BAR2, peer-to-peer writes, and violation counters that check the migration ordering.
+//! in BAR2, peer-to-peer writes, the VFIO v2 migration state machine (PRE_COPY, P2P, STOP_COPY,
+//! RESUMING) with DMA logging, and violation counters that check the migration ordering.
 //!
 //! The binary `skiff-testdev` listens on a socket and calls [`serve`] for one client; tests call
 //! [`serve`] in-process on one end of a socket pair.
@@ -8,11 +9,16 @@
 pub mod config;
 pub mod conn;
 pub mod device;
+pub mod dirty_log;
 pub mod engine;
+pub mod feature;
+pub mod fsm;
 pub mod mem;
+pub mod migration;
 pub mod proto;
 pub mod regs;
 pub mod server;
+pub mod transition;
 
 pub use server::{serve, Options};
 

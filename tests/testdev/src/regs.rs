@@ -93,13 +93,15 @@ pub const REG_IRQ_STATUS: u64 = 0x03c;
 pub const REG_IRQ_CONTROL: u64 = 0x040;
 /// RO: violations of any kind (the sum of the `REG_VIOL_*` counters).
 pub const REG_VIOLATIONS: u64 = 0x044;
-/// RO: DMA started while the device's state forbids it.
+/// RO: DMA started in a migration state other than RUNNING/PRE_COPY (the device's own check).
 pub const REG_VIOL_DMA_STATE: u64 = 0x048;
-/// RO: a guest MMIO access while the device is not running.
+/// RO: a guest MMIO access (BAR0 through the VMM) while not RUNNING/PRE_COPY.
 pub const REG_VIOL_MMIO_STATE: u64 = 0x04c;
-/// RO: a peer write that arrived while the device was stopped (its state already saved).
+/// RO: a peer write into device memory after the device's state was saved (STOP_COPY began,
+/// until the device runs again; the write would be lost), or while RESUMING.
 pub const REG_VIOL_LATE_PEER_WRITE: u64 = 0x050;
-/// RO: peer-to-peer DMA started while P2P is forbidden (RUNNING_P2P).
+/// RO: peer-to-peer DMA started in RUNNING_P2P/PRE_COPY_P2P or a stopped state (the device's
+/// own check).
 pub const REG_VIOL_P2P_STATE: u64 = 0x054;
 /// RO: bytes the device wrote by DMA, low 32 bits (wraps).
 pub const REG_DMA_WRITTEN: u64 = 0x058;

@@ -15,6 +15,7 @@ use log::{debug, info, warn};
 use crate::conn::{recv_message, Message, Writer};
 use crate::device::Device;
 use crate::engine::{self, DmaPort, Shared};
+use crate::feature;
 use crate::mem::{memfd, Backing, DmaRegion, DmaTable, Mapping};
 use crate::proto::*;
 use crate::regs;
@@ -25,9 +26,11 @@ use crate::Error;
 pub struct Options {
     /// Device name, for logs.
     pub id: String,
-    /// Whether the device supports the P2P migration states (`--no-p2p` clears it; used by the
-    /// migration feature, next step).
-    pub p2p: bool,
+    /// `VFIO_MIGRATION_*` flags offered (`--migration`; 0: no migration support, the
+    /// MIGRATION feature is then not offered at all).
+    pub migration: u64,
+    /// Whether the DMA logging features are offered (`--dma-logging`).
+    pub dma_logging: bool,
     /// Whether the device has an MSI capability (`--msi`): config space shows it and
     /// DEVICE_GET_IRQ_INFO reports [`regs::MSI_VECTORS`] for index 1 (MSI).
     pub msi: bool,
@@ -39,7 +42,8 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             id: "testdev".into(),
-            p2p: true,
+            migration: crate::fsm::MIGRATION_ALL,
+            dma_logging: true,
             msi: false,
             dma_timeout: Duration::from_secs(10),
         }
@@ -53,6 +57,7 @@ struct Session {
     writer: Arc<Writer>,
     bar2_fd: OwnedFd,
     msi: bool,
+    dma_logging: bool,
     negotiated: bool,
     replies: Option<Sender<Message>>,
 }
@@ -61,13 +66,15 @@ struct Session {
 /// messages), `Err` on a protocol or I/O error that ended the session.
 pub fn serve(sock: UnixStream, opts: &Options) -> Result<(), Error> {
     info!(
-        "{}: client connected (p2p migration support: {}, msi: {})",
-        opts.id, opts.p2p, opts.msi
+        "{}: client connected (migration flags {:#x}, dma logging: {}, msi: {})",
+        opts.id, opts.migration, opts.dma_logging, opts.msi
     );
+    let mut dev = Device::new(opts.msi);
+    dev.mig_caps = opts.migration;
     let bar2_fd = memfd("skiff-testdev-bar2", regs::DEVICE_MEMORY_SIZE).map_err(Error::Setup)?;
     let bar2 = Mapping::new(&bar2_fd, 0, regs::DEVICE_MEMORY_SIZE, true).map_err(Error::Setup)?;
     let shared = Arc::new(Shared {
-        dev: Mutex::new(Device::new(opts.msi)),
+        dev: Mutex::new(dev),
         wake: Condvar::new(),
         dma: RwLock::new(DmaTable::default()),
         bar2,
@@ -84,6 +91,7 @@ pub fn serve(sock: UnixStream, opts: &Options) -> Result<(), Error> {
         writer,
         bar2_fd,
         msi: opts.msi,
+        dma_logging: opts.dma_logging,
         negotiated: false,
         replies: Some(tx),
     };
@@ -254,12 +262,13 @@ impl Session {
                 self.shared.wake.notify_all();
                 ok(Bytes::default())
             }
-            // Known but not offered: no io fds, no write-multi (not negotiated), no migration yet.
-            CMD_DEVICE_GET_REGION_IO_FDS
-            | CMD_REGION_WRITE_MULTI
-            | CMD_DEVICE_FEATURE
-            | CMD_MIG_DATA_READ
-            | CMD_MIG_DATA_WRITE => Err(libc::ENOTSUP),
+            CMD_DEVICE_FEATURE => {
+                feature::device_feature(&self.shared, self.dma_logging, p).map(|v| (v, None))
+            }
+            CMD_MIG_DATA_READ => feature::mig_data_read(&self.shared, p).map(|v| (v, None)),
+            CMD_MIG_DATA_WRITE => feature::mig_data_write(&self.shared, p).map(|v| (v, None)),
+            // Known but not offered: no io fds, no write-multi (not negotiated).
+            CMD_DEVICE_GET_REGION_IO_FDS | CMD_REGION_WRITE_MULTI => Err(libc::ENOTSUP),
             // Server-to-client commands sent to us.
             CMD_DMA_READ | CMD_DMA_WRITE => Err(libc::EINVAL),
             _ => {
@@ -582,7 +591,9 @@ impl Session {
                     return Err(libc::EINVAL);
                 }
                 // With BAR2 mmap'ed by the VMM, a REGION_WRITE here is a peer's DMA forwarded.
-                self.shared.lock().peer_write();
+                self.shared
+                    .lock()
+                    .peer_region_write(&self.shared.bar2, offset, count);
             }
             REGION_CONFIG => {
                 let mut d = self.shared.lock();

@@ -2,6 +2,11 @@
 //! `/dev/vfio/devices/vfioN` and bound (VFIO_DEVICE_BIND_IOMMUFD) and attached
 //! (VFIO_DEVICE_ATTACH_IOMMUFD_PT) to their group's IOAS — all through vfio-ioctls' `vfio_cdev`
 //! feature and iommufd-ioctls.
+//!
+//! IOMMU dirty tracking (for migrating devices that have no DMA logging of their own):
+//! [`IommufdSet::open_dirty_tracking`] opens a device attached to a page table allocated with
+//! `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` instead of the IOAS's automatic one, and
+//! [`IommufdSet::dirty_tracking`] gives its [`IommuDirtyTracking`] (see `iommufd_dirty.rs`).
 
 use std::collections::HashMap;
 use std::io;
@@ -18,8 +23,9 @@ use iommufd_ioctls::IommuFd;
 use log::info;
 use vfio_ioctls::{VfioDevice, VfioDeviceFd, VfioIommufd, VfioOps};
 
+use super::iommufd_dirty::{DirtyHwpt, DirtyHwptError, IommuDirtyTracking};
 use super::{device_open_error, to_io, DmaSpace, KernelVfioDevice, KernelVfioError, SharedDma};
-use crate::vfio::backend::DmaProt;
+use crate::vfio::backend::{DmaProt, VfioError};
 use crate::vfio::sysfs::PreparedDevice;
 
 /// `iommu_ioas_map.flags` for these access rights (always at the given IOVA).
@@ -104,6 +110,42 @@ impl IommufdSet {
     /// Opens a prepared device (see [`crate::vfio::sysfs::SysfsRoot::prepare`]). On error the
     /// managed binding is given back.
     pub fn open(&self, prepared: PreparedDevice) -> Result<Arc<KernelVfioDevice>, KernelVfioError> {
+        self.open_with(prepared, false)
+    }
+
+    /// Opens a prepared device like [`Self::open`], attached to a page table of its own
+    /// allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` over its group's IOAS (same mappings),
+    /// so that the IOMMU can record its DMA writes: see [`Self::dirty_tracking`]. Fails with
+    /// [`KernelVfioError::NoDirtyTracking`] when the IOMMU has no dirty tracking (Intel VT-d
+    /// without scalable-mode second-stage dirty bits, AMD-Vi without HDSup, ...) or refuses
+    /// the page table.
+    pub fn open_dirty_tracking(
+        &self,
+        prepared: PreparedDevice,
+    ) -> Result<Arc<KernelVfioDevice>, KernelVfioError> {
+        self.open_with(prepared, true)
+    }
+
+    /// The IOMMU dirty tracking of `dev`, opened with [`Self::open_dirty_tracking`]; an
+    /// `Invalid` error for a device opened otherwise. Tracking starts off: turn it on with
+    /// [`IommuDirtyTracking::set_enabled`], read it with [`IommuDirtyTracking::read_and_clear`].
+    pub fn dirty_tracking(&self, dev: &KernelVfioDevice) -> Result<IommuDirtyTracking, VfioError> {
+        dev.dirty_hwpt()
+            .map(IommuDirtyTracking::new)
+            .ok_or_else(|| VfioError::Invalid {
+                what: "dirty_tracking",
+                reason: format!(
+                    "{}: not opened with IOMMU dirty tracking (IommufdSet::open_dirty_tracking)",
+                    dev.bdf()
+                ),
+            })
+    }
+
+    fn open_with(
+        &self,
+        prepared: PreparedDevice,
+        dirty: bool,
+    ) -> Result<Arc<KernelVfioDevice>, KernelVfioError> {
         let bdf = prepared.device.bdf.clone();
         let group = prepared.group.id;
         check_cdev(&bdf, &prepared.device.path)?;
@@ -125,17 +167,56 @@ impl IommufdSet {
             }
         };
         let ops: Arc<dyn VfioOps> = ctx.space().vfio.clone();
-        let device = VfioDevice::new(&prepared.device.path, ops, true)
+        // With dirty tracking the device is bound only, then attached to its own HWPT.
+        let device = VfioDevice::new(&prepared.device.path, ops, !dirty)
             .map_err(|e| device_open_error(&bdf, "binding the device to iommufd", e))?;
-        let dev = KernelVfioDevice::new(
+        let hwpt = if dirty {
+            Some(attach_dirty_hwpt(&bdf, &device, &ctx.space().vfio)?)
+        } else {
+            None
+        };
+        let mut dev = KernelVfioDevice::new(
             "vfio-iommufd",
             (bdf, prepared.group.id),
             device,
             ctx,
             prepared.binding,
         )?;
+        if let Some(hwpt) = hwpt {
+            dev.set_dirty_hwpt(hwpt);
+        }
         Ok(Arc::new(dev))
     }
+}
+
+/// Allocates a dirty-tracking HWPT for the bound (not attached) `device` and attaches it.
+fn attach_dirty_hwpt(
+    bdf: &str,
+    device: &VfioDevice,
+    vfio: &Arc<VfioIommufd>,
+) -> Result<Arc<DirtyHwpt>, KernelVfioError> {
+    let no = |reason: String| KernelVfioError::NoDirtyTracking {
+        bdf: bdf.to_string(),
+        reason,
+    };
+    let dev_id = device
+        .iommufd_dev_id()
+        .ok_or_else(|| no("the device has no iommufd device id".into()))?;
+    let hwpt = DirtyHwpt::alloc(vfio.clone(), dev_id).map_err(|e| match e {
+        DirtyHwptError::NoCapability(caps) => no(format!(
+            "IOMMU_GET_HW_INFO capabilities {caps:#x} lack IOMMU_HW_CAP_DIRTY_TRACKING"
+        )),
+        DirtyHwptError::Refused(step, err) => no(format!("{step}: {err}")),
+    })?;
+    device.attach_hwpt(hwpt.id()).map_err(|e| {
+        no(format!(
+            "VFIO_DEVICE_ATTACH_IOMMUFD_PT to HWPT {}: {}",
+            hwpt.id(),
+            to_io(e)
+        ))
+    })?;
+    info!("{bdf}: attached to dirty-tracking HWPT {}", hwpt.id());
+    Ok(Arc::new(hwpt))
 }
 
 /// The device must have exactly one VFIO cdev (`<dev>/vfio-dev/vfioN`).

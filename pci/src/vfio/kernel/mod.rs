@@ -30,9 +30,12 @@
 
 mod group;
 mod iommufd;
+mod iommufd_dirty;
+mod migration;
 
 pub use group::VfioGroupSet;
 pub use iommufd::IommufdSet;
+pub use iommufd_dirty::IommuDirtyTracking;
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -60,7 +63,10 @@ use super::backend::{
     DeviceInfo, DmaBacking, DmaProt, IrqInfo, RegionInfo, SparseArea, VfioBackend, VfioError,
     VFIO_PCI_INTX_IRQ_INDEX,
 };
+use super::mig_backend::MigrationBackend;
 use super::sysfs::{ManagedBinding, SysfsError};
+use iommufd_dirty::DirtyHwpt;
+use migration::MigSession;
 
 // The device ioctls whose errors vfio-ioctls 0.10 does not return (its region_read/write and
 // reset only log) or whose arguments it cannot express (per-vector eventfds from `start`,
@@ -125,6 +131,14 @@ pub enum KernelVfioError {
         /// The failure.
         #[source]
         source: vfio_ioctls::VfioError,
+    },
+    /// IOMMU dirty tracking was asked for and the IOMMU cannot do it.
+    #[error("{bdf}: the IOMMU cannot track the device's DMA writes ({reason}); migrate without IOMMU dirty tracking (the device's own DMA logging, if it has one) or open it without asking for it")]
+    NoDirtyTracking {
+        /// The device.
+        bdf: String,
+        /// What the IOMMU answered.
+        reason: String,
     },
     /// The device answered something unusable.
     #[error("{bdf}: {what}: {source}")]
@@ -340,6 +354,11 @@ pub struct KernelVfioDevice {
     device: ManuallyDrop<Arc<VfioDevice>>,
     /// Restored after `device` is closed (see the `Drop` impl and [`KernelVfioDevice::close`]).
     binding: Option<ManagedBinding>,
+    /// The migration state last set and the data fd of its session (see `migration.rs`).
+    mig: Mutex<MigSession>,
+    /// The dirty-tracking HWPT the device is attached to (iommufd only, when asked for);
+    /// destroyed after `device` is closed.
+    dirty_hwpt: Option<Arc<DirtyHwpt>>,
 }
 
 /// The DMA side of a [`KernelVfioDevice`] (its group's [`SharedDma`]).
@@ -397,6 +416,8 @@ impl KernelVfioDevice {
             dma,
             device: ManuallyDrop::new(Arc::new(device)),
             binding: Some(binding),
+            mig: Mutex::new(MigSession::default()),
+            dirty_hwpt: None,
         })
     }
 
@@ -416,6 +437,16 @@ impl KernelVfioDevice {
             Some(b) => Ok(b.restore()?),
             None => Ok(()),
         }
+    }
+
+    /// Records the dirty-tracking HWPT the device was attached to at open.
+    pub(crate) fn set_dirty_hwpt(&mut self, hwpt: Arc<DirtyHwpt>) {
+        self.dirty_hwpt = Some(hwpt);
+    }
+
+    /// The dirty-tracking HWPT the device is attached to, if any.
+    pub(crate) fn dirty_hwpt(&self) -> Option<Arc<DirtyHwpt>> {
+        self.dirty_hwpt.clone()
     }
 
     /// The device's PCI address.
@@ -500,6 +531,9 @@ impl Drop for KernelVfioDevice {
         }
         // SAFETY: `self.device` is dropped exactly once, here, and not used afterwards.
         unsafe { ManuallyDrop::drop(&mut self.device) };
+        // The device detached from its dirty-tracking HWPT when it closed: it can go now,
+        // before the IOAS it was allocated from.
+        drop(self.dirty_hwpt.take());
         // Now that the device is closed, the host drivers can have it back.
         drop(binding);
     }
@@ -704,6 +738,10 @@ impl VfioBackend for KernelVfioDevice {
         self.dma.unmap(iova, size)
     }
 
+    fn migration(&self) -> Option<&dyn MigrationBackend> {
+        Some(self)
+    }
+
     fn reset(&self) -> Result<(), VfioError> {
         if self.info.flags & VFIO_DEVICE_FLAGS_RESET == 0 {
             return Err(VfioError::Invalid {
@@ -716,9 +754,16 @@ impl VfioBackend for KernelVfioDevice {
         if ret < 0 {
             return Err(last_errno("reset"));
         }
+        // A reset puts the device back in RUNNING and ends any migration data session.
+        self.mig.lock().unwrap().apply(
+            vfio_bindings::bindings::vfio::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING,
+            None,
+        );
         Ok(())
     }
 }
 
+#[cfg(test)]
+mod mig_tests;
 #[cfg(test)]
 mod tests;

@@ -27,6 +27,9 @@ pub const REGION_WRITE: u16 = 10;
 pub const DMA_READ: u16 = 11;
 pub const DMA_WRITE: u16 = 12;
 pub const RESET: u16 = 13;
+pub const DEVICE_FEATURE: u16 = 16;
+pub const MIG_DATA_READ: u16 = 17;
+pub const MIG_DATA_WRITE: u16 = 18;
 pub const CONFIG: u32 = 7;
 
 pub fn le16(b: &[u8], o: usize) -> u16 {
@@ -112,15 +115,17 @@ impl Client {
 
     /// [`Client::start`], the device with an MSI capability when `msi` (`--msi`).
     pub fn start_with(msi: bool) -> Client {
+        Client::start_opts(testdev::Options {
+            msi,
+            ..test_options()
+        })
+    }
+
+    /// A server with `opts`, on one end of a Unix socket pair.
+    pub fn start_opts(opts: testdev::Options) -> Client {
         let _ = env_logger::builder().is_test(true).try_init();
         let (a, b) = UnixStream::pair().unwrap();
         a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let opts = testdev::Options {
-            id: "test".into(),
-            p2p: true,
-            msi,
-            dma_timeout: Duration::from_secs(3),
-        };
         let server = std::thread::spawn(move || testdev::serve(b, &opts));
         Client {
             sock: a,
@@ -128,6 +133,13 @@ impl Client {
             server: Some(server),
             requests: VecDeque::new(),
         }
+    }
+
+    /// [`Client::start_opts`], then VERSION.
+    pub fn negotiated_opts(opts: testdev::Options) -> Client {
+        let mut c = Client::start_opts(opts);
+        c.version(r#"{"capabilities":{"max_msg_fds":8,"pgsizes":4096}}"#);
+        c
     }
 
     pub fn negotiated() -> Client {
@@ -306,6 +318,16 @@ impl Client {
             std::thread::sleep(Duration::from_millis(5));
         }
         h.join().expect("server thread panicked")
+    }
+}
+
+/// The options the tests use unless they say otherwise (the binary's defaults, a shorter DMA
+/// timeout).
+pub fn test_options() -> testdev::Options {
+    testdev::Options {
+        id: "test".into(),
+        dma_timeout: Duration::from_secs(3),
+        ..Default::default()
     }
 }
 
