@@ -243,6 +243,10 @@ pub struct UserDeviceConfig {
     /// only; peers cannot reach it either).
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub p2p: bool,
+    /// Use the device's PRE_COPY during live migration (`pre_copy=off`: its state is read
+    /// only after it stops, in STOP_COPY — for a device whose pre-copy stream misbehaves).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub pre_copy: bool,
     /// Where the device sits on the PCI bus (filled in by the VM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pci_address: Option<PciAddress>,
@@ -285,6 +289,9 @@ pub struct HostDeviceConfig {
     /// Peer-to-peer DMA with other passthrough devices (see [`UserDeviceConfig::p2p`]).
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub p2p: bool,
+    /// Use the device's PRE_COPY during live migration (see [`UserDeviceConfig::pre_copy`]).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub pre_copy: bool,
     /// skiff binds the device to vfio-pci itself and gives it back to its driver on exit.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub managed: bool,
@@ -896,12 +903,12 @@ pub fn parse_rng(s: &str) -> Result<RngConfig, ConfigError> {
     })
 }
 
-/// Parse `--user-device socket=PATH[,id=NAME][,iommu=on][,p2p=off][,pci_address=ADDR]`.
+/// Parse `--user-device socket=PATH[,id=NAME][,iommu=on][,p2p=off][,pre_copy=off][,pci_address=ADDR]`.
 pub fn parse_user_device(s: &str) -> Result<UserDeviceConfig, ConfigError> {
     let o = parse_options(
         "user-device",
         s,
-        &["socket", "id", "iommu", "p2p", "pci_address"],
+        &["socket", "id", "iommu", "p2p", "pre_copy", "pci_address"],
     )?;
     let socket = o
         .get("socket")
@@ -921,11 +928,12 @@ pub fn parse_user_device(s: &str) -> Result<UserDeviceConfig, ConfigError> {
         id: o.get("id").cloned(),
         iommu: flag("iommu", false)?,
         p2p: flag("p2p", true)?,
+        pre_copy: flag("pre_copy", true)?,
         pci_address: pci_address_option("user-device", &o)?,
     })
 }
 
-/// Parse `--device path=SYSFS_PATH[,id=NAME][,iommu=on][,p2p=off][,managed=on][,group=take]
+/// Parse `--device path=SYSFS_PATH[,id=NAME][,iommu=on][,p2p=off][,pre_copy=off][,managed=on][,group=take]
 /// [,backend=group|iommufd][,pci_address=ADDR]`.
 pub fn parse_host_device(s: &str) -> Result<HostDeviceConfig, ConfigError> {
     let o = parse_options(
@@ -936,6 +944,7 @@ pub fn parse_host_device(s: &str) -> Result<HostDeviceConfig, ConfigError> {
             "id",
             "iommu",
             "p2p",
+            "pre_copy",
             "managed",
             "group",
             "backend",
@@ -971,6 +980,7 @@ pub fn parse_host_device(s: &str) -> Result<HostDeviceConfig, ConfigError> {
         id: o.get("id").cloned(),
         iommu: flag("iommu", false)?,
         p2p: flag("p2p", true)?,
+        pre_copy: flag("pre_copy", true)?,
         managed: flag("managed", false)?,
         group,
         backend,

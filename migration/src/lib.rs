@@ -195,6 +195,11 @@ pub trait Migratable: Snapshottable {
     fn stop_state_size(&self) -> u64 {
         0
     }
+    /// A passthrough device's migration support and options, for the device migration plan
+    /// ([`device_fsm::plan_device_migration`]); `None` for everything else.
+    fn passthrough_migration(&self) -> Option<device_fsm::PassthroughMigInfo> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use devices::virtio::rng::{Rng, RngConfig as DevRngConfig};
 use devices::virtio::{AccessPlatform, VirtioDevice};
 use pci::{PciFunction, VirtioPciDevice};
 use thiserror::Error;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::{
     ConfiguredDevice, ConsoleConfig, DeviceKind, GroupPolicy, PciAddress, TapConfig,
@@ -26,7 +27,7 @@ use crate::pci_devices::intx_gsi;
 use iommu::Translator;
 use pci::vfio::kernel::{IommufdSet, KernelVfioDevice, KernelVfioError, VfioGroupSet};
 use pci::vfio::sysfs::{BindOptions, PreparedDevice, SysfsRoot};
-use pci::vfio::{VfioBackend, VfioPciDevice};
+use pci::vfio::{VfioBackend, VfioMigrationOptions as PassthroughOptions, VfioPciDevice};
 
 pub use crate::config::IOMMU_DEVICE_ID;
 
@@ -351,7 +352,16 @@ fn build_user_device(
     let u = &config.user_devices[d.index];
     let backend = pci::vfio::user::VfioUserBackend::connect(&u.socket, Default::default())
         .map_err(|e| DeviceCreateError::new("--user-device", &d.id, e))?;
-    passthrough_function("--user-device", Arc::new(backend), u.p2p, d, ctx)
+    passthrough_function(
+        "--user-device",
+        Arc::new(backend),
+        PassthroughOptions {
+            p2p_off: !u.p2p,
+            pre_copy_off: !u.pre_copy,
+        },
+        d,
+        ctx,
+    )
 }
 
 fn build_host_device(
@@ -373,7 +383,16 @@ fn build_host_device(
         .kernel_vfio
         .open(h.backend, prepared)
         .map_err(|e| DeviceCreateError::new("--device", &d.id, e))?;
-    passthrough_function("--device", device, h.p2p, d, ctx)
+    passthrough_function(
+        "--device",
+        device,
+        PassthroughOptions {
+            p2p_off: !h.p2p,
+            pre_copy_off: !h.pre_copy,
+        },
+        d,
+        ctx,
+    )
 }
 
 /// A passthrough function over `backend`: the PCI function, its DMA space (identity, or
@@ -381,11 +400,12 @@ fn build_host_device(
 pub fn passthrough_function(
     what: &'static str,
     backend: Arc<dyn VfioBackend>,
-    p2p: bool,
+    options: PassthroughOptions,
     d: &ConfiguredDevice,
     ctx: &BuildContext<'_>,
 ) -> Result<Arc<Mutex<dyn PciFunction>>, DeviceCreateError> {
     let slot = ctx.address.slot();
+    let p2p = !options.p2p_off;
     let mut dev = VfioPciDevice::new(
         &d.id,
         backend.clone(),
@@ -393,6 +413,16 @@ pub fn passthrough_function(
         Some((1, intx_gsi(slot, 0))),
     )
     .map_err(|e| DeviceCreateError::new(what, &d.id, e))?;
+    dev.set_migration_options(options);
+    if !d.iommu {
+        // Identity DMA space: the device's DMA log covers guest RAM at its addresses.
+        dev.set_dma_ranges(
+            ctx.mem
+                .iter()
+                .map(|r| (r.start_addr().raw_value(), r.len()))
+                .collect::<Vec<_>>(),
+        );
+    }
     let dma = Arc::new(PassthroughDma::new(
         &d.id,
         slot,

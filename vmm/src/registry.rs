@@ -16,7 +16,8 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use migration::codec::{StateReader, StateWriter};
-use migration::{Migratable, StateError, StateSection};
+use migration::device_fsm::PassthroughMigInfo;
+use migration::{Migratable, Pausable, StateError, StateSection};
 use thiserror::Error;
 
 use crate::config::PciAddress;
@@ -52,6 +53,9 @@ pub enum RegistryError {
     /// The manifest section is malformed.
     #[error("component manifest: {0}")]
     Manifest(#[source] StateError),
+    /// Data was addressed to a component this VM does not have.
+    #[error("no component {0:?} in this VM")]
+    UnknownComponent(String),
 }
 
 /// One registered component.
@@ -182,6 +186,71 @@ impl Registry {
             }
         }
         first.map_or(Ok(()), Err)
+    }
+
+    /// Quiesce, then pause, only the passthrough devices (a migration target before their data
+    /// arrives: every fresh device leaves RUNNING through the P2P grace state first).
+    pub fn pause_passthrough(&self) -> Result<(), RegistryError> {
+        let passthrough: Vec<&Component> = self
+            .components
+            .iter()
+            .filter(|c| c.lock().passthrough_migration().is_some())
+            .collect();
+        for step in [Pausable::quiesce, Pausable::pause] {
+            for c in &passthrough {
+                let done = step(&mut *c.lock());
+                done.map_err(c.err())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What the device migration plan needs of every passthrough device, in registry order.
+    pub fn passthrough_migration(&self) -> Vec<PassthroughMigInfo> {
+        self.components
+            .iter()
+            .filter_map(|c| c.lock().passthrough_migration())
+            .collect()
+    }
+
+    /// Read every component's pre-copy state until each has nothing more for now, handing
+    /// each chunk (at most `max` bytes) to `send` with the component's id.
+    pub fn precopy_drain<E: From<RegistryError>>(
+        &self,
+        max: usize,
+        mut send: impl FnMut(&str, Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for c in &self.components {
+            loop {
+                let chunk = c.lock().precopy_read(max);
+                match chunk.map_err(c.err())? {
+                    Some(data) => send(&c.id, data)?,
+                    None => break,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of pre-copy state the components have pending, and the bytes of state they will
+    /// produce once stopped (both count in the downtime estimate).
+    pub fn device_state_sizes(&self) -> (u64, u64) {
+        self.components.iter().fold((0, 0), |(pending, stop), c| {
+            let g = c.lock();
+            (
+                pending.saturating_add(g.precopy_pending()),
+                stop.saturating_add(g.stop_state_size()),
+            )
+        })
+    }
+
+    /// Target side: hand component `id` a chunk of its source's pre-copy state.
+    pub fn precopy_write(&self, id: &str, data: &[u8]) -> Result<(), RegistryError> {
+        let c = self
+            .get(id)
+            .ok_or_else(|| RegistryError::UnknownComponent(id.to_string()))?;
+        let written = c.lock().precopy_write(data);
+        written.map_err(c.err())
     }
 
     /// Start dirty logging in every component that writes guest memory by itself.

@@ -398,20 +398,16 @@ impl Vmm {
             message,
             state: None,
         })?;
-        if let Some(c) = vm
-            .registry()
-            .components()
-            .iter()
-            .find(|c| c.kind.starts_with("vfio"))
-        {
-            return Err(ApiError {
-                status: 409,
-                message: format!(
-                    "vm.send-migration: {} is a passthrough device ({}); migrating passthrough devices is not available in this build yet",
-                    c.id, c.kind
-                ),
-                state: self.state,
-            });
+        // Passthrough devices: can they all migrate, and safely together (P2P)?
+        let passthrough = vm.registry().passthrough_migration();
+        if !passthrough.is_empty() {
+            if let Err(e) = migration::device_fsm::plan_device_migration(&passthrough) {
+                return Err(ApiError {
+                    status: 409,
+                    message: format!("vm.send-migration: {e}"),
+                    state: self.state,
+                });
+            }
         }
         if self.state == Some(VmState::Paused) {
             return Err(ApiError {

@@ -25,9 +25,12 @@ use std::sync::Arc;
 
 use devices::bus::BusDevice;
 use devices::legacy::LogLimiter;
-use migration::{Migratable, Pausable, Snapshottable, StateError, StateSection};
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+mod migrate;
+
+pub use migrate::VfioMigrationOptions;
 
 use super::backend::*;
 use super::msi::{find_msi, Msi, MsiChange};
@@ -143,6 +146,8 @@ pub struct VfioPciDevice {
     /// The DMA server of this device (the backend holds it weakly, so the two do not keep each
     /// other alive).
     dma: Option<Arc<dyn DmaHandler>>,
+    /// The VFIO migration state machine of the device.
+    mig: migrate::DeviceMigration,
 }
 
 /// Gives a backend a handler without owning it.
@@ -304,6 +309,7 @@ impl VfioPciDevice {
             }
             _ => None,
         };
+        let mig = migrate::DeviceMigration::probe(id, backend.migration());
         let mut dev = Self {
             id: id.to_string(),
             backend,
@@ -319,6 +325,7 @@ impl VfioPciDevice {
             stats: Arc::new(VfioStats::default()),
             bad_access: LogLimiter::new(),
             dma: None,
+            mig,
         };
         let failed = dev.failed.clone();
         let error_hook = dev.error_hook.clone();
@@ -858,31 +865,6 @@ impl BusDevice for VfioPciDevice {
         }
     }
 }
-
-impl Pausable for VfioPciDevice {}
-
-impl Snapshottable for VfioPciDevice {
-    fn id(&self) -> String {
-        format!("vfio/{}", self.id)
-    }
-
-    fn snapshot(&mut self) -> Result<StateSection, StateError> {
-        Err(StateError::Unsupported {
-            id: self.id.clone(),
-            what: "snapshots: the state of a passthrough device cannot be saved yet (it comes with device migration)"
-                .into(),
-        })
-    }
-
-    fn restore(&mut self, _section: &StateSection) -> Result<(), StateError> {
-        Err(StateError::Unsupported {
-            id: self.id.clone(),
-            what: "restoring passthrough device state".into(),
-        })
-    }
-}
-
-impl Migratable for VfioPciDevice {}
 
 impl PciFunction for VfioPciDevice {
     fn kind(&self) -> &'static str {

@@ -13,4 +13,4 @@ pub use backend::{
     DeviceInfo, DmaBacking, DmaHandler, DmaProt, IrqInfo, RegionInfo, SparseArea, VfioBackend,
     VfioError,
 };
-pub use device::{VfioPciDevice, VfioPciError, VfioStats};
+pub use device::{VfioMigrationOptions, VfioPciDevice, VfioPciError, VfioStats};

@@ -60,6 +60,12 @@ pub enum MigrateError {
     Config(String),
 }
 
+impl From<crate::registry::RegistryError> for MigrateError {
+    fn from(e: crate::registry::RegistryError) -> Self {
+        MigrateError::Vm(VmError::from(e))
+    }
+}
+
 /// Progress shared between a migration worker and the API.
 #[derive(Clone)]
 pub struct SharedProgress {

@@ -161,13 +161,18 @@ fn precopy(
         progress.check_cancel()?;
         let start = Instant::now();
         let sent = send_pass(core, senders, ranges, zeros)?;
+        // Devices with PRE_COPY stream their state beside RAM. Each iteration reads until they
+        // have nothing more for now, so their initial bytes are all sent after the first one,
+        // before any switch-over.
+        let device_sent = send_device_precopy(core, &mut senders[0])?;
         let dirty = core.dirty_pages()?;
+        let (device_pending, device_stop) = core.registry().device_state_sizes();
         let decision = planner.record(&IterationReport {
-            bytes_sent: sent,
+            bytes_sent: sent + device_sent,
             duration: start.elapsed(),
             dirty_pages: dirty.count(),
-            device_precopy_pending: 0,
-            device_stop_state: 0,
+            device_precopy_pending: device_pending,
+            device_stop_state: device_stop,
         });
         let p = planner.progress();
         progress.update(|m| {
@@ -195,6 +200,29 @@ fn precopy(
             Decision::GiveUp(reason) => return Err(MigrateError::GaveUp(reason)),
         }
     }
+}
+
+/// Largest piece of a device's pre-copy state in one DEVICE_PRECOPY message.
+const DEVICE_PRECOPY_CHUNK: usize = 1 << 20;
+
+/// Send what every device has of pre-copy state now, on the first connection (where STATE
+/// follows, so the target sees a device's data in order); returns the bytes sent.
+fn send_device_precopy(
+    core: &VmCore,
+    sender: &mut MigrationSender<Conn>,
+) -> Result<u64, MigrateError> {
+    let mut sent = 0u64;
+    core.registry()
+        .precopy_drain(DEVICE_PRECOPY_CHUNK, |id, data| {
+            sent += data.len() as u64;
+            sender
+                .send(&Message::DevicePrecopy {
+                    id: id.to_string(),
+                    data,
+                })
+                .map_err(MigrateError::from)
+        })?;
+    Ok(sent)
 }
 
 /// Put `ranges` back in the dirty log so the stop phase sends them (they were taken out by the

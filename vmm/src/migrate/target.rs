@@ -135,7 +135,10 @@ fn load(
                             .apply(mem, &frame)?;
                         rx.recycle(frame);
                     }
-                    Message::IterationEnd(_) | Message::DevicePrecopy { .. } => {}
+                    Message::IterationEnd(_) => {}
+                    Message::DevicePrecopy { id, data } => {
+                        vm.registry().precopy_write(&id, &data)?
+                    }
                     Message::State(s) => sections = Some(s),
                     Message::Complete(_) => return Ok(sections),
                     Message::Abort(reason) => return Err(MigrateError::Aborted(reason)),
@@ -180,6 +183,14 @@ pub fn receive(req: ReceiveMigrationRequest, progress: SharedProgress) -> Result
                 return Err(e);
             }
         };
+        // Passthrough devices leave RUNNING through the P2P grace state, all of them before any
+        // is stopped, and wait in STOP for their data (RESUMING starts with the first of it).
+        if let Err(e) = vm.registry().pause_passthrough() {
+            let e = MigrateError::from(e);
+            let _ = reply.send(&Message::Refuse(e.to_string()));
+            let _ = reply.get_mut().flush();
+            return Err(e);
+        }
         reply.send(&Message::Accept)?;
         reply.get_mut().flush()?;
         progress.phase(MigrationPhase::Precopy);

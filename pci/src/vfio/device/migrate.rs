@@ -1,0 +1,455 @@
+//! Migration of a passthrough function: the VFIO v2 state machine driven through
+//! [`Pausable`]/[`Snapshottable`]/[`Migratable`], so the registry's ordering — every device
+//! quiesced (RUNNING_P2P) before any is stopped, and the mirror on resume — applies to it like to
+//! every other component.
+//!
+//! Source: `start_dirty_log` starts the device's DMA logging and PRE_COPY; `precopy_read` streams
+//! its pre-copy data; `quiesce` → RUNNING_P2P / PRE_COPY_P2P; `pause` → STOP (or STOP_COPY from a
+//! pre-copy state, so the data session goes on); `snapshot` → STOP_COPY, drains the data, → STOP.
+//! Target: `precopy_write` / `restore` → RESUMING, write the data, → STOP; `resume_quiesced` →
+//! RUNNING_P2P; `resume` → RUNNING. Every move is a walk of single direct arcs
+//! ([`migration::device_fsm::device_arcs`]). A failed resume falls back to a device reset.
+
+use log::{info, warn};
+use migration::device_fsm::{device_arcs, DeviceMigState, MigrationCaps, PassthroughMigInfo};
+use migration::{DirtyBitmap, Migratable, Pausable, Snapshottable, StateError, StateSection};
+
+use devices::legacy::{StateReader, StateWriter};
+
+use super::VfioPciDevice;
+use crate::vfio::mig_backend::MigrationBackend;
+
+/// Version of a passthrough function's state section.
+const VFIO_STATE_VERSION: u16 = 1;
+/// Largest read of migration data at a time.
+const READ_CHUNK: usize = 1 << 20;
+/// Largest device data accepted in one section (the stream's own limit is lower).
+const MAX_DEVICE_DATA: usize = 1 << 31;
+/// Page size asked for DMA logging.
+const LOG_PAGE: u64 = 4096;
+
+/// Per-device migration options from the VM configuration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VfioMigrationOptions {
+    /// `p2p=off`: the device's DMA space holds guest RAM only (no peer BARs).
+    pub p2p_off: bool,
+    /// `pre_copy=off`: never use the device's PRE_COPY, go straight to STOP_COPY.
+    pub pre_copy_off: bool,
+}
+
+/// How the pages the device writes by DMA are found during a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DmaLog {
+    /// Not migrating.
+    Off,
+    /// The device's DMA logging, at this page size.
+    Device(u64),
+    /// No logging: every page the device can reach is dirty once it is stopped.
+    Everything,
+}
+
+/// The migration side of a passthrough function.
+#[derive(Debug)]
+pub(super) struct DeviceMigration {
+    caps: MigrationCaps,
+    state: DeviceMigState,
+    options: VfioMigrationOptions,
+    /// Guest RAM ranges the device reaches at identical IOVAs (empty behind the vIOMMU).
+    dma_ranges: Vec<(u64, u64)>,
+    log: DmaLog,
+    /// The last pre-copy read was full: there may be more.
+    precopy_more: bool,
+}
+
+impl DeviceMigration {
+    /// Ask the backend what the device supports (a device that cannot say cannot migrate).
+    pub(super) fn probe(id: &str, backend: Option<&dyn MigrationBackend>) -> Self {
+        let caps = match backend.map(|m| m.migration_flags()) {
+            Some(Ok(Some(bits))) => MigrationCaps::from_bits(bits),
+            Some(Err(e)) => {
+                warn!("{id}: cannot read the device's migration support: {e}");
+                MigrationCaps::NONE
+            }
+            _ => MigrationCaps::NONE,
+        };
+        let state = match backend.filter(|_| caps.migratable()).map(|m| m.mig_state()) {
+            Some(Ok(s)) => DeviceMigState::from_u32(s).unwrap_or(DeviceMigState::Error),
+            _ => DeviceMigState::Running,
+        };
+        if caps.migratable() {
+            info!("{id}: migration {caps}, state {state}");
+        }
+        DeviceMigration {
+            caps,
+            state,
+            options: VfioMigrationOptions::default(),
+            dma_ranges: Vec::new(),
+            log: DmaLog::Off,
+            precopy_more: false,
+        }
+    }
+
+    fn migratable(&self) -> bool {
+        self.caps.migratable()
+    }
+
+    fn in_precopy(&self) -> bool {
+        matches!(
+            self.state,
+            DeviceMigState::PreCopy | DeviceMigState::PreCopyP2p
+        )
+    }
+}
+
+impl VfioPciDevice {
+    /// Set the device's migration options (from its configuration).
+    pub fn set_migration_options(&mut self, options: VfioMigrationOptions) {
+        self.mig.options = options;
+    }
+
+    /// The guest RAM ranges the device reaches at identical IOVAs (no vIOMMU): where its DMA
+    /// logging looks.
+    pub fn set_dma_ranges(&mut self, ranges: Vec<(u64, u64)>) {
+        self.mig.dma_ranges = ranges;
+    }
+
+    /// The device's current migration state.
+    pub fn migration_state(&self) -> DeviceMigState {
+        self.mig.state
+    }
+
+    fn mig_backend(&self) -> Result<&dyn MigrationBackend, StateError> {
+        self.backend
+            .migration()
+            .filter(|_| self.mig.migratable())
+            .ok_or_else(|| StateError::Unsupported {
+                id: self.id.clone(),
+                what: "migration (the device does not offer VFIO_DEVICE_FEATURE_MIGRATION)".into(),
+            })
+    }
+
+    /// Walk the device from its state to `to`, one direct arc at a time.
+    fn mig_go(&mut self, to: DeviceMigState) -> Result<(), StateError> {
+        let arcs = device_arcs(0, self.mig.caps, self.mig.state, to)
+            .map_err(|e| StateError::component(self.id.clone(), e))?;
+        for arc in arcs {
+            let m = self.mig_backend()?;
+            if let Err(e) = m.set_mig_state(arc.to.as_u32()) {
+                // The device may have ended somewhere else (ERROR): learn where.
+                self.mig.state = m
+                    .mig_state()
+                    .ok()
+                    .and_then(DeviceMigState::from_u32)
+                    .unwrap_or(DeviceMigState::Error);
+                return Err(StateError::Component {
+                    id: self.id.clone(),
+                    source: format!("{} -> {}: {e}", arc.from, arc.to).into(),
+                });
+            }
+            log::debug!("{}: {} -> {}", self.id, arc.from, arc.to);
+            self.mig.state = arc.to;
+        }
+        Ok(())
+    }
+
+    /// Back to RUNNING by legal arcs, or by a reset when there is no way (ERROR, a failed arc).
+    fn mig_recover(&mut self) -> Result<(), StateError> {
+        match self.mig_go(DeviceMigState::Running) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                warn!("{}: {e}; resetting the device", self.id);
+                self.backend
+                    .reset()
+                    .map_err(|r| StateError::component(self.id.clone(), r))?;
+                self.mig.state = DeviceMigState::Running;
+                Ok(())
+            }
+        }
+    }
+
+    /// Read migration data until the device has no more (STOP_COPY: the end).
+    fn mig_drain(&mut self) -> Result<Vec<u8>, StateError> {
+        let m = self.mig_backend()?;
+        let mut out = Vec::new();
+        loop {
+            let chunk = m
+                .mig_data_read(READ_CHUNK)
+                .map_err(|e| StateError::component(self.id.clone(), e))?;
+            out.extend_from_slice(&chunk);
+            if chunk.len() < READ_CHUNK {
+                return Ok(out);
+            }
+            if out.len() > MAX_DEVICE_DATA {
+                return Err(StateError::Malformed {
+                    id: self.id.clone(),
+                    reason: format!("the device gives more than {MAX_DEVICE_DATA} bytes of state"),
+                });
+            }
+        }
+    }
+
+    /// The VMM-side state: configuration space and MSI-X table.
+    fn save_emulated(&self, w: &mut StateWriter) {
+        self.config.save(w);
+        w.bool(self.msix.is_some());
+        if let Some(m) = &self.msix {
+            m.config.save(w);
+        }
+    }
+
+    fn restore_emulated(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError> {
+        self.config.restore(r)?;
+        let has_msix = r.bool()?;
+        match (&mut self.msix, has_msix) {
+            (Some(m), true) => m.config.restore(r)?,
+            (None, false) => {}
+            (_, saved) => {
+                return Err(r.malformed(format!(
+                    "MSI-X {} in the state but the device {} it",
+                    if saved { "present" } else { "absent" },
+                    if saved { "lacks" } else { "has" }
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// Program the device's interrupts and command register from the restored emulation.
+    fn reapply_emulated(&mut self) {
+        self.forward_command();
+        self.sync_msi();
+        self.sync_msix();
+    }
+
+    /// RESUMING, the device's data, STOP (the device checks the data on that arc).
+    fn load_device_data(&mut self, data: &[u8]) -> Result<(), StateError> {
+        if self.mig.state != DeviceMigState::Resuming {
+            self.mig_go(DeviceMigState::Resuming)?;
+        }
+        self.mig_backend()?
+            .mig_data_write(data)
+            .map_err(|e| StateError::component(self.id.clone(), e))?;
+        self.mig_go(DeviceMigState::Stop)
+    }
+
+    fn stop_dma_log(&mut self) {
+        if let DmaLog::Device(_) = self.mig.log {
+            if let Some(m) = self.backend.migration() {
+                if let Err(e) = m.dma_logging_stop() {
+                    warn!("{}: cannot stop DMA logging: {e}", self.id);
+                }
+            }
+        }
+        self.mig.log = DmaLog::Off;
+    }
+}
+
+impl Pausable for VfioPciDevice {
+    fn quiesce(&mut self) -> Result<(), StateError> {
+        if !self.mig.migratable() || !self.mig.caps.p2p() {
+            return Ok(());
+        }
+        match self.mig.state {
+            DeviceMigState::Running => self.mig_go(DeviceMigState::RunningP2p),
+            DeviceMigState::PreCopy => self.mig_go(DeviceMigState::PreCopyP2p),
+            _ => Ok(()),
+        }
+    }
+
+    fn pause(&mut self) -> Result<(), StateError> {
+        if !self.mig.migratable() {
+            return Ok(());
+        }
+        match self.mig.state {
+            // Keep the pre-copy data session: its data is only good with the rest.
+            DeviceMigState::PreCopy | DeviceMigState::PreCopyP2p => {
+                self.mig_go(DeviceMigState::StopCopy)
+            }
+            DeviceMigState::Stop | DeviceMigState::StopCopy | DeviceMigState::Resuming => Ok(()),
+            _ => self.mig_go(DeviceMigState::Stop),
+        }
+    }
+
+    fn resume_quiesced(&mut self) -> Result<(), StateError> {
+        if !self.mig.migratable() || !self.mig.caps.p2p() {
+            return Ok(());
+        }
+        match self.mig.state {
+            DeviceMigState::Stop | DeviceMigState::StopCopy => {
+                self.mig_go(DeviceMigState::RunningP2p)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), StateError> {
+        if !self.mig.migratable() || self.mig.state == DeviceMigState::Running {
+            return Ok(());
+        }
+        self.mig_recover()
+    }
+}
+
+impl Snapshottable for VfioPciDevice {
+    fn id(&self) -> String {
+        format!("vfio/{}", self.id)
+    }
+
+    fn snapshot(&mut self) -> Result<StateSection, StateError> {
+        self.mig_backend()?;
+        self.mig_go(DeviceMigState::StopCopy)?;
+        let data = self.mig_drain()?;
+        self.mig_go(DeviceMigState::Stop)?;
+        let mut w = StateWriter::new();
+        self.save_emulated(&mut w);
+        w.bytes(&data);
+        Ok(w.into_section(&Snapshottable::id(self), VFIO_STATE_VERSION))
+    }
+
+    fn restore(&mut self, section: &StateSection) -> Result<(), StateError> {
+        self.mig_backend()?;
+        let sid = Snapshottable::id(self);
+        let mut r = StateReader::open(section, &sid, VFIO_STATE_VERSION)?;
+        // The emulated part is put back as it was when anything fails.
+        let mut backup = StateWriter::new();
+        self.save_emulated(&mut backup);
+        let backup = backup.into_bytes();
+        let result = self.restore_emulated(&mut r).and_then(|()| {
+            let data = r.bytes(MAX_DEVICE_DATA)?;
+            r.finish()?;
+            self.load_device_data(data)
+        });
+        if let Err(e) = result {
+            let mut b = StateReader::from_bytes(&sid, &backup);
+            if let Err(r) = self.restore_emulated(&mut b) {
+                log::error!("{sid}: cannot put the emulated state back: {r}");
+            }
+            return Err(e);
+        }
+        self.reapply_emulated();
+        Ok(())
+    }
+}
+
+impl Migratable for VfioPciDevice {
+    fn start_dirty_log(&mut self) -> Result<(), StateError> {
+        if !self.mig.migratable() {
+            return Ok(());
+        }
+        let started = match (self.backend.migration(), self.mig.dma_ranges.is_empty()) {
+            (Some(m), false) => m
+                .dma_logging_start(LOG_PAGE, &self.mig.dma_ranges)
+                .map_err(|e| StateError::component(self.id.clone(), e))?,
+            _ => None,
+        };
+        self.mig.log = match started {
+            Some(page) => DmaLog::Device(page),
+            None => {
+                let reach: u64 = self.mig.dma_ranges.iter().map(|r| r.1).sum();
+                warn!(
+                    "{}: no DMA dirty logging for this device{}: every page it can write ({}) is sent again after it stops, which adds to the downtime",
+                    self.id,
+                    if self.mig.dma_ranges.is_empty() { " behind the vIOMMU" } else { "" },
+                    if reach == 0 { "all guest RAM".to_string() } else { format!("{} MiB", reach >> 20) }
+                );
+                DmaLog::Everything
+            }
+        };
+        if self.mig.caps.pre_copy() && !self.mig.options.pre_copy_off {
+            self.mig_go(DeviceMigState::PreCopy)?;
+            self.mig.precopy_more = true;
+        }
+        Ok(())
+    }
+
+    fn stop_dirty_log(&mut self) -> Result<(), StateError> {
+        self.stop_dma_log();
+        if self.mig.in_precopy() {
+            self.mig_go(DeviceMigState::Running)?;
+        }
+        Ok(())
+    }
+
+    fn sync_dirty_log(&mut self, into: &mut DirtyBitmap) -> Result<(), StateError> {
+        match self.mig.log {
+            DmaLog::Off => Ok(()),
+            DmaLog::Device(page) => {
+                let m = self.mig_backend()?;
+                for &(iova, len) in &self.mig.dma_ranges {
+                    let report = m
+                        .dma_logging_report(iova, len, page)
+                        .map_err(|e| StateError::component(self.id.clone(), e))?;
+                    for at in report.dirty_iovas() {
+                        if let Err(e) = into.mark(at, page) {
+                            warn!("{}: DMA log: {e}", self.id);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            DmaLog::Everything => {
+                let stopped = matches!(
+                    self.mig.state,
+                    DeviceMigState::Stop | DeviceMigState::StopCopy
+                );
+                if stopped {
+                    into.set_all();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn precopy_pending(&self) -> u64 {
+        if self.mig.in_precopy() && self.mig.precopy_more {
+            READ_CHUNK as u64
+        } else {
+            0
+        }
+    }
+
+    fn precopy_read(&mut self, max: usize) -> Result<Option<Vec<u8>>, StateError> {
+        if !self.mig.in_precopy() {
+            return Ok(None);
+        }
+        let max = max.clamp(1, READ_CHUNK);
+        let data = self
+            .mig_backend()?
+            .mig_data_read(max)
+            .map_err(|e| StateError::component(self.id.clone(), e))?;
+        self.mig.precopy_more = data.len() == max;
+        Ok((!data.is_empty()).then_some(data))
+    }
+
+    fn precopy_write(&mut self, data: &[u8]) -> Result<(), StateError> {
+        self.mig_backend()?;
+        if self.mig.state != DeviceMigState::Resuming {
+            self.mig_go(DeviceMigState::Resuming)?;
+        }
+        self.mig_backend()?
+            .mig_data_write(data)
+            .map_err(|e| StateError::component(self.id.clone(), e))
+    }
+
+    fn stop_state_size(&self) -> u64 {
+        self.backend
+            .migration()
+            .filter(|_| self.mig.migratable())
+            .and_then(|m| m.mig_data_size().ok().flatten())
+            .unwrap_or(0)
+    }
+
+    fn passthrough_migration(&self) -> Option<PassthroughMigInfo> {
+        Some(PassthroughMigInfo {
+            id: self.id.clone(),
+            caps: self.mig.caps,
+            p2p_off: self.mig.options.p2p_off,
+            pre_copy_off: self.mig.options.pre_copy_off,
+            stop_copy_size: self
+                .backend
+                .migration()
+                .filter(|_| self.mig.migratable())
+                .and_then(|m| m.mig_data_size().ok().flatten()),
+        })
+    }
+}
