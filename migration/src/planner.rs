@@ -85,6 +85,10 @@ pub struct IterationReport {
     pub bytes_sent: u64,
     /// Time the iteration took.
     pub duration: Duration,
+    /// Of that, the time spent writing to the link (the busiest connection's); the bandwidth is
+    /// measured over it when given, so an iteration that sent little (mostly scanning memory)
+    /// does not make the link look slow. `None`: the whole duration.
+    pub link_time: Option<Duration>,
     /// Pages dirtied during it: the dirty set size after the iteration.
     pub dirty_pages: u64,
     /// Device pre-copy bytes still pending.
@@ -211,8 +215,9 @@ impl Planner {
         self.iterations += 1;
         self.bytes_sent = self.bytes_sent.saturating_add(r.bytes_sent);
         let secs = r.duration.as_secs_f64();
-        if secs > 0.0 && r.bytes_sent > 0 {
-            let sample = r.bytes_sent as f64 / secs;
+        let link_secs = r.link_time.map_or(secs, |t| t.as_secs_f64().min(secs));
+        if link_secs > 0.0 && r.bytes_sent > 0 {
+            let sample = r.bytes_sent as f64 / link_secs;
             self.bandwidth = Some(match self.bandwidth {
                 Some(bw) => bw * (1.0 - BANDWIDTH_WEIGHT) + sample * BANDWIDTH_WEIGHT,
                 None => sample,

@@ -46,6 +46,8 @@ impl Totals {
 pub(crate) struct FrameOut<W: Write> {
     pub out: W,
     pub totals: Totals,
+    /// Time spent in the connection's writes (the link's share of sending).
+    pub write_time: std::time::Duration,
 }
 
 impl<W: Write> FrameOut<W> {
@@ -61,6 +63,7 @@ impl<W: Write> FrameOut<W> {
                 bytes: START_LEN as u64,
                 ..Totals::default()
             },
+            write_time: std::time::Duration::ZERO,
         })
     }
 
@@ -80,13 +83,17 @@ impl<W: Write> FrameOut<W> {
         let mut crc = crc32fast::Hasher::new();
         crc.update(&self.totals.frames.to_le_bytes());
         crc.update(&head);
-        self.out.write_all(&head)?;
         for p in parts {
             crc.update(p);
-            self.out.write_all(p)?;
         }
         let crc = crc.finalize();
+        let started = std::time::Instant::now();
+        self.out.write_all(&head)?;
+        for p in parts {
+            self.out.write_all(p)?;
+        }
         self.out.write_all(&crc.to_le_bytes())?;
+        self.write_time += started.elapsed();
         self.totals.add(crc, len);
         Ok(())
     }

@@ -80,6 +80,12 @@ impl<W: Write> MigrationSender<W> {
         self.frames.totals.bytes
     }
 
+    /// Time spent writing to the connection so far (blocked on the link or the peer), for a
+    /// bandwidth figure that does not count the time spent finding what to send.
+    pub fn write_time(&self) -> std::time::Duration {
+        self.frames.write_time
+    }
+
     /// The connection, e.g. to flush it or set socket options.
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.frames.out

@@ -696,6 +696,8 @@ impl SkiffProcess {
     }
 }
 
+pub mod node;
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -5,7 +5,7 @@
 //! configuration — goes through the virtio-iommu (IOVAs ≠ GPAs, faults on unmapped IOVAs),
 //! does peer-to-peer DMA between two devices, or checks that a `p2p=off` device can neither
 //! reach nor be reached by its peer. Also: a device process that dies under a running VM, and
-//! snapshots refused while a passthrough device is present.
+//! snapshots refused while a passthrough device without migration support is present.
 
 use std::time::Duration;
 
@@ -142,11 +142,12 @@ fn a_p2p_off_device_can_neither_reach_nor_be_reached() {
 
 /// A device process that dies while the VM runs: the VM keeps running, a device-error event
 /// names the device, `vm.counters` shows it failed, `vm.info` still lists it; and a snapshot of
-/// a VM with a passthrough device is refused with a clear error, leaving the VM running.
+/// a VM with a passthrough device without migration support is refused with a clear error,
+/// leaving the VM running.
 #[test]
 fn a_dying_device_leaves_the_vm_running_and_snapshots_are_refused() {
     let dir = temp_dir("vfio-dying");
-    let mut td = TestDevice::start(&dir, "td0", &[]);
+    let mut td = TestDevice::start(&dir, "td0", &["--migration", "none"]);
     let api = dir.join("api.sock");
     let events = dir.join("events.jsonl");
     let mut skiff = SkiffProcess::spawn(&[
@@ -173,13 +174,13 @@ fn a_dying_device_leaves_the_vm_running_and_snapshots_are_refused() {
         "{info}"
     );
 
-    // A snapshot is refused (the device's state cannot be saved yet); the VM goes on.
+    // A snapshot is refused (the device cannot save its state); the VM goes on.
     remote_ok(&api, &["pause"]);
     let snap = dir.join("snap");
     let (code, out, err) = remote(&api, &["snapshot", &format!("file://{}", snap.display())]);
     assert_ne!(code, Some(0), "the snapshot was taken: {out}");
     assert!(
-        (out.clone() + &err).contains("passthrough"),
+        (out.clone() + &err).contains("passthrough device does not offer"),
         "the refusal does not say why: {out}{err}"
     );
     assert!(

@@ -160,6 +160,7 @@ fn precopy(
     loop {
         progress.check_cancel()?;
         let start = Instant::now();
+        let written_before: Vec<Duration> = senders.iter().map(|s| s.write_time()).collect();
         let sent = send_pass(core, senders, ranges, zeros)?;
         // Devices with PRE_COPY stream their state beside RAM. Each iteration reads until they
         // have nothing more for now, so their initial bytes are all sent after the first one,
@@ -170,6 +171,11 @@ fn precopy(
         let decision = planner.record(&IterationReport {
             bytes_sent: sent + device_sent,
             duration: start.elapsed(),
+            link_time: senders
+                .iter()
+                .zip(written_before)
+                .map(|(s, before)| s.write_time().saturating_sub(before))
+                .max(),
             dirty_pages: dirty.count(),
             device_precopy_pending: device_pending,
             device_stop_state: device_stop,

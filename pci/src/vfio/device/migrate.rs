@@ -124,7 +124,7 @@ impl VfioPciDevice {
             .filter(|_| self.mig.migratable())
             .ok_or_else(|| StateError::Unsupported {
                 id: self.id.clone(),
-                what: "migration (the device does not offer VFIO_DEVICE_FEATURE_MIGRATION)".into(),
+                what: "migration: this passthrough device does not offer VFIO_DEVICE_FEATURE_MIGRATION, so its state cannot be saved".into(),
             })
     }
 
