@@ -9,6 +9,8 @@ use log::{debug, warn};
 
 use crate::config::ConfigSpace;
 use crate::dirty_log::DmaLog;
+use crate::fault::FaultState;
+use crate::frozen::FrozenMemory;
 use crate::fsm::MIGRATION_ALL;
 use crate::migration::{Loader, Saver};
 use crate::regs::*;
@@ -56,6 +58,31 @@ impl DeviceState {
     pub fn allows_guest_mmio(self) -> bool {
         matches!(self, DeviceState::Running | DeviceState::PreCopy)
     }
+
+    /// Whether device memory must not change: STOP, STOP_COPY and RESUMING. A peer write
+    /// (REGION_WRITE into BAR2, or a change of BAR2's bytes through the mapping) arriving in
+    /// one of them is counted as `late_peer_write`.
+    ///
+    /// Why, from the comment above `enum vfio_device_mig_state` in the kernel's
+    /// `include/uapi/linux/vfio.h`: in STOP the device "must not change its internal state"
+    /// (device memory is internal state: what STOP_COPY saves); STOP_COPY "has the same
+    /// behavior as STOP", and the user "should take steps to restrict access to vfio device
+    /// regions while the device is in STOP_COPY or risk corruption of the device migration
+    /// data stream"; RESUMING is loading a new internal state, which replaces whatever a
+    /// write put there. A peer write in these states is lost (after STOP_COPY saved the
+    /// memory), corrupts the saved state (between STOP and STOP_COPY the saved bytes would
+    /// depend on when the write raced the save), or is overwritten by the load. The P2P
+    /// states are what a VMM has for this: RUNNING_P2P / PRE_COPY_P2P only forbid
+    /// *initiating* P2P DMA ("RUNNING, except the device cannot do peer to peer DMA"), so a
+    /// device in them still accepts peer writes while every device is quiesced; only once
+    /// all peers are in a P2P state (none can write any more) may one be stopped. ERROR is
+    /// left out: nothing is saved or loaded from it, only a reset leaves it.
+    pub fn freezes_memory(self) -> bool {
+        matches!(
+            self,
+            DeviceState::Stop | DeviceState::StopCopy | DeviceState::Resuming
+        )
+    }
 }
 
 /// Violation counters (never cleared, not even by reset; carried in the migrated state and
@@ -66,8 +93,9 @@ pub struct Violations {
     pub dma_state: u32,
     /// Guest MMIO (BAR0 access through the VMM) while not RUNNING/PRE_COPY.
     pub mmio_state: u32,
-    /// A peer write arriving after this device's memory was saved (STOP_COPY began producing
-    /// it; the write would be lost), or while RESUMING (the load will overwrite it).
+    /// A peer write into device memory (REGION_WRITE into BAR2, or a change of BAR2 through
+    /// the mapping) while in STOP, STOP_COPY or RESUMING: see
+    /// [`DeviceState::freezes_memory`].
     pub late_peer_write: u32,
     /// P2P DMA started in RUNNING_P2P/PRE_COPY_P2P or a stopped state.
     pub p2p_state: u32,
@@ -200,13 +228,17 @@ pub struct Device {
     pub shutdown: bool,
     /// `VFIO_MIGRATION_*` capabilities offered (0: no migration).
     pub mig_caps: u64,
-    /// The saving session (PRE_COPY*/STOP_COPY); kept after STOP_COPY -> STOP, until the
-    /// device runs again, to notice writes to its memory after it was saved.
+    /// The saving session (PRE_COPY*/STOP_COPY).
     pub save: Option<Saver>,
     /// The resuming session (RESUMING).
     pub load: Option<Loader>,
     /// DMA logging, when started.
     pub dma_log: Option<DmaLog>,
+    /// Device memory as it was when the device entered STOP/STOP_COPY/RESUMING (while in
+    /// them), to notice writes through the mapping.
+    pub frozen: Option<FrozenMemory>,
+    /// The faults to inject (`fault.rs`).
+    pub faults: FaultState,
 }
 
 impl Default for Device {
@@ -235,6 +267,8 @@ impl Device {
             save: None,
             load: None,
             dma_log: None,
+            frozen: None,
+            faults: FaultState::default(),
         }
     }
 }
@@ -453,17 +487,11 @@ impl Device {
         }
     }
 
-    /// Whether device memory written now would be lost: it was already saved (STOP_COPY
-    /// began producing it, until the device runs again), or a load will overwrite it
-    /// (RESUMING).
-    pub fn memory_saved(&self) -> bool {
-        self.state == DeviceState::Resuming || self.save.as_ref().is_some_and(Saver::finished)
-    }
-
-    /// Counts a peer write into device memory, and a violation when it is late.
+    /// Counts a peer write into device memory, and a violation when the state does not
+    /// allow it to change ([`DeviceState::freezes_memory`]).
     pub fn peer_write(&mut self) {
         self.regs.peer_writes = self.regs.peer_writes.wrapping_add(1);
-        if self.memory_saved() {
+        if self.state.freezes_memory() {
             self.late_peer_write(1, "peer write (REGION_WRITE)");
         }
     }
@@ -472,8 +500,8 @@ impl Device {
     pub fn late_peer_write(&mut self, n: u32, how: &str) {
         self.viol.late_peer_write = self.viol.late_peer_write.wrapping_add(n);
         warn!(
-            "violation: {how} into device memory after it was saved ({n}, state {:?})",
-            self.state
+            "violation: late peer write: {how} into device memory in state {} ({n}; it must not change in STOP, STOP_COPY or RESUMING: lost, or corrupting the saved state)",
+            self.state.name()
         );
     }
 
@@ -499,6 +527,7 @@ impl Device {
         self.state = DeviceState::Running;
         self.save = None;
         self.load = None;
+        self.frozen = None;
         self.regs = Regs::default();
         self.current = None;
         self.queue.clear();
@@ -526,6 +555,13 @@ mod tests {
             );
         }
         assert!(Running.allows_irqs() && PreCopy.allows_irqs() && !RunningP2p.allows_irqs());
+        for s in DeviceState::ALL {
+            assert_eq!(
+                s.freezes_memory(),
+                matches!(s, Stop | StopCopy | Resuming),
+                "{s:?}"
+            );
+        }
     }
 
     #[test]
@@ -540,14 +576,21 @@ mod tests {
         d.check_mmio();
         d.check_dma(true);
         d.peer_write();
-        d.state = DeviceState::StopCopy;
+        d.state = DeviceState::PreCopyP2p;
         d.peer_write();
-        assert_eq!(d.viol.late_peer_write, 0, "memory not saved yet");
-        let mut saver = Saver::new(false);
-        let fd = crate::mem::memfd("t", DEVICE_MEMORY_SIZE).unwrap();
-        let mem = crate::mem::Mapping::new(&fd, 0, DEVICE_MEMORY_SIZE, true).unwrap();
-        saver.finish(&mem, &crate::migration::DeviceSnapshot::of(&d));
-        d.save = Some(saver);
+        assert_eq!(
+            d.viol.late_peer_write, 0,
+            "peer writes are fine in the P2P states"
+        );
+        for s in [
+            DeviceState::Stop,
+            DeviceState::StopCopy,
+            DeviceState::Resuming,
+        ] {
+            d.state = s;
+            d.peer_write();
+        }
+        d.state = DeviceState::Error;
         d.peer_write();
         d.check_dma(false);
         assert_eq!(
@@ -555,13 +598,14 @@ mod tests {
             Violations {
                 dma_state: 1,
                 mmio_state: 1,
-                late_peer_write: 1,
+                late_peer_write: 3,
                 p2p_state: 1
             }
         );
-        assert_eq!(d.read_reg(REG_VIOLATIONS), 4);
+        assert_eq!(d.read_reg(REG_VIOLATIONS), 6);
+        assert_eq!(d.read_reg(REG_PEER_WRITES), 7);
         d.reset();
-        assert_eq!(d.viol.total(), 4, "reset keeps violations");
+        assert_eq!(d.viol.total(), 6, "reset keeps violations");
     }
 
     #[test]

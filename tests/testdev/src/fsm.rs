@@ -80,6 +80,28 @@ impl DeviceState {
         }
     }
 
+    /// The kernel's name (`VFIO_DEVICE_STATE_` left out): `RUNNING`, `STOP_COPY`, ...
+    pub fn name(self) -> &'static str {
+        use DeviceState::*;
+        match self {
+            Error => "ERROR",
+            Stop => "STOP",
+            Running => "RUNNING",
+            StopCopy => "STOP_COPY",
+            Resuming => "RESUMING",
+            RunningP2p => "RUNNING_P2P",
+            PreCopy => "PRE_COPY",
+            PreCopyP2p => "PRE_COPY_P2P",
+        }
+    }
+
+    /// The state named `name` as the kernel names it ([`DeviceState::name`]; case ignored).
+    pub fn from_name(name: &str) -> Option<DeviceState> {
+        Self::ALL
+            .into_iter()
+            .find(|s| s.name().eq_ignore_ascii_case(name))
+    }
+
     /// PRE_COPY, PRE_COPY_P2P and STOP_COPY: the states that share a saving session.
     pub fn is_saving(self) -> bool {
         matches!(
@@ -194,6 +216,11 @@ mod tests {
             assert_eq!(DeviceState::from_u32(i as u32), Some(*s));
         }
         assert_eq!(DeviceState::from_u32(8), None);
+        for s in DeviceState::ALL {
+            assert_eq!(DeviceState::from_name(s.name()), Some(s));
+        }
+        assert_eq!(DeviceState::from_name("running_p2p"), Some(RunningP2p));
+        assert_eq!(DeviceState::from_name("STOPPED"), None);
         assert_eq!(DeviceState::from_u32(u32::MAX), None);
     }
 }

@@ -11,7 +11,9 @@ pub mod conn;
 pub mod device;
 pub mod dirty_log;
 pub mod engine;
+pub mod fault;
 pub mod feature;
+pub mod frozen;
 pub mod fsm;
 pub mod mem;
 pub mod migration;
@@ -46,6 +48,10 @@ pub enum Error {
     /// Creating device resources (memfd, mapping) failed.
     #[error("device setup: {0}")]
     Setup(std::io::Error),
+    /// `--exit-on-arc` fired: the session ended without replying to the state change (the
+    /// binary exits with code 3).
+    #[error("fault injected: exit on a migration arc")]
+    InjectedExit,
 }
 
 /// Signals an eventfd (adds 1); failures are logged.

@@ -1,6 +1,7 @@
 //! `skiff-testdev --socket PATH [--id NAME] [--migration CAPS] [--dma-logging on|off] [--msi]
-//! [-v]`: serves one vfio-user client on PATH, exits 0 when it disconnects cleanly, non-zero on
-//! errors; removes PATH on exit.
+//! [fault injection flags] [-v]`: serves one vfio-user client on PATH, exits 0 when it
+//! disconnects cleanly, 3 when `--exit-on-arc` fired, 1 on other errors, 2 on a bad command
+//! line; removes PATH on exit.
 
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
@@ -8,10 +9,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use log::{error, info};
+use testdev::fault::parse_arc;
 use testdev::fsm::{MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY};
 
 const USAGE: &str = "usage: skiff-testdev --socket PATH [--id NAME] [--migration CAPS]
-                     [--dma-logging on|off] [--msi] [-v]
+                     [--dma-logging on|off] [--msi] [--fail-arc FROM:TO[:N]]...
+                     [--fail-read-after BYTES] [--reject-resume]
+                     [--exit-on-arc FROM:TO]... [-v]
 
 A vfio-user PCI test device (vendor 1b36, device 0f5f): DMA engine, MSI-X/INTx,
 1 MiB device memory in BAR2, peer-to-peer writes, VFIO v2 migration. Serves one
@@ -25,7 +29,27 @@ client on PATH and exits when it disconnects.
   --no-p2p             the same as leaving p2p out of --migration
   --dma-logging on|off offer DMA logging (DMA_LOGGING_START/STOP/REPORT); default on
   --msi                add an MSI capability (64-bit, per-vector masking, 2 vectors)
-  -v                   debug logging (RUST_LOG overrides)";
+  -v                   debug logging (RUST_LOG overrides)
+
+Fault injection, for testing migration failure handling (all off by default; each
+injected fault logs \"fault injected: ...\" at warn level). FROM and TO are the
+kernel's state names: RUNNING, STOP, RUNNING_P2P, STOP_COPY, PRE_COPY, PRE_COPY_P2P,
+RESUMING; the arc must be a direct arc of the machine --migration offers.
+  --fail-arc FROM:TO[:N]   the Nth request (default 1st) for the arc FROM -> TO fails
+                           with EIO, the state unchanged; other requests succeed.
+                           Repeatable
+  --fail-read-after BYTES  once BYTES bytes of migration data were read in STOP_COPY
+                           (counted from entering it), the next MIG_DATA_READ fails
+                           with EIO, consuming nothing: the session stays and later
+                           reads continue the stream. Once per process
+  --reject-resume          RESUMING -> STOP always fails with EINVAL as if the data
+                           were corrupt; the device goes to ERROR (reset to leave it)
+  --exit-on-arc FROM:TO    when the arc FROM -> TO is requested, exit with code 3
+                           without replying (a device process dying mid-migration).
+                           Repeatable
+
+Exit codes: 0 the client disconnected cleanly, 1 protocol or I/O error, 2 bad command
+line, 3 --exit-on-arc fired.";
 
 /// Parses `--migration`'s value into `VFIO_MIGRATION_*` flags.
 fn parse_migration(v: &str) -> Result<u64, String> {
@@ -74,6 +98,23 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                 }
             }
             "--msi" => opts.msi = true,
+            "--fail-arc" => {
+                let v = it.next().ok_or("--fail-arc needs FROM:TO[:N]")?;
+                opts.faults.fail_arcs.push(parse_arc(&v, true)?);
+            }
+            "--fail-read-after" => {
+                let v = it.next().ok_or("--fail-read-after needs a byte count")?;
+                let n = v
+                    .parse()
+                    .map_err(|_| format!("--fail-read-after: bad byte count {v:?}"))?;
+                opts.faults.fail_read_after = Some(n);
+            }
+            "--reject-resume" => opts.faults.reject_resume = true,
+            "--exit-on-arc" => {
+                let v = it.next().ok_or("--exit-on-arc needs FROM:TO")?;
+                let a = parse_arc(&v, false)?;
+                opts.faults.exit_on_arcs.push((a.from, a.to));
+            }
             "-v" | "--verbose" => verbose = true,
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown argument {a:?}")),
@@ -82,6 +123,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     if no_p2p {
         opts.migration &= !MIGRATION_P2P;
     }
+    opts.faults.check(opts.migration)?;
     Ok(Args {
         socket: socket.ok_or("--socket is required")?,
         opts,
@@ -98,7 +140,10 @@ impl Drop for SocketFile<'_> {
     }
 }
 
-fn run(args: &Args) -> Result<(), String> {
+/// Exit code when `--exit-on-arc` fired.
+const EXIT_INJECTED: u8 = 3;
+
+fn run(args: &Args) -> Result<ExitCode, String> {
     let path = &args.socket;
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if !m.file_type().is_socket() {
@@ -113,7 +158,11 @@ fn run(args: &Args) -> Result<(), String> {
     info!("{}: listening on {}", args.opts.id, path.display());
     let (sock, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
     drop(listener);
-    testdev::serve(sock, &args.opts).map_err(|e| e.to_string())
+    match testdev::serve(sock, &args.opts) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(testdev::Error::InjectedExit) => Ok(ExitCode::from(EXIT_INJECTED)),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn main() -> ExitCode {
@@ -131,7 +180,7 @@ fn main() -> ExitCode {
     let level = if args.verbose { "debug" } else { "info" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
     match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             error!("{}: {e}", args.opts.id);
             ExitCode::FAILURE
@@ -171,6 +220,47 @@ mod tests {
             &["--socket", "/x", "--migration", "stop-copy,fast"],
             &["--socket", "/x", "--migration"],
             &["--socket", "/x", "--dma-logging", "maybe"],
+        ] {
+            assert!(args(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn fault_flags() {
+        use testdev::device::DeviceState::*;
+        let a = args(&["--socket", "/x"]).unwrap();
+        assert!(a.opts.faults.is_empty(), "off by default");
+        let a = args(&[
+            "--socket",
+            "/x",
+            "--fail-arc",
+            "RUNNING:RUNNING_P2P",
+            "--fail-arc",
+            "STOP:STOP_COPY:2",
+            "--fail-read-after",
+            "4096",
+            "--reject-resume",
+            "--exit-on-arc",
+            "PRE_COPY_P2P:STOP_COPY",
+        ])
+        .unwrap();
+        let f = &a.opts.faults;
+        let arcs: Vec<_> = f.fail_arcs.iter().map(|a| (a.from, a.to, a.nth)).collect();
+        assert_eq!(arcs, [(Running, RunningP2p, 1), (Stop, StopCopy, 2)]);
+        assert_eq!(f.fail_read_after, Some(4096));
+        assert!(f.reject_resume);
+        assert_eq!(f.exit_on_arcs, [(PreCopyP2p, StopCopy)]);
+        // RUNNING -> STOP is direct only without P2P, whatever the order of the flags.
+        assert!(args(&["--socket", "/x", "--fail-arc", "RUNNING:STOP"]).is_err());
+        assert!(args(&["--socket", "/x", "--fail-arc", "RUNNING:STOP", "--no-p2p"]).is_ok());
+        for bad in [
+            &["--socket", "/x", "--fail-arc"][..],
+            &["--socket", "/x", "--fail-arc", "RUNNING:RUNNING_P2P:0"],
+            &["--socket", "/x", "--fail-arc", "RUNNING:NOWHERE"],
+            &["--socket", "/x", "--exit-on-arc", "STOP:RESUMING:1"],
+            &["--socket", "/x", "--exit-on-arc", "STOP_COPY:PRE_COPY"],
+            &["--socket", "/x", "--fail-read-after", "-1"],
+            &["--socket", "/x", "--reject-resume", "--migration", "none"],
         ] {
             assert!(args(bad).is_err(), "{bad:?}");
         }

@@ -498,39 +498,6 @@ impl Saver {
             + (OVERHEAD + DeviceSnapshot::encoded_len(commands)) as u64
             + (OVERHEAD + END_LEN) as u64
     }
-
-    /// After STOP_COPY began: takes the current bytes of the chunks covering `[off, off +
-    /// len)` as saved (a write there was already counted another way).
-    pub fn absorb(&mut self, mem: &Mapping, off: u64, len: usize) {
-        if !self.finished || len == 0 {
-            return;
-        }
-        let first = (off / CHUNK as u64) as usize;
-        let last = ((off + len as u64 - 1) / CHUNK as u64) as usize;
-        for i in first..=last.min(CHUNKS - 1) {
-            let o = i * CHUNK;
-            // Cannot fail for an in-range chunk; a failure leaves the old shadow.
-            let _ = mem.read(o as u64, &mut self.shadow[o..o + CHUNK]);
-        }
-    }
-
-    /// After STOP_COPY began: how many chunks of device memory changed since they were saved
-    /// (writes that the target will not see). Counted once each: the shadow is updated.
-    pub fn late_writes(&mut self, mem: &Mapping) -> u32 {
-        if !self.finished {
-            return 0;
-        }
-        let mut buf = vec![0u8; CHUNK];
-        let mut n = 0;
-        for i in 0..CHUNKS {
-            let off = i * CHUNK;
-            if mem.read(off as u64, &mut buf) && buf[..] != self.shadow[off..off + CHUNK] {
-                self.shadow[off..off + CHUNK].copy_from_slice(&buf);
-                n += 1;
-            }
-        }
-        n
-    }
 }
 
 /// Why a RESUMING session cannot complete.

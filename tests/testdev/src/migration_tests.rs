@@ -283,21 +283,3 @@ fn pre_copy_resends_changed_chunks_and_the_whole_stream_reproduces_the_state() {
         assert_eq!(DeviceSnapshot::of(&t), DeviceSnapshot::of(&d));
     }
 }
-
-#[test]
-fn writes_after_stop_copy_are_noticed_once() {
-    let d = Device::new(false);
-    let mem = memory();
-    let mut s = Saver::new(false);
-    assert_eq!(s.late_writes(&mem), 0);
-    assert!(mem.write(0, b"before"));
-    s.finish(&mem, &DeviceSnapshot::of(&d));
-    assert_eq!(s.late_writes(&mem), 0, "saved with the write");
-    assert!(mem.write(3 * CHUNK as u64, b"late"));
-    assert!(mem.write(9 * CHUNK as u64 - 1, b"xy"));
-    assert_eq!(s.late_writes(&mem), 3, "three chunks changed");
-    assert_eq!(s.late_writes(&mem), 0, "counted once");
-    assert!(mem.write(100, b"absorbed"));
-    s.absorb(&mem, 100, 8);
-    assert_eq!(s.late_writes(&mem), 0, "a write counted elsewhere");
-}

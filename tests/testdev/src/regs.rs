@@ -97,8 +97,9 @@ pub const REG_VIOLATIONS: u64 = 0x044;
 pub const REG_VIOL_DMA_STATE: u64 = 0x048;
 /// RO: a guest MMIO access (BAR0 through the VMM) while not RUNNING/PRE_COPY.
 pub const REG_VIOL_MMIO_STATE: u64 = 0x04c;
-/// RO: a peer write into device memory after the device's state was saved (STOP_COPY began,
-/// until the device runs again; the write would be lost), or while RESUMING.
+/// RO: a peer write into device memory (REGION_WRITE into BAR 2, or a change of BAR 2 through
+/// the mapping, one per 4 KiB chunk) while the device is in STOP, STOP_COPY or RESUMING, where
+/// its memory must not change (the write would be lost or corrupt the saved state).
 pub const REG_VIOL_LATE_PEER_WRITE: u64 = 0x050;
 /// RO: peer-to-peer DMA started in RUNNING_P2P/PRE_COPY_P2P or a stopped state (the device's
 /// own check).

@@ -15,6 +15,7 @@ use log::{debug, info, warn};
 use crate::conn::{recv_message, Message, Writer};
 use crate::device::Device;
 use crate::engine::{self, DmaPort, Shared};
+use crate::fault::{FaultState, Faults};
 use crate::feature;
 use crate::mem::{memfd, Backing, DmaRegion, DmaTable, Mapping};
 use crate::proto::*;
@@ -36,6 +37,9 @@ pub struct Options {
     pub msi: bool,
     /// How long the device waits for the client's reply to a DMA_READ/DMA_WRITE.
     pub dma_timeout: Duration,
+    /// Faults to inject (`--fail-arc`, `--fail-read-after`, `--reject-resume`,
+    /// `--exit-on-arc`; see `fault.rs`). None by default.
+    pub faults: Faults,
 }
 
 impl Default for Options {
@@ -46,6 +50,7 @@ impl Default for Options {
             dma_logging: true,
             msi: false,
             dma_timeout: Duration::from_secs(10),
+            faults: Faults::default(),
         }
     }
 }
@@ -71,6 +76,10 @@ pub fn serve(sock: UnixStream, opts: &Options) -> Result<(), Error> {
     );
     let mut dev = Device::new(opts.msi);
     dev.mig_caps = opts.migration;
+    if !opts.faults.is_empty() {
+        warn!("{}: fault injection on: {:?}", opts.id, opts.faults);
+    }
+    dev.faults = FaultState::new(opts.faults.clone());
     let bar2_fd = memfd("skiff-testdev-bar2", regs::DEVICE_MEMORY_SIZE).map_err(Error::Setup)?;
     let bar2 = Mapping::new(&bar2_fd, 0, regs::DEVICE_MEMORY_SIZE, true).map_err(Error::Setup)?;
     let shared = Arc::new(Shared {
@@ -154,6 +163,11 @@ impl Session {
             } else {
                 self.handle(msg)
             };
+            if h.command == CMD_DEVICE_FEATURE && self.shared.lock().faults.exit_requested() {
+                // A device process dying mid-migration: no reply; the connection goes first.
+                let _ = sock.shutdown(std::net::Shutdown::Both);
+                return Err(Error::InjectedExit);
+            }
             if h.flags & FLAG_NO_REPLY != 0 {
                 if let Err(e) = res {
                     info!("command {} (no reply wanted) failed: errno {e}", h.command);
@@ -587,13 +601,11 @@ impl Session {
         match region {
             0 => self.bar0_write(offset, data)?,
             2 => {
-                if !self.shared.bar2.write(offset, data) {
+                // With BAR2 mmap'ed by the VMM, a REGION_WRITE here is a peer's DMA forwarded.
+                let mut d = self.shared.lock();
+                if !d.peer_region_write(&self.shared.bar2, offset, data) {
                     return Err(libc::EINVAL);
                 }
-                // With BAR2 mmap'ed by the VMM, a REGION_WRITE here is a peer's DMA forwarded.
-                self.shared
-                    .lock()
-                    .peer_region_write(&self.shared.bar2, offset, count);
             }
             REGION_CONFIG => {
                 let mut d = self.shared.lock();

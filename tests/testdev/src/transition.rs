@@ -4,8 +4,14 @@
 //! - Entering PRE_COPY / PRE_COPY_P2P from outside the saving group starts a saving session;
 //!   PRE_COPY -> RUNNING and PRE_COPY_P2P -> RUNNING_P2P end it.
 //! - Entering STOP_COPY (from STOP, PRE_COPY_P2P, or PRE_COPY without P2P) produces the rest of
-//!   the stream at once: device memory and state are those at the arc. From then on, until the
-//!   device runs again, a write to device memory is late (it would be lost).
+//!   the stream at once: device memory and state are those at the arc. STOP_COPY -> STOP ends
+//!   the saving session (the kernel: "The STOP_COPY arc will terminate a data transfer
+//!   session"); entering STOP_COPY again starts a new one.
+//! - Late peer writes: in STOP, STOP_COPY and RESUMING device memory must not change (why:
+//!   [`DeviceState::freezes_memory`]). A REGION_WRITE into BAR2 is counted as it arrives; a
+//!   change through the shared mapping is found by comparing BAR2 with the copy taken when the
+//!   device entered those states, at the next state change request, MIG_DATA_READ or
+//!   REGION_WRITE into BAR2 (one count per 4 KiB chunk changed).
 //! - STOP -> RESUMING starts a resuming session into a staging copy; RESUMING -> STOP checks
 //!   the whole stream and only then loads it. Our rules when it does not check out: data that
 //!   is good so far but has not ended (no END record) fails the arc with EINVAL and the device
@@ -13,6 +19,7 @@
 //!   foreign or inconsistent data — which already failed its MIG_DATA_WRITE with EINVAL —
 //!   fails the arc with EINVAL and moves the device to ERROR (only a reset leaves it). The
 //!   device's state is untouched either way.
+//! - Injected faults (`fault.rs`) are applied to a direct arc before it is executed.
 //! - Queued commands stay queued across every state; the engine only runs in RUNNING and
 //!   PRE_COPY (see `engine.rs`), and a level interrupt pending while stopped is re-evaluated
 //!   when the device runs again.
@@ -20,6 +27,8 @@
 use log::{info, warn};
 
 use crate::device::{Device, DeviceState};
+use crate::fault::ArcVerdict;
+use crate::frozen::FrozenMemory;
 use crate::fsm::is_direct_arc;
 use crate::mem::Mapping;
 use crate::migration::{full_stream_len, DeviceSnapshot, LoadError, Loader, Saver};
@@ -40,6 +49,20 @@ impl Device {
             );
             return Err(libc::EINVAL);
         }
+        match self.faults.on_arc(from, to) {
+            ArcVerdict::Proceed => self.execute_arc(from, to, bar2),
+            // Exit: never replied to, the session ends (see `server.rs`).
+            ArcVerdict::Fail | ArcVerdict::Exit => Err(libc::EIO),
+        }
+    }
+
+    /// Executes the direct arc `from -> to`.
+    fn execute_arc(
+        &mut self,
+        from: DeviceState,
+        to: DeviceState,
+        bar2: &Mapping,
+    ) -> Result<(), i32> {
         let msi = self.config.has_msi();
         match to {
             DeviceState::PreCopy | DeviceState::PreCopyP2p if !from.is_saving() => {
@@ -55,18 +78,24 @@ impl Device {
                     snap.queue.len(),
                     self.save.as_ref().map_or(0, Saver::pending)
                 );
+                self.faults.stop_copy_entered();
             }
             DeviceState::Stop if from == DeviceState::Resuming => return self.finish_load(bar2),
             DeviceState::Resuming => {
                 self.save = None;
                 self.load = Some(Loader::new(msi));
             }
-            // The session ends, or the device runs again after its memory was saved.
-            DeviceState::Running | DeviceState::RunningP2p => self.save = None,
+            // The saving session ends (or there was none).
+            DeviceState::Running | DeviceState::RunningP2p | DeviceState::Stop => self.save = None,
             _ => {}
         }
         info!("migration state {from:?} -> {to:?}");
         self.state = to;
+        if !to.freezes_memory() {
+            self.frozen = None;
+        } else if self.frozen.is_none() {
+            self.frozen = Some(FrozenMemory::of(bar2));
+        }
         if to.allows_irqs() {
             self.update_intx();
         }
@@ -75,6 +104,10 @@ impl Device {
 
     /// RESUMING -> STOP: loads the stream when it checks out (see the module comment).
     fn finish_load(&mut self, bar2: &Mapping) -> Result<(), i32> {
+        if self.faults.reject_resume() {
+            self.enter_error();
+            return Err(libc::EINVAL);
+        }
         let res = match &self.load {
             None => Err(LoadError::Corrupt("no resuming session".into())),
             Some(l) => l
@@ -86,6 +119,8 @@ impl Device {
                 snap.restore(self);
                 self.load = None;
                 self.state = DeviceState::Stop;
+                // The loaded bytes are what must not change from now on.
+                self.frozen = Some(FrozenMemory::of(bar2));
                 info!(
                     "migration state Resuming -> Stop: state loaded ({} commands queued)",
                     snap.queue.len()
@@ -113,24 +148,33 @@ impl Device {
         self.state = DeviceState::Error;
         self.load = None;
         self.save = None;
+        self.frozen = None;
     }
 
-    /// Counts writes to device memory made through the mapping after it was saved (compared
-    /// with what was saved; a peer's write and a guest's look the same, both are lost).
+    /// Counts writes to device memory made through the mapping while it must not change
+    /// (STOP, STOP_COPY, RESUMING), compared with the copy taken on entering those states: a
+    /// peer's write and a guest's look the same, both are late.
     pub fn check_late_writes(&mut self, bar2: &Mapping) {
-        let n = self.save.as_mut().map_or(0, |s| s.late_writes(bar2));
+        let n = self.frozen.as_mut().map_or(0, |f| f.changed_chunks(bar2));
         if n > 0 {
-            self.late_peer_write(n, "write through the mapping (chunks changed)");
+            self.late_peer_write(n, "write through the mapping (4 KiB chunks changed)");
         }
     }
 
-    /// After a REGION_WRITE of `len` bytes at `off` into device memory: counts the peer write
-    /// (late when the memory was saved) and keeps the mapping check from counting it again.
-    pub fn peer_region_write(&mut self, bar2: &Mapping, off: u64, len: usize) {
-        self.peer_write();
-        if let Some(s) = self.save.as_mut() {
-            s.absorb(bar2, off, len);
+    /// REGION_WRITE of `data` at `off` into device memory (false: out of range, nothing
+    /// written): a peer write, counted (late in STOP, STOP_COPY, RESUMING). Changes made
+    /// through the mapping before it are counted first; this one is not counted again by
+    /// the mapping check.
+    pub fn peer_region_write(&mut self, bar2: &Mapping, off: u64, data: &[u8]) -> bool {
+        self.check_late_writes(bar2);
+        if !bar2.write(off, data) {
+            return false;
         }
+        self.peer_write();
+        if let Some(f) = self.frozen.as_mut() {
+            f.absorb(bar2, off, data.len());
+        }
+        true
     }
 
     /// MIG_DATA_READ of at most `max` bytes in a saving state (EINVAL elsewhere). In PRE_COPY
@@ -141,9 +185,17 @@ impl Device {
             return Err(libc::EINVAL);
         }
         self.check_late_writes(bar2);
+        let stop_copy = self.state == DeviceState::StopCopy;
+        if stop_copy && self.faults.read_fails() {
+            return Err(libc::EIO);
+        }
         let s = self.save.as_mut().ok_or(libc::EINVAL)?;
         s.fill(bar2, max);
-        Ok(s.read(max))
+        let data = s.read(max);
+        if stop_copy {
+            self.faults.read_done(data.len());
+        }
+        Ok(data)
     }
 
     /// MIG_DATA_WRITE in RESUMING (EINVAL elsewhere, and for data that does not check out).

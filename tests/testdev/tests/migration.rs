@@ -1,15 +1,18 @@
 //! Migration over the socket, with messages built from the spec's layouts: DEVICE_FEATURE
 //! (argsz u32 @0, flags u32 @4 = feature index | GET 1<<16 | SET 1<<17 | PROBE 1<<18, data
 //! @8), MIG_DATA_READ/WRITE (argsz u32 @0, size u32 @4, data @8), the v2 state machine, a
-//! whole PRE_COPY + STOP_COPY migration between two devices, bad RESUMING data, DMA logging
-//! and the violation counters.
+//! whole PRE_COPY + STOP_COPY migration between two devices, bad RESUMING data, DMA logging,
+//! the violation counters, and the injected faults (`--fail-arc`, `--fail-read-after`,
+//! `--reject-resume`, `--exit-on-arc`).
 
 mod common;
 
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
+use testdev::device::DeviceState;
+use testdev::fault::{ArcFault, Faults};
 use testdev::regs::*;
 
 const GET: u32 = 1 << 16;
@@ -578,8 +581,13 @@ fn dma_logging_reports_pages_written_by_the_device() {
     c.finish().unwrap();
 }
 
+/// Late peer writes: device memory must not change in STOP, STOP_COPY and RESUMING (the
+/// kernel's STOP: "must not change its internal state"); the P2P states still accept peer
+/// writes. A REGION_WRITE into BAR2 counts as it arrives; a change through the mapping counts
+/// once per 4 KiB chunk, noticed at the next state change, MIG_DATA_READ or BAR2 REGION_WRITE.
 #[test]
 fn violations_count_ordering_mistakes() {
+    let good = saved_stream();
     let mut c = Client::negotiated();
     let bar2 = {
         let m = c.call(
@@ -591,28 +599,51 @@ fn violations_count_ordering_mistakes() {
     walk(&mut c, &[RUNNING_P2P]);
     // Guest MMIO while not RUNNING/PRE_COPY: counted (the access itself is served).
     assert_eq!(c.reg(REG_MAGIC), MAGIC);
-    // A peer write in RUNNING_P2P is fine; in STOP before STOP_COPY too (nothing saved yet).
+    // Peer writes in RUNNING_P2P and PRE_COPY_P2P are fine, by message or by the mapping.
     c.region_write(2, 0, b"ok").unwrap();
-    walk(&mut c, &[STOP]);
-    c.region_write(2, 8, b"ok").unwrap();
-    walk(&mut c, &[STOP_COPY]);
-    // After the state was saved: a REGION_WRITE, and a write through the mapping (noticed at
-    // the next MIG_DATA_READ), are each one late peer write.
-    c.region_write(2, 16, b"late").unwrap();
-    write_at(&bar2, 0x5_0000, b"late too");
+    write_at(&bar2, 0x1000, b"ok");
+    walk(&mut c, &[PRE_COPY_P2P]);
+    c.region_write(2, 0x2000, b"ok").unwrap();
+    write_at(&bar2, 0x3000, b"ok");
     let _ = mig_read(&mut c, 4096);
+    walk(&mut c, &[RUNNING_P2P]);
+    // STOP, before anything was saved: late too (1 by message, 1 chunk by the mapping,
+    // noticed at the next arc).
+    walk(&mut c, &[STOP]);
+    c.region_write(2, 8, b"late").unwrap();
+    write_at(&bar2, 0x4000, b"late");
+    walk(&mut c, &[STOP_COPY]);
+    // STOP_COPY: a REGION_WRITE (1); two chunks changed through the mapping, noticed at the
+    // next MIG_DATA_READ (2); a mapping write then a REGION_WRITE into the same chunk (2).
+    c.region_write(2, 16, b"late").unwrap();
+    write_at(&bar2, 0x6000 - 2, b"late");
+    let _ = mig_read(&mut c, 4096);
+    write_at(&bar2, 0x5_0000, b"late");
+    c.region_write(2, 0x5_0010, b"late").unwrap();
+    // Back in STOP (1), then RESUMING: by message (1), through the mapping (1, noticed at
+    // RESUMING -> STOP, whose load is not a write); after the load, STOP again (1).
     walk(&mut c, &[STOP]);
     c.region_write(2, 16, b"still late").unwrap();
-    walk(&mut c, &[RUNNING_P2P, RUNNING]);
+    walk(&mut c, &[RESUMING]);
+    c.region_write(2, 32, b"overwritten").unwrap();
+    write_at(&bar2, 0x7000, b"overwritten");
+    mig_write_all(&mut c, &good).unwrap();
+    walk(&mut c, &[STOP]);
+    write_at(&bar2, 0x8000, b"late");
+    walk(&mut c, &[RUNNING_P2P]);
+    // Fine again in RUNNING_P2P and RUNNING.
     c.region_write(2, 16, b"fine again").unwrap();
+    write_at(&bar2, 0x9000, b"fine");
+    walk(&mut c, &[RUNNING]);
+    c.region_write(2, 16, b"fine").unwrap();
     let v = [
         c.reg(REG_VIOL_DMA_STATE),
         c.reg(REG_VIOL_MMIO_STATE),
         c.reg(REG_VIOL_LATE_PEER_WRITE),
         c.reg(REG_VIOL_P2P_STATE),
     ];
-    assert_eq!(v, [0, 1, 3, 0]);
-    assert_eq!(c.reg(REG_VIOLATIONS), 4);
+    assert_eq!(v, [0, 1, 2 + 5 + 1 + 2 + 1, 0]);
+    assert_eq!(c.reg(REG_VIOLATIONS), 12);
     c.finish().unwrap();
 }
 
@@ -674,4 +705,176 @@ fn garbage_migration_messages_get_replies() {
         }
         c.finish().expect("still a clean session");
     }
+}
+
+fn eio() -> u32 {
+    libc::EIO as u32
+}
+
+/// The default device with `faults`.
+fn faulty(faults: Faults) -> Client {
+    Client::negotiated_opts(testdev::Options {
+        faults,
+        ..test_options()
+    })
+}
+
+/// `--fail-arc RUNNING:RUNNING_P2P:2 --fail-arc STOP:STOP_COPY`: only those requests fail,
+/// with EIO, and the state stays; retrying works.
+#[test]
+fn fail_arc_fails_the_nth_request_only() {
+    use DeviceState::*;
+    let mut c = faulty(Faults {
+        fail_arcs: vec![
+            ArcFault {
+                from: Running,
+                to: RunningP2p,
+                nth: 2,
+            },
+            ArcFault {
+                from: Stop,
+                to: StopCopy,
+                nth: 1,
+            },
+        ],
+        ..Faults::default()
+    });
+    walk(&mut c, &[RUNNING_P2P, RUNNING]);
+    assert_eq!(set_state(&mut c, RUNNING_P2P).unwrap_err(), eio(), "2nd");
+    assert_eq!(get_state(&mut c), RUNNING, "unchanged");
+    assert_eq!(set_state(&mut c, RUNNING).unwrap(), (), "not an arc");
+    walk(&mut c, &[RUNNING_P2P, STOP]);
+    assert_eq!(set_state(&mut c, STOP_COPY).unwrap_err(), eio());
+    assert_eq!(get_state(&mut c), STOP);
+    assert_eq!(
+        c.call(MIG_DATA_READ, &fields(&[(72, 4), (64, 4)])).errno(),
+        einval(),
+        "no session started"
+    );
+    walk(&mut c, &[STOP_COPY]);
+    let s = mig_read_all(&mut c, 1 << 20);
+    assert_eq!(s.len() as u64, testdev::migration::full_stream_len(0));
+    walk(&mut c, &[STOP, RUNNING_P2P, RUNNING]);
+    assert_eq!(c.reg(REG_VIOLATIONS), 0);
+    c.finish().unwrap();
+}
+
+/// `--fail-read-after 10000`: PRE_COPY reads do not count; in STOP_COPY the read after 10000
+/// bytes fails with EIO, once; the reads after it continue the stream, which loads.
+#[test]
+fn fail_read_after_fails_one_read_and_the_stream_continues() {
+    let mut c = faulty(Faults {
+        fail_read_after: Some(10_000),
+        ..Faults::default()
+    });
+    walk(&mut c, &[RUNNING_P2P, PRE_COPY_P2P]);
+    let mut stream = Vec::new();
+    for _ in 0..5 {
+        stream.extend(mig_read(&mut c, 4096));
+    }
+    assert_eq!(stream.len(), 5 * 4096, "PRE_COPY_P2P bytes");
+    walk(&mut c, &[STOP_COPY]);
+    for _ in 0..3 {
+        stream.extend(mig_read(&mut c, 4096));
+    }
+    let read = |c: &mut Client| c.call(MIG_DATA_READ, &fields(&[(8 + 4096, 4), (4096, 4)]));
+    assert_eq!(read(&mut c).errno(), eio(), "12288 bytes read");
+    assert_eq!(get_state(&mut c), STOP_COPY, "the session stays");
+    stream.extend(mig_read_all(&mut c, 4096));
+    walk(&mut c, &[STOP]);
+    // A second saving session: the fault fired already.
+    walk(&mut c, &[STOP_COPY]);
+    let again = mig_read_all(&mut c, 4096);
+    assert_eq!(again.len() as u64, testdev::migration::full_stream_len(0));
+    c.finish().unwrap();
+    let mut t = Client::negotiated();
+    walk(&mut t, &[RUNNING_P2P, STOP, RESUMING]);
+    mig_write_all(&mut t, &stream).unwrap();
+    walk(&mut t, &[STOP, RUNNING_P2P, RUNNING]);
+    t.finish().unwrap();
+}
+
+/// `--reject-resume`: good data is written, but RESUMING -> STOP fails with EINVAL and the
+/// device is in ERROR; a reset leaves it, and the next try fails the same way.
+#[test]
+fn reject_resume_sends_the_device_to_error() {
+    let good = saved_stream();
+    let mut c = faulty(Faults {
+        reject_resume: true,
+        ..Faults::default()
+    });
+    for _ in 0..2 {
+        walk(&mut c, &[RUNNING_P2P, STOP, RESUMING]);
+        mig_write_all(&mut c, &good).unwrap();
+        assert_eq!(set_state(&mut c, STOP).unwrap_err(), einval());
+        assert_eq!(get_state(&mut c), ERROR);
+        assert_eq!(set_state(&mut c, RUNNING).unwrap_err(), einval());
+        c.call(RESET, &[]).ok();
+        assert_eq!(get_state(&mut c), RUNNING);
+    }
+    // The saving side is untouched.
+    walk(&mut c, &[RUNNING_P2P, STOP, STOP_COPY]);
+    assert_eq!(mig_read_all(&mut c, 1 << 20).len(), good.len());
+    c.finish().unwrap();
+}
+
+/// Sends SET MIG_DEVICE_STATE `state` and expects no reply: the connection closes.
+fn set_state_gets_eof(c: &mut Client, state: u32) {
+    let mut p = fields(&[(16, 4), ((SET | MIG_STATE) as u64, 4)]);
+    p.extend(fields(&[(state as u64, 4), (u32::MAX as u64, 4)]));
+    c.send_raw(&message(7, DEVICE_FEATURE, 0, &p), &[]);
+    assert!(c.recv().is_none(), "no reply, the connection closed");
+}
+
+/// `--exit-on-arc STOP_COPY:STOP`, in-process: the session ends without a reply with
+/// `Error::InjectedExit`; other arcs work before it.
+#[test]
+fn exit_on_arc_ends_the_session_without_a_reply() {
+    let mut c = faulty(Faults {
+        exit_on_arcs: vec![(DeviceState::StopCopy, DeviceState::Stop)],
+        ..Faults::default()
+    });
+    walk(&mut c, &[RUNNING_P2P, STOP, STOP_COPY]);
+    let _ = mig_read(&mut c, 4096);
+    set_state_gets_eof(&mut c, STOP);
+    assert!(matches!(c.finish(), Err(testdev::Error::InjectedExit)));
+}
+
+/// The binary: `--exit-on-arc RUNNING:RUNNING_P2P` exits with code 3 when the arc is
+/// requested, without replying, and removes its socket.
+#[test]
+fn binary_exits_with_code_3_on_the_arc() {
+    let dir = std::env::temp_dir().join(format!("skiff-testdev-exit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("td.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_skiff-testdev"))
+        .args(["--socket", path.to_str().unwrap(), "--id", "exit"])
+        .args(["--exit-on-arc", "RUNNING:RUNNING_P2P"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let sock = loop {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(&path) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut c = Client::over(sock);
+    c.version("{}");
+    walk(&mut c, &[RUNNING]);
+    set_state_gets_eof(&mut c, RUNNING_P2P);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("skiff-testdev did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(3), "{status:?}");
+    assert!(!path.exists(), "socket file removed");
+    let _ = std::fs::remove_dir_all(&dir);
 }

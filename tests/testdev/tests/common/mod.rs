@@ -135,6 +135,19 @@ impl Client {
         }
     }
 
+    /// A client of a server elsewhere (a `skiff-testdev` process) on `sock`; `finish` is
+    /// not for it (no server thread to join).
+    pub fn over(sock: UnixStream) -> Client {
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Client {
+            sock,
+            next_id: 100,
+            server: None,
+            requests: VecDeque::new(),
+        }
+    }
+
     /// [`Client::start_opts`], then VERSION.
     pub fn negotiated_opts(opts: testdev::Options) -> Client {
         let mut c = Client::start_opts(opts);
