@@ -610,6 +610,22 @@ impl TestDevice {
         format!("socket={}{extra}", self.socket.display())
     }
 
+    /// What the device has logged so far.
+    pub fn log_now(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The state the device's last migration-state change (or reset) left it in, from its log
+    /// (`migration state A -> B`), if it ever changed.
+    pub fn last_state(&self) -> Option<String> {
+        self.log_now()
+            .lines()
+            .filter_map(|l| l.split("migration state ").nth(1))
+            .filter_map(|rest| rest.split(" -> ").nth(1))
+            .map(|s| s.trim().to_string())
+            .next_back()
+    }
+
     /// Kill the device process (a device that dies under a running VM).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

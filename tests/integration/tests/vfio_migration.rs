@@ -187,3 +187,101 @@ fn snapshot_kill_restore_with_a_new_device_process() {
     let run = restored.wait(Duration::from_secs(30));
     assert!(!run.stderr.contains("panicked"), "{}", run.log());
 }
+
+/// A failure at each phase of a passthrough migration — the source device refusing the arc into
+/// PRE_COPY, into PRE_COPY_P2P (the grace step) or into STOP_COPY, its STOP_COPY data failing
+/// at the first read or mid-stream (a device without pre-copy, whose whole memory is read then), the target device rejecting the data, the target device dying on RESUMING, a
+/// cancel during pre-copy — leaves the source VM running and its device back in RUNNING; after
+/// the last one, a second attempt to a good target succeeds.
+#[test]
+fn a_failure_at_each_phase_leaves_the_source_and_its_device_running() {
+    // (name, source device faults, target device faults, cancel)
+    let cases: &[(&str, &[&str], &[&str], bool)] = &[
+        ("precopy-arc", &["--fail-arc", "RUNNING:PRE_COPY"], &[], false),
+        ("grace-arc", &["--fail-arc", "PRE_COPY:PRE_COPY_P2P"], &[], false),
+        ("stopcopy-arc", &["--fail-arc", "PRE_COPY_P2P:STOP_COPY"], &[], false),
+        ("read-error", &["--fail-read-after", "0"], &[], false),
+        (
+            "read-error-mid-stream",
+            &["--migration", "stop-copy,p2p", "--fail-read-after", "65536"],
+            &[],
+            false,
+        ),
+        ("target-rejects", &[], &["--reject-resume"], false),
+        ("target-dies", &[], &["--exit-on-arc", "STOP:RESUMING"], false),
+        ("cancel", &[], &[], true),
+    ];
+    for (name, src_faults, dst_faults, cancel) in cases {
+        let dir = temp_dir(&format!("vfio-mig-fail-{name}"));
+        let td = TestDevice::start(&dir, "td-src", src_faults);
+        let td_dst = TestDevice::start(&dir, "td-dst", dst_faults);
+        let (mut src, serial) = counter_source(&dir, &[(&td, ",id=accel0")]);
+        wait_for_counter(&serial, 2);
+        let dst = Node::start(&dir, "dst", None, &[]);
+        let url = format!("unix:{}", dir.join("mig.sock").display());
+        let over = format!("accel0:socket={}", td_dst.socket.display());
+        let (code, out, err) = dst.remote(&["receive-migration", &url, "--override", &over]);
+        assert_eq!(code, Some(0), "{name}: {out}{err}");
+        if *cancel {
+            let (code, out, err) = src.remote(&[
+                "send-migration",
+                &url,
+                "--bandwidth-mbps",
+                "8",
+                "--no-wait",
+            ]);
+            assert_eq!(code, Some(0), "{name}: {out}{err}");
+            std::thread::sleep(Duration::from_millis(1500));
+            let (code, out, err) = src.remote(&["migration-cancel"]);
+            assert_eq!(code, Some(0), "{name}: {out}{err}");
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let (_, p, _) = src.remote(&["migration-progress"]);
+                if p.contains("\"cancelled\"") {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "{name}: not cancelled: {p}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        } else {
+            let (code, out) = send_migration(&src, &url, &[]);
+            assert_ne!(code, Some(0), "{name}: the migration succeeded: {out}");
+        }
+        // The source goes on, its device back in RUNNING.
+        let last = counters(&serial).last().copied().unwrap_or(0);
+        wait_for_counter(&serial, last + 2);
+        assert_continuous(&serial);
+        // No state change logged: the device never left RUNNING.
+        assert_eq!(
+            td.last_state().as_deref().unwrap_or("Running"),
+            "Running",
+            "{name}: the source device was not brought back to RUNNING:\n{}",
+            td.log_now()
+        );
+        let (_, info, _) = src.remote(&["info"]);
+        assert!(info.contains("\"Running\""), "{name}: {info}");
+        if *name == "cancel" {
+            // A second attempt to a good target (new device process) succeeds.
+            let td_good = TestDevice::start(&dir, "td-good", &[]);
+            let good = Node::start(&dir, "good", None, &[]);
+            let url = format!("unix:{}", dir.join("mig2.sock").display());
+            let over = format!("accel0:socket={}", td_good.socket.display());
+            let (code, out, err) =
+                good.remote(&["receive-migration", &url, "--override", &over]);
+            assert_eq!(code, Some(0), "{out}{err}");
+            let (code, out) = send_migration(&src, &url, &[]);
+            assert_eq!(code, Some(0), "the second attempt failed: {out}");
+            src.process.wait(Duration::from_secs(30));
+            let last = counters(&serial).last().copied().unwrap_or(0);
+            wait_for_counter(&serial, last + 2);
+            assert_continuous(&serial);
+            remote_ok(&good.api, &["shutdown-vmm"]);
+            let mut good = good;
+            good.process.wait(Duration::from_secs(30));
+        } else {
+            remote_ok(&src.api, &["shutdown-vmm"]);
+            src.process.wait(Duration::from_secs(30));
+        }
+        drop(dst);
+    }
+}
