@@ -190,19 +190,21 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
     a
 }
 
-/// The longest gap between consecutive TSC reads.
-struct Stall {
-    last: u64,
+/// The longest gap between consecutive TSC reads (also used by `vfio-migrate`).
+pub(super) struct Stall {
+    /// The last TSC read.
+    pub(super) last: u64,
     /// Longest gap since the workload started (ticks).
-    max: u64,
+    pub(super) max: u64,
     /// Longest gap since the previous progress line (ticks).
-    recent: u64,
+    pub(super) recent: u64,
     /// Times the TSC read lower than before (not counted as gaps).
-    backwards: u64,
+    pub(super) backwards: u64,
 }
 
 impl Stall {
-    fn new() -> Self {
+    /// Start measuring now.
+    pub(super) fn new() -> Self {
         Stall {
             last: rdtsc(),
             max: 0,
@@ -212,7 +214,7 @@ impl Stall {
     }
 
     /// Read the TSC, account the gap since the previous read, return the TSC.
-    fn tick(&mut self) -> u64 {
+    pub(super) fn tick(&mut self) -> u64 {
         let now = rdtsc();
         if now >= self.last {
             let gap = now - self.last;
@@ -227,7 +229,7 @@ impl Stall {
 
     /// Print `line` and a newline one byte at a time, reading the TSC between bytes (printing is
     /// slow on an emulated UART; it must not look like a stall, nor hide one).
-    fn print(&mut self, line: &str) {
+    pub(super) fn print(&mut self, line: &str) {
         for c in line.chars().chain(core::iter::once('\n')) {
             crate::print!("{c}");
             self.tick();
@@ -236,7 +238,7 @@ impl Stall {
 }
 
 /// Ticks to microseconds.
-fn us(ticks: u64, hz: u64) -> u64 {
+pub(super) fn us(ticks: u64, hz: u64) -> u64 {
     (u128::from(ticks) * 1_000_000 / u128::from(hz)) as u64
 }
 

@@ -150,6 +150,11 @@ pub static SCENARIOS: &[Scenario] = &[
         about: "passthrough benchmark (vmm/benches/passthrough.rs): trapped MMIO vs ioeventfd vs in-VMM register cost, P2P/RAM DMA command streams, MSI-X latency vs polling",
         run: vfio::bench::run,
     },
+    Scenario {
+        name: "vfio-migrate",
+        about: "skiff-testdev streams (vfio_migrate.devices=1|2): DMA sequence numbers into guest RAM rings and P2P into each other's BAR 2 while the host live-migrates the VM; live and exact final checks for lost or stale writes, violation counters, longest stall",
+        run: vfio::migrate::run,
+    },
 ];
 
 /// Look a scenario up by name.

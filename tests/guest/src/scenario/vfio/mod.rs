@@ -17,6 +17,7 @@ mod regs;
 pub(super) mod bench;
 mod dev;
 mod irq;
+pub(super) mod migrate;
 mod p2p;
 mod ram;
 
@@ -166,26 +167,7 @@ pub fn run(boot: &BootInfo) {
     let prm = params(boot);
 
     // 1. Find the devices.
-    let found: Vec<PciFunction> = {
-        let p = Platform::discover(boot);
-        p.functions
-            .iter()
-            .filter(|f| f.vendor == regs::VENDOR_ID && f.device == regs::DEVICE_ID)
-            .copied()
-            .collect()
-    };
-    if found.is_empty() {
-        println!(
-            "vfio: no skiff-testdev ({:04x}:{:04x}) found",
-            regs::VENDOR_ID,
-            regs::DEVICE_ID
-        );
-        fail(format!(
-            "vfio: no skiff-testdev ({:04x}:{:04x}) found",
-            regs::VENDOR_ID,
-            regs::DEVICE_ID
-        ));
-    }
+    let found = find_devices(boot, "vfio");
     let names: Vec<String> = found.iter().map(|f| format!("{}", f.bdf)).collect();
     println!(
         "vfio: found {} device(s) at {}",
@@ -210,25 +192,7 @@ pub fn run(boot: &BootInfo) {
 
     // Without vfio.iommu=1 no device may sit behind the virtio-iommu (its DMA would fault).
     if !prm.iommu {
-        let viot = Acpi::discover(boot.rsdp_addr)
-            .ok()
-            .and_then(|a| a.find(b"VIOT").map(Viot::parse));
-        if let Some(v) = viot {
-            for (node, segment, _) in v.pci_iommus() {
-                for f in &found {
-                    if let Some(ep) = v.endpoint_of(node, segment, f.bdf) {
-                        bad(
-                            "iommu-config",
-                            None,
-                            format!(
-                                "{} is behind the virtio-iommu (VIOT endpoint {ep:#x}); run with vfio.iommu=1",
-                                f.bdf
-                            ),
-                        );
-                    }
-                }
-            }
-        }
+        refuse_translated(boot, &found, "vfio.iommu=1");
     }
 
     // The virtio-iommu first (it brings its own Platform), else a plain one.
@@ -247,59 +211,8 @@ pub fn run(boot: &BootInfo) {
         .collect();
 
     // The IOMMU: probe (reserved regions), one domain per device, attach.
-    if let Some(mut io) = resv_src {
-        let mut resv: Vec<ResvMem> = Vec::new();
-        let c = io.config;
-        for (n, d) in devs.iter_mut().enumerate() {
-            let Some(t) = d.iommu.as_mut() else { continue };
-            if io.features() & iommu::F_PROBE != 0 {
-                let (st, props) = io
-                    .probe(t.endpoint)
-                    .unwrap_or_else(|e| bad("iommu-probe", None, e));
-                if st != iommu::S_OK {
-                    bad(
-                        "iommu-probe",
-                        None,
-                        format!("PROBE of endpoint {:#x}: status {st}", t.endpoint),
-                    );
-                }
-                resv.extend(iommu::parse_properties(&props).0);
-            }
-            let want = FIRST_DOMAIN + n as u32;
-            t.domain = if (c.domain_start..=c.domain_end).contains(&want) {
-                want
-            } else {
-                c.domain_start.saturating_add(n as u32).min(c.domain_end)
-            };
-            let st = io
-                .attach(t.domain, t.endpoint)
-                .unwrap_or_else(|e| bad("iommu-attach", None, e));
-            let (endpoint, domain) = (t.endpoint, t.domain);
-            println!(
-                "vfio: {} endpoint {:#x} attached to domain {}: {}",
-                d.name,
-                endpoint,
-                domain,
-                iommu::status_name(st)
-            );
-            expect(
-                "iommu-attach",
-                Some(d),
-                st == iommu::S_OK,
-                format!("ATTACH endpoint {endpoint:#x} to domain {domain}: status {st}"),
-            );
-        }
-        let mmio_flag = if prm.mmio_flag && io.features() & iommu::F_MMIO != 0 {
-            MAP_F_MMIO
-        } else {
-            0
-        };
-        let space = IovaSpace::new(&c, &resv);
-        ctx = Some(IommuCtx {
-            io,
-            space,
-            mmio_flag,
-        });
+    if let Some(io) = resv_src {
+        ctx = Some(attach_all(io, &mut devs, prm.mmio_flag));
     }
 
     // 3. DMA (polled) and 5. device memory, per device.
@@ -361,6 +274,110 @@ pub fn run(boot: &BootInfo) {
     interrupts::disable();
     println!("vfio: all ok");
     println!("result: PASS");
+}
+
+/// The skiff-testdev functions on bus 0 (at least one, else a failure; `who` names the
+/// scenario in the failure line).
+fn find_devices(boot: &BootInfo, who: &str) -> Vec<PciFunction> {
+    let found: Vec<PciFunction> = {
+        let p = Platform::discover(boot);
+        p.functions
+            .iter()
+            .filter(|f| f.vendor == regs::VENDOR_ID && f.device == regs::DEVICE_ID)
+            .copied()
+            .collect()
+    };
+    if found.is_empty() {
+        let why = format!(
+            "{who}: no skiff-testdev ({:04x}:{:04x}) found",
+            regs::VENDOR_ID,
+            regs::DEVICE_ID
+        );
+        println!("{}", why);
+        fail(why);
+    }
+    found
+}
+
+/// Fail the run when one of `found` sits behind the virtio-iommu (its DMA at guest-physical
+/// addresses would fault); `hint` names the parameter that asks for translated DMA.
+fn refuse_translated(boot: &BootInfo, found: &[PciFunction], hint: &str) {
+    let viot = Acpi::discover(boot.rsdp_addr)
+        .ok()
+        .and_then(|a| a.find(b"VIOT").map(Viot::parse));
+    let Some(v) = viot else { return };
+    for (node, segment, _) in v.pci_iommus() {
+        for f in found {
+            if let Some(ep) = v.endpoint_of(node, segment, f.bdf) {
+                bad(
+                    "iommu-config",
+                    None,
+                    format!(
+                        "{} is behind the virtio-iommu (VIOT endpoint {ep:#x}); run with {hint}",
+                        f.bdf
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Probe every translated device of `devs` (reserved regions), give each its own domain,
+/// attach it, and return the IOMMU with an IOVA allocator that avoids the reserved regions
+/// (`mmio_flag`: set `VIRTIO_IOMMU_MAP_F_MMIO` on peer mappings when the IOMMU offers it).
+fn attach_all(mut io: Iommu, devs: &mut [Dev], mmio_flag: bool) -> IommuCtx {
+    let mut resv: Vec<ResvMem> = Vec::new();
+    let c = io.config;
+    for (n, d) in devs.iter_mut().enumerate() {
+        let Some(t) = d.iommu.as_mut() else { continue };
+        if io.features() & iommu::F_PROBE != 0 {
+            let (st, props) = io
+                .probe(t.endpoint)
+                .unwrap_or_else(|e| bad("iommu-probe", None, e));
+            if st != iommu::S_OK {
+                bad(
+                    "iommu-probe",
+                    None,
+                    format!("PROBE of endpoint {:#x}: status {st}", t.endpoint),
+                );
+            }
+            resv.extend(iommu::parse_properties(&props).0);
+        }
+        let want = FIRST_DOMAIN + n as u32;
+        t.domain = if (c.domain_start..=c.domain_end).contains(&want) {
+            want
+        } else {
+            c.domain_start.saturating_add(n as u32).min(c.domain_end)
+        };
+        let st = io
+            .attach(t.domain, t.endpoint)
+            .unwrap_or_else(|e| bad("iommu-attach", None, e));
+        let (endpoint, domain) = (t.endpoint, t.domain);
+        println!(
+            "vfio: {} endpoint {:#x} attached to domain {}: {}",
+            d.name,
+            endpoint,
+            domain,
+            iommu::status_name(st)
+        );
+        expect(
+            "iommu-attach",
+            Some(d),
+            st == iommu::S_OK,
+            format!("ATTACH endpoint {endpoint:#x} to domain {domain}: status {st}"),
+        );
+    }
+    let mmio_flag = if mmio_flag && io.features() & iommu::F_MMIO != 0 {
+        MAP_F_MMIO
+    } else {
+        0
+    };
+    let space = IovaSpace::new(&c, &resv);
+    IommuCtx {
+        io,
+        space,
+        mmio_flag,
+    }
 }
 
 /// Size and keep the BARs, enable decoding and bus mastering, read MAGIC/VERSION, find MSI-X.
