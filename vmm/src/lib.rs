@@ -17,6 +17,7 @@ pub mod migrate;
 pub mod passthrough;
 pub mod pci_devices;
 pub mod registry;
+pub mod test_knobs;
 pub mod testing;
 pub mod throttle;
 pub mod timing;

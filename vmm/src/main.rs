@@ -175,6 +175,9 @@ fn main() -> ExitCode {
     timing::mark_start();
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    if let Err(e) = vmm::test_knobs::init_from_env() {
+        return fail(EXIT_USAGE, e);
+    }
     if let Some(em) = &cli.event_monitor {
         let path = match config::parse_options("event-monitor", em, &["path"]) {
             Ok(o) => match o.get("path").filter(|p| !p.is_empty()) {

@@ -985,6 +985,8 @@ mod tests {
         failing: AtomicBool,
         hook: Mutex<Option<FailureHook>>,
         memfd: Option<Arc<std::fs::File>>,
+        mig: Option<migrate_tests::FakeMigration>,
+        resets: std::sync::atomic::AtomicU32,
     }
 
     impl FakeBackend {
@@ -1136,12 +1138,23 @@ mod tests {
             Ok(())
         }
         fn reset(&self) -> Result<(), VfioError> {
+            self.resets.fetch_add(1, Ordering::SeqCst);
+            if let Some(m) = &self.mig {
+                m.reset();
+            }
             Ok(())
         }
         fn set_failure_hook(&self, hook: Arc<dyn Fn(&str) + Send + Sync>) {
             *self.hook.lock().unwrap() = Some(hook);
         }
+        fn migration(&self) -> Option<&dyn crate::vfio::mig_backend::MigrationBackend> {
+            self.mig
+                .as_ref()
+                .map(|m| m as &dyn crate::vfio::mig_backend::MigrationBackend)
+        }
     }
+
+    mod migrate_tests;
 
     use std::os::fd::AsRawFd;
 
@@ -1339,8 +1352,10 @@ mod tests {
         let counters: BTreeMap<_, _> = dev.counters().into_iter().collect();
         assert_eq!(counters["failed"], 1);
         assert!(counters["mmio_errors"] >= 1);
-        // Snapshots are refused with a clear error.
-        let e = dev.snapshot().unwrap_err().to_string();
+        // Snapshots are refused with a clear error (this device has no migration).
+        let e = migration::Snapshottable::snapshot(&mut dev)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("passthrough"), "{e}");
     }
 

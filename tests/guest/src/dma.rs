@@ -56,3 +56,33 @@ pub fn hex(bytes: &[u8]) -> alloc::string::String {
     }
     s
 }
+
+/// The index of the first of `count` u64 words from `addr` that is not `v`, or `count`
+/// (`repe scasq`: one instruction however long the run, which matters where guest code is
+/// emulated).
+pub fn scan(addr: u64, count: u64, v: u64) -> u64 {
+    if count == 0 {
+        return 0;
+    }
+    let end: u64;
+    // SAFETY: callers pass `count` 8-byte words from `addr` inside identity-mapped memory they
+    // own (a DMA buffer, the dirty scenario's working set, a test device's mapped BAR); the
+    // direction flag is clear.
+    unsafe {
+        core::arch::asm!(
+            "repe scasq",
+            inout("rcx") count => _,
+            inout("rdi") addr => end,
+            in("rax") v,
+            options(nostack, readonly)
+        )
+    };
+    // rdi is past the last word compared: it differs only if the scan stopped early or the very
+    // last word differs.
+    let last = (end - addr) / 8 - 1;
+    if read::<u64>(addr + last * 8) != v {
+        last
+    } else {
+        count
+    }
+}

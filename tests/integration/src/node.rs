@@ -20,6 +20,17 @@ pub struct Node {
 impl Node {
     /// Start skiff with `--api-socket` and `args` (no args: an empty target waiting for a VM).
     pub fn start(dir: &Path, name: &str, ns: Option<&str>, args: &[&str]) -> Self {
+        Self::start_env(dir, name, ns, args, &[])
+    }
+
+    /// [`Node::start`] with environment variables set for the process (test knobs).
+    pub fn start_env(
+        dir: &Path,
+        name: &str,
+        ns: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let api = dir.join(format!("{name}.sock"));
         let events = format!("path={}", dir.join(format!("{name}.events")).display());
         let mut cmd = match ns {
@@ -29,7 +40,8 @@ impl Node {
         cmd.arg("--api-socket")
             .arg(&api)
             .args(["--event-monitor", &events, "-v"])
-            .args(args);
+            .args(args)
+            .envs(env.iter().copied());
         let process = SkiffProcess::spawn_command(cmd);
         wait_for_path(&api, Duration::from_secs(30));
         Self { api, process }

@@ -89,33 +89,6 @@ fn fill(addr: u64, count: u64, v: u64) {
     };
 }
 
-/// The index of the first of `count` u64 words from `addr` that is not `v`, or `count`
-/// (`repe scasq`).
-fn scan(addr: u64, count: u64, v: u64) -> u64 {
-    if count == 0 {
-        return 0;
-    }
-    let end: u64;
-    // SAFETY: reads [addr, addr + 8 * count) inside the working set; the direction flag is clear.
-    unsafe {
-        core::arch::asm!(
-            "repe scasq",
-            inout("rcx") count => _,
-            inout("rdi") addr => end,
-            in("rax") v,
-            options(nostack, readonly)
-        )
-    };
-    // rdi is past the last word compared; it differs only if the scan stopped early or the very
-    // last word differs.
-    let last = (end - addr) / 8 - 1;
-    if rd(addr + last * 8) != v {
-        last
-    } else {
-        count
-    }
-}
-
 /// The body checksum of generation `g` of page `p`: the wrapping sum of the body words.
 fn checksum(p: u64, g: u64) -> u64 {
     body_seed(p, g).wrapping_mul(WORDS - HEADER)
@@ -151,7 +124,7 @@ fn check_page(addr: u64, p: u64, g: u64) -> Result<(), Bad> {
     }
     let seed = body_seed(p, g);
     let body = addr + HEADER * 8;
-    let bad = scan(body, WORDS - HEADER, seed);
+    let bad = crate::dma::scan(body, WORDS - HEADER, seed);
     if bad != WORDS - HEADER {
         return Err(Bad::Word {
             w: HEADER + bad,

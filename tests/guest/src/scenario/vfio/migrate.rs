@@ -151,7 +151,7 @@ enum Due {
 /// instruction (and a `repe scasq` as one).
 fn first_bad(base: u64, from: u64, to: u64, due: Due) -> u64 {
     match due {
-        Due::Same(v) => from + scan(base + 8 * from, to - from, v),
+        Due::Same(v) => from + dma::scan(base + 8 * from, to - from, v),
         Due::Plus(off) => {
             let mut k = from;
             while k < to && dma::read::<u64>(base + 8 * k) == k.wrapping_add(off) {
@@ -159,33 +159,6 @@ fn first_bad(base: u64, from: u64, to: u64, due: Due) -> u64 {
             }
             k
         }
-    }
-}
-
-/// The index of the first of `count` u64 words from `addr` that is not `v`, or `count`
-/// (`repe scasq`).
-fn scan(addr: u64, count: u64, v: u64) -> u64 {
-    if count == 0 {
-        return 0;
-    }
-    let end: u64;
-    // SAFETY: reads `count` words from `addr`, inside a ring from `dma::alloc` or the first half
-    // of a test device's BAR 2 (identity mapped by `open`); the direction flag is clear.
-    unsafe {
-        core::arch::asm!(
-            "repe scasq",
-            inout("rcx") count => _,
-            inout("rdi") addr => end,
-            in("rax") v,
-            options(nostack, readonly)
-        )
-    };
-    // rdi is past the last word compared: the scan stopped there, or ran to the end.
-    let last = (end - addr) / 8 - 1;
-    if dma::read::<u64>(addr + last * 8) != v {
-        last
-    } else {
-        count
     }
 }
 

@@ -1,0 +1,304 @@
+//! The passthrough function's migration driver against a fake device that takes only direct
+//! arcs of the kernel's FSM (it refuses anything else, so a multi-step request would fail), and
+//! records every arc.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use migration::device_fsm::{is_direct_arc, DeviceMigState as S, MigrationCaps};
+use migration::{DirtyBitmap, Migratable, Pausable, Snapshottable};
+
+use super::*;
+use crate::vfio::mig_backend::{DmaDirtyReport, MigrationBackend};
+
+/// A device's migration side: its state, caps, data, and faults to inject.
+#[derive(Default)]
+pub(super) struct FakeMigration {
+    caps: u64,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    state: u32,
+    arcs: Vec<(S, S)>,
+    /// Data STOP_COPY produces, and what is left of it.
+    saved: Vec<u8>,
+    left: Vec<u8>,
+    /// Pre-copy data and what is left of it.
+    precopy_left: Vec<u8>,
+    written: Vec<u8>,
+    fail_arc: Option<(S, S)>,
+    logging: bool,
+    dirty: Vec<u64>,
+}
+
+impl FakeMigration {
+    fn new(caps: u64, saved: &[u8], precopy: &[u8]) -> Self {
+        FakeMigration {
+            caps,
+            inner: Mutex::new(Inner {
+                state: S::Running.as_u32(),
+                saved: saved.to_vec(),
+                precopy_left: precopy.to_vec(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    pub(super) fn reset(&self) {
+        self.inner.lock().unwrap().state = S::Running.as_u32();
+    }
+
+    fn arcs(&self) -> Vec<(S, S)> {
+        std::mem::take(&mut self.inner.lock().unwrap().arcs)
+    }
+
+    fn state(&self) -> S {
+        S::from_u32(self.inner.lock().unwrap().state).unwrap()
+    }
+}
+
+fn refused(what: &'static str) -> VfioError {
+    VfioError::Refused {
+        what,
+        source: std::io::Error::from_raw_os_error(libc::EINVAL),
+    }
+}
+
+impl MigrationBackend for FakeMigration {
+    fn migration_flags(&self) -> Result<Option<u64>, VfioError> {
+        Ok(Some(self.caps))
+    }
+    fn set_mig_state(&self, state: u32) -> Result<(), VfioError> {
+        let mut g = self.inner.lock().unwrap();
+        let from = S::from_u32(g.state).unwrap();
+        let to = S::from_u32(state).ok_or_else(|| refused("state"))?;
+        if !is_direct_arc(MigrationCaps::from_bits(self.caps), from, to) {
+            return Err(refused("not a direct arc"));
+        }
+        if g.fail_arc == Some((from, to)) {
+            return Err(refused("injected"));
+        }
+        if to == S::StopCopy {
+            g.left = g.saved.clone();
+        }
+        g.state = state;
+        g.arcs.push((from, to));
+        Ok(())
+    }
+    fn mig_state(&self) -> Result<u32, VfioError> {
+        Ok(self.inner.lock().unwrap().state)
+    }
+    fn mig_data_read(&self, max: usize) -> Result<Vec<u8>, VfioError> {
+        let mut g = self.inner.lock().unwrap();
+        let from = match S::from_u32(g.state) {
+            Some(S::StopCopy) => &mut g.left,
+            Some(S::PreCopy | S::PreCopyP2p) => &mut g.precopy_left,
+            _ => return Err(refused("not saving")),
+        };
+        let n = max.min(from.len());
+        Ok(from.drain(..n).collect())
+    }
+    fn mig_data_write(&self, data: &[u8]) -> Result<(), VfioError> {
+        let mut g = self.inner.lock().unwrap();
+        if g.state != S::Resuming.as_u32() {
+            return Err(refused("not resuming"));
+        }
+        g.written.extend_from_slice(data);
+        Ok(())
+    }
+    fn mig_data_size(&self) -> Result<Option<u64>, VfioError> {
+        Ok(Some(self.inner.lock().unwrap().saved.len() as u64))
+    }
+    fn dma_logging_start(&self, page: u64, _: &[(u64, u64)]) -> Result<Option<u64>, VfioError> {
+        self.inner.lock().unwrap().logging = true;
+        Ok(Some(page))
+    }
+    fn dma_logging_stop(&self) -> Result<(), VfioError> {
+        self.inner.lock().unwrap().logging = false;
+        Ok(())
+    }
+    fn dma_logging_report(
+        &self,
+        iova: u64,
+        length: u64,
+        page: u64,
+    ) -> Result<DmaDirtyReport, VfioError> {
+        let mut g = self.inner.lock().unwrap();
+        let words = length.div_ceil(page).div_ceil(64) as usize;
+        let mut bitmap = vec![0u64; words];
+        for a in std::mem::take(&mut g.dirty) {
+            if a >= iova && a < iova + length {
+                let n = (a - iova) / page;
+                bitmap[(n / 64) as usize] |= 1 << (n % 64);
+            }
+        }
+        Ok(DmaDirtyReport {
+            iova,
+            length,
+            page_size: page,
+            bitmap,
+        })
+    }
+}
+
+const ALL: u64 = 7;
+const NO_PRECOPY: u64 = 3;
+
+fn mig_device(caps: u64, saved: &[u8], precopy: &[u8]) -> (Arc<FakeBackend>, VfioPciDevice) {
+    let backend = Arc::new(FakeBackend {
+        mig: Some(FakeMigration::new(caps, saved, precopy)),
+        ..FakeBackend::new()
+    });
+    let im = Arc::new(FakeInterruptManager::default());
+    let dev = VfioPciDevice::new("dev0", backend.clone(), im, Some((1, 17))).unwrap();
+    (backend, dev)
+}
+
+fn fake(b: &FakeBackend) -> &FakeMigration {
+    b.mig.as_ref().unwrap()
+}
+
+#[test]
+fn source_switchover_takes_the_grace_state_then_stop_copy_and_resumes_by_legal_arcs() {
+    let saved: Vec<u8> = (0..=255u8).cycle().take(3 << 20).collect();
+    let (b, mut dev) = mig_device(NO_PRECOPY, &saved, &[]);
+    dev.set_dma_ranges(vec![(0, 1 << 20)]);
+    dev.start_dirty_log().unwrap();
+    assert!(
+        fake(&b).arcs().is_empty(),
+        "no PRE_COPY without the capability"
+    );
+    dev.quiesce().unwrap();
+    assert_eq!(fake(&b).arcs(), [(S::Running, S::RunningP2p)]);
+    dev.pause().unwrap();
+    assert_eq!(fake(&b).arcs(), [(S::RunningP2p, S::Stop)]);
+    let section = dev.snapshot().unwrap();
+    assert_eq!(
+        fake(&b).arcs(),
+        [(S::Stop, S::StopCopy), (S::StopCopy, S::Stop)]
+    );
+    // A failed migration: back to RUNNING through the grace state.
+    dev.resume_quiesced().unwrap();
+    dev.resume().unwrap();
+    assert_eq!(
+        fake(&b).arcs(),
+        [(S::Stop, S::RunningP2p), (S::RunningP2p, S::Running)]
+    );
+    dev.stop_dirty_log().unwrap();
+
+    // The target: a fresh device takes the whole data through RESUMING.
+    let (tb, mut target) = mig_device(NO_PRECOPY, &[], &[]);
+    target.quiesce().unwrap();
+    target.pause().unwrap();
+    target.restore(&section).unwrap();
+    target.resume_quiesced().unwrap();
+    target.resume().unwrap();
+    assert_eq!(
+        fake(&tb).arcs(),
+        [
+            (S::Running, S::RunningP2p),
+            (S::RunningP2p, S::Stop),
+            (S::Stop, S::Resuming),
+            (S::Resuming, S::Stop),
+            (S::Stop, S::RunningP2p),
+            (S::RunningP2p, S::Running)
+        ]
+    );
+    assert!(
+        fake(&tb).inner.lock().unwrap().written == saved,
+        "the data arrived whole"
+    );
+}
+
+#[test]
+fn precopy_streams_while_running_and_the_pause_keeps_the_data_session() {
+    let precopy: Vec<u8> = vec![7; (1 << 20) + 10];
+    let (b, mut dev) = mig_device(ALL, b"rest", &precopy);
+    dev.set_dma_ranges(vec![(0, 1 << 20)]);
+    dev.start_dirty_log().unwrap();
+    assert_eq!(fake(&b).arcs(), [(S::Running, S::PreCopy)]);
+    assert!(dev.precopy_pending() > 0);
+    let mut got = Vec::new();
+    while let Some(c) = dev.precopy_read(1 << 20).unwrap() {
+        got.extend(c);
+    }
+    assert_eq!(got, precopy);
+    assert_eq!(
+        dev.precopy_pending(),
+        0,
+        "a short read: nothing more for now"
+    );
+    // DMA logging: the device's writes are merged at their addresses.
+    fake(&b).inner.lock().unwrap().dirty = vec![0x3000, 0x5000];
+    let mut bitmap = DirtyBitmap::new(&[(0, 1 << 20)]).unwrap();
+    dev.sync_dirty_log(&mut bitmap).unwrap();
+    assert_eq!(bitmap.pages(), [0x3000, 0x5000]);
+    dev.quiesce().unwrap();
+    dev.pause().unwrap();
+    assert_eq!(
+        fake(&b).arcs(),
+        [(S::PreCopy, S::PreCopyP2p), (S::PreCopyP2p, S::StopCopy)],
+        "PRE_COPY_P2P goes straight on to STOP_COPY"
+    );
+    dev.snapshot().unwrap();
+    assert_eq!(fake(&b).arcs(), [(S::StopCopy, S::Stop)]);
+    // pre_copy=off: no PRE_COPY even though the device has it.
+    let (b, mut dev) = mig_device(ALL, b"rest", &precopy);
+    dev.set_migration_options(VfioMigrationOptions {
+        p2p_off: false,
+        pre_copy_off: true,
+    });
+    dev.start_dirty_log().unwrap();
+    assert!(fake(&b).arcs().is_empty());
+    assert_eq!(dev.precopy_read(1 << 20).unwrap(), None);
+}
+
+#[test]
+fn a_refused_arc_fails_and_resume_recovers_by_arcs_or_a_reset() {
+    let (b, mut dev) = mig_device(NO_PRECOPY, b"state", &[]);
+    fake(&b).inner.lock().unwrap().fail_arc = Some((S::RunningP2p, S::Stop));
+    dev.quiesce().unwrap();
+    let e = dev.pause().unwrap_err().to_string();
+    assert!(e.contains("RUNNING_P2P -> STOP"), "{e}");
+    assert_eq!(
+        dev.migration_state(),
+        S::RunningP2p,
+        "the device stayed where it was"
+    );
+    dev.resume().unwrap();
+    assert_eq!(fake(&b).state(), S::Running);
+    assert_eq!(b.resets.load(Ordering::SeqCst), 0, "legal arcs were enough");
+    // A device that cannot go back by arcs is reset.
+    fake(&b).inner.lock().unwrap().fail_arc = Some((S::RunningP2p, S::Running));
+    dev.quiesce().unwrap();
+    dev.resume().unwrap();
+    assert_eq!(b.resets.load(Ordering::SeqCst), 1);
+    assert_eq!(dev.migration_state(), S::Running);
+}
+
+#[test]
+fn bad_sections_change_nothing() {
+    let (_, mut dev) = mig_device(NO_PRECOPY, b"state", &[]);
+    let good = {
+        dev.pause().unwrap();
+        let s = dev.snapshot().unwrap();
+        dev.resume().unwrap();
+        s
+    };
+    let (tb, mut target) = mig_device(NO_PRECOPY, &[], &[]);
+    let mut bad = good.clone();
+    bad.data.truncate(bad.data.len() - 3);
+    assert!(target.restore(&bad).is_err());
+    assert!(
+        fake(&tb).arcs().is_empty(),
+        "a truncated section never reached the device"
+    );
+    target.restore(&good).unwrap();
+    // A device without migration refuses snapshots by name.
+    let (_, _, mut plain) = super::device();
+    let e = plain.snapshot().unwrap_err().to_string();
+    assert!(e.contains("VFIO_DEVICE_FEATURE_MIGRATION"), "{e}");
+    assert!(plain.passthrough_migration().unwrap().caps == MigrationCaps::NONE);
+}

@@ -1,0 +1,59 @@
+//! Test-only knobs: behaviour a test needs to prove that a safeguard matters, by turning it off.
+//! Each is off by default, set through an environment variable, and refused — skiff does not
+//! start — unless the build has the `test-knobs` feature (the test suite's builds do; release
+//! builds from `cargo build --release` do not).
+//!
+//! - `SKIFF_TEST_SKIP_P2P_GRACE=1`: stopping the VM skips the P2P grace step (every passthrough
+//!   device to RUNNING_P2P before any is stopped) and stops each passthrough device only when
+//!   its state is read, one after the other — what a VMM without the grace step does — so a
+//!   test can show that the test device's violation counters catch the peer writes then lost.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The environment variable that skips the P2P grace step.
+pub const SKIP_P2P_GRACE_VAR: &str = "SKIFF_TEST_SKIP_P2P_GRACE";
+
+static SKIP_P2P_GRACE: AtomicBool = AtomicBool::new(false);
+
+/// Whether the P2P grace step is skipped (never, unless a test asked for it).
+pub fn skip_p2p_grace() -> bool {
+    SKIP_P2P_GRACE.load(Ordering::Relaxed)
+}
+
+/// Read the knobs from the environment: `Err` names a knob this build refuses.
+pub fn init_from_env() -> Result<(), String> {
+    let skip = std::env::var(SKIP_P2P_GRACE_VAR).ok();
+    if decide(skip.as_deref(), cfg!(feature = "test-knobs"))? {
+        log::warn!("TEST KNOB {SKIP_P2P_GRACE_VAR}=1: the P2P grace step is skipped; migrations of passthrough devices may lose peer writes");
+        SKIP_P2P_GRACE.store(true, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// The decision behind [`init_from_env`] for one knob's value.
+fn decide(value: Option<&str>, built_with_knobs: bool) -> Result<bool, String> {
+    match (value, built_with_knobs) {
+        (None, _) | (Some("0"), _) | (Some(""), _) => Ok(false),
+        (Some("1"), true) => Ok(true),
+        (Some("1"), false) => Err(format!(
+            "{SKIP_P2P_GRACE_VAR} is a test knob and this build has none (build with --features vmm/test-knobs)"
+        )),
+        (Some(v), _) => Err(format!("{SKIP_P2P_GRACE_VAR}={v:?}: expected 0 or 1")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn knobs_are_off_by_default_and_refused_without_the_feature() {
+        assert_eq!(decide(None, false), Ok(false));
+        assert_eq!(decide(None, true), Ok(false));
+        assert_eq!(decide(Some("0"), false), Ok(false));
+        assert_eq!(decide(Some("1"), true), Ok(true));
+        let e = decide(Some("1"), false).unwrap_err();
+        assert!(e.contains("test-knobs"), "{e}");
+        assert!(decide(Some("yes"), true).is_err());
+    }
+}
