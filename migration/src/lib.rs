@@ -191,6 +191,14 @@ pub trait Migratable: Snapshottable {
             what: "pre-copy state".into(),
         })
     }
+    /// After the pause, before [`Snapshottable::snapshot`]: at most `max` bytes of the state the
+    /// component produces once stopped, when that is too large for one section (a passthrough
+    /// device's STOP_COPY data); `Ok(None)` = nothing (more). What was read here is not in the
+    /// snapshot; the target takes it through [`Migratable::precopy_write`].
+    fn stop_copy_read(&mut self, max: usize) -> Result<Option<Vec<u8>>, StateError> {
+        let _ = max;
+        Ok(None)
+    }
     /// Estimated bytes of the state saved after stop (its snapshot), counted in the downtime estimate.
     fn stop_state_size(&self) -> u64 {
         0

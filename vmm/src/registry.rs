@@ -224,11 +224,31 @@ impl Registry {
     pub fn precopy_drain<E: From<RegistryError>>(
         &self,
         max: usize,
+        send: impl FnMut(&str, Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.drain_with(max, send, |m, max| m.precopy_read(max))
+    }
+
+    /// On a PAUSED VM, before [`Registry::snapshot_all`]: read the state components produce
+    /// once stopped in chunks (a passthrough device's STOP_COPY data), handing each to `send`
+    /// with the component's id, so no section has to hold it whole.
+    pub fn stop_copy_drain<E: From<RegistryError>>(
+        &self,
+        max: usize,
+        send: impl FnMut(&str, Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.drain_with(max, send, |m, max| m.stop_copy_read(max))
+    }
+
+    fn drain_with<E: From<RegistryError>>(
+        &self,
+        max: usize,
         mut send: impl FnMut(&str, Vec<u8>) -> Result<(), E>,
+        read: impl Fn(&mut (dyn Migratable + Send), usize) -> Result<Option<Vec<u8>>, StateError>,
     ) -> Result<(), E> {
         for c in &self.components {
             loop {
-                let chunk = c.lock().precopy_read(max);
+                let chunk = read(&mut *c.lock(), max);
                 match chunk.map_err(c.err())? {
                     Some(data) => send(&c.id, data)?,
                     None => break,

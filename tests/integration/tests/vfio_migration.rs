@@ -315,8 +315,13 @@ fn vfio_migrate_source(
 ) -> (Node, std::path::PathBuf) {
     let serial = dir.join("serial.log");
     let serial_arg = format!("file={}", serial.display());
+    let seconds = if params.contains("vfio_migrate.seconds=") {
+        ""
+    } else {
+        "vfio_migrate.seconds=30"
+    };
     let cmdline = format!(
-        "scenario=vfio-migrate vfio_migrate.devices={} vfio_migrate.seconds=30 {params}",
+        "scenario=vfio-migrate vfio_migrate.devices={} {seconds} {params}",
         devices.len()
     );
     let mut args: Vec<String> = [
@@ -520,4 +525,46 @@ fn devices_behind_the_iommu_migrate_and_keep_their_iovas() {
         text.contains("dma 0x1000000000"),
         "not through IOVAs:\n{text}"
     );
+}
+
+/// Snapshot the streaming guest with two devices, kill the VM and both device processes,
+/// restore with new device processes on the same sockets: the sequences continue with no lost
+/// or stale write and no violation.
+#[test]
+fn snapshot_kill_restore_continues_the_device_sequences() {
+    let dir = temp_dir("vfio-snap-stream");
+    let mut srcs: Vec<TestDevice> = (0..2)
+        .map(|i| TestDevice::start(&dir, &format!("td{i}"), &[]))
+        .collect();
+    let refs: Vec<&TestDevice> = srcs.iter().collect();
+    let params = format!("{STREAM_PARAMS} vfio_migrate.seconds=20");
+    let (mut src, serial) = vfio_migrate_source(&dir, None, &refs, "", &params, &[]);
+    wait_serial(&serial, "vfio-migrate: t=1 ");
+    remote_ok(&src.api, &["pause"]);
+    let snap = dir.join("snap");
+    remote_ok(
+        &src.api,
+        &["snapshot", &format!("file://{}", snap.display())],
+    );
+    src.process.signal("KILL");
+    src.process.wait(Duration::from_secs(10));
+    for td in &mut srcs {
+        td.kill();
+    }
+    let news: Vec<TestDevice> = (0..2)
+        .map(|i| TestDevice::start(&dir, &format!("td{i}"), &[]))
+        .collect();
+    let api = dir.join("restored.sock");
+    let mut restored = SkiffProcess::spawn(&[
+        "--api-socket",
+        api.to_str().unwrap(),
+        "--restore",
+        &format!("source_url=file://{},resume=on", snap.display()),
+    ]);
+    wait_for_path(&api, Duration::from_secs(30));
+    let text = wait_serial(&serial, "result: ");
+    assert_no_lost_write(&text, &news);
+    remote_ok(&api, &["shutdown-vmm"]);
+    let run = restored.wait(Duration::from_secs(30));
+    assert!(!run.stderr.contains("panicked"), "{}", run.log());
 }

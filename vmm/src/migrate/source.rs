@@ -252,6 +252,17 @@ fn switchover(
         let dirty = core.dirty_pages()?;
         send_pass(core, &mut senders, dirty.runs().collect(), ZeroPages::Send)?;
     }
+    // Passthrough devices' STOP_COPY data goes in pieces ahead of the sections (it can be far
+    // larger than one frame); the target writes it into the device, which is RESUMING by then.
+    core.registry()
+        .stop_copy_drain(DEVICE_PRECOPY_CHUNK, |id, data| {
+            senders[0]
+                .send(&Message::DevicePrecopy {
+                    id: id.to_string(),
+                    data,
+                })
+                .map_err(MigrateError::from)
+        })?;
     let sections = core
         .registry()
         .snapshot_all()

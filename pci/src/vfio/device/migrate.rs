@@ -59,6 +59,8 @@ pub(super) struct DeviceMigration {
     log: DmaLog,
     /// The last pre-copy read was full: there may be more.
     precopy_more: bool,
+    /// The STOP_COPY data was read out through `stop_copy_read` (the snapshot carries none).
+    drained: bool,
 }
 
 impl DeviceMigration {
@@ -86,6 +88,7 @@ impl DeviceMigration {
             dma_ranges: Vec::new(),
             log: DmaLog::Off,
             precopy_more: false,
+            drained: false,
         }
     }
 
@@ -271,6 +274,7 @@ impl Pausable for VfioPciDevice {
     }
 
     fn resume_quiesced(&mut self) -> Result<(), StateError> {
+        self.mig.drained = false;
         if !self.mig.migratable() || !self.mig.caps.p2p() {
             return Ok(());
         }
@@ -283,6 +287,8 @@ impl Pausable for VfioPciDevice {
     }
 
     fn resume(&mut self) -> Result<(), StateError> {
+        // A failed migration: whatever was read out is void.
+        self.mig.drained = false;
         if !self.mig.migratable() || self.mig.state == DeviceMigState::Running {
             return Ok(());
         }
@@ -297,8 +303,12 @@ impl Snapshottable for VfioPciDevice {
 
     fn snapshot(&mut self) -> Result<StateSection, StateError> {
         self.mig_backend()?;
-        self.mig_go(DeviceMigState::StopCopy)?;
-        let data = self.mig_drain()?;
+        let data = if std::mem::take(&mut self.mig.drained) {
+            Vec::new()
+        } else {
+            self.mig_go(DeviceMigState::StopCopy)?;
+            self.mig_drain()?
+        };
         self.mig_go(DeviceMigState::Stop)?;
         let mut w = StateWriter::new();
         self.save_emulated(&mut w);
@@ -429,6 +439,23 @@ impl Migratable for VfioPciDevice {
         self.mig_backend()?
             .mig_data_write(data)
             .map_err(|e| StateError::component(self.id.clone(), e))
+    }
+
+    fn stop_copy_read(&mut self, max: usize) -> Result<Option<Vec<u8>>, StateError> {
+        if !self.mig.migratable() || self.mig.drained {
+            return Ok(None);
+        }
+        if self.mig.state != DeviceMigState::StopCopy {
+            self.mig_go(DeviceMigState::StopCopy)?;
+        }
+        let max = max.clamp(1, READ_CHUNK);
+        let data = self
+            .mig_backend()?
+            .mig_data_read(max)
+            .map_err(|e| StateError::component(self.id.clone(), e))?;
+        // A short read is the end of the data (STOP_COPY).
+        self.mig.drained = data.len() < max;
+        Ok((!data.is_empty()).then_some(data))
     }
 
     fn stop_state_size(&self) -> u64 {

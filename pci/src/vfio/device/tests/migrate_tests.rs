@@ -302,3 +302,46 @@ fn bad_sections_change_nothing() {
     assert!(e.contains("VFIO_DEVICE_FEATURE_MIGRATION"), "{e}");
     assert!(plain.passthrough_migration().unwrap().caps == MigrationCaps::NONE);
 }
+
+#[test]
+fn stop_copy_data_read_in_pieces_leaves_the_section_small() {
+    let saved: Vec<u8> = (0..=255u8).cycle().take((5 << 20) + 7).collect();
+    let (b, mut dev) = mig_device(NO_PRECOPY, &saved, &[]);
+    dev.quiesce().unwrap();
+    dev.pause().unwrap();
+    let mut got = Vec::new();
+    while let Some(c) = dev.stop_copy_read(1 << 20).unwrap() {
+        assert!(c.len() <= 1 << 20);
+        got.extend(c);
+    }
+    assert_eq!(got, saved);
+    let section = dev.snapshot().unwrap();
+    assert!(
+        section.data.len() < 4096,
+        "the data is not in the section again"
+    );
+    assert_eq!(
+        fake(&b).arcs(),
+        [
+            (S::Running, S::RunningP2p),
+            (S::RunningP2p, S::Stop),
+            (S::Stop, S::StopCopy),
+            (S::StopCopy, S::Stop)
+        ]
+    );
+    // The target: the pieces through precopy_write, then the section.
+    let (tb, mut target) = mig_device(NO_PRECOPY, &[], &[]);
+    target.quiesce().unwrap();
+    target.pause().unwrap();
+    for piece in got.chunks(1 << 20) {
+        target.precopy_write(piece).unwrap();
+    }
+    target.restore(&section).unwrap();
+    assert!(fake(&tb).inner.lock().unwrap().written == saved);
+    // A failed migration after the drain: the next snapshot reads the data again.
+    dev.resume_quiesced().unwrap();
+    dev.resume().unwrap();
+    dev.quiesce().unwrap();
+    dev.pause().unwrap();
+    assert!(dev.snapshot().unwrap().data.len() > saved.len());
+}
