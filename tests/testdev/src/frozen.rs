@@ -31,6 +31,12 @@ impl FrozenMemory {
         FrozenMemory { copy, cursor: 0 }
     }
 
+    /// Takes `copy` (device memory as it is now, taken elsewhere: the bytes a saving session
+    /// just sent, or a resuming session just loaded) as the copy, without copying again.
+    pub fn from_copy(copy: Vec<u8>) -> FrozenMemory {
+        FrozenMemory { copy, cursor: 0 }
+    }
+
     /// How many chunks of `mem` changed since the copy (or since they were last checked):
     /// writes made through the mapping while the device was stopped. Each is counted once (the
     /// copy is updated).

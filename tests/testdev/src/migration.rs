@@ -435,7 +435,11 @@ impl Saver {
         if !mem.read(off as u64, buf) {
             return true;
         }
-        !self.sent[i] || buf[..] != self.shadow[off..off + CHUNK]
+        !self.sent[i]
+            || self
+                .shadow
+                .get(off..off + CHUNK)
+                .is_none_or(|sent| buf[..] != *sent)
     }
 
     /// Sends the next chunk that needs it (scanning round robin); false when none does.
@@ -446,7 +450,9 @@ impl Saver {
             let i = (self.cursor + k) % n;
             if self.needs_send(mem, i, &mut buf) {
                 let off = i * CHUNK;
-                self.shadow[off..off + CHUNK].copy_from_slice(&buf);
+                if let Some(sent) = self.shadow.get_mut(off..off + CHUNK) {
+                    sent.copy_from_slice(&buf);
+                }
                 self.sent[i] = true;
                 let mut body = (i as u32).to_le_bytes().to_vec();
                 body.extend_from_slice(&buf);
@@ -474,6 +480,14 @@ impl Saver {
         end.u32(self.records).u64(self.bytes);
         self.emit(TAG_END, &end.0);
         self.finished = true;
+    }
+
+    /// Once the STOP_COPY part was produced: device memory as it was saved (every chunk as
+    /// last sent, which [`Saver::finish`] made the memory's bytes at the arc), handed over
+    /// without a copy — what must not change from now on (`frozen.rs`). `None` before, and
+    /// the second time.
+    pub fn take_saved_memory(&mut self) -> Option<Vec<u8>> {
+        (self.finished && !self.shadow.is_empty()).then(|| std::mem::take(&mut self.shadow))
     }
 
     /// Whether the STOP_COPY part was produced.
@@ -690,6 +704,12 @@ impl Loader {
         }
         self.end = true;
         Ok(())
+    }
+
+    /// The loaded memory, handed over without a copy (after [`Loader::finish`] succeeded and
+    /// it was written to the device: what must not change from now on, `frozen.rs`).
+    pub fn into_memory(self) -> Vec<u8> {
+        self.mem
     }
 
     /// The loaded memory and device state, once the whole stream arrived and checked out.

@@ -314,3 +314,21 @@ fn the_stream_follows_the_memory_size_and_a_different_size_is_foreign() {
     let small = stop_copy_stream(&d, &memory());
     assert!(Loader::new(false, size).write(&small).is_err());
 }
+
+#[test]
+fn the_saved_memory_is_handed_over_once_after_stop_copy() {
+    let mem = memory();
+    fill(&mem, 11);
+    let mut s = Saver::new(false, SIZE);
+    s.fill(&mem, 10 * CHUNK);
+    assert!(s.take_saved_memory().is_none(), "not before STOP_COPY");
+    assert!(mem.write(7, b"late in pre-copy"));
+    s.finish(&mem, &DeviceSnapshot::of(&busy_device(false)));
+    assert_eq!(s.take_saved_memory().as_deref(), Some(&contents(&mem)[..]));
+    assert!(s.take_saved_memory().is_none(), "once");
+    assert!(s.stop_copy_len(&mem, 0) > 0, "the rest is still to read");
+    // Nothing was read yet: the whole stream is pending, and still loads.
+    let mut l = Loader::new(false, SIZE);
+    l.write(&s.read(usize::MAX)).unwrap();
+    assert_eq!(l.finish().unwrap().0, &contents(&mem)[..]);
+}

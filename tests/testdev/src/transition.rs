@@ -73,9 +73,13 @@ impl Device {
             }
             DeviceState::StopCopy => {
                 let snap = DeviceSnapshot::of(self);
-                self.save
-                    .get_or_insert_with(|| Saver::new(msi, bar2.len()))
-                    .finish(bar2, &snap);
+                let save = self.save.get_or_insert_with(|| Saver::new(msi, bar2.len()));
+                save.finish(bar2, &snap);
+                // The saved bytes are what must not change from now on (no second copy; a
+                // write racing the arc differs from them and counts as late).
+                if let Some(saved) = save.take_saved_memory() {
+                    self.frozen = Some(FrozenMemory::from_copy(saved));
+                }
                 info!(
                     "STOP_COPY: state saved ({} commands queued, {} bytes to read)",
                     snap.queue.len(),
@@ -120,10 +124,12 @@ impl Device {
         match res {
             Ok((true, snap)) => {
                 snap.restore(self);
-                self.load = None;
                 self.state = DeviceState::Stop;
-                // The loaded bytes are what must not change from now on.
-                self.frozen = Some(FrozenMemory::of(bar2));
+                // The loaded bytes are what must not change from now on (no second copy).
+                self.frozen = match self.load.take() {
+                    Some(l) => Some(FrozenMemory::from_copy(l.into_memory())),
+                    None => Some(FrozenMemory::of(bar2)),
+                };
                 info!(
                     "migration state Resuming -> Stop: state loaded ({} commands queued)",
                     snap.queue.len()
