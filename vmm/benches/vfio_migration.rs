@@ -441,6 +441,14 @@ fn bytes(v: Option<u64>) -> String {
     }
 }
 
+/// Seconds from send-migration to completed (`-` when it failed).
+fn total_s(o: &Outcome) -> String {
+    match o.error {
+        None => format!("{:.1}", o.progress.elapsed_ms as f64 / 1e3),
+        Some(_) => "-".into(),
+    }
+}
+
 /// `ok`, or why the migration failed (skiff's frame limit shortened to the figures).
 fn status(o: &Outcome) -> String {
     match &o.error {
@@ -520,11 +528,7 @@ fn part_one(testdev: &Path, dir: &Path, sizes: &[u64]) {
                 bytes(pre.stop_copy_bytes[0]),
                 bytes(off.stop_copy_bytes[0])
             ),
-            format!(
-                "{:.1} / {:.1}",
-                pre.progress.elapsed_ms as f64 / 1e3,
-                off.progress.elapsed_ms as f64 / 1e3
-            ),
+            format!("{} / {}", total_s(&pre), total_s(&off)),
             status(&pre),
             status(&off)
         );
@@ -551,7 +555,7 @@ fn part_two(testdev: &Path, dir: &Path) {
     for (name, o) in [("2 x 64 MiB, PRE_COPY", &two), ("no device", &none)] {
         let bytes: Vec<String> = o.stop_copy_bytes.iter().map(|b| bytes(*b)).collect();
         println!(
-            "{:<34} {:>10} {:>32} {:>8.1}  {}",
+            "{:<34} {:>10} {:>32} {:>8}  {}",
             name,
             ms(o.downtime()),
             if bytes.is_empty() {
@@ -559,7 +563,7 @@ fn part_two(testdev: &Path, dir: &Path) {
             } else {
                 bytes.join(" / ")
             },
-            o.progress.elapsed_ms as f64 / 1e3,
+            total_s(o),
             status(o)
         );
     }
