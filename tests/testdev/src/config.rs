@@ -1,5 +1,6 @@
 //! PCI configuration space (region 7) of the test device: type 0 header, BAR0 32-bit 4 KiB,
-//! BAR2 64-bit prefetchable 1 MiB, interrupt pin A, an MSI-X capability and, optionally (`--msi`),
+//! BAR2 64-bit prefetchable, the device memory's size (1 MiB by default, `--memory-mib`),
+//! interrupt pin A, an MSI-X capability and, optionally (`--msi`),
 //! an MSI capability after it (64-bit address, per-vector masking).
 
 use crate::regs;
@@ -40,6 +41,8 @@ const MSIX_CTRL_MASK: u16 = 1 << 14;
 pub struct ConfigSpace {
     bytes: [u8; CONFIG_SIZE],
     wmask: [u8; CONFIG_SIZE],
+    /// BAR2's size (what BAR sizing reports).
+    memory_size: u64,
 }
 
 impl Default for ConfigSpace {
@@ -54,11 +57,20 @@ impl ConfigSpace {
         Self::with_msi(false)
     }
 
-    /// The power-on config space; `msi` adds the MSI capability (chained after MSI-X).
+    /// The power-on config space with the default device memory size; `msi` adds the MSI
+    /// capability (chained after MSI-X).
     pub fn with_msi(msi: bool) -> ConfigSpace {
+        Self::with(msi, regs::DEVICE_MEMORY_SIZE)
+    }
+
+    /// The power-on config space; `msi` adds the MSI capability (chained after MSI-X), BAR2 is
+    /// `memory_size` bytes (a power of two, [`regs::DEVICE_MEMORY_SIZE`] up to
+    /// [`regs::MAX_DEVICE_MEMORY_SIZE`]; the command line checks it).
+    pub fn with(msi: bool, memory_size: u64) -> ConfigSpace {
         let mut c = ConfigSpace {
             bytes: [0; CONFIG_SIZE],
             wmask: [0; CONFIG_SIZE],
+            memory_size,
         };
         c.put16(0x00, regs::VENDOR_ID);
         c.put16(0x02, regs::DEVICE_ID);
@@ -71,7 +83,7 @@ impl ConfigSpace {
         c.mask32(0x10, !(regs::REGS_BAR_SIZE as u32 - 1));
         // BAR2/3: 64-bit (type 0b10 in bits 2:1) prefetchable (bit 3) memory.
         c.put32(0x18, 0x4 | 0x8);
-        c.mask32(0x18, !(regs::DEVICE_MEMORY_SIZE as u32 - 1));
+        c.mask32(0x18, !(memory_size.saturating_sub(1) as u32));
         c.mask32(0x1c, 0xffff_ffff);
         c.put16(0x2c, regs::VENDOR_ID); // subsystem vendor
         c.put16(0x2e, regs::DEVICE_ID); // subsystem id
@@ -128,6 +140,11 @@ impl ConfigSpace {
     }
     fn get32(&self, off: usize) -> u32 {
         u32::from_le_bytes(self.bytes[off..off + 4].try_into().unwrap())
+    }
+
+    /// BAR2's size, as BAR sizing reports it.
+    pub fn memory_size(&self) -> u64 {
+        self.memory_size
     }
 
     /// Reads `buf.len()` bytes at `off`; false when out of range.
@@ -252,6 +269,20 @@ mod tests {
         );
         assert_eq!(c.bytes[MSIX_CAP + 1], 0, "no MSI without --msi");
         assert!(!c.has_msi() && !c.msi_enabled());
+    }
+
+    #[test]
+    fn bar2_sizing_follows_the_memory_size() {
+        for (mib, low) in [(1u64, 0xfff0_000c), (64, 0xfc00_000c), (1024, 0xc000_000c)] {
+            let mut c = ConfigSpace::with(false, mib << 20);
+            assert_eq!(c.memory_size(), mib << 20);
+            assert!(c.write(0x18, &[0xff; 4]) && c.write(0x1c, &[0xff; 4]));
+            assert_eq!(
+                (rd32(&c, 0x18), rd32(&c, 0x1c)),
+                (low, 0xffff_ffff),
+                "{mib} MiB"
+            );
+        }
     }
 
     #[test]

@@ -248,8 +248,15 @@ impl Default for Device {
 }
 
 impl Device {
-    /// A device at power-on; `msi` gives it the MSI capability (`--msi`).
+    /// A device at power-on with the default memory size; `msi` gives it the MSI capability
+    /// (`--msi`).
     pub fn new(msi: bool) -> Self {
+        Self::with_memory(msi, DEVICE_MEMORY_SIZE)
+    }
+
+    /// A device at power-on whose BAR2 is `memory_size` bytes (`--memory-mib`; config space
+    /// reports it, the memory itself is the server's mapping).
+    pub fn with_memory(msi: bool, memory_size: u64) -> Self {
         Device {
             state: DeviceState::Running,
             regs: Regs::default(),
@@ -258,7 +265,7 @@ impl Device {
             current: None,
             stream: None,
             generation: 0,
-            config: ConfigSpace::with_msi(msi),
+            config: ConfigSpace::with(msi, memory_size),
             msix_table: [0; 16 * MSIX_VECTORS as usize],
             msix_pba: [0; 8],
             irqs: Irqs::default(),
@@ -533,7 +540,7 @@ impl Device {
         self.queue.clear();
         self.stream = None;
         self.generation = self.generation.wrapping_add(1);
-        self.config = ConfigSpace::with_msi(self.config.has_msi());
+        self.config = ConfigSpace::with(self.config.has_msi(), self.config.memory_size());
         self.msix_table = [0; 16 * MSIX_VECTORS as usize];
         self.msix_pba = [0; 8];
         self.irqs.intx_masked = false;

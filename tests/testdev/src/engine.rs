@@ -435,7 +435,7 @@ fn stream_step(port: &mut DmaPort, s: &Stream, seq: u64) -> Result<(), DmaError>
     )?;
     if s.peer != 0 {
         port.write(
-            s.peer.wrapping_add(8 * (seq % (DEVICE_MEMORY_SIZE / 16))),
+            s.peer.wrapping_add(8 * (seq % STREAM_PEER_SLOTS)),
             &bytes,
             true,
         )?;

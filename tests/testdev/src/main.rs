@@ -1,5 +1,5 @@
 //! `skiff-testdev --socket PATH [--id NAME] [--migration CAPS] [--dma-logging on|off] [--msi]
-//! [fault injection flags] [-v]`: serves one vfio-user client on PATH, exits 0 when it
+//! [--memory-mib N] [--fill-memory SEED] [fault injection flags] [-v]`: serves one vfio-user client on PATH, exits 0 when it
 //! disconnects cleanly, 3 when `--exit-on-arc` fired, 1 on other errors, 2 on a bad command
 //! line; removes PATH on exit.
 
@@ -13,12 +13,13 @@ use testdev::fault::parse_arc;
 use testdev::fsm::{MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY};
 
 const USAGE: &str = "usage: skiff-testdev --socket PATH [--id NAME] [--migration CAPS]
-                     [--dma-logging on|off] [--msi] [--fail-arc FROM:TO[:N]]...
+                     [--dma-logging on|off] [--msi] [--memory-mib N]
+                     [--fill-memory SEED] [--fail-arc FROM:TO[:N]]...
                      [--fail-read-after BYTES] [--reject-resume]
                      [--exit-on-arc FROM:TO]... [-v]
 
 A vfio-user PCI test device (vendor 1b36, device 0f5f): DMA engine, MSI-X/INTx,
-1 MiB device memory in BAR2, peer-to-peer writes, VFIO v2 migration. Serves one
+device memory in BAR2 (1 MiB by default), peer-to-peer writes, VFIO v2 migration. Serves one
 client on PATH and exits when it disconnects.
   --socket PATH        Unix socket to listen on (a stale socket file is replaced)
   --id NAME            name used in log lines (default: testdev)
@@ -29,6 +30,11 @@ client on PATH and exits when it disconnects.
   --no-p2p             the same as leaving p2p out of --migration
   --dma-logging on|off offer DMA logging (DMA_LOGGING_START/STOP/REPORT); default on
   --msi                add an MSI capability (64-bit, per-vector masking, 2 vectors)
+  --memory-mib N       device memory (BAR2) of N MiB: a power of two, 1 to 1024;
+                       default 1
+  --fill-memory SEED   fill the device memory with the pattern of SEED (u32, decimal
+                       or 0x hex; byte i = the pattern byte i of WRITE_PATTERN) at
+                       start instead of zeroes
   -v                   debug logging (RUST_LOG overrides)
 
 Fault injection, for testing migration failure handling (all off by default; each
@@ -50,6 +56,24 @@ RESUMING; the arc must be a direct arc of the machine --migration offers.
 
 Exit codes: 0 the client disconnected cleanly, 1 protocol or I/O error, 2 bad command
 line, 3 --exit-on-arc fired.";
+
+/// Parses `--memory-mib`'s value into bytes: a power of two from 1 to 1024 MiB.
+fn parse_memory_mib(v: &str) -> Result<u64, String> {
+    match v.parse::<u64>() {
+        Ok(n) if n.is_power_of_two() && n <= 1024 => Ok(n << 20),
+        _ => Err(format!(
+            "--memory-mib: {v:?} is not a power of two from 1 to 1024"
+        )),
+    }
+}
+
+/// Parses a u32 in decimal or `0x` hex (`--fill-memory`).
+fn parse_u32(v: &str) -> Option<u32> {
+    match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => v.parse().ok(),
+    }
+}
 
 /// Parses `--migration`'s value into `VFIO_MIGRATION_*` flags.
 fn parse_migration(v: &str) -> Result<u64, String> {
@@ -98,6 +122,14 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                 }
             }
             "--msi" => opts.msi = true,
+            "--memory-mib" => {
+                opts.memory_size = parse_memory_mib(&it.next().ok_or("--memory-mib needs N")?)?
+            }
+            "--fill-memory" => {
+                let v = it.next().ok_or("--fill-memory needs a seed")?;
+                let seed = parse_u32(&v).ok_or(format!("--fill-memory: bad seed {v:?}"))?;
+                opts.fill_seed = Some(seed);
+            }
             "--fail-arc" => {
                 let v = it.next().ok_or("--fail-arc needs FROM:TO[:N]")?;
                 opts.faults.fail_arcs.push(parse_arc(&v, true)?);
@@ -220,6 +252,47 @@ mod tests {
             &["--socket", "/x", "--migration", "stop-copy,fast"],
             &["--socket", "/x", "--migration"],
             &["--socket", "/x", "--dma-logging", "maybe"],
+        ] {
+            assert!(args(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn memory_flags() {
+        let a = args(&["--socket", "/x"]).unwrap();
+        assert_eq!((a.opts.memory_size, a.opts.fill_seed), (1 << 20, None));
+        let a = args(&[
+            "--socket",
+            "/x",
+            "--memory-mib",
+            "256",
+            "--fill-memory",
+            "0x5eed",
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.opts.memory_size, a.opts.fill_seed),
+            (256 << 20, Some(0x5eed))
+        );
+        let a = args(&[
+            "--socket",
+            "/x",
+            "--memory-mib",
+            "1024",
+            "--fill-memory",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!((a.opts.memory_size, a.opts.fill_seed), (1 << 30, Some(7)));
+        for bad in [
+            &["--socket", "/x", "--memory-mib"][..],
+            &["--socket", "/x", "--memory-mib", "0"],
+            &["--socket", "/x", "--memory-mib", "3"],
+            &["--socket", "/x", "--memory-mib", "2048"],
+            &["--socket", "/x", "--memory-mib", "-1"],
+            &["--socket", "/x", "--fill-memory"],
+            &["--socket", "/x", "--fill-memory", "0x1_0000_0000"],
+            &["--socket", "/x", "--fill-memory", "seed"],
         ] {
             assert!(args(bad).is_err(), "{bad:?}");
         }

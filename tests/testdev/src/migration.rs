@@ -10,11 +10,12 @@
 //! CRC-32 (IEEE, reflected, as zlib) of tag, len and body. Records, in order:
 //!
 //! 1. `HEADER` (tag 1, 32 bytes): magic `"SKTDSTAT"`, format version u32 (1), PCI vendor u16 and
-//!    device u16, device memory size u64, chunk size u32 ([`CHUNK`]), flags u32 (bit 0: the
-//!    device has the MSI capability; source and target must agree).
+//!    device u16, device memory size u64 (BAR 2's size, `--memory-mib`), chunk size u32
+//!    ([`CHUNK`]), flags u32 (bit 0: the device has the MSI capability). Source and target must
+//!    agree on the memory size and the flags.
 //! 2. any number of `MEMORY` (tag 2, 4 + [`CHUNK`] bytes): chunk index u32, then the chunk's
-//!    bytes of device memory (BAR2). A later record for the same chunk replaces an earlier one
-//!    (PRE_COPY re-sends chunks that changed).
+//!    bytes of device memory (BAR2; [`chunks`] of them). A later record for the same chunk
+//!    replaces an earlier one (PRE_COPY re-sends chunks that changed).
 //! 3. one `DEVICE` (tag 3): registers, the latched stream, violation counters, config space,
 //!    MSI-X table and PBA, and the command queue (the command that was executing first: it is
 //!    run again from its start on the target). See [`DeviceSnapshot::encode`].
@@ -36,7 +37,7 @@ use std::time::Instant;
 use crate::config::CONFIG_SIZE;
 use crate::device::{Command, Device, Regs, Stream, Violations};
 use crate::mem::Mapping;
-use crate::regs::{DEVICE_ID, DEVICE_MEMORY_SIZE, MSIX_VECTORS, QUEUE_DEPTH, VENDOR_ID};
+use crate::regs::{DEVICE_ID, MSIX_VECTORS, QUEUE_DEPTH, VENDOR_ID};
 
 /// Stream magic (first body bytes of the HEADER record).
 pub const MAGIC: [u8; 8] = *b"SKTDSTAT";
@@ -44,8 +45,12 @@ pub const MAGIC: [u8; 8] = *b"SKTDSTAT";
 pub const FORMAT_VERSION: u32 = 1;
 /// Device memory is tracked and sent in chunks of this size.
 pub const CHUNK: usize = 4096;
-/// Number of chunks of device memory.
-pub const CHUNKS: usize = DEVICE_MEMORY_SIZE as usize / CHUNK;
+
+/// Number of chunks of a device memory of `mem_size` bytes (a multiple of [`CHUNK`]: a power of
+/// two of at least 1 MiB).
+pub fn chunks(mem_size: usize) -> usize {
+    mem_size / CHUNK
+}
 
 const TAG_HEADER: u32 = 1;
 const TAG_MEMORY: u32 = 2;
@@ -359,19 +364,21 @@ impl DeviceSnapshot {
     }
 }
 
-fn header_body(msi: bool) -> Vec<u8> {
+/// The HEADER record's body for a device with `mem_size` bytes of memory.
+fn header_body(msi: bool, mem_size: usize) -> Vec<u8> {
     let mut w = W(MAGIC.to_vec());
     w.u32(FORMAT_VERSION);
     w.0.extend_from_slice(&VENDOR_ID.to_le_bytes());
     w.0.extend_from_slice(&DEVICE_ID.to_le_bytes());
-    w.u64(DEVICE_MEMORY_SIZE).u32(CHUNK as u32).u32(msi as u32);
+    w.u64(mem_size as u64).u32(CHUNK as u32).u32(msi as u32);
     w.0
 }
 
-/// Bytes of a whole stream (no PRE_COPY) for a device with `commands` saved commands.
-pub fn full_stream_len(commands: usize) -> u64 {
+/// Bytes of a whole stream (no PRE_COPY) for a device with `mem_size` bytes of memory and
+/// `commands` saved commands.
+pub fn full_stream_len(mem_size: usize, commands: usize) -> u64 {
     (OVERHEAD + HEADER_LEN) as u64
-        + ((OVERHEAD + MEMORY_LEN) * CHUNKS) as u64
+        + ((OVERHEAD + MEMORY_LEN) * chunks(mem_size)) as u64
         + (OVERHEAD + DeviceSnapshot::encoded_len(commands)) as u64
         + (OVERHEAD + END_LEN) as u64
 }
@@ -395,18 +402,19 @@ pub struct Saver {
 }
 
 impl Saver {
-    /// A new session; the header is pending at once.
-    pub fn new(msi: bool) -> Saver {
+    /// A new session for a device with `mem_size` bytes of memory (BAR 2's size); the header
+    /// is pending at once.
+    pub fn new(msi: bool, mem_size: usize) -> Saver {
         let mut s = Saver {
             out: VecDeque::new(),
-            shadow: vec![0; DEVICE_MEMORY_SIZE as usize],
-            sent: vec![false; CHUNKS],
+            shadow: vec![0; mem_size],
+            sent: vec![false; chunks(mem_size)],
             cursor: 0,
             records: 0,
             bytes: 0,
             finished: false,
         };
-        s.emit(TAG_HEADER, &header_body(msi));
+        s.emit(TAG_HEADER, &header_body(msi, mem_size));
         s
     }
 
@@ -427,22 +435,29 @@ impl Saver {
         if !mem.read(off as u64, buf) {
             return true;
         }
-        !self.sent[i] || buf[..] != self.shadow[off..off + CHUNK]
+        !self.sent[i]
+            || self
+                .shadow
+                .get(off..off + CHUNK)
+                .is_none_or(|sent| buf[..] != *sent)
     }
 
     /// Sends the next chunk that needs it (scanning round robin); false when none does.
     fn send_next(&mut self, mem: &Mapping) -> bool {
         let mut buf = vec![0u8; CHUNK];
-        for k in 0..CHUNKS {
-            let i = (self.cursor + k) % CHUNKS;
+        let n = self.sent.len();
+        for k in 0..n {
+            let i = (self.cursor + k) % n;
             if self.needs_send(mem, i, &mut buf) {
                 let off = i * CHUNK;
-                self.shadow[off..off + CHUNK].copy_from_slice(&buf);
+                if let Some(sent) = self.shadow.get_mut(off..off + CHUNK) {
+                    sent.copy_from_slice(&buf);
+                }
                 self.sent[i] = true;
                 let mut body = (i as u32).to_le_bytes().to_vec();
                 body.extend_from_slice(&buf);
                 self.emit(TAG_MEMORY, &body);
-                self.cursor = (i + 1) % CHUNKS;
+                self.cursor = (i + 1) % n;
                 return true;
             }
         }
@@ -465,6 +480,14 @@ impl Saver {
         end.u32(self.records).u64(self.bytes);
         self.emit(TAG_END, &end.0);
         self.finished = true;
+    }
+
+    /// Once the STOP_COPY part was produced: device memory as it was saved (every chunk as
+    /// last sent, which [`Saver::finish`] made the memory's bytes at the arc), handed over
+    /// without a copy — what must not change from now on (`frozen.rs`). `None` before, and
+    /// the second time.
+    pub fn take_saved_memory(&mut self) -> Option<Vec<u8>> {
+        (self.finished && !self.shadow.is_empty()).then(|| std::mem::take(&mut self.shadow))
     }
 
     /// Whether the STOP_COPY part was produced.
@@ -490,7 +513,7 @@ impl Saver {
             return self.out.len() as u64;
         }
         let mut buf = vec![0u8; CHUNK];
-        let chunks = (0..CHUNKS)
+        let chunks = (0..self.sent.len())
             .filter(|&i| self.needs_send(mem, i, &mut buf))
             .count();
         self.out.len() as u64
@@ -530,13 +553,14 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// A session for a device whose MSI capability is `msi`.
-    pub fn new(msi: bool) -> Loader {
+    /// A session for a device whose MSI capability is `msi` and whose memory is `mem_size`
+    /// bytes (the stream's header must say the same).
+    pub fn new(msi: bool, mem_size: usize) -> Loader {
         Loader {
             partial: Vec::new(),
             msi,
-            mem: vec![0; DEVICE_MEMORY_SIZE as usize],
-            got: vec![false; CHUNKS],
+            mem: vec![0; mem_size],
+            got: vec![false; chunks(mem_size)],
             header: false,
             device: None,
             end: false,
@@ -623,10 +647,11 @@ impl Loader {
                 let (vendor, device) = (p.u16()?, p.u16()?);
                 let (size, chunk, flags) = (p.u64()?, p.u32()?, p.u32()?);
                 if (vendor, device, size, chunk as usize)
-                    != (VENDOR_ID, DEVICE_ID, DEVICE_MEMORY_SIZE, CHUNK)
+                    != (VENDOR_ID, DEVICE_ID, self.mem.len() as u64, CHUNK)
                 {
                     return Err(format!(
-                        "foreign device {vendor:04x}:{device:04x}, memory {size:#x}, chunk {chunk}"
+                        "foreign device {vendor:04x}:{device:04x}, memory {size:#x} (this device's: {:#x}), chunk {chunk}",
+                        self.mem.len()
                     ));
                 }
                 if flags != self.msi as u32 {
@@ -645,8 +670,11 @@ impl Loader {
                     return Err(format!("memory record of {} bytes", body.len()));
                 }
                 let i = u32::from_le_bytes([body[0], body[1], body[2], body[3]]) as usize;
-                if i >= CHUNKS {
-                    return Err(format!("chunk index {i} (device memory has {CHUNKS})"));
+                if i >= self.got.len() {
+                    return Err(format!(
+                        "chunk index {i} (device memory has {})",
+                        self.got.len()
+                    ));
                 }
                 self.mem[i * CHUNK..(i + 1) * CHUNK].copy_from_slice(&body[4..]);
                 self.got[i] = true;
@@ -676,6 +704,12 @@ impl Loader {
         }
         self.end = true;
         Ok(())
+    }
+
+    /// The loaded memory, handed over without a copy (after [`Loader::finish`] succeeded and
+    /// it was written to the device: what must not change from now on, `frozen.rs`).
+    pub fn into_memory(self) -> Vec<u8> {
+        self.mem
     }
 
     /// The loaded memory and device state, once the whole stream arrived and checked out.

@@ -4,7 +4,10 @@
 use super::*;
 use crate::device::DeviceState;
 use crate::mem::memfd;
-use crate::regs::{pattern_byte, CMD_COPY, CMD_P2P_WRITE, CMD_WRITE_PATTERN};
+use crate::regs::{pattern_byte, CMD_COPY, CMD_P2P_WRITE, CMD_WRITE_PATTERN, DEVICE_MEMORY_SIZE};
+
+/// The default device memory size, as the stream code takes it.
+const SIZE: usize = DEVICE_MEMORY_SIZE as usize;
 
 fn memory() -> Mapping {
     let fd = memfd("test-bar2", DEVICE_MEMORY_SIZE).unwrap();
@@ -71,14 +74,14 @@ fn busy_device(msi: bool) -> Device {
 }
 
 fn stop_copy_stream(d: &Device, mem: &Mapping) -> Vec<u8> {
-    let mut s = Saver::new(d.config.has_msi());
+    let mut s = Saver::new(d.config.has_msi(), SIZE);
     s.finish(mem, &DeviceSnapshot::of(d));
     s.read(usize::MAX)
 }
 
 /// Loads `stream` written in pieces of `piece` bytes into a fresh device and memory.
 fn load(stream: &[u8], piece: usize, msi: bool) -> Result<(Device, Mapping), LoadError> {
-    let mut l = Loader::new(msi);
+    let mut l = Loader::new(msi, SIZE);
     for c in stream.chunks(piece) {
         if l.write(c).is_err() {
             break;
@@ -106,7 +109,7 @@ fn state_round_trips_into_a_fresh_device() {
         let mem = memory();
         fill(&mem, 9);
         let stream = stop_copy_stream(&d, &mem);
-        assert_eq!(stream.len() as u64, full_stream_len(3));
+        assert_eq!(stream.len() as u64, full_stream_len(SIZE, 3));
         for piece in [stream.len(), 1, 7, 4096, 65536 + 3] {
             let (t, tmem) = load(&stream, piece, msi).expect("a good stream loads");
             assert_eq!(contents(&tmem), contents(&mem), "memory, pieces of {piece}");
@@ -133,7 +136,7 @@ fn state_round_trips_into_a_fresh_device() {
 fn violations_are_added_to_the_targets() {
     let d = busy_device(false);
     let stream = stop_copy_stream(&d, &memory());
-    let mut l = Loader::new(false);
+    let mut l = Loader::new(false, SIZE);
     l.write(&stream).unwrap();
     let mut t = Device::new(false);
     t.viol.late_peer_write = 10;
@@ -187,9 +190,9 @@ fn corrupt_foreign_and_truncated_streams_are_refused() {
     s.extend_from_slice(&good[OVERHEAD + HEADER_LEN..]);
     assert!(corrupt(&s).contains("END counts"));
     // A well-formed header of another version, or of a device with a different capability.
-    let mut h = header_body(false);
+    let mut h = header_body(false, SIZE);
     h[8] = 2;
-    let mut s = Saver::new(false);
+    let mut s = Saver::new(false, SIZE);
     s.out.clear();
     s.emit(TAG_HEADER, &h);
     assert!(corrupt(&s.read(usize::MAX)).contains("version 2"));
@@ -215,11 +218,11 @@ fn corrupt_foreign_and_truncated_streams_are_refused() {
     }
     // Nothing written at all.
     assert!(matches!(
-        Loader::new(false).finish(),
+        Loader::new(false, SIZE).finish(),
         Err(LoadError::Incomplete(_))
     ));
     // A poisoned session stays poisoned, even when good data follows.
-    let mut l = Loader::new(false);
+    let mut l = Loader::new(false, SIZE);
     assert!(l.write(&[0xff; 16]).is_err());
     assert!(l.write(&good).is_err());
     assert!(matches!(l.finish(), Err(LoadError::Corrupt(_))));
@@ -230,7 +233,7 @@ fn pre_copy_resends_changed_chunks_and_the_whole_stream_reproduces_the_state() {
     let d = busy_device(false);
     let mem = memory();
     fill(&mem, 3);
-    let mut s = Saver::new(false);
+    let mut s = Saver::new(false, SIZE);
     let mut pre = Vec::new();
     // The initial pass: header and every chunk once, in reads of an odd size.
     loop {
@@ -241,7 +244,7 @@ fn pre_copy_resends_changed_chunks_and_the_whole_stream_reproduces_the_state() {
         }
         pre.extend(b);
     }
-    let initial = OVERHEAD + HEADER_LEN + CHUNKS * (OVERHEAD + MEMORY_LEN);
+    let initial = OVERHEAD + HEADER_LEN + chunks(SIZE) * (OVERHEAD + MEMORY_LEN);
     assert_eq!(pre.len(), initial);
     s.fill(&mem, 10_000);
     assert_eq!(s.pending(), 0, "nothing changed: nothing more for now");
@@ -282,4 +285,50 @@ fn pre_copy_resends_changed_chunks_and_the_whole_stream_reproduces_the_state() {
         assert_eq!(contents(&tmem), contents(&mem));
         assert_eq!(DeviceSnapshot::of(&t), DeviceSnapshot::of(&d));
     }
+}
+
+#[test]
+fn the_stream_follows_the_memory_size_and_a_different_size_is_foreign() {
+    let size = 4 * SIZE;
+    let fd = memfd("test-bar2-4m", size as u64).unwrap();
+    let mem = Mapping::new(&fd, 0, size as u64, true).unwrap();
+    assert!(mem.write(size as u64 - 8, b"the end!"));
+    let d = busy_device(false);
+    let mut s = Saver::new(false, size);
+    assert_eq!(s.stop_copy_len(&mem, 3), full_stream_len(size, 3));
+    s.finish(&mem, &DeviceSnapshot::of(&d));
+    let stream = s.read(usize::MAX);
+    assert_eq!(stream.len() as u64, full_stream_len(size, 3));
+    assert_eq!(
+        full_stream_len(size, 3) - full_stream_len(SIZE, 3),
+        (3 * chunks(SIZE) * (OVERHEAD + MEMORY_LEN)) as u64
+    );
+    let mut l = Loader::new(false, size);
+    l.write(&stream).unwrap();
+    let (loaded, snap) = l.finish().expect("same size loads");
+    assert_eq!(&loaded[size - 8..], b"the end!");
+    assert_eq!(*snap, DeviceSnapshot::of(&d));
+    // A device of another size refuses it at the header, and the other way round.
+    let mut l = Loader::new(false, SIZE);
+    assert!(l.write(&stream).unwrap_err().contains("memory 0x400000"));
+    let small = stop_copy_stream(&d, &memory());
+    assert!(Loader::new(false, size).write(&small).is_err());
+}
+
+#[test]
+fn the_saved_memory_is_handed_over_once_after_stop_copy() {
+    let mem = memory();
+    fill(&mem, 11);
+    let mut s = Saver::new(false, SIZE);
+    s.fill(&mem, 10 * CHUNK);
+    assert!(s.take_saved_memory().is_none(), "not before STOP_COPY");
+    assert!(mem.write(7, b"late in pre-copy"));
+    s.finish(&mem, &DeviceSnapshot::of(&busy_device(false)));
+    assert_eq!(s.take_saved_memory().as_deref(), Some(&contents(&mem)[..]));
+    assert!(s.take_saved_memory().is_none(), "once");
+    assert!(s.stop_copy_len(&mem, 0) > 0, "the rest is still to read");
+    // Nothing was read yet: the whole stream is pending, and still loads.
+    let mut l = Loader::new(false, SIZE);
+    l.write(&s.read(usize::MAX)).unwrap();
+    assert_eq!(l.finish().unwrap().0, &contents(&mem)[..]);
 }

@@ -7,9 +7,10 @@
 //! - BAR 0: 4 KiB of 32-bit registers ([`REG_*`](self)), trapped (every access reaches the
 //!   device); the MSI-X table lives at [`MSIX_TABLE_OFFSET`] and the PBA at
 //!   [`MSIX_PBA_OFFSET`] inside it (emulated by the VMM, like every VFIO client does).
-//! - BAR 2: [`DEVICE_MEMORY_SIZE`] bytes of device memory, 64-bit, backed by a shareable file and
-//!   offered as one sparse-mmap area covering the whole BAR (the VMM maps it into the guest).
-//!   Peer-to-peer writes from another device land here.
+//! - BAR 2: device memory, [`DEVICE_MEMORY_SIZE`] bytes by default (`--memory-mib N`: any power
+//!   of two from 1 MiB to [`MAX_DEVICE_MEMORY_SIZE`]; read the size from the BAR), 64-bit, backed
+//!   by a shareable file and offered as one sparse-mmap area covering the whole BAR (the VMM maps
+//!   it into the guest). Peer-to-peer writes from another device land here.
 //! - Interrupts: MSI-X with [`MSIX_VECTORS`] vectors, and INTx pin A; with `--msi` also an MSI
 //!   capability (ID 0x05, 64-bit address, per-vector masking, [`MSI_VECTORS`] vectors capable).
 //!
@@ -37,8 +38,15 @@ pub const REGS_BAR: u8 = 0;
 pub const REGS_BAR_SIZE: u64 = 0x1000;
 /// BAR index of the device memory.
 pub const MEMORY_BAR: u8 = 2;
-/// Size of the device memory BAR.
+/// Size of the device memory BAR by default, and the smallest one (`--memory-mib 1`).
 pub const DEVICE_MEMORY_SIZE: u64 = 0x10_0000;
+/// Largest device memory BAR (`--memory-mib 1024`).
+pub const MAX_DEVICE_MEMORY_SIZE: u64 = 0x4000_0000;
+/// Slots (u64) the stream writes into a peer's device memory: the first half of the
+/// *smallest* device memory ([`DEVICE_MEMORY_SIZE`] / 16, 512 KiB), whatever the size of this
+/// device's or the peer's BAR 2. A device does not know its peer's size, and this area fits
+/// every peer; it is also what a guest that assumes the default size computes.
+pub const STREAM_PEER_SLOTS: u64 = DEVICE_MEMORY_SIZE / 16;
 
 /// MSI-X vectors.
 pub const MSIX_VECTORS: u16 = 2;
@@ -145,7 +153,8 @@ pub const CMD_READ_CHECKSUM: u32 = 3;
 pub const CMD_P2P_WRITE: u32 = 4;
 /// Start the stream: every period, write the next sequence number (u64) into the next ring
 /// entry (`ring[seq % entries]`) and, with a peer, into the peer's device memory at
-/// `peer + 8 * (seq % (DEVICE_MEMORY_SIZE / 8 / 2))` (the first half of the peer's memory).
+/// `peer + 8 * (seq % STREAM_PEER_SLOTS)` (see [`STREAM_PEER_SLOTS`]: the first 512 KiB of
+/// the peer's memory, whatever its size).
 pub const CMD_STREAM_START: u32 = 5;
 /// Stop the stream (it finishes the sequence number in flight).
 pub const CMD_STREAM_STOP: u32 = 6;

@@ -40,6 +40,12 @@ pub struct Options {
     /// Faults to inject (`--fail-arc`, `--fail-read-after`, `--reject-resume`,
     /// `--exit-on-arc`; see `fault.rs`). None by default.
     pub faults: Faults,
+    /// BAR2's size in bytes (`--memory-mib`): a power of two from
+    /// [`regs::DEVICE_MEMORY_SIZE`] (the default) to [`regs::MAX_DEVICE_MEMORY_SIZE`].
+    pub memory_size: u64,
+    /// `--fill-memory SEED`: BAR2 starts filled with [`regs::pattern_byte`]`(SEED, i)` at
+    /// byte `i` instead of zeroes (so that migrating it moves real data).
+    pub fill_seed: Option<u32>,
 }
 
 impl Default for Options {
@@ -51,6 +57,8 @@ impl Default for Options {
             msi: false,
             dma_timeout: Duration::from_secs(10),
             faults: Faults::default(),
+            memory_size: regs::DEVICE_MEMORY_SIZE,
+            fill_seed: None,
         }
     }
 }
@@ -71,17 +79,37 @@ struct Session {
 /// messages), `Err` on a protocol or I/O error that ended the session.
 pub fn serve(sock: UnixStream, opts: &Options) -> Result<(), Error> {
     info!(
-        "{}: client connected (migration flags {:#x}, dma logging: {}, msi: {})",
-        opts.id, opts.migration, opts.dma_logging, opts.msi
+        "{}: client connected (migration flags {:#x}, dma logging: {}, msi: {}, memory {} MiB)",
+        opts.id,
+        opts.migration,
+        opts.dma_logging,
+        opts.msi,
+        opts.memory_size >> 20
     );
-    let mut dev = Device::new(opts.msi);
+    let size = opts.memory_size;
+    if !size.is_power_of_two()
+        || !(regs::DEVICE_MEMORY_SIZE..=regs::MAX_DEVICE_MEMORY_SIZE).contains(&size)
+    {
+        return Err(Error::Setup(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("device memory of {size:#x} bytes (a power of two, 1 MiB to 1 GiB)"),
+        )));
+    }
+    let mut dev = Device::with_memory(opts.msi, size);
     dev.mig_caps = opts.migration;
     if !opts.faults.is_empty() {
         warn!("{}: fault injection on: {:?}", opts.id, opts.faults);
     }
     dev.faults = FaultState::new(opts.faults.clone());
-    let bar2_fd = memfd("skiff-testdev-bar2", regs::DEVICE_MEMORY_SIZE).map_err(Error::Setup)?;
-    let bar2 = Mapping::new(&bar2_fd, 0, regs::DEVICE_MEMORY_SIZE, true).map_err(Error::Setup)?;
+    let bar2_fd = memfd("skiff-testdev-bar2", size).map_err(Error::Setup)?;
+    let bar2 = Mapping::new(&bar2_fd, 0, size, true).map_err(Error::Setup)?;
+    if let Some(seed) = opts.fill_seed {
+        fill_pattern(&bar2, seed);
+        info!(
+            "{}: device memory filled with pattern seed {seed:#x}",
+            opts.id
+        );
+    }
     let shared = Arc::new(Shared {
         dev: Mutex::new(dev),
         wake: Condvar::new(),
@@ -415,7 +443,7 @@ impl Session {
             0 => (rw, regs::REGS_BAR_SIZE),
             2 => (
                 rw | REGION_FLAG_MMAP | REGION_FLAG_CAPS,
-                regs::DEVICE_MEMORY_SIZE,
+                self.shared.bar2.len() as u64,
             ),
             REGION_CONFIG => (rw, crate::config::CONFIG_SIZE as u64),
             _ => (0, 0),
@@ -703,6 +731,21 @@ fn irq_info(p: &[u8], msi: bool) -> Reply {
         _ => (0, 0),
     };
     ok(Bytes::default().u32(16).u32(flags).u32(index).u32(count))
+}
+
+/// Fills `mem` with [`regs::pattern_byte`]`(seed, i)` at byte `i` (`--fill-memory`), 1 MiB at a
+/// time.
+pub fn fill_pattern(mem: &Mapping, seed: u32) {
+    const STEP: usize = 1 << 20;
+    let mut buf = vec![0u8; STEP];
+    for start in (0..mem.len()).step_by(STEP) {
+        let n = STEP.min(mem.len() - start);
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = regs::pattern_byte(seed, (start + i) as u32);
+        }
+        // In range by construction.
+        let _ = mem.write(start as u64, &buf[..n]);
+    }
 }
 
 fn need(p: &[u8], n: usize) -> Result<(), i32> {

@@ -10,8 +10,11 @@
 //! - Late peer writes: in STOP, STOP_COPY and RESUMING device memory must not change (why:
 //!   [`DeviceState::freezes_memory`]). A REGION_WRITE into BAR2 is counted as it arrives; a
 //!   change through the shared mapping is found by comparing BAR2 with the copy taken when the
-//!   device entered those states, at the next state change request, MIG_DATA_READ or
-//!   REGION_WRITE into BAR2 (one count per 4 KiB chunk changed).
+//!   device entered those states (one count per 4 KiB chunk changed): the whole of BAR2 at the
+//!   next state change request or REGION_WRITE into BAR2; at a MIG_DATA_READ of N bytes, the
+//!   next N / 4 KiB + 1 chunks, round robin (so that draining STOP_COPY data in many reads
+//!   compares the memory about once, not once per read; every change is still counted, at the
+//!   latest at STOP_COPY -> STOP).
 //! - STOP -> RESUMING starts a resuming session into a staging copy; RESUMING -> STOP checks
 //!   the whole stream and only then loads it. Our rules when it does not check out: data that
 //!   is good so far but has not ended (no END record) fails the arc with EINVAL and the device
@@ -31,7 +34,7 @@ use crate::fault::ArcVerdict;
 use crate::frozen::FrozenMemory;
 use crate::fsm::is_direct_arc;
 use crate::mem::Mapping;
-use crate::migration::{full_stream_len, DeviceSnapshot, LoadError, Loader, Saver};
+use crate::migration::{full_stream_len, DeviceSnapshot, LoadError, Loader, Saver, CHUNK};
 
 impl Device {
     /// Executes the direct arc to `to` (EINVAL for anything else, changing nothing; the
@@ -66,13 +69,17 @@ impl Device {
         let msi = self.config.has_msi();
         match to {
             DeviceState::PreCopy | DeviceState::PreCopyP2p if !from.is_saving() => {
-                self.save = Some(Saver::new(msi));
+                self.save = Some(Saver::new(msi, bar2.len()));
             }
             DeviceState::StopCopy => {
                 let snap = DeviceSnapshot::of(self);
-                self.save
-                    .get_or_insert_with(|| Saver::new(msi))
-                    .finish(bar2, &snap);
+                let save = self.save.get_or_insert_with(|| Saver::new(msi, bar2.len()));
+                save.finish(bar2, &snap);
+                // The saved bytes are what must not change from now on (no second copy; a
+                // write racing the arc differs from them and counts as late).
+                if let Some(saved) = save.take_saved_memory() {
+                    self.frozen = Some(FrozenMemory::from_copy(saved));
+                }
                 info!(
                     "STOP_COPY: state saved ({} commands queued, {} bytes to read)",
                     snap.queue.len(),
@@ -83,7 +90,7 @@ impl Device {
             DeviceState::Stop if from == DeviceState::Resuming => return self.finish_load(bar2),
             DeviceState::Resuming => {
                 self.save = None;
-                self.load = Some(Loader::new(msi));
+                self.load = Some(Loader::new(msi, bar2.len()));
             }
             // The saving session ends (or there was none).
             DeviceState::Running | DeviceState::RunningP2p | DeviceState::Stop => self.save = None,
@@ -117,10 +124,12 @@ impl Device {
         match res {
             Ok((true, snap)) => {
                 snap.restore(self);
-                self.load = None;
                 self.state = DeviceState::Stop;
-                // The loaded bytes are what must not change from now on.
-                self.frozen = Some(FrozenMemory::of(bar2));
+                // The loaded bytes are what must not change from now on (no second copy).
+                self.frozen = match self.load.take() {
+                    Some(l) => Some(FrozenMemory::from_copy(l.into_memory())),
+                    None => Some(FrozenMemory::of(bar2)),
+                };
                 info!(
                     "migration state Resuming -> Stop: state loaded ({} commands queued)",
                     snap.queue.len()
@@ -184,7 +193,14 @@ impl Device {
             warn!("MIG_DATA_READ in state {:?}", self.state);
             return Err(libc::EINVAL);
         }
-        self.check_late_writes(bar2);
+        // A share of the memory per read (see the module comment).
+        let n = self
+            .frozen
+            .as_mut()
+            .map_or(0, |f| f.changed_chunks_some(bar2, max / CHUNK + 1));
+        if n > 0 {
+            self.late_peer_write(n, "write through the mapping (4 KiB chunks changed)");
+        }
         let stop_copy = self.state == DeviceState::StopCopy;
         if stop_copy && self.faults.read_fails() {
             return Err(libc::EIO);
@@ -221,7 +237,7 @@ impl Device {
         let commands = usize::from(self.current.is_some()) + self.queue.len();
         match &self.save {
             Some(s) if self.state.is_saving() => s.stop_copy_len(bar2, commands),
-            _ => full_stream_len(commands),
+            _ => full_stream_len(bar2.len(), commands),
         }
     }
 }

@@ -613,8 +613,9 @@ fn violations_count_ordering_mistakes() {
     c.region_write(2, 8, b"late").unwrap();
     write_at(&bar2, 0x4000, b"late");
     walk(&mut c, &[STOP_COPY]);
-    // STOP_COPY: a REGION_WRITE (1); two chunks changed through the mapping, noticed at the
-    // next MIG_DATA_READ (2); a mapping write then a REGION_WRITE into the same chunk (2).
+    // STOP_COPY: a REGION_WRITE (1); two chunks changed through the mapping (2: a MIG_DATA_READ
+    // checks only a share of the chunks, here 0 and 1, so the next REGION_WRITE notices them);
+    // a mapping write then a REGION_WRITE into the same chunk (2).
     c.region_write(2, 16, b"late").unwrap();
     write_at(&bar2, 0x6000 - 2, b"late");
     let _ = mig_read(&mut c, 4096);
@@ -753,7 +754,10 @@ fn fail_arc_fails_the_nth_request_only() {
     );
     walk(&mut c, &[STOP_COPY]);
     let s = mig_read_all(&mut c, 1 << 20);
-    assert_eq!(s.len() as u64, testdev::migration::full_stream_len(0));
+    assert_eq!(
+        s.len() as u64,
+        testdev::migration::full_stream_len(DEVICE_MEMORY_SIZE as usize, 0)
+    );
     walk(&mut c, &[STOP, RUNNING_P2P, RUNNING]);
     assert_eq!(c.reg(REG_VIOLATIONS), 0);
     c.finish().unwrap();
@@ -785,7 +789,10 @@ fn fail_read_after_fails_one_read_and_the_stream_continues() {
     // A second saving session: the fault fired already.
     walk(&mut c, &[STOP_COPY]);
     let again = mig_read_all(&mut c, 4096);
-    assert_eq!(again.len() as u64, testdev::migration::full_stream_len(0));
+    assert_eq!(
+        again.len() as u64,
+        testdev::migration::full_stream_len(DEVICE_MEMORY_SIZE as usize, 0)
+    );
     c.finish().unwrap();
     let mut t = Client::negotiated();
     walk(&mut t, &[RUNNING_P2P, STOP, RESUMING]);
@@ -877,4 +884,72 @@ fn binary_exits_with_code_3_on_the_arc() {
     assert_eq!(status.code(), Some(3), "{status:?}");
     assert!(!path.exists(), "socket file removed");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--memory-mib 4 --fill-memory SEED`: BAR 2 is 4 MiB everywhere the client sees it (region
+/// info, the memfd, config space BAR sizing), starts filled with the pattern, and migrates
+/// (PRE_COPY, a changed chunk re-sent, STOP_COPY) into a 4 MiB device; a device of the default
+/// size refuses the stream as foreign.
+#[test]
+fn a_larger_filled_device_memory_migrates_whole() {
+    const SIZE: u64 = 4 << 20;
+    let big = |fill_seed| testdev::Options {
+        memory_size: SIZE,
+        fill_seed,
+        ..test_options()
+    };
+    let mut src = Client::negotiated_opts(big(Some(0x5eed)));
+    let info = src.call(
+        GET_REGION_INFO,
+        &fields(&[(64, 4), (0, 4), (2, 4), (0, 4), (0, 8), (0, 8)]),
+    );
+    let info = info.ok();
+    assert_eq!(le64(&info.payload, 16), SIZE, "region size");
+    assert_eq!(le64(&info.payload, 56), SIZE, "the sparse mmap area");
+    let mem = info.fds.into_iter().next().unwrap();
+    assert_eq!(mem.metadata().unwrap().len(), SIZE);
+    let want: Vec<u8> = (0..SIZE as u32).map(|i| pattern_byte(0x5eed, i)).collect();
+    assert_eq!(read_at(&mem, 0, SIZE as usize), want, "filled at start");
+    src.region_write(7, 0x18, &[0xff; 4]).unwrap();
+    assert_eq!(src.region_read(7, 0x18, 4).unwrap(), [0x0c, 0, 0xc0, 0xff]);
+    src.region_write(7, 0x18, &[0; 4]).unwrap();
+
+    walk(&mut src, &[PRE_COPY]);
+    let mut stream = mig_read_all(&mut src, 1 << 20);
+    assert!(stream.len() > SIZE as usize, "every chunk once");
+    write_at(&mem, SIZE - 4096, b"changed while pre-copying");
+    walk(&mut src, &[PRE_COPY_P2P, STOP_COPY]);
+    let rest = mig_read_all(&mut src, 1 << 20);
+    assert!(
+        rest.len() < 3 * 4096,
+        "STOP_COPY: the changed chunk and the state"
+    );
+    stream.extend(rest);
+    walk(&mut src, &[STOP]);
+    assert_eq!(src.reg(REG_VIOLATIONS), 1, "the BAR0 read in STOP only");
+
+    let mut small = Client::negotiated();
+    walk(&mut small, &[RUNNING_P2P, STOP, RESUMING]);
+    assert_eq!(mig_write_all(&mut small, &stream), Err(einval()), "foreign");
+    small.finish().unwrap();
+
+    let mut dst = Client::negotiated_opts(big(None));
+    walk(&mut dst, &[RUNNING_P2P, STOP, RESUMING]);
+    mig_write_all(&mut dst, &stream).unwrap();
+    walk(&mut dst, &[STOP, RUNNING_P2P, RUNNING]);
+    let mut got = Vec::with_capacity(SIZE as usize);
+    for off in (0..SIZE).step_by(1 << 20) {
+        got.extend(dst.region_read(2, off, 1 << 20).unwrap());
+    }
+    let mut want = want;
+    want[SIZE as usize - 4096..SIZE as usize - 4096 + 25]
+        .copy_from_slice(b"changed while pre-copying");
+    assert_eq!(got, want, "the target's memory");
+    assert_eq!(
+        dst.reg(REG_VIOLATIONS),
+        0,
+        "saved before the source's BAR0 read"
+    );
+    src.finish().unwrap();
+    dst.finish().unwrap();
 }
