@@ -125,6 +125,9 @@ struct State {
     /// `fail` is running (the hook is being called).
     failing: bool,
     next_id: u16,
+    /// Server DMA requests read off the socket, and those answered (served or refused).
+    dma_received: u64,
+    dma_done: u64,
 }
 
 #[derive(Default)]
@@ -277,14 +280,17 @@ impl Shared {
                 if !msg.fds.is_empty() {
                     log::warn!("vfio-user: DMA request came with fds: closed");
                 }
+                lock(&self.state).dma_received += 1;
                 match dma_tx.try_send(msg) {
                     Ok(()) => {}
                     Err(TrySendError::Full(m)) => {
                         log::warn!("vfio-user: DMA queue full, request {} refused", h.id);
                         self.answer(&m.header, &[], Some(libc::EAGAIN as u32));
+                        self.dma_finished();
                     }
                     Err(TrySendError::Disconnected(m)) => {
                         self.answer(&m.header, &[], Some(libc::EIO as u32));
+                        self.dma_finished();
                     }
                 }
             }
@@ -296,6 +302,12 @@ impl Shared {
                 self.answer(&h, &[], Some(libc::ENOTSUP as u32));
             }
         }
+    }
+
+    /// One server DMA request is answered.
+    fn dma_finished(&self) {
+        lock(&self.state).dma_done += 1;
+        self.cond.notify_all();
     }
 
     /// Serve one DMA_READ/DMA_WRITE; the reply's errno is EINVAL for a malformed or oversized
@@ -371,6 +383,7 @@ fn reader_loop(shared: Arc<Shared>, reader: UnixStream, dma_tx: SyncSender<RawMe
 fn dma_worker(shared: Arc<Shared>, rx: Receiver<RawMessage>) {
     while let Ok(msg) = rx.recv() {
         shared.serve_dma(&msg);
+        shared.dma_finished();
     }
 }
 
@@ -418,6 +431,8 @@ impl Client {
                 failure: None,
                 failing: false,
                 next_id: 0,
+                dma_received: 0,
+                dma_done: 0,
             }),
             cond: Condvar::new(),
             dma_handler: RwLock::new(None),
@@ -628,6 +643,42 @@ impl Client {
             });
         }
         Ok(reply)
+    }
+
+    /// Wait until every DMA request the server sent before now has been answered (served by the
+    /// handler, or refused). After a reply, that is every DMA the device started before it
+    /// answered: the reader reads the socket in order. Used after migration-state arcs: the
+    /// kernel's rule that outstanding (P2P) DMA completes before an arc into a P2P or stopped
+    /// state completes covers, over vfio-user, the VMM's serving of it too — a peer write still
+    /// queued here would otherwise land in a peer after the peer was stopped. Must not be called
+    /// from a `DmaHandler` (it would wait for itself). Bounded by the request timeout.
+    pub fn wait_dma_done(&self, what: &'static str) -> Result<(), VfioError> {
+        let timeout = self.shared.options.timeout;
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&self.shared.state);
+        let target = st.dma_received;
+        while st.dma_done < target {
+            if let Some(f) = st.failure.clone() {
+                return Err(f.to_error(what));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VfioError::Transport {
+                    what,
+                    source: io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the device's DMA was not served within {timeout:?}"),
+                    ),
+                });
+            }
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
     }
 
     fn wait(&self, what: &'static str, id: u16) -> Result<Reply, VfioError> {

@@ -12,6 +12,10 @@
 //!   is bit `n % 64` of u64 word `n / 64`.
 //! - A MIG_DATA_READ reply shorter than asked ends the data "for now" in PRE_COPY and for good
 //!   in STOP_COPY (the specification: "there is no more migration data to read").
+//! - The specification does not say how an arc relates to the server's own DMA requests. The
+//!   kernel requires outstanding P2P DMA to complete before an arc into a P2P state completes;
+//!   we take a MIG_DEVICE_STATE SET as complete only once every DMA_READ/DMA_WRITE the server
+//!   sent before its reply has been served (our DMA worker serves them off the reader thread).
 
 use super::backend::VfioUserBackend;
 use super::protocol::{
@@ -95,8 +99,11 @@ impl MigrationBackend for VfioUserBackend {
     fn set_mig_state(&self, state: u32) -> Result<(), VfioError> {
         let mut data = state.to_le_bytes().to_vec();
         data.extend_from_slice(&(-1i32).to_le_bytes());
-        self.device_feature(FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_SET, &data, 8)
-            .map(drop)
+        self.device_feature(FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_SET, &data, 8)?;
+        // The arc is complete only once the DMA the device started before it has been served
+        // (see `Client::wait_dma_done`).
+        self.client()
+            .wait_dma_done("VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE")
     }
 
     fn mig_state(&self) -> Result<u32, VfioError> {

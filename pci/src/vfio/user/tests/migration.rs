@@ -214,3 +214,45 @@ fn dma_logging_start_report_stop() {
     assert_eq!(m.dma_logging_start(4096, &ranges).unwrap(), None);
     finish(b, h);
 }
+
+/// A handler that takes its time and records when a write finished.
+struct SlowWrites(Mutex<Vec<Instant>>);
+
+impl DmaHandler for SlowWrites {
+    fn dma_read(&self, _: u64, _: &mut [u8]) -> io::Result<()> {
+        Err(io::ErrorKind::InvalidInput.into())
+    }
+    fn dma_write(&self, _: u64, _: &[u8]) -> io::Result<()> {
+        std::thread::sleep(Duration::from_millis(200));
+        self.0.lock().unwrap().push(Instant::now());
+        Ok(())
+    }
+}
+
+/// A device that sends a DMA_WRITE (a P2P write, say) just before answering an arc: the arc
+/// completes only after that write was served, though the reply arrived long before.
+#[test]
+fn an_arc_completes_only_after_the_dma_the_device_sent_before_it() {
+    let (b, h) = start(|f| {
+        f.handshake_default();
+        let m = f.expect(DEVICE_FEATURE);
+        // The DMA_WRITE first, then at once the reply to the arc.
+        let mut w = hdr(200, 12, 17, 0, 0);
+        w.extend_from_slice(&bytes!(0x1000u64, 1u64));
+        w.push(9);
+        f.send(&w, &[]);
+        let (_, flags, data) = feature(&m);
+        feature_reply(&f, &m, flags, &data);
+        let r = f.recv().expect("the DMA_WRITE reply");
+        assert_eq!((r.id, r.cmd), (200, 12));
+        f.drain();
+    });
+    let writes = Arc::new(SlowWrites(Mutex::new(Vec::new())));
+    b.set_dma_handler(writes.clone());
+    b.set_mig_state(5).unwrap();
+    let returned = Instant::now();
+    let done = writes.0.lock().unwrap().clone();
+    assert_eq!(done.len(), 1, "the arc returned before the device's DMA was served");
+    assert!(done[0] <= returned);
+    finish(b, h);
+}
