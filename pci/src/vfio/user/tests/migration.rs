@@ -252,7 +252,11 @@ fn an_arc_completes_only_after_the_dma_the_device_sent_before_it() {
     b.set_mig_state(5).unwrap();
     let returned = Instant::now();
     let done = writes.0.lock().unwrap().clone();
-    assert_eq!(done.len(), 1, "the arc returned before the device's DMA was served");
+    assert_eq!(
+        done.len(),
+        1,
+        "the arc returned before the device's DMA was served"
+    );
     assert!(done[0] <= returned);
     finish(b, h);
 }
