@@ -568,3 +568,92 @@ fn snapshot_kill_restore_continues_the_device_sequences() {
     let run = restored.wait(Duration::from_secs(30));
     assert!(!run.stderr.contains("panicked"), "{}", run.log());
 }
+
+/// The link between two hosts cut while a device's STOP_COPY data is on its way (a 64 MiB
+/// device without pre-copy, over a link paced to 40 Mbit/s): the source notices, brings its
+/// device back to RUNNING and resumes the guest.
+#[test]
+fn a_link_cut_during_stop_copy_leaves_the_source_and_its_device_running() {
+    let hosts = match TwoHosts::create("vfcut") {
+        Ok(h) => h,
+        Err(why) => return integration::skip_or_fail("SKIFF_SKIP_NETNS", &why),
+    };
+    let dir = temp_dir("vfio-mig-cut");
+    let big = ["--memory-mib", "64", "--fill-memory", "7"];
+    let td = TestDevice::start(&dir, "td-src", &big);
+    let td_dst = TestDevice::start(&dir, "td-dst", &["--memory-mib", "64"]);
+    let serial = dir.join("serial.log");
+    let serial_arg = format!("file={}", serial.display());
+    let dev = td.option(",id=big0,pre_copy=off");
+    let src = Node::start(
+        &dir,
+        "src",
+        Some(&hosts.a),
+        &[
+            "--memory",
+            "size=128M",
+            "--serial",
+            &serial_arg,
+            "--cmdline",
+            "scenario=counter counter.every=1",
+            "--user-device",
+            &dev,
+        ],
+    );
+    let dst = Node::start(&dir, "dst", Some(&hosts.b), &[]);
+    wait_for_counter(&serial, 2);
+    let url = format!("tcp:{}:6101", TwoHosts::B_ADDR);
+    let over = format!("big0:socket={}", td_dst.socket.display());
+    let (code, out, err) = dst.remote(&["receive-migration", &url, "--override", &over]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = src.remote(&[
+        "send-migration",
+        &url,
+        "--downtime-ms",
+        "600000",
+        "--bandwidth-mbps",
+        "40",
+        "--no-wait",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // Wait until the device is in STOP_COPY, then cut.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !td.log_now().contains("-> StopCopy") {
+        let (_, p, _) = src.remote(&["migration-progress"]);
+        assert!(!p.contains("\"failed\""), "the migration failed early: {p}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never in STOP_COPY: {p}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    hosts.cut();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, p, _) = src.remote(&["migration-progress"]);
+        if p.contains("\"failed\"") {
+            break;
+        }
+        assert!(
+            !p.contains("\"completed\""),
+            "the migration completed although the link was cut: {p}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the source did not notice the cut: {p}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, info, _) = src.remote(&["info"]);
+    assert!(info.contains("\"Running\""), "{info}");
+    let last = counters(&serial).last().copied().unwrap_or(0);
+    wait_for_counter(&serial, last + 2);
+    assert_continuous(&serial);
+    assert_eq!(
+        td.last_state().as_deref(),
+        Some("Running"),
+        "the source device was not brought back:\n{}",
+        td.log_now()
+    );
+    remote_ok(&src.api, &["shutdown-vmm"]);
+}

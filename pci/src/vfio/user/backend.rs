@@ -77,15 +77,31 @@ impl VfioUserBackend {
         data: &[u8],
         max_reply: u32,
     ) -> Result<Vec<u8>, VfioError> {
+        self.device_feature_within(flags, data, max_reply, self.client.options().timeout)
+    }
+
+    /// [`Self::device_feature`] with its own reply timeout (a migration-state arc may have a
+    /// large state to save or load).
+    pub fn device_feature_within(
+        &self,
+        flags: u32,
+        data: &[u8],
+        max_reply: u32,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<u8>, VfioError> {
         const WHAT: &str = "VFIO_USER_DEVICE_FEATURE";
         let req = DeviceFeature {
             argsz: 8u32.saturating_add(max_reply.max(data.len() as u32)),
             flags,
             data: data.to_vec(),
         };
-        let reply = self
-            .client
-            .request(WHAT, Command::DeviceFeature, &req.encode(), &[])?;
+        let reply = self.client.request_within(
+            WHAT,
+            Command::DeviceFeature,
+            &req.encode(),
+            &[],
+            timeout,
+        )?;
         let r = DeviceFeature::decode(&reply.payload).map_err(malformed(WHAT))?;
         if r.data.len() > max_reply.max(data.len() as u32) as usize {
             return Err(mismatch(WHAT, format!("{} bytes of data", r.data.len())));

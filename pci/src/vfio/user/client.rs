@@ -599,6 +599,19 @@ impl Client {
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<Reply, VfioError> {
+        self.request_within(what, command, payload, fds, self.shared.options.timeout)
+    }
+
+    /// [`Client::request`] with its own reply timeout, for requests a device may take long to
+    /// answer (a migration-state arc that saves or loads a large state).
+    pub fn request_within(
+        &self,
+        what: &'static str,
+        command: Command,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        timeout: Duration,
+    ) -> Result<Reply, VfioError> {
         if fds.len() > self.max_send_fds() {
             return Err(VfioError::Invalid {
                 what,
@@ -631,7 +644,7 @@ impl Client {
             ));
             return Err(VfioError::Transport { what, source });
         }
-        let reply = self.wait(what, id)?;
+        let reply = self.wait(what, id, timeout)?;
         if reply.header.is_error() {
             let errno = match reply.header.error {
                 0 => libc::EIO,
@@ -681,8 +694,7 @@ impl Client {
         Ok(())
     }
 
-    fn wait(&self, what: &'static str, id: u16) -> Result<Reply, VfioError> {
-        let timeout = self.shared.options.timeout;
+    fn wait(&self, what: &'static str, id: u16, timeout: Duration) -> Result<Reply, VfioError> {
         let deadline = Instant::now() + timeout;
         let mut st = lock(&self.shared.state);
         loop {

@@ -28,6 +28,11 @@ use crate::vfio::VfioError;
 /// Feature index `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE` (kernel; see the module doc).
 pub const FEATURE_MIG_DATA_SIZE: u32 = 9;
 
+/// How long a migration-state arc may take: a device saving or loading a large state on the
+/// arc (STOP_COPY, RESUMING -> STOP) can take seconds; the general request timeout (5 s) would
+/// declare it dead. A hung device still fails the migration after this, and the VM resumes.
+const ARC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Largest bitmap asked for in one DMA_LOGGING_REPORT; longer ranges are asked in pieces.
 const MAX_REPORT_BITMAP: u64 = 32 << 10;
 
@@ -99,7 +104,12 @@ impl MigrationBackend for VfioUserBackend {
     fn set_mig_state(&self, state: u32) -> Result<(), VfioError> {
         let mut data = state.to_le_bytes().to_vec();
         data.extend_from_slice(&(-1i32).to_le_bytes());
-        self.device_feature(FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_SET, &data, 8)?;
+        self.device_feature_within(
+            FEATURE_MIG_DEVICE_STATE | DEVICE_FEATURE_SET,
+            &data,
+            8,
+            ARC_TIMEOUT,
+        )?;
         // The arc is complete only once the DMA the device started before it has been served
         // (see `Client::wait_dma_done`).
         self.client()
