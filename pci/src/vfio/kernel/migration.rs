@@ -39,6 +39,7 @@ use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::ioctl_io_nr;
 
 use super::{errno_of, to_io, KernelVfioDevice};
+pub use crate::vfio::mig_backend::{bitmap_words, check_report, report_pieces};
 use crate::vfio::mig_backend::{DmaDirtyReport, MigrationBackend};
 use crate::vfio::VfioError;
 
@@ -215,55 +216,6 @@ pub fn fit_logging_ranges(ranges: &[(u64, u64)], max: usize) -> Vec<(u64, u64)> 
         .into_iter()
         .map(|(start, end)| (start, end - start))
         .collect()
-}
-
-/// Splits a DMA_LOGGING_REPORT of `length` bytes at `iova` into pieces whose bitmaps are at
-/// most `max_bitmap_bytes` (a multiple of 8): every piece but the last covers a multiple of
-/// 64 pages, so the pieces' bitmaps concatenate word by word into the whole range's bitmap.
-pub fn report_pieces(
-    iova: u64,
-    length: u64,
-    page_size: u64,
-    max_bitmap_bytes: u64,
-) -> Vec<(u64, u64)> {
-    let words = (max_bitmap_bytes / 8).max(1);
-    let per_piece = words.saturating_mul(64).saturating_mul(page_size.max(1));
-    let mut pieces = Vec::new();
-    let mut at = 0;
-    while at < length {
-        let len = per_piece.min(length - at);
-        pieces.push((iova + at, len));
-        at += len;
-    }
-    pieces
-}
-
-/// u64 words of the bitmap of `length` bytes at `page_size` bytes per bit.
-pub fn bitmap_words(length: u64, page_size: u64) -> u64 {
-    length.div_ceil(page_size.max(1)).div_ceil(64)
-}
-
-/// Checks a report's range and page size the way the kernel will (`page_size` a power of two
-/// of at least 4 KiB, a non-empty range that does not wrap).
-pub(crate) fn check_report(
-    what: &'static str,
-    iova: u64,
-    length: u64,
-    page_size: u64,
-) -> Result<(), VfioError> {
-    if !page_size.is_power_of_two() || page_size < 4096 {
-        return Err(VfioError::Invalid {
-            what,
-            reason: format!("page size {page_size:#x} is not a power of two of at least 4 KiB"),
-        });
-    }
-    if length == 0 || iova.checked_add(length).is_none() {
-        return Err(VfioError::Invalid {
-            what,
-            reason: format!("bad range {iova:#x}+{length:#x}"),
-        });
-    }
-    Ok(())
 }
 
 /// A vfio-ioctls failure as the backend's error, keeping the errno.

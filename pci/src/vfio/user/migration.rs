@@ -22,7 +22,9 @@ use super::protocol::{
     DEVICE_FEATURE_GET, DEVICE_FEATURE_SET, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
     FEATURE_DMA_LOGGING_STOP, FEATURE_MIGRATION, FEATURE_MIG_DEVICE_STATE,
 };
-use crate::vfio::mig_backend::{is_unsupported, DmaDirtyReport, MigrationBackend};
+use crate::vfio::mig_backend::{
+    bitmap_words, check_report, is_unsupported, report_pieces, DmaDirtyReport, MigrationBackend,
+};
 use crate::vfio::VfioError;
 
 /// Feature index `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE` (kernel; see the module doc).
@@ -33,7 +35,8 @@ pub const FEATURE_MIG_DATA_SIZE: u32 = 9;
 /// declare it dead. A hung device still fails the migration after this, and the VM resumes.
 const ARC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Largest bitmap asked for in one DMA_LOGGING_REPORT; longer ranges are asked in pieces.
+/// Largest bitmap (bytes) asked for in one DMA_LOGGING_REPORT; longer ranges are asked in
+/// pieces.
 const MAX_REPORT_BITMAP: u64 = 32 << 10;
 
 fn u64_at(b: &[u8], at: usize) -> Option<u64> {
@@ -55,7 +58,7 @@ impl VfioUserBackend {
     /// One DMA_LOGGING_REPORT piece whose bitmap fits one reply.
     fn report_piece(&self, iova: u64, length: u64, page_size: u64) -> Result<Vec<u64>, VfioError> {
         const WHAT: &str = "DMA_LOGGING_REPORT";
-        let words = length.div_ceil(page_size).div_ceil(64);
+        let words = bitmap_words(length, page_size);
         let mut req = Vec::with_capacity(24);
         req.extend_from_slice(&iova.to_le_bytes());
         req.extend_from_slice(&length.to_le_bytes());
@@ -181,19 +184,10 @@ impl MigrationBackend for VfioUserBackend {
         length: u64,
         page_size: u64,
     ) -> Result<DmaDirtyReport, VfioError> {
-        if !page_size.is_power_of_two() || page_size < 4096 {
-            return Err(VfioError::Invalid {
-                what: "DMA_LOGGING_REPORT",
-                reason: format!("page size {page_size}"),
-            });
-        }
-        let per_piece = MAX_REPORT_BITMAP * 8 * page_size;
-        let mut bitmap = Vec::with_capacity(length.div_ceil(page_size).div_ceil(64) as usize);
-        let mut at = 0;
-        while at < length {
-            let len = per_piece.min(length - at);
-            bitmap.extend(self.report_piece(iova + at, len, page_size)?);
-            at += len;
+        check_report("DMA_LOGGING_REPORT", iova, length, page_size)?;
+        let mut bitmap = Vec::with_capacity(bitmap_words(length, page_size) as usize);
+        for (at, len) in report_pieces(iova, length, page_size, MAX_REPORT_BITMAP) {
+            bitmap.extend(self.report_piece(at, len, page_size)?);
         }
         Ok(DmaDirtyReport {
             iova,
