@@ -24,8 +24,8 @@ use std::fmt;
 use thiserror::Error;
 
 pub use plan::{
-    device_downtime_bytes, plan_device_migration, source_abort_plan, DeviceDowntime,
-    DeviceMigrationPlan, PassthroughMigInfo, PlanError, PlannedDevice, SourcePhases, TargetPhases,
+    plan_device_migration, source_abort_plan, DeviceMigrationPlan, PassthroughMigInfo, PlanError,
+    PlannedDevice, SourcePhases, TargetPhases,
 };
 
 /// A migration state of a VFIO device, with the uAPI's numeric values.

@@ -15,8 +15,6 @@ pub struct PassthroughMigInfo {
     pub p2p_off: bool,
     /// Pre-copy is turned off for this device even if it supports it.
     pub pre_copy_off: bool,
-    /// The device's estimate of its STOP_COPY data (`VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`).
-    pub stop_copy_size: Option<u64>,
 }
 
 /// How the plan treats one device.
@@ -113,27 +111,6 @@ pub enum PlanError {
         /// Number of states.
         states: usize,
     },
-}
-
-/// The STOP_COPY data the devices expect to send while the guest is paused.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeviceDowntime {
-    /// The sum of the known sizes, in bytes (saturating).
-    pub bytes: u64,
-    /// The devices that reported no size (counted as 0).
-    pub unknown: Vec<String>,
-}
-
-/// Sum the devices' STOP_COPY sizes for the downtime estimate.
-pub fn device_downtime_bytes(infos: &[PassthroughMigInfo]) -> DeviceDowntime {
-    let mut downtime = DeviceDowntime::default();
-    for info in infos {
-        match info.stop_copy_size {
-            Some(size) => downtime.bytes = downtime.bytes.saturating_add(size),
-            None => downtime.unknown.push(info.id.clone()),
-        }
-    }
-    downtime
 }
 
 /// Check that every device can be migrated together with its peers.

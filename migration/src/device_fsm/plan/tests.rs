@@ -43,7 +43,6 @@ fn vms(n: usize) -> Vec<Vec<PassthroughMigInfo>> {
                     caps,
                     p2p_off,
                     pre_copy_off,
-                    stop_copy_size: (slot % 2 == 0).then_some(1 << 20),
                 });
                 next.push(vm);
             }
@@ -269,7 +268,6 @@ fn info(id: &str, caps: MigrationCaps, p2p_off: bool) -> PassthroughMigInfo {
         caps,
         p2p_off,
         pre_copy_off: false,
-        stop_copy_size: None,
     }
 }
 
@@ -406,21 +404,4 @@ fn abort_plan_refuses_what_needs_a_reset() {
             arc(1, RunningP2p, Running),
         ]
     );
-}
-
-#[test]
-fn downtime_sums_known_sizes_and_names_the_unknown() {
-    let mut vm = vec![
-        info("a", SC, true),
-        info("b", SC, true),
-        info("c", SC, true),
-    ];
-    vm[0].stop_copy_size = Some(300);
-    vm[2].stop_copy_size = Some(u64::MAX);
-    let downtime = device_downtime_bytes(&vm);
-    assert_eq!(downtime.bytes, u64::MAX);
-    assert_eq!(downtime.unknown, ["b"]);
-    vm[2].stop_copy_size = Some(700);
-    assert_eq!(device_downtime_bytes(&vm).bytes, 1000);
-    assert_eq!(device_downtime_bytes(&[]), DeviceDowntime::default());
 }

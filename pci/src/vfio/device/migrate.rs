@@ -467,16 +467,13 @@ impl Migratable for VfioPciDevice {
     }
 
     fn passthrough_migration(&self) -> Option<PassthroughMigInfo> {
+        // No I/O here: the registry asks this to find the passthrough devices. The STOP_COPY
+        // size counts through `stop_state_size`, asked at each pre-copy iteration.
         Some(PassthroughMigInfo {
             id: self.id.clone(),
             caps: self.mig.caps,
             p2p_off: self.mig.options.p2p_off,
             pre_copy_off: self.mig.options.pre_copy_off,
-            stop_copy_size: self
-                .backend
-                .migration()
-                .filter(|_| self.mig.migratable())
-                .and_then(|m| m.mig_data_size().ok().flatten()),
         })
     }
 }
