@@ -33,15 +33,17 @@ use std::io::{BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use api_server::client::ApiClient;
 use api_server::migration::{
     MigrationPhase, MigrationProgress, MigrationUrl, ReceiveMigrationRequest, SendMigrationRequest,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+mod support;
+use support::{free_port, loadavg, quick, wait_for, Skiff, TempDir};
 
 const MIB: u64 = 1 << 20;
 /// Host-side fill starts here (the test guest's image, heap, DMA areas and the `dirty`
@@ -53,18 +55,6 @@ const DEADLINE: Duration = Duration::from_secs(120);
 const A_ADDR: &str = "10.213.7.1";
 const B_ADDR: &str = "10.213.7.2";
 
-fn quick() -> bool {
-    std::env::var_os("SKIFF_BENCH_QUICK").is_some()
-}
-
-/// The host's 1-minute load average (the figures move with it).
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -72,117 +62,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn mib_s(bytes_per_s: f64) -> f64 {
     bytes_per_s / MIB as f64
-}
-
-/// A temporary directory removed at the end.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn wait_for(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !f() {
-        assert!(Instant::now() < end, "{what}: not within {deadline:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A free TCP port on `addr` (bound and released; good enough here).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// One `skiff --api-socket` process (in network namespace `ns` when given), killed when dropped.
-struct Skiff {
-    name: String,
-    api: PathBuf,
-    events: PathBuf,
-    log: PathBuf,
-    child: Child,
-}
-
-impl Skiff {
-    fn spawn(dir: &Path, name: &str, ns: Option<&str>, args: &[&str]) -> Skiff {
-        let api = dir.join(format!("{name}.sock"));
-        let events = dir.join(format!("{name}.events"));
-        let log = dir.join(format!("{name}.log"));
-        let skiff = env!("CARGO_BIN_EXE_skiff");
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, skiff]);
-                c
-            }
-            None => Command::new(skiff),
-        };
-        let child = cmd
-            .arg("--api-socket")
-            .arg(&api)
-            .arg("--event-monitor")
-            .arg(format!("path={}", events.display()))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn skiff");
-        let s = Skiff {
-            name: name.into(),
-            api,
-            events,
-            log,
-            child,
-        };
-        wait_for(
-            &format!("{name}: API socket"),
-            Duration::from_secs(30),
-            || s.api.exists(),
-        );
-        s
-    }
-
-    fn client(&self) -> ApiClient {
-        ApiClient::new(&self.api).expect("API client")
-    }
-
-    /// Wait for the process to exit (a migrated source exits by itself).
-    fn wait_exit(&mut self, within: Duration) -> bool {
-        let end = Instant::now() + within;
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-impl Drop for Skiff {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            if let Ok(c) = ApiClient::new(&self.api) {
-                let _ = c.shutdown_vmm();
-            }
-            if !self.wait_exit(Duration::from_secs(3)) {
-                let _ = self.child.kill();
-            }
-        }
-        let _ = self.child.wait();
-    }
 }
 
 /// (user, system) CPU seconds process `pid` used so far.

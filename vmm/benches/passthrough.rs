@@ -35,6 +35,9 @@ use pci::vfio::user::{ClientOptions, VfioUserBackend};
 use pci::vfio::{DmaBacking, DmaProt, VfioBackend};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+mod support;
+use support::{loadavg, quick, TempDir};
+
 /// The whole guest run must end within this.
 const GUEST_DEADLINE: Duration = Duration::from_secs(150);
 /// vfio-user max_data_xfer_size of skiff's client: a DMA_WRITE carries at most this much.
@@ -45,27 +48,6 @@ const WINDOW: u32 = 8;
 fn rdtsc() -> u64 {
     // SAFETY: rdtsc has no side effects.
     unsafe { core::arch::x86_64::_rdtsc() }
-}
-
-/// The host's 1-minute load average (the machine is shared: the figures move with it).
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
-}
-
-fn quick() -> bool {
-    std::env::var_os("SKIFF_BENCH_QUICK").is_some()
-}
-
-/// A temporary directory removed at the end.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A `skiff-testdev` process, killed when dropped.

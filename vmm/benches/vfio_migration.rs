@@ -35,11 +35,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use api_server::client::ApiClient;
 use api_server::migration::{
     DeviceOverride, MigrationPhase, MigrationProgress, MigrationUrl, ReceiveMigrationRequest,
     SendMigrationRequest,
 };
+
+mod support;
+use support::{free_port, loadavg, quick, wait_for, Skiff, TempDir};
 
 /// Guest RAM of every VM.
 const GUEST_RAM: &str = "size=128M";
@@ -49,49 +51,6 @@ const DEADLINE: Duration = Duration::from_secs(120);
 const DOWNTIME_LIMIT_MS: u64 = 60_000;
 /// What PRE_COPY should cut from the STOP_COPY-only downtime.
 const TARGET_CUT_PERCENT: f64 = 70.0;
-
-fn quick() -> bool {
-    std::env::var_os("SKIFF_BENCH_QUICK").is_some()
-}
-
-/// The host's 1-minute load average (the figures move with it).
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into())
-}
-
-/// A temporary directory removed at the end.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("SKIFF_BENCH_KEEP").is_some() {
-            println!("kept {} (SKIFF_BENCH_KEEP)", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-/// Polls `f` every 10 ms until it holds; panics after `deadline` (a broken set-up, not a
-/// figure).
-fn wait_for(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + deadline;
-    while !f() {
-        assert!(Instant::now() < end, "{what}: not within {deadline:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A free TCP port on 127.0.0.1 (bound and released; good enough here).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// `skiff-testdev` of the same profile as `skiff`, built (or found fresh) by `cargo build -p
 /// testdev` with the profile and target directory of this build; `SKIFF_TESTDEV` names another.
@@ -198,72 +157,6 @@ impl TestDev {
 impl Drop for TestDev {
     fn drop(&mut self) {
         let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One `skiff --api-socket` process, shut down (or killed) when dropped.
-struct Skiff {
-    api: PathBuf,
-    log: PathBuf,
-    child: Child,
-}
-
-impl Skiff {
-    fn spawn(dir: &Path, name: &str, args: &[String]) -> Skiff {
-        let api = dir.join(format!("{name}.sock"));
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_skiff"))
-            .arg("--api-socket")
-            .arg(&api)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn skiff");
-        let s = Skiff { api, log, child };
-        wait_for(
-            &format!("{name}: API socket"),
-            Duration::from_secs(30),
-            || s.api.exists(),
-        );
-        s
-    }
-
-    fn client(&self) -> ApiClient {
-        ApiClient::new(&self.api).expect("API client")
-    }
-
-    /// Waits for the process to exit (a migrated source exits by itself).
-    fn wait_exit(&mut self, within: Duration) -> bool {
-        let end = Instant::now() + within;
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
-    }
-}
-
-impl Drop for Skiff {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            if let Ok(c) = ApiClient::new(&self.api) {
-                let _ = c.shutdown_vmm();
-            }
-            if !self.wait_exit(Duration::from_secs(3)) {
-                let _ = self.child.kill();
-            }
-        }
         let _ = self.child.wait();
     }
 }
@@ -388,11 +281,12 @@ fn run_case(testdev: &Path, dir: &Path, tag: &str, devs: &[Dev]) -> Outcome {
         let pre = if d.pre_copy { "" } else { ",pre_copy=off" };
         args.push(format!("socket={},id={}{pre}", td.socket.display(), td.id));
     }
-    let mut src = Skiff::spawn(&case, "src", &args);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut src = Skiff::spawn(&case, "src", None, &args);
     wait_for("the guest counting", DEADLINE, || {
         last_counter(&serial) >= 2
     });
-    let tgt = Skiff::spawn(&case, "dst", &[]);
+    let tgt = Skiff::spawn(&case, "dst", None, &[]);
     let overrides = targets
         .iter()
         .map(|t| {
