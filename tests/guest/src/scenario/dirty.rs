@@ -73,22 +73,6 @@ fn body_seed(p: u64, g: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Store `v` in `count` u64 words from `addr` (`rep stosq`: one instruction, which KVM's emulator
-/// runs far faster than a loop of stores on this host).
-fn fill(addr: u64, count: u64, v: u64) {
-    // SAFETY: [addr, addr + 8 * count) lies inside the working set (see `rd`); the direction flag
-    // is clear (the ABI guarantees it between functions).
-    unsafe {
-        core::arch::asm!(
-            "rep stosq",
-            inout("rcx") count => _,
-            inout("rdi") addr => _,
-            in("rax") v,
-            options(nostack, preserves_flags)
-        )
-    };
-}
-
 /// The body checksum of generation `g` of page `p`: the wrapping sum of the body words.
 fn checksum(p: u64, g: u64) -> u64 {
     body_seed(p, g).wrapping_mul(WORDS - HEADER)
@@ -96,7 +80,7 @@ fn checksum(p: u64, g: u64) -> u64 {
 
 /// Write generation `g` of page `p` at `addr`: body first, then the header.
 fn write_page(addr: u64, p: u64, g: u64) {
-    fill(addr + HEADER * 8, WORDS - HEADER, body_seed(p, g));
+    crate::dma::fill_u64(addr + HEADER * 8, WORDS - HEADER, body_seed(p, g));
     wr(addr, p);
     wr(addr + 8, g);
     wr(addr + 16, checksum(p, g));

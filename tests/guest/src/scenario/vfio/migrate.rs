@@ -340,23 +340,6 @@ fn setup_devices(boot: &BootInfo, prm: &Prm) -> (Vec<Dev>, Option<IommuCtx>) {
     (devs, ctx)
 }
 
-/// Store `v` in `count` u64 words from `addr` (`rep stosq`: one instruction for KVM's emulator
-/// instead of a loop of stores).
-fn fill(addr: u64, count: u64, v: u64) {
-    // SAFETY: callers pass a ring from `dma::alloc` or the first half of a test device's BAR 2
-    // (identity mapped by `open`), both `count` words long and used by nothing else; the
-    // direction flag is clear (the ABI guarantees it between functions).
-    unsafe {
-        core::arch::asm!(
-            "rep stosq",
-            inout("rcx") count => _,
-            inout("rdi") addr => _,
-            in("rax") v,
-            options(nostack, preserves_flags)
-        )
-    };
-}
-
 /// Run a stream command polled: Err with the details when it fails or does not complete.
 fn command(d: &Dev, code: u32) -> Result<(), String> {
     let (c0, f0) = (d.rd(regs::REG_COMPLETED), d.rd(regs::REG_FAILED));
@@ -391,8 +374,8 @@ fn start_streams(devs: &[Dev], ctx: &mut Option<IommuCtx>, prm: &Prm) -> Vec<Str
     let mut streams = Vec::new();
     for (i, d) in devs.iter().enumerate() {
         let ring = dma::alloc(bytes, 4096);
-        fill(ring, prm.entries, UNTOUCHED);
-        fill(d.mem, PEER_SLOTS, 0);
+        dma::fill_u64(ring, prm.entries, UNTOUCHED);
+        dma::fill_u64(d.mem, PEER_SLOTS, 0);
         let ring_dma = dma_addr(d, ctx, ring, bytes, rw)
             .unwrap_or_else(|e| die(format_args!("map ring of dev={i}: {e}")));
         let peer = (prm.peer && devs.len() == 2).then(|| {
