@@ -181,7 +181,10 @@ impl ApiServer {
         let ctx = Arc::new(Ctx { to_vmm, wake, opts });
         let thread = std::thread::Builder::new()
             .name("skiff-api".into())
-            .spawn(move || serve_thread(listener, ctx, stop_rx))
+            .spawn(move || {
+                sandbox::apply_or_exit(sandbox::ThreadKind::Api);
+                serve_thread(listener, ctx, stop_rx)
+            })
             .map_err(|e| {
                 let _ = std::fs::remove_file(&path);
                 ApiServerError::Thread(e)

@@ -31,6 +31,7 @@ Exit status:
   2        invalid command line or configuration (nothing was started)
   3        the guest asked for a reboot (skiff ends the VM; restart it if you want a reboot)
   128+N    stopped cleanly on signal N (130 for SIGINT, 143 for SIGTERM)
+  159      a thread made a syscall its seccomp filter forbids (stderr names it; see --seccomp)
 
 With --api-socket the VMM keeps serving after the guest powers off (the VM is then Shutdown) and
 exits 0 on vmm.shutdown.";
@@ -91,6 +92,10 @@ struct Cli {
     /// Write one JSON line per lifecycle event to FILE: path=FILE.
     #[arg(long, value_name = "path=FILE")]
     event_monitor: Option<String>,
+    /// Seccomp filters, one per thread kind: true (default: a forbidden syscall is reported and
+    /// ends the process), log (the kernel logs it and it is allowed), or false (no filters).
+    #[arg(long, value_name = "true|false|log", default_value = "true")]
+    seccomp: String,
     /// More logging on stderr (-v info, -vv debug, -vvv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -177,6 +182,20 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     if let Err(e) = vmm::test_knobs::init_from_env() {
         return fail(EXIT_USAGE, e);
+    }
+    let seccomp = match cli.seccomp.parse::<sandbox::SeccompMode>() {
+        Ok(m) => m,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    if seccomp == sandbox::SeccompMode::Off {
+        log::warn!("--seccomp false: skiff runs without seccomp filters");
+    }
+    // Every thread installs its kind's filter as it starts; this one is the control thread, and
+    // it confines itself before it reads any configuration file or starts any other thread.
+    if let Err(e) =
+        sandbox::configure(seccomp).and_then(|()| sandbox::apply(sandbox::ThreadKind::Control))
+    {
+        return fail(EXIT_ERROR, e);
     }
     if let Some(em) = &cli.event_monitor {
         let path = match config::parse_options("event-monitor", em, &["path"]) {

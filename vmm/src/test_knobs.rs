@@ -7,6 +7,9 @@
 //!   device to RUNNING_P2P before any is stopped) and stops each passthrough device only when
 //!   its state is read, one after the other — what a VMM without the grace step does — so a
 //!   test can show that the test device's violation counters catch the peer writes then lost.
+//! - `SKIFF_TEST_FORBIDDEN_SYSCALL=KIND` (a thread kind: control, vcpu, api, device-worker,
+//!   passthrough, migration): each thread of that kind makes a syscall no seccomp filter allows
+//!   right after installing its filter, so a test can show the violation is caught and reported.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -20,6 +23,9 @@ pub fn skip_p2p_grace() -> bool {
     SKIP_P2P_GRACE.load(Ordering::Relaxed)
 }
 
+/// The environment variable that makes one thread kind break its seccomp filter.
+pub const FORBIDDEN_SYSCALL_VAR: &str = "SKIFF_TEST_FORBIDDEN_SYSCALL";
+
 /// Read the knobs from the environment: `Err` names a knob this build refuses.
 pub fn init_from_env() -> Result<(), String> {
     let skip = std::env::var(SKIP_P2P_GRACE_VAR).ok();
@@ -27,7 +33,38 @@ pub fn init_from_env() -> Result<(), String> {
         log::warn!("TEST KNOB {SKIP_P2P_GRACE_VAR}=1: the P2P grace step is skipped; migrations of passthrough devices may lose peer writes");
         SKIP_P2P_GRACE.store(true, Ordering::Relaxed);
     }
+    let forbidden = std::env::var(FORBIDDEN_SYSCALL_VAR).ok();
+    if let Some(kind) = forbidden_syscall_kind(forbidden.as_deref(), cfg!(feature = "test-knobs"))?
+    {
+        log::warn!(
+            "TEST KNOB {FORBIDDEN_SYSCALL_VAR}: {} threads will make a forbidden syscall",
+            kind.name()
+        );
+        sandbox::provoke_violation_in(kind);
+    }
     Ok(())
+}
+
+/// The decision behind [`init_from_env`] for [`FORBIDDEN_SYSCALL_VAR`].
+fn forbidden_syscall_kind(
+    value: Option<&str>,
+    built_with_knobs: bool,
+) -> Result<Option<sandbox::ThreadKind>, String> {
+    let Some(v) = value.filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    if !built_with_knobs {
+        return Err(format!(
+            "{FORBIDDEN_SYSCALL_VAR} is a test knob and this build has none (build with --features vmm/test-knobs)"
+        ));
+    }
+    sandbox::kind_by_name(v).map(Some).ok_or_else(|| {
+        let kinds: Vec<_> = sandbox::ThreadKind::ALL.iter().map(|k| k.name()).collect();
+        format!(
+            "{FORBIDDEN_SYSCALL_VAR}={v:?}: expected one of {}",
+            kinds.join(", ")
+        )
+    })
 }
 
 /// The decision behind [`init_from_env`] for one knob's value.
@@ -55,5 +92,18 @@ mod tests {
         let e = decide(Some("1"), false).unwrap_err();
         assert!(e.contains("test-knobs"), "{e}");
         assert!(decide(Some("yes"), true).is_err());
+    }
+
+    #[test]
+    fn the_forbidden_syscall_knob_names_a_thread_kind_and_needs_the_feature() {
+        assert_eq!(forbidden_syscall_kind(None, false), Ok(None));
+        assert_eq!(
+            forbidden_syscall_kind(Some("vcpu"), true),
+            Ok(Some(sandbox::ThreadKind::Vcpu))
+        );
+        let e = forbidden_syscall_kind(Some("vcpu"), false).unwrap_err();
+        assert!(e.contains("test-knobs"), "{e}");
+        let e = forbidden_syscall_kind(Some("gpu"), true).unwrap_err();
+        assert!(e.contains("device-worker"), "{e}");
     }
 }

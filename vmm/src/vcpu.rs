@@ -455,7 +455,10 @@ impl Vcpu {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run())
+            .spawn(move || {
+                sandbox::apply_or_exit(sandbox::ThreadKind::Vcpu);
+                self.run()
+            })
             .map_err(|e| VcpuError::Spawn(index, e))
     }
 

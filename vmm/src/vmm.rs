@@ -423,6 +423,7 @@ impl Vmm {
         std::thread::Builder::new()
             .name("skiff-migrate-out".into())
             .spawn(move || {
+                sandbox::apply_or_exit(sandbox::ThreadKind::Migration);
                 let outcome = match crate::migrate::source::send(core, config, req, progress) {
                     Ok(()) => MigrationOutcome::Sent,
                     Err(e) => MigrationOutcome::SendFailed(e),
@@ -457,6 +458,7 @@ impl Vmm {
         std::thread::Builder::new()
             .name("skiff-migrate-in".into())
             .spawn(move || {
+                sandbox::apply_or_exit(sandbox::ThreadKind::Migration);
                 let outcome = match crate::migrate::target::receive(req, progress) {
                     Ok(vm) => MigrationOutcome::Received(Box::new(vm)),
                     Err(e) => MigrationOutcome::ReceiveFailed(e),

@@ -131,6 +131,7 @@ impl<B: WorkerBody> Worker<B> {
         manager.add_subscriber(harness.clone());
         let ctl = control.clone();
         let thread = std::thread::Builder::new().name(name).spawn(move || {
+            sandbox::apply_or_exit(sandbox::ThreadKind::DeviceWorker);
             loop {
                 if let Err(e) = manager.run() {
                     log::error!("worker event loop failed: {e}");

@@ -443,7 +443,10 @@ impl Client {
         let s = shared.clone();
         let reader = std::thread::Builder::new()
             .name("vfio-user-rx".into())
-            .spawn(move || reader_loop(s, reader, tx))
+            .spawn(move || {
+                sandbox::apply_or_exit(sandbox::ThreadKind::Passthrough);
+                reader_loop(s, reader, tx)
+            })
             .map_err(transport)?;
         let mut client = Client {
             shared: shared.clone(),
@@ -453,7 +456,10 @@ impl Client {
         };
         std::thread::Builder::new()
             .name("vfio-user-dma".into())
-            .spawn(move || dma_worker(shared, rx))
+            .spawn(move || {
+                sandbox::apply_or_exit(sandbox::ThreadKind::Passthrough);
+                dma_worker(shared, rx)
+            })
             .map_err(transport)?;
         client.negotiate()?;
         Ok(client)
