@@ -10,6 +10,7 @@
 pub mod action;
 pub mod client;
 pub mod config;
+pub mod host_paths;
 pub mod migration;
 pub mod models;
 pub mod openapi;

@@ -11,6 +11,7 @@
 //! A forbidden syscall in [`SeccompMode::Enforce`] raises SIGSYS; the handler writes the thread
 //! and the syscall number to stderr and ends the process with status 128 + SIGSYS (159).
 
+pub mod landlock;
 mod rules;
 
 use std::cell::Cell;
@@ -124,6 +125,25 @@ pub enum SandboxError {
     /// [`configure`] was called twice.
     #[error("the sandbox is already configured")]
     AlreadyConfigured,
+    /// `--landlock-rules` got an access other than r or rw.
+    #[error("landlock access {0:?}: expected r or rw")]
+    LandlockAccess(String),
+    /// A Landlock rule names a path that cannot be used.
+    #[error("landlock rule for {}: {why}", path.display())]
+    LandlockPath {
+        /// The path.
+        path: std::path::PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// The Landlock ruleset could not be built or applied.
+    #[error("landlock: {0}")]
+    Landlock(String),
+    /// The kernel does not enforce Landlock.
+    #[error(
+        "--landlock: this kernel does not enforce Landlock (not built in, or not in the lsm= list)"
+    )]
+    LandlockUnsupported,
     /// This architecture has no rules.
     #[error("seccomp: unsupported architecture {0}")]
     Arch(&'static str),

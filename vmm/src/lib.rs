@@ -3,6 +3,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod config;
+pub mod confine;
 pub mod control;
 pub mod cpu_template;
 pub mod cpuid;

@@ -96,6 +96,14 @@ struct Cli {
     /// ends the process), log (the kernel logs it and it is allowed), or false (no filters).
     #[arg(long, value_name = "true|false|log", default_value = "true")]
     seccomp: String,
+    /// Confine skiff to the files its configuration names (Landlock): kernel, disks, output
+    /// files, the snapshot to restore, the API socket's directory, /dev/kvm.
+    #[arg(long)]
+    landlock: bool,
+    /// One more path for --landlock: path=PATH,access=r|rw (repeatable) — snapshot and
+    /// migration directories, and the files of VMs created later through the API.
+    #[arg(long, value_name = "path=PATH,access=r|rw")]
+    landlock_rules: Vec<String>,
     /// More logging on stderr (-v info, -vv debug, -vvv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -187,15 +195,15 @@ fn main() -> ExitCode {
         Ok(m) => m,
         Err(e) => return fail(EXIT_USAGE, e),
     };
-    if seccomp == sandbox::SeccompMode::Off {
-        log::warn!("--seccomp false: skiff runs without seccomp filters");
+    if !cli.landlock && !cli.landlock_rules.is_empty() {
+        return fail(EXIT_USAGE, "--landlock-rules needs --landlock");
     }
-    // Every thread installs its kind's filter as it starts; this one is the control thread, and
-    // it confines itself before it reads any configuration file or starts any other thread.
-    if let Err(e) =
-        sandbox::configure(seccomp).and_then(|()| sandbox::apply(sandbox::ThreadKind::Control))
-    {
-        return fail(EXIT_ERROR, e);
+    let mut landlock_extra = Vec::new();
+    for r in &cli.landlock_rules {
+        match vmm::confine::parse_landlock_rule(r) {
+            Ok(r) => landlock_extra.push(r),
+            Err(e) => return fail(EXIT_USAGE, e),
+        }
     }
     if let Some(em) = &cli.event_monitor {
         let path = match config::parse_options("event-monitor", em, &["path"]) {
@@ -213,6 +221,7 @@ fn main() -> ExitCode {
         }
     }
     let api_socket = cli.api_socket.clone();
+    let landlock = cli.landlock;
     let restore = match &cli.restore {
         None => None,
         Some(r) => {
@@ -251,6 +260,39 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(EXIT_USAGE, e),
     };
+    // Confinement comes before any other thread starts (both apply to the calling thread and
+    // the threads it starts) and before the VM reads any guest input. Landlock first: the
+    // control thread's seccomp filter does not allow its syscalls.
+    if landlock {
+        let restore_dir = match &restore {
+            Some((url, _)) => match api_server::models::file_url_path(url) {
+                Ok(d) => Some(d),
+                Err(e) => return fail(EXIT_USAGE, e),
+            },
+            None => None,
+        };
+        let rules = match vmm::confine::landlock_rules(
+            boot_now.then_some(&config),
+            restore_dir.as_deref(),
+            api_socket.as_deref(),
+            &landlock_extra,
+        ) {
+            Ok(r) => r,
+            Err(e) => return fail(EXIT_ERROR, format!("--landlock: {e}")),
+        };
+        if let Err(e) = sandbox::landlock::restrict(&rules) {
+            return fail(EXIT_USAGE, e);
+        }
+    }
+    if seccomp == sandbox::SeccompMode::Off {
+        log::warn!("--seccomp false: skiff runs without seccomp filters");
+    }
+    // Every thread installs its kind's filter as it starts; this one is the control thread.
+    if let Err(e) =
+        sandbox::configure(seccomp).and_then(|()| sandbox::apply(sandbox::ThreadKind::Control))
+    {
+        return fail(EXIT_ERROR, e);
+    }
     let signals = match control::block_termination_signals() {
         Ok(s) => s,
         Err(e) => return fail(EXIT_ERROR, e),
