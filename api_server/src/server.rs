@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
@@ -37,6 +37,12 @@ pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long stopping waits for in-flight responses to be written.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+/// Connections served at once; more wait in the listen backlog until one ends. Bounds the
+/// server's memory whatever the number of clients.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A client must send a request's headers within this (also the idle time allowed between
+/// requests on a kept-alive connection), so idle or stalled clients cannot hold every slot.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What an endpoint's request body is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,7 +309,16 @@ fn serve_thread(
             }
         };
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
+            // Take a connection slot first: at the limit, new clients wait in the backlog.
+            let slot = tokio::select! {
+                _ = stop.changed() => break,
+                slot = slots.clone().acquire_owned() => match slot {
+                    Ok(s) => s,
+                    Err(_) => break,
+                },
+            };
             tokio::select! {
                 _ = stop.changed() => break,
                 accepted = listener.accept() => match accepted {
@@ -314,12 +329,15 @@ fn serve_thread(
                             async move { Ok::<_, Infallible>(handle(req, &ctx).await) }
                         });
                         let conn = hyper::server::conn::http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(HEADER_READ_TIMEOUT)
                             .serve_connection(TokioIo::new(stream), service);
                         let conn = graceful.watch(conn);
                         tokio::task::spawn(async move {
                             if let Err(e) = conn.await {
                                 log::debug!("API connection ended: {e}");
                             }
+                            drop(slot);
                         });
                     }
                     Err(e) => {

@@ -180,6 +180,9 @@ pub fn configure(mode: SeccompMode) -> Result<(), SandboxError> {
     if mode == SeccompMode::Enforce {
         install_sigsys_handler()?;
     }
+    if mode != SeccompMode::Off {
+        single_malloc_arena();
+    }
     CONFIG
         .set(Config { mode, filters })
         .map_err(|_| SandboxError::AlreadyConfigured)
@@ -262,6 +265,22 @@ fn compile_all(mode: SeccompMode) -> Result<Vec<BpfProgram>, SandboxError> {
             filter.try_into().map_err(compile_err)
         })
         .collect()
+}
+
+/// Make glibc's malloc keep one arena. A thread's own arena, when it shrinks, makes glibc read
+/// /proc/sys/vm/overcommit_memory (once per process, `check_may_shrink_heap`): a file open no
+/// worker, vCPU or API filter allows, so whichever thread frees enough memory first would die
+/// (the API load test found it in the API thread). The main arena shrinks with brk and reads
+/// nothing. Called before any other thread exists.
+fn single_malloc_arena() {
+    /// glibc's `M_ARENA_MAX` (`malloc.h`); the libc crate does not define it.
+    const M_ARENA_MAX: libc::c_int = -8;
+    // SAFETY: mallopt only changes glibc's allocator settings.
+    if unsafe { libc::mallopt(M_ARENA_MAX, 1) } != 1 {
+        log::warn!(
+            "seccomp: glibc refused M_ARENA_MAX=1; a shrinking thread arena may trip the filters"
+        );
+    }
 }
 
 fn record_identity(kind: ThreadKind) {

@@ -1,6 +1,8 @@
 //! API and snapshot benchmark (figures only, no assertions):
 //! - latency of `vmm.ping` and `vm.info` over 1000 requests each (p50/p99), one connection per
-//!   request as `skiff-remote` does;
+//!   request as `skiff-remote` does, with `ApiClient` and with a minimal blocking client (what
+//!   the server alone costs); first beside an idle guest, then beside the `serial-stream` guest
+//!   storming port-I/O exits on two vCPUs;
 //! - snapshot and restore of a 256 MiB guest whose RAM was filled with data (time and MiB/s).
 //!
 //! Run with `cargo bench -p vmm --bench api`.
@@ -43,6 +45,25 @@ fn latency(client: &ApiClient, name: &str, f: impl Fn(&ApiClient)) {
     );
 }
 
+/// One request on a fresh connection with a minimal blocking client (no runtime, no HTTP
+/// library): what the server costs, without `ApiClient`'s own set-up.
+fn raw_get(sock: &Path, endpoint: &str) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    write!(
+        s,
+        "GET /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = Vec::with_capacity(1024);
+    s.read_to_end(&mut reply).unwrap();
+    assert!(
+        reply.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+}
+
 fn spawn(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_skiff"))
         .args(args)
@@ -51,6 +72,35 @@ fn spawn(args: &[&str]) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn skiff")
+}
+
+/// Ping and info latency beside a guest storming port-I/O exits (`serial-stream`, 2 vCPUs).
+fn busy_guest_latency(dir: &Path) {
+    let sock = dir.join("busy.sock");
+    let serial = format!("file={}", dir.join("busy-serial.log").display());
+    let mut child = spawn(&[
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--cpus",
+        "boot=2",
+        "--serial",
+        &serial,
+        "--cmdline",
+        "scenario=serial-stream",
+    ]);
+    wait_for(&sock);
+    std::thread::sleep(Duration::from_secs(2));
+    let client = ApiClient::new(&sock).unwrap();
+    println!("beside a busy guest (serial-stream, 2 vCPUs):");
+    latency(&client, "vmm.ping", |c| {
+        c.ping().unwrap();
+    });
+    latency(&client, "vm.info", |c| {
+        c.info().unwrap();
+    });
+    latency(&client, "raw ping", |_| raw_get(&sock, "vmm.ping"));
+    let _ = client.shutdown_vmm();
+    let _ = child.wait();
 }
 
 fn main() {
@@ -69,13 +119,17 @@ fn main() {
         &cmdline,
     ]);
     wait_for(&sock);
+    busy_guest_latency(&dir);
     let client = ApiClient::new(&sock).unwrap();
+    println!("beside an idle guest (counter):");
     latency(&client, "vmm.ping", |c| {
         c.ping().unwrap();
     });
     latency(&client, "vm.info", |c| {
         c.info().unwrap();
     });
+    latency(&client, "raw ping", |_| raw_get(&sock, "vmm.ping"));
+    latency(&client, "raw info", |_| raw_get(&sock, "vm.info"));
 
     // Let the guest dirty its RAM, then snapshot it.
     let mut out = child.stdout.take().unwrap();
