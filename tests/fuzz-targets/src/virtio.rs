@@ -2,7 +2,9 @@
 //!
 //! Input layout: bytes 0..8 are the features the driver acks (masked by what the device offers;
 //! VERSION_1 always), byte 8 picks the queue size (`1 << (b % 5)`, 1 to 16), byte 9 is a
-//! per-device knob (received frames, console input), and the rest is guest RAM from address 0.
+//! per-device knob (received frames, console input; bit 7: the device sits behind a virtio-iommu
+//! and its buffer addresses are IOVAs, see [`IOMMU_MAPS`]), and the rest is guest RAM from
+//! address 0.
 //! RAM is two regions with a hole between them, so buffers can straddle a gap. Queue `i` has its
 //! descriptor table at `i * 0x400`, its available ring 0x100 further and its used ring 0x200
 //! further; buffers may point anywhere, rings included. Each device serves its queues once on
@@ -20,9 +22,10 @@ use devices::virtio::console::Console;
 use devices::virtio::features::VIRTIO_F_VERSION_1;
 use devices::virtio::net::{Net, NetBackend};
 use devices::virtio::rng::{Rng, RngConfig};
+use devices::virtio::AccessPlatform;
 use devices::virtio::{ActivatedQueue, VirtioDevice, VirtioInterrupt, VirtioInterruptType};
 use devices::GuestMemoryMmap;
-use iommu::{IommuConfig, VirtioIommu};
+use iommu::{IommuConfig, Request as IommuRequest, VirtioIommu};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -102,6 +105,47 @@ impl Setup {
     }
 }
 
+/// With knob bit 7, the IOMMU mappings buffers are translated through: (first IOVA, last IOVA,
+/// guest-physical address, `VIRTIO_IOMMU_MAP_F_*`). RAM is split over several mappings, one
+/// reaches past the end of RAM and one is read-only.
+pub const IOMMU_MAPS: [(u64, u64, u64, u32); 4] = [
+    (0x0, 0x3fff, 0x0, 3),
+    (0x4000, 0x7fff, 0x4000, 3),
+    (0x8000, 0xffff, 0x9000, 3),
+    (0x10000, 0x10fff, 0x2000, 1),
+];
+
+impl Setup {
+    fn behind_iommu(&self) -> bool {
+        self.knob & 0x80 != 0
+    }
+
+    /// The endpoint view a device behind the IOMMU translates through (knob bit 7).
+    fn access(&self) -> Option<Arc<dyn AccessPlatform>> {
+        if !self.behind_iommu() {
+            return None;
+        }
+        let iommu =
+            VirtioIommu::new("iommu0".into(), IommuConfig::default(), &[8]).expect("an eventfd");
+        let t = iommu.translator();
+        t.handle(IommuRequest::Attach {
+            domain: 1,
+            endpoint: 8,
+            bypass: false,
+        });
+        for (virt_start, virt_end, phys_start, flags) in IOMMU_MAPS {
+            t.handle(IommuRequest::Map {
+                domain: 1,
+                virt_start,
+                virt_end,
+                phys_start,
+                flags,
+            });
+        }
+        Some(Arc::new(iommu.endpoint_access(8)))
+    }
+}
+
 fn irq() -> Arc<dyn VirtioInterrupt> {
     Arc::new(NoInterrupt)
 }
@@ -118,7 +162,7 @@ fn disk_image() -> PathBuf {
 }
 
 /// virtio-blk: the request queue, requests parsed and executed against a 64 KiB image (knob bit
-/// 0: read-only).
+/// 0: read-only; bit 7: behind the IOMMU).
 pub fn blk(data: &[u8]) {
     let Some(s) = setup(data) else { return };
     let cfg = BlockConfig {
@@ -126,7 +170,7 @@ pub fn blk(data: &[u8]) {
         path: disk_image(),
         readonly: s.knob & 1 != 0,
         serial: Some("fuzz".into()),
-        iommu: false,
+        iommu: s.behind_iommu(),
     };
     let mut dev = Block::new(cfg).expect("opening the fuzz disk image");
     s.ack(&mut dev);
@@ -137,7 +181,7 @@ pub fn blk(data: &[u8]) {
         return;
     }
     let mut handler = dev
-        .queue_handler(s.mem.clone(), q, irq(), None)
+        .queue_handler(s.mem.clone(), q, irq(), s.access())
         .expect("an eventfd");
     handler.process_queue();
 }
@@ -154,7 +198,7 @@ impl AsRawFd for DgramBackend {
 impl NetBackend for DgramBackend {}
 
 /// virtio-net: the TX queue (frames from the guest), then the RX queue filled with frames from
-/// the network (the knob sets their lengths).
+/// the network (the knob sets their lengths; bit 7: behind the IOMMU).
 pub fn net(data: &[u8]) {
     let Some(s) = setup(data) else { return };
     let (ours, theirs) = UnixDatagram::pair().expect("a socket pair");
@@ -164,14 +208,15 @@ pub fn net(data: &[u8]) {
     for len in [k * 8, k * 16 + 14, 60] {
         let _ = theirs.send(&vec![0xab; len]);
     }
-    let mut dev = Net::with_backend("net0", None, false, Box::new(DgramBackend(ours)));
+    let backend = Box::new(DgramBackend(ours));
+    let mut dev = Net::with_backend("net0", None, s.behind_iommu(), backend);
     s.ack(&mut dev);
     let queues = s.queues(&dev);
-    let _ = dev.serve_once(s.mem.clone(), irq(), queues, None);
+    let _ = dev.serve_once(s.mem.clone(), irq(), queues, s.access());
 }
 
-/// virtio-console: the transmit queue (output to a sink) and the receive queue, with `knob`
-/// bytes of input waiting.
+/// virtio-console: the transmit queue (output to a sink) and the receive queue, with `knob & 0x7f`
+/// bytes of input waiting (bit 7: behind the IOMMU).
 pub fn console(data: &[u8]) {
     let Some(s) = setup(data) else { return };
     let mut fds = [0 as RawFd; 2];
@@ -182,24 +227,24 @@ pub fn console(data: &[u8]) {
     // SAFETY: pipe2 just created both descriptors; each is owned once, here.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let mut input = std::fs::File::from(wr);
-    let _ = input.write_all(&vec![b'k'; usize::from(s.knob)]);
+    let _ = input.write_all(&vec![b'k'; usize::from(s.knob & 0x7f)]);
     drop(input);
-    let mut dev = Console::with_io("con0", false, Box::new(io::sink()), Some(rd));
+    let mut dev = Console::with_io("con0", s.behind_iommu(), Box::new(io::sink()), Some(rd));
     s.ack(&mut dev);
     let queues = s.queues(&dev);
-    let _ = dev.serve_once(s.mem.clone(), irq(), queues, None);
+    let _ = dev.serve_once(s.mem.clone(), irq(), queues, s.access());
 }
 
-/// virtio-rng: the request queue.
+/// virtio-rng: the request queue (knob bit 7: behind the IOMMU).
 pub fn rng(data: &[u8]) {
     let Some(s) = setup(data) else { return };
     let mut dev = Rng::new(RngConfig {
         id: "rng0".into(),
-        iommu: false,
+        iommu: s.behind_iommu(),
     });
     s.ack(&mut dev);
     let queues = s.queues(&dev);
-    let _ = dev.serve_once(s.mem.clone(), irq(), queues, None);
+    let _ = dev.serve_once(s.mem.clone(), irq(), queues, s.access());
 }
 
 /// virtio-iommu: the request queue (attach, detach, map, unmap, probe) for endpoints 8 and 16;
