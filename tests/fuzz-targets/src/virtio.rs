@@ -150,15 +150,25 @@ fn irq() -> Arc<dyn VirtioInterrupt> {
     Arc::new(NoInterrupt)
 }
 
-/// A 64 KiB disk image in the temp directory, one per process.
+/// A 64 KiB disk image, one per process: an unlinked temp file reached through
+/// `/proc/self/fd`, so nothing is left behind.
 fn disk_image() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("skiff-fuzz-blk-{}.img", std::process::id()));
-        std::fs::write(&p, vec![0x5a; 64 << 10]).expect("writing the fuzz disk image");
-        p
-    })
-    .clone()
+    static IMAGE: OnceLock<(std::fs::File, PathBuf)> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let p = std::env::temp_dir().join(format!("skiff-fuzz-blk-{}.img", std::process::id()));
+            std::fs::write(&p, vec![0x5a; 64 << 10]).expect("writing the fuzz disk image");
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .expect("opening the fuzz disk image");
+            let _ = std::fs::remove_file(&p);
+            let path = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+            (f, path)
+        })
+        .1
+        .clone()
 }
 
 /// virtio-blk: the request queue, requests parsed and executed against a 64 KiB image (knob bit
