@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(linux-source-6.1 bc flex bison libelf-dev libssl-dev lz4 cpio e2fsprogs iproute2 make gcc xz-utils)
+packages=(linux-source-6.1 bc flex bison libelf-dev libssl-dev lz4 cpio e2fsprogs iproute2 make gcc g++ xz-utils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

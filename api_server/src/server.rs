@@ -550,6 +550,11 @@ fn parse_json_checked<T: DeserializeOwned>(
     Ok(typed)
 }
 
+/// Parse `body` for `route` as the server does once path and method matched (fuzz targets).
+pub fn parse_route_body(route: &Route, body: &[u8]) -> Result<ApiAction, ApiError> {
+    parse_action(route, route.path.trim_start_matches(API_PREFIX), body)
+}
+
 /// Map a route and its body to an action, rejecting bad bodies with 400.
 fn parse_action(route: &Route, endpoint: &str, body: &[u8]) -> Result<ApiAction, ApiError> {
     Ok(match route.body {

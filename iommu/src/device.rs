@@ -167,6 +167,68 @@ impl std::fmt::Debug for VirtioIommu {
 }
 
 impl VirtioIommu {
+    /// Serve the request queue once on the calling thread, as the worker does when kicked (fuzz targets).
+    pub fn serve_once(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+        access: Option<Arc<dyn AccessPlatform>>,
+    ) -> Result<(), VirtioError> {
+        let mut body = self.worker_body(mem, interrupt, queues, access)?;
+        body.process_requests();
+        Ok(())
+    }
+
+    fn worker_body(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+        _access: Option<Arc<dyn AccessPlatform>>,
+    ) -> Result<IommuWorker, VirtioError> {
+        let mut req = None;
+        let mut evt = None;
+        for q in queues {
+            let slot = match q.index {
+                REQUEST_QUEUE => &mut req,
+                EVENT_QUEUE => &mut evt,
+                i => return Err(VirtioError::activate(&self.id, format!("no queue {i}"))),
+            };
+            if slot.replace(q).is_some() {
+                return Err(VirtioError::activate(&self.id, "queue given twice"));
+            }
+        }
+        let (Some(req), Some(evt)) = (req, evt) else {
+            return Err(VirtioError::activate(
+                &self.id,
+                "needs the request and the event queue",
+            ));
+        };
+        let requestq = self
+            .worker
+            .prepare_queue(req.queue, REQUEST_QUEUE, false, &mem)?;
+        let eventq = self
+            .worker
+            .prepare_queue(evt.queue, EVENT_QUEUE, false, &mem)?;
+        let body = IommuWorker {
+            id: self.id.clone(),
+            mem,
+            interrupt,
+            requestq,
+            eventq,
+            req_kick: req.kick,
+            evt_kick: evt.kick,
+            translator: self.translator.clone(),
+            faults: self.faults.clone(),
+            metrics: self.metrics.clone(),
+            chain: DescChain::default(),
+            invalid: LogLimiter::new(),
+            irq: LogLimiter::new(),
+        };
+        Ok(body)
+    }
+
     /// A device `id` with `config`, translating for the PCI requester ids (BDFs) in `endpoints`.
     ///
     /// Fails only if the host cannot create an eventfd (out of file descriptors).
@@ -293,45 +355,7 @@ impl VirtioDevice for VirtioIommu {
         if self.worker.is_active() {
             return Err(VirtioError::activate(&self.id, "already active"));
         }
-        let mut req = None;
-        let mut evt = None;
-        for q in queues {
-            let slot = match q.index {
-                REQUEST_QUEUE => &mut req,
-                EVENT_QUEUE => &mut evt,
-                i => return Err(VirtioError::activate(&self.id, format!("no queue {i}"))),
-            };
-            if slot.replace(q).is_some() {
-                return Err(VirtioError::activate(&self.id, "queue given twice"));
-            }
-        }
-        let (Some(req), Some(evt)) = (req, evt) else {
-            return Err(VirtioError::activate(
-                &self.id,
-                "needs the request and the event queue",
-            ));
-        };
-        let requestq = self
-            .worker
-            .prepare_queue(req.queue, REQUEST_QUEUE, false, &mem)?;
-        let eventq = self
-            .worker
-            .prepare_queue(evt.queue, EVENT_QUEUE, false, &mem)?;
-        let body = IommuWorker {
-            id: self.id.clone(),
-            mem,
-            interrupt,
-            requestq,
-            eventq,
-            req_kick: req.kick,
-            evt_kick: evt.kick,
-            translator: self.translator.clone(),
-            faults: self.faults.clone(),
-            metrics: self.metrics.clone(),
-            chain: DescChain::default(),
-            invalid: LogLimiter::new(),
-            irq: LogLimiter::new(),
-        };
+        let body = self.worker_body(mem, interrupt, queues, _access)?;
         self.worker.start(body)?;
         self.faults.active.store(true, Ordering::Release);
         Ok(())

@@ -294,7 +294,7 @@ impl MemoryFileHeader {
         crc.update(&rest[..count * ENTRY_LEN]);
         let at = count * ENTRY_LEN;
         let stored = u32::from_le_bytes([rest[at], rest[at + 1], rest[at + 2], rest[at + 3]]);
-        if crc.finalize() != stored {
+        if !crate::checksum_ok(stored, crc.finalize()) {
             return Err(MemoryFileError::Corrupt("header checksum mismatch".into()));
         }
         let mut regions = Vec::with_capacity(count);
@@ -477,7 +477,7 @@ where
             }
             done += n as u64;
         }
-        if crc.finalize() != region.crc {
+        if !crate::checksum_ok(region.crc, crc.finalize()) {
             return Err(MemoryFileError::Corrupt(format!(
                 "checksum mismatch in the RAM region at {:#x}",
                 region.guest_addr

@@ -519,7 +519,7 @@ impl<R: Read> RamReader<R> {
         let mut crc = crc32fast::Hasher::new();
         crc.update(&fixed);
         crc.update(&rest[..count * 16]);
-        if crc.finalize() != u32_at(&rest, count * 16) {
+        if !crate::checksum_ok(u32_at(&rest, count * 16), crc.finalize()) {
             return Err(corrupt("header checksum mismatch".into()));
         }
         let layout: Vec<(u64, u64)> = rest[..count * 16]
@@ -638,7 +638,7 @@ impl<R: Read> RamReader<R> {
         crc.update(&head);
         crc.update(&self.buf[..len]);
         let crc = crc.finalize();
-        if crc != u32_at(&self.buf, len) {
+        if !crate::checksum_ok(u32_at(&self.buf, len), crc) {
             return Err(corrupt(format!(
                 "checksum mismatch in the record at {gpa:#x}"
             )));
@@ -666,7 +666,7 @@ impl<R: Read> RamReader<R> {
         end[0] = TAG_END;
         let offset = &mut self.stats.stream_bytes;
         read_at(&mut self.input, offset, &mut end[1..], "END record")?;
-        if crc32fast::hash(&end[..END_HEAD]) != u32_at(&end, END_HEAD) {
+        if !crate::checksum_ok(u32_at(&end, END_HEAD), crc32fast::hash(&end[..END_HEAD])) {
             return Err(corrupt("checksum mismatch"));
         }
         let (pages, records) = (u64_at(&end, 1), u64_at(&end, 9));
@@ -677,7 +677,7 @@ impl<R: Read> RamReader<R> {
                 self.stats.data_pages + self.stats.zero_pages
             )));
         }
-        if u32_at(&end, 17) != self.chain.clone().finalize() {
+        if !crate::checksum_ok(u32_at(&end, 17), self.chain.clone().finalize()) {
             return Err(corrupt("records are missing, repeated or out of order"));
         }
         self.ended = true;

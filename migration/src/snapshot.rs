@@ -348,7 +348,7 @@ impl<R: Read> SnapshotReader<R> {
         crc.update(&data);
         let stored = u32::from_le_bytes(self.array()?);
         let computed = crc.finalize();
-        if stored != computed {
+        if !crate::checksum_ok(stored, computed) {
             return Err(corrupt(
                 &name,
                 format!("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"),
@@ -384,7 +384,7 @@ impl<R: Read> SnapshotReader<R> {
         }
         self.offset += 4;
         let stored = u32::from_le_bytes(crc);
-        if stored != computed {
+        if !crate::checksum_ok(stored, computed) {
             return Err(corrupt(format!(
                 "file checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
             )));

@@ -248,6 +248,72 @@ pub struct Console {
 }
 
 impl Console {
+    /// Serve both queues once on the calling thread, as the worker does when kicked (fuzz targets).
+    pub fn serve_once(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+        access: Option<Arc<dyn AccessPlatform>>,
+    ) -> Result<(), VirtioError> {
+        let mut body = self.worker_body(mem, interrupt, queues, access)?;
+        body.process_tx();
+        body.process_rx();
+        self.io = Some(body.io);
+        Ok(())
+    }
+
+    fn worker_body(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+        access: Option<Arc<dyn AccessPlatform>>,
+    ) -> Result<ConsoleWorker, VirtioError> {
+        let mut rx = None;
+        let mut tx = None;
+        for q in queues {
+            match q.index {
+                RXQ => rx = Some(q),
+                TXQ => tx = Some(q),
+                i => return Err(VirtioError::activate(&self.id, format!("no queue {i}"))),
+            }
+        }
+        let (Some(rx), Some(tx)) = (rx, tx) else {
+            return Err(VirtioError::activate(
+                &self.id,
+                "needs both the receive and the transmit queue",
+            ));
+        };
+        let rx_q = self.worker.prepare_queue(rx.queue, RXQ, false, &mem)?;
+        let tx_q = self.worker.prepare_queue(tx.queue, TXQ, false, &mem)?;
+        let Some(io) = self.io.take() else {
+            return Err(VirtioError::activate(
+                &self.id,
+                "the endpoints were lost when a worker thread failed",
+            ));
+        };
+        let body = ConsoleWorker {
+            id: self.id.clone(),
+            mem,
+            interrupt,
+            rx: rx_q,
+            tx: tx_q,
+            rx_kick: rx.kick,
+            tx_kick: tx.kick,
+            io,
+            metrics: self.metrics.clone(),
+            input_watched: false,
+            input_eof: false,
+            chain: DescChain::default(),
+            access,
+            invalid: LogLimiter::new(),
+            io_error: LogLimiter::new(),
+            irq: LogLimiter::new(),
+        };
+        Ok(body)
+    }
+
     /// Build the device and open its endpoints (see the module documentation).
     pub fn new(config: ConsoleConfig) -> Result<Self, ConsoleError> {
         let (io, pty, raw) = match &config.output {
@@ -408,47 +474,7 @@ impl VirtioDevice for Console {
         if self.worker.is_active() {
             return Err(VirtioError::activate(&self.id, "already active"));
         }
-        let mut rx = None;
-        let mut tx = None;
-        for q in queues {
-            match q.index {
-                RXQ => rx = Some(q),
-                TXQ => tx = Some(q),
-                i => return Err(VirtioError::activate(&self.id, format!("no queue {i}"))),
-            }
-        }
-        let (Some(rx), Some(tx)) = (rx, tx) else {
-            return Err(VirtioError::activate(
-                &self.id,
-                "needs both the receive and the transmit queue",
-            ));
-        };
-        let rx_q = self.worker.prepare_queue(rx.queue, RXQ, false, &mem)?;
-        let tx_q = self.worker.prepare_queue(tx.queue, TXQ, false, &mem)?;
-        let Some(io) = self.io.take() else {
-            return Err(VirtioError::activate(
-                &self.id,
-                "the endpoints were lost when a worker thread failed",
-            ));
-        };
-        let body = ConsoleWorker {
-            id: self.id.clone(),
-            mem,
-            interrupt,
-            rx: rx_q,
-            tx: tx_q,
-            rx_kick: rx.kick,
-            tx_kick: tx.kick,
-            io,
-            metrics: self.metrics.clone(),
-            input_watched: false,
-            input_eof: false,
-            chain: DescChain::default(),
-            access,
-            invalid: LogLimiter::new(),
-            io_error: LogLimiter::new(),
-            irq: LogLimiter::new(),
-        };
+        let body = self.worker_body(mem, interrupt, queues, access)?;
         self.worker.start(body)
     }
 

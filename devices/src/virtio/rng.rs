@@ -94,6 +94,53 @@ pub struct Rng {
 }
 
 impl Rng {
+    /// Serve the queue once on the calling thread, as the worker does when kicked (fuzz targets).
+    pub fn serve_once(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+        access: Option<Arc<dyn AccessPlatform>>,
+    ) -> Result<(), VirtioError> {
+        self.worker_body(mem, interrupt, queues, access)?.process();
+        Ok(())
+    }
+
+    fn worker_body(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+        access: Option<Arc<dyn AccessPlatform>>,
+    ) -> Result<RngWorker, VirtioError> {
+        let mut queues = queues.into_iter();
+        let (Some(q), None) = (queues.next(), queues.next()) else {
+            return Err(VirtioError::activate(&self.id, "needs exactly one queue"));
+        };
+        if q.index != 0 {
+            return Err(VirtioError::activate(
+                &self.id,
+                format!("no queue {}", q.index),
+            ));
+        }
+        let queue = self.worker.prepare_queue(q.queue, 0, false, &mem)?;
+        let body = RngWorker {
+            id: self.id.clone(),
+            mem,
+            interrupt,
+            queue,
+            kick: q.kick,
+            metrics: self.metrics.clone(),
+            chain: DescChain::default(),
+            access,
+            buf: vec![0; MAX_REQUEST],
+            invalid: LogLimiter::new(),
+            irq: LogLimiter::new(),
+            entropy: LogLimiter::new(),
+        };
+        Ok(body)
+    }
+
     /// Build the device.
     pub fn new(config: RngConfig) -> Self {
         Self {
@@ -143,31 +190,7 @@ impl VirtioDevice for Rng {
         if self.worker.is_active() {
             return Err(VirtioError::activate(&self.id, "already active"));
         }
-        let mut queues = queues.into_iter();
-        let (Some(q), None) = (queues.next(), queues.next()) else {
-            return Err(VirtioError::activate(&self.id, "needs exactly one queue"));
-        };
-        if q.index != 0 {
-            return Err(VirtioError::activate(
-                &self.id,
-                format!("no queue {}", q.index),
-            ));
-        }
-        let queue = self.worker.prepare_queue(q.queue, 0, false, &mem)?;
-        let body = RngWorker {
-            id: self.id.clone(),
-            mem,
-            interrupt,
-            queue,
-            kick: q.kick,
-            metrics: self.metrics.clone(),
-            chain: DescChain::default(),
-            access,
-            buf: vec![0; MAX_REQUEST],
-            invalid: LogLimiter::new(),
-            irq: LogLimiter::new(),
-            entropy: LogLimiter::new(),
-        };
+        let body = self.worker_body(mem, interrupt, queues, access)?;
         self.worker.start(body)
     }
 

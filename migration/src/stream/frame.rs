@@ -213,7 +213,7 @@ impl<R: Read> FrameIn<R> {
         computed.update(&head);
         computed.update(&payload);
         let computed = computed.finalize();
-        if computed != u32::from_le_bytes(crc) {
+        if !crate::checksum_ok(u32::from_le_bytes(crc), computed) {
             return Err(StreamError::Checksum { offset, kind });
         }
         Ok(Some(RawFrame {

@@ -527,7 +527,8 @@ impl<R: Read> MigrationReceiver<R> {
             ),
         ];
         for (what, sent, received) in checks {
-            if sent != received {
+            let checksum = what == "frame checksum chain";
+            if sent != received && !(checksum && cfg!(fuzzing)) {
                 return Err(StreamError::CompleteMismatch {
                     what,
                     sent,

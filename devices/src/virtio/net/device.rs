@@ -36,6 +36,89 @@ pub struct Net {
 }
 
 impl Net {
+    /// Serve both queues once on the calling thread, as the worker does when kicked (fuzz targets).
+    pub fn serve_once(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+        access: Option<Arc<dyn AccessPlatform>>,
+    ) -> Result<(), VirtioError> {
+        let mut body = self.worker_body(mem, interrupt, queues, access)?;
+        body.process_tx();
+        body.process_rx(None);
+        self.backend = Some(body.backend);
+        Ok(())
+    }
+
+    fn worker_body(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<ActivatedQueue>,
+        access: Option<Arc<dyn AccessPlatform>>,
+    ) -> Result<NetWorker, VirtioError> {
+        if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(VirtioError::activate(
+                &self.id,
+                "the driver did not accept VIRTIO_F_VERSION_1",
+            ));
+        }
+        let mut rx = None;
+        let mut tx = None;
+        for q in queues {
+            match q.index {
+                queues::RX => rx = Some(q),
+                queues::TX => tx = Some(q),
+                i => return Err(VirtioError::activate(&self.id, format!("no queue {i}"))),
+            }
+        }
+        let (Some(rx), Some(tx)) = (rx, tx) else {
+            return Err(VirtioError::activate(
+                &self.id,
+                "needs both the RX and the TX queue",
+            ));
+        };
+        let event_idx = self.acked_features & VIRTIO_F_EVENT_IDX != 0;
+        let rx_q = self
+            .worker
+            .prepare_queue(rx.queue, queues::RX, event_idx, &mem)?;
+        let tx_q = self
+            .worker
+            .prepare_queue(tx.queue, queues::TX, event_idx, &mem)?;
+        let Some(mut backend) = self.backend.take() else {
+            return Err(VirtioError::activate(
+                &self.id,
+                "the backend was lost when a worker thread failed",
+            ));
+        };
+        let offloads = Self::tun_offloads(self.acked_features);
+        if let Err(e) = backend.set_offload(offloads) {
+            let err = VirtioError::activate(
+                &self.id,
+                format!(
+                    "cannot set offloads {offloads:#x} on {}: {e}",
+                    backend.describe()
+                ),
+            );
+            self.backend = Some(backend);
+            return Err(err);
+        }
+        let body = NetWorker::new(
+            self.id.clone(),
+            mem,
+            interrupt,
+            rx_q,
+            tx_q,
+            rx.kick,
+            tx.kick,
+            backend,
+            self.metrics.clone(),
+        )
+        .with_access(access);
+        Ok(body)
+    }
+
     /// Open the configured TAP and build the device.
     pub fn new(config: NetConfig) -> Result<Self, NetError> {
         let tap = match &config.tap {
@@ -175,64 +258,7 @@ impl VirtioDevice for Net {
         if self.worker.is_active() {
             return Err(VirtioError::activate(&self.id, "already active"));
         }
-        if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
-            return Err(VirtioError::activate(
-                &self.id,
-                "the driver did not accept VIRTIO_F_VERSION_1",
-            ));
-        }
-        let mut rx = None;
-        let mut tx = None;
-        for q in queues {
-            match q.index {
-                queues::RX => rx = Some(q),
-                queues::TX => tx = Some(q),
-                i => return Err(VirtioError::activate(&self.id, format!("no queue {i}"))),
-            }
-        }
-        let (Some(rx), Some(tx)) = (rx, tx) else {
-            return Err(VirtioError::activate(
-                &self.id,
-                "needs both the RX and the TX queue",
-            ));
-        };
-        let event_idx = self.acked_features & VIRTIO_F_EVENT_IDX != 0;
-        let rx_q = self
-            .worker
-            .prepare_queue(rx.queue, queues::RX, event_idx, &mem)?;
-        let tx_q = self
-            .worker
-            .prepare_queue(tx.queue, queues::TX, event_idx, &mem)?;
-        let Some(mut backend) = self.backend.take() else {
-            return Err(VirtioError::activate(
-                &self.id,
-                "the backend was lost when a worker thread failed",
-            ));
-        };
-        let offloads = Self::tun_offloads(self.acked_features);
-        if let Err(e) = backend.set_offload(offloads) {
-            let err = VirtioError::activate(
-                &self.id,
-                format!(
-                    "cannot set offloads {offloads:#x} on {}: {e}",
-                    backend.describe()
-                ),
-            );
-            self.backend = Some(backend);
-            return Err(err);
-        }
-        let body = NetWorker::new(
-            self.id.clone(),
-            mem,
-            interrupt,
-            rx_q,
-            tx_q,
-            rx.kick,
-            tx.kick,
-            backend,
-            self.metrics.clone(),
-        )
-        .with_access(access);
+        let body = self.worker_body(mem, interrupt, queues, access)?;
         self.worker.start(body)
     }
 

@@ -387,6 +387,63 @@ fn dma_worker(shared: Arc<Shared>, rx: Receiver<RawMessage>) {
     }
 }
 
+/// Run the client's receive path on the calling thread (fuzz targets): read and dispatch every
+/// message `input` carries until it fails or ends, as the reader thread does, with the requests
+/// `pending` (id, command) waiting for replies and server DMA requests served through `handler`
+/// (answers go to `answers`). Returns the replies matched to `pending` and the failure, if any.
+pub fn replay_server_messages(
+    input: &UnixStream,
+    answers: UnixStream,
+    pending: &[(u16, Command)],
+    handler: Option<Arc<dyn DmaHandler>>,
+    options: ClientOptions,
+) -> (Vec<Reply>, Option<String>) {
+    let pending = pending
+        .iter()
+        .map(|&(id, c)| {
+            let p = Pending {
+                command: c as u16,
+                reply: None,
+            };
+            (id, p)
+        })
+        .collect();
+    let shared = Shared {
+        sock: answers,
+        send_lock: Mutex::new(()),
+        state: Mutex::new(State {
+            pending,
+            failure: None,
+            failing: false,
+            next_id: 0,
+            dma_received: 0,
+            dma_done: 0,
+        }),
+        cond: Condvar::new(),
+        dma_handler: RwLock::new(handler),
+        hook: Mutex::new(HookState::default()),
+        options,
+    };
+    let (tx, rx) = mpsc::sync_channel(DMA_QUEUE_DEPTH);
+    loop {
+        match shared.read_message(input) {
+            Ok(msg) => shared.dispatch(msg, &tx),
+            Err(f) => shared.fail(f),
+        }
+        while let Ok(msg) = rx.try_recv() {
+            shared.serve_dma(&msg);
+            shared.dma_finished();
+        }
+        if lock(&shared.state).failure.is_some() {
+            break;
+        }
+    }
+    let mut st = lock(&shared.state);
+    let failure = st.failure.as_ref().map(Failure::describe);
+    let replies = st.pending.drain().filter_map(|(_, p)| p.reply).collect();
+    (replies, failure)
+}
+
 /// A vfio-user connection to one device server.
 pub struct Client {
     shared: Arc<Shared>,
