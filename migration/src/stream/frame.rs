@@ -99,6 +99,35 @@ impl<W: Write> FrameOut<W> {
     }
 }
 
+/// How much a payload buffer grows at a time beyond what it held before.
+const GROW_STEP: usize = 1 << 20;
+
+/// Read `len` bytes into `payload` (resized to what was read); returns how many arrived (fewer
+/// when the input ended). The buffer's old contents are overwritten in place (a recycled
+/// buffer is neither cleared nor zeroed again), and it grows [`GROW_STEP`] at a time, with the
+/// data actually present: a lying length in a short stream costs little.
+fn read_payload<R: Read>(
+    input: &mut R,
+    payload: &mut Vec<u8>,
+    len: usize,
+) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < len {
+        let end = payload.len().min(len);
+        if filled == end {
+            payload.resize(filled + (len - filled).min(GROW_STEP), 0);
+            continue;
+        }
+        let got = read_up_to(input, &mut payload[filled..end])?;
+        filled += got;
+        if filled < end {
+            break;
+        }
+    }
+    payload.truncate(filled);
+    Ok(filled)
+}
+
 /// One frame read and checked: its kind, payload, the stream offset it started at and its CRC.
 /// The reader's totals do not include it until the caller [`Totals::add`]s it.
 #[derive(Debug)]
@@ -194,12 +223,8 @@ impl<R: Read> FrameIn<R> {
                 max: MAX_FRAME_LEN,
             });
         }
-        // Grow with the data actually present: a lying length in a short stream costs nothing.
         let mut payload = self.spare.take().unwrap_or_default();
-        payload.clear();
-        let read = (&mut self.input)
-            .take(u64::from(len))
-            .read_to_end(&mut payload)?;
+        let read = read_payload(&mut self.input, &mut payload, len as usize)?;
         if read < len as usize {
             return Err(StreamError::Truncated {
                 offset: offset + 5 + read as u64,

@@ -1,15 +1,15 @@
 //! RAM frames: building them from guest memory, and applying them without ever putting an older
 //! copy of a page over a newer one.
 
-use std::io::Read;
-
 use vm_memory::GuestMemoryBackend;
 
 use super::message::{RamFrame, RAM_HEAD};
 use super::{Result, StreamError, MAX_ITERATION};
 use crate::dirty::validate_layout;
-use crate::memory_file::{read_up_to, PAGE_SIZE};
-use crate::ram::{apply_record, RamReader, RamRecord, RamStats, RamStreamError, RamWriter};
+use crate::memory_file::PAGE_SIZE;
+use crate::ram::{
+    apply_record_via, RamRecord, RamSliceReader, RamStats, RamStreamError, RamWriter,
+};
 
 const PAGE: usize = PAGE_SIZE as usize;
 
@@ -227,12 +227,13 @@ pub struct ApplyStats {
 #[derive(Debug)]
 pub struct RamApplier {
     layout: Vec<(u64, u64)>,
-    /// A RAM stream header for `layout`: the frames carry records only.
-    header: Vec<u8>,
+    /// Bytes of a RAM stream header for `layout` (the frames carry records only): error
+    /// offsets count from the start of such a stream, as if the header preceded the records.
+    header_len: u64,
     versions: PageVersions,
     stats: ApplyStats,
-    /// The record buffer of the last frame's reader, for the next one.
-    record_buf: Vec<u8>,
+    /// Write pages through the guest memory's backing file (see [`Self::write_through_files`]).
+    via_file: bool,
 }
 
 impl RamApplier {
@@ -240,14 +241,23 @@ impl RamApplier {
     pub fn new(layout: &[(u64, u64)]) -> std::result::Result<Self, RamStreamError> {
         let versions = PageVersions::new(layout)?;
         let mut writer = RamWriter::new(Vec::new(), layout)?;
-        let header = std::mem::take(writer.get_mut());
+        let header_len = writer.get_mut().len() as u64;
         Ok(Self {
             layout: layout.to_vec(),
-            header,
+            header_len,
             versions,
             stats: ApplyStats::default(),
-            record_buf: Vec::new(),
+            via_file: false,
         })
+    }
+
+    /// Write pages through the file behind each file-backed region of guest memory (`pwrite`)
+    /// instead of through its mapping. On a fresh memfd this spares the kernel zeroing every
+    /// page it allocates before the page's data overwrites it — the biggest cost of receiving
+    /// RAM. Only for memory whose file-backed regions are shared mappings that no vCPU runs on
+    /// yet (a migration target's RAM); such writes bypass the guest memory's dirty bitmap.
+    pub fn write_through_files(&mut self, on: bool) {
+        self.via_file = on;
     }
 
     /// The page versions so far.
@@ -275,15 +285,13 @@ impl RamApplier {
             });
         }
         let ram = |source| StreamError::Ram { iteration, source };
-        let input = self.header.as_slice().chain(frame.records());
-        let buf = std::mem::take(&mut self.record_buf);
-        let mut reader = RamReader::with_buffer(input, &self.layout, buf).map_err(ram)?;
+        let mut reader = RamSliceReader::new(frame.records(), &self.layout, self.header_len);
         let mut stats = ApplyStats {
             frames: 1,
             ..ApplyStats::default()
         };
         loop {
-            let record = reader.read_record().map_err(ram)?;
+            let record = reader.next_record().map_err(ram)?;
             let (gpa, pages) = match record {
                 RamRecord::End { pages, .. } => {
                     if pages != u64::from(frame.pages) {
@@ -314,15 +322,13 @@ impl RamApplier {
                         pages: n as u32,
                     },
                 };
-                apply_record(mem, &part, false).map_err(ram)?;
+                apply_record_via(mem, &part, false, self.via_file).map_err(ram)?;
                 self.versions.mark_applied(run_gpa, n, iteration);
                 stats.applied_pages += n;
             }
             stats.stale_pages += pages - runs.iter().map(|&(_, n)| n).sum::<u64>();
         }
-        let (mut rest, buf) = reader.into_parts();
-        self.record_buf = buf;
-        if read_up_to(&mut rest, &mut [0u8; 1]).map_err(|e| ram(e.into()))? != 0 {
+        if !reader.rest().is_empty() {
             return Err(StreamError::RamFrame {
                 iteration,
                 reason: "bytes after the END record".into(),
