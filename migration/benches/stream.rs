@@ -2,7 +2,8 @@
 //! over one TCP loopback connection) and applied by a receiver into a second guest memory,
 //! against plain TCP carrying the same number of bytes in the same run. Figures only. The
 //! receiving memory is, as skiff's guest RAM, a shared mapping of a tmpfs file.
-//! `SKIFF_BENCH_STREAM_MIB` sets the RAM size (default 512).
+//! `SKIFF_BENCH_STREAM_MIB` sets the RAM size (default 512), `SKIFF_BENCH_FRAME_KIB` the RAM
+//! frame size (default: the sender's).
 //!
 //! Run with `cargo bench -p migration --bench stream`.
 
@@ -116,6 +117,12 @@ fn stream(src: &GuestMemoryMmap, dst: &GuestMemoryMmap, layout: &[(u64, u64)]) -
             }
         });
         let mut tx = MigrationSender::new(tx).expect("sender");
+        if let Some(kib) = std::env::var("SKIFF_BENCH_FRAME_KIB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            tx.set_ram_frame_bytes(kib << 10);
+        }
         tx.send(&hello()).expect("hello");
         tx.send(&Message::Config(Config {
             vm_config: b"{}".to_vec(),

@@ -281,6 +281,8 @@ pub struct RamWriter<W: Write> {
     extents: Vec<holes::Extent>,
     /// Where the memory's file is known to hold data.
     known_data: holes::KnownData,
+    /// Bare records ([`Self::bare`]): no header, record CRCs or END.
+    bare: bool,
 }
 
 impl<W: Write> RamWriter<W> {
@@ -301,6 +303,24 @@ impl<W: Write> RamWriter<W> {
             buf: Vec::new(),
             extents: Vec::new(),
             known_data: None,
+            bare: false,
+        })
+    }
+
+    /// A writer of bare records for `layout`: DATA and ZERO records without their CRC, no
+    /// header, and no END ([`Self::finish`] only flushes). For a container that checksums and
+    /// counts the records itself (a migration RAM frame); [`RamSliceReader::bare`] reads them.
+    pub fn bare(out: W, layout: &[(u64, u64)]) -> Result<Self> {
+        validate_layout(layout).map_err(RamStreamError::InvalidLayout)?;
+        Ok(Self {
+            out,
+            layout: layout.to_vec(),
+            chain: crc32fast::Hasher::new(),
+            stats: RamStats::default(),
+            buf: Vec::new(),
+            extents: Vec::new(),
+            known_data: None,
+            bare: true,
         })
     }
 
@@ -331,6 +351,13 @@ impl<W: Write> RamWriter<W> {
     }
 
     fn emit(&mut self, head: &[u8], data: &[u8]) -> Result<()> {
+        if self.bare {
+            self.out.write_all(head)?;
+            self.out.write_all(data)?;
+            self.stats.records += 1;
+            self.stats.stream_bytes += (head.len() + data.len()) as u64;
+            return Ok(());
+        }
         let mut crc = crc32fast::Hasher::new();
         crc.update(head);
         crc.update(data);
@@ -491,8 +518,12 @@ impl<W: Write> RamWriter<W> {
         Ok(())
     }
 
-    /// Write END and flush; returns the writer and the totals.
+    /// Write END (not for bare records) and flush; returns the writer and the totals.
     pub fn finish(mut self) -> Result<(W, RamStats)> {
+        if self.bare {
+            self.out.flush()?;
+            return Ok((self.out, self.stats));
+        }
         let mut head = [0u8; END_HEAD];
         head[0] = TAG_END;
         head[1..9].copy_from_slice(&(self.stats.data_pages + self.stats.zero_pages).to_le_bytes());
@@ -553,11 +584,15 @@ impl RamWriter<Vec<u8>> {
             self.out.set_len(data_at + n);
         }
         if self.out[data_at..].chunks(PAGE).all(|p| !is_zero(p)) {
-            let crc = crc32fast::hash(&self.out[base..]).to_le_bytes();
-            self.out.extend_from_slice(&crc);
-            self.chain.update(&crc);
+            let mut len = RECORD_HEAD + n;
+            if !self.bare {
+                let crc = crc32fast::hash(&self.out[base..]).to_le_bytes();
+                self.out.extend_from_slice(&crc);
+                self.chain.update(&crc);
+                len += crc.len();
+            }
             self.stats.records += 1;
-            self.stats.stream_bytes += (RECORD_HEAD + n + 4) as u64;
+            self.stats.stream_bytes += len as u64;
             self.stats.data_pages += u64::from(pages);
             return Ok(());
         }

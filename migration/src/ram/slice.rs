@@ -26,6 +26,8 @@ pub struct RamSliceReader<'a> {
     chain: crc32fast::Hasher,
     stats: RamStats,
     ended: bool,
+    /// Bare records ([`RamWriter::bare`](super::RamWriter::bare)): no CRCs, no END.
+    bare: bool,
 }
 
 impl<'a> RamSliceReader<'a> {
@@ -40,6 +42,17 @@ impl<'a> RamSliceReader<'a> {
             chain: crc32fast::Hasher::new(),
             stats: RamStats::default(),
             ended: false,
+            bare: false,
+        }
+    }
+
+    /// Bare records in `buf` ([`RamWriter::bare`](super::RamWriter::bare)): DATA and ZERO
+    /// records without CRCs, up to the end of `buf`, which stands for END (the container
+    /// checksums and counts them). Bounds are checked as for [`Self::new`].
+    pub fn bare(buf: &'a [u8], layout: &'a [(u64, u64)], base: u64) -> Self {
+        Self {
+            bare: true,
+            ..Self::new(buf, layout, base)
         }
     }
 
@@ -77,10 +90,17 @@ impl<'a> RamSliceReader<'a> {
             offset: start,
             reason,
         };
+        if self.bare && self.pos == self.buf.len() {
+            self.ended = true;
+            return Ok(RamRecord::End {
+                pages: self.stats.data_pages + self.stats.zero_pages,
+                records: self.stats.records,
+            });
+        }
         let tag = self.take(1, "record tag (END missing)")?[0];
         match tag {
             TAG_DATA | TAG_ZERO => {}
-            TAG_END => return self.end(start),
+            TAG_END if !self.bare => return self.end(start),
             _ => return Err(corrupt(format!("unknown record tag {tag:#04x}"))),
         }
         let at = self.pos - 1;
@@ -104,17 +124,19 @@ impl<'a> RamSliceReader<'a> {
             0
         };
         let data = self.take(len, "record data")?;
-        let sum = self.take(4, "record data")?;
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(head);
-        crc.update(data);
-        let crc = crc.finalize();
-        if crc != u32_at(sum, 0) {
-            return Err(corrupt(format!(
-                "checksum mismatch in the record at {gpa:#x}"
-            )));
+        if !self.bare {
+            let sum = self.take(4, "record data")?;
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(head);
+            crc.update(data);
+            let crc = crc.finalize();
+            if crc != u32_at(sum, 0) {
+                return Err(corrupt(format!(
+                    "checksum mismatch in the record at {gpa:#x}"
+                )));
+            }
+            self.chain.update(&crc.to_le_bytes());
         }
-        self.chain.update(&crc.to_le_bytes());
         self.stats.records += 1;
         self.stats.stream_bytes = self.pos as u64;
         if tag == TAG_DATA {

@@ -1,10 +1,12 @@
 //! The frame layer: the stream start, and frames with their CRCs and the running chain.
 //!
 //! A frame's CRC starts with its index in the stream (u64 LE, not sent; the first frame after
-//! the start is 0), then covers kind, length and payload. The index matters: RAM records carry
-//! their own CRC, and a CRC32 run over data followed by that data's CRC32 ends in the same state
-//! whatever the data, so two RAM frames with records of the same shape would otherwise have the
-//! same frame CRC, and swapping them would change neither the frame CRCs nor their chain.
+//! the start is 0), then covers kind, length and payload. The index matters: two frames with
+//! the same bytes (a page sent twice, an empty chunk) would otherwise have the same CRC, and
+//! swapping or repeating them would change neither the frame CRCs nor their chain. (In protocol
+//! version 1, RAM records carried their own CRC, and a CRC32 run over data followed by that
+//! data's CRC32 ends in the same state whatever the data: any two RAM frames with records of
+//! the same shape had the same CRC.)
 
 use std::io::{Read, Write};
 

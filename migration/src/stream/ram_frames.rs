@@ -60,9 +60,9 @@ pub(crate) fn page_pieces(
     )
 }
 
-/// Records of one RAM frame being built: a [`RamWriter`] over the frame payload, whose RAM header
-/// was dropped (the receiver knows the layout) and whose first [`RAM_HEAD`] bytes are filled at
-/// the end.
+/// Records of one RAM frame being built: a [`RamWriter::bare`] over the frame payload (no RAM
+/// stream header, record CRCs or END: the frame's CRC covers the records, its header counts
+/// their pages), whose first [`RAM_HEAD`] bytes are filled at the end.
 #[derive(Debug)]
 pub(crate) struct RamBatch {
     writer: RamWriter<Vec<u8>>,
@@ -79,9 +79,9 @@ impl RamBatch {
         buf.clear();
         buf.reserve(capacity);
         buf.resize(RAM_HEAD, 0);
-        let mut writer = RamWriter::new(buf, layout)?;
-        writer.get_mut().truncate(RAM_HEAD);
-        Ok(Self { writer })
+        Ok(Self {
+            writer: RamWriter::bare(buf, layout)?,
+        })
     }
 
     /// The writer, to add records.
@@ -99,7 +99,7 @@ impl RamBatch {
         self.writer.stats().records
     }
 
-    /// Close the records with END and fill the header: the frame payload and its counts.
+    /// Fill the header: the frame payload and its counts.
     pub fn finish(
         self,
         iteration: u32,
@@ -227,9 +227,6 @@ pub struct ApplyStats {
 #[derive(Debug)]
 pub struct RamApplier {
     layout: Vec<(u64, u64)>,
-    /// Bytes of a RAM stream header for `layout` (the frames carry records only): error
-    /// offsets count from the start of such a stream, as if the header preceded the records.
-    header_len: u64,
     versions: PageVersions,
     stats: ApplyStats,
     /// Write pages through the guest memory's backing file (see [`Self::write_through_files`]).
@@ -240,11 +237,8 @@ impl RamApplier {
     /// An applier for guest RAM with `layout` (the layout CONFIG announced and the target has).
     pub fn new(layout: &[(u64, u64)]) -> std::result::Result<Self, RamStreamError> {
         let versions = PageVersions::new(layout)?;
-        let mut writer = RamWriter::new(Vec::new(), layout)?;
-        let header_len = writer.get_mut().len() as u64;
         Ok(Self {
             layout: layout.to_vec(),
-            header_len,
             versions,
             stats: ApplyStats::default(),
             via_file: false,
@@ -270,8 +264,8 @@ impl RamApplier {
         self.stats
     }
 
-    /// Check `frame`'s records (CRCs, bounds, END's counts, the page count in its header) and
-    /// write every page not stale to `mem`. Pages written before an error stay written.
+    /// Check `frame`'s records (bounds, the page count in its header; the frame's CRC covered
+    /// their bytes) and write every page not stale to `mem`. Pages written before an error stay written.
     pub fn apply<M: GuestMemoryBackend>(
         &mut self,
         mem: &M,
@@ -285,7 +279,8 @@ impl RamApplier {
             });
         }
         let ram = |source| StreamError::Ram { iteration, source };
-        let mut reader = RamSliceReader::new(frame.records(), &self.layout, self.header_len);
+        // Offsets in errors count from the start of the frame payload.
+        let mut reader = RamSliceReader::bare(frame.records(), &self.layout, RAM_HEAD as u64);
         let mut stats = ApplyStats {
             frames: 1,
             ..ApplyStats::default()
@@ -327,12 +322,6 @@ impl RamApplier {
                 stats.applied_pages += n;
             }
             stats.stale_pages += pages - runs.iter().map(|&(_, n)| n).sum::<u64>();
-        }
-        if !reader.rest().is_empty() {
-            return Err(StreamError::RamFrame {
-                iteration,
-                reason: "bytes after the END record".into(),
-            });
         }
         self.stats.frames += 1;
         self.stats.applied_pages += stats.applied_pages;
