@@ -32,6 +32,19 @@
 //! them with [`apply_record`]; the END record closes the RAM part (its counts and chain cover RAM
 //! records only). Several passes of a migration (full, then dirty) are one RAM stream: call
 //! [`RamWriter::write_ranges`] once per pass and [`RamWriter::finish`] at the end.
+//!
+//! # Bare records
+//!
+//! A container that checksums and counts records itself (a migration RAM frame) uses
+//! [`RamWriter::bare`] and [`RamSliceReader::bare`]: the same DATA and ZERO records without their
+//! CRC, no header and no END.
+//!
+//! # File-backed memory
+//!
+//! When guest memory is a shared mapping of a file (skiff's memfd), the writer asks the file
+//! where its data is and treats its holes as zero pages without reading them (reading a hole
+//! through the mapping would allocate and zero a page), and [`apply_record_via`] can write
+//! records through the file (a `pwrite` fills a new page without zeroing it first).
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
@@ -398,8 +411,8 @@ impl<W: Write> RamWriter<W> {
 
     /// Send the pages of `ranges` ((guest address, length), each widened to whole pages and
     /// inside one RAM region) from `mem`; all-zero pages are skipped or sent as ZERO records.
-    /// Holes of the file behind the memory count as zero pages and are not read (see
-    /// [`holes`]). Returns the counts of this call.
+    /// Holes of the file behind the memory count as zero pages and are not read (see the module
+    /// doc). Returns the counts of this call.
     pub fn write_ranges<M, I>(&mut self, mem: &M, ranges: I, zeros: ZeroPages) -> Result<RamStats>
     where
         M: GuestMemoryBackend,
