@@ -1,7 +1,9 @@
 //! Migration stream throughput without a VM: guest RAM sent as one pre-copy pass (RAM frames
 //! over one TCP loopback connection) and applied by a receiver into a second guest memory,
-//! against plain TCP carrying the same number of bytes in the same run. Figures only.
-//! `SKIFF_BENCH_STREAM_MIB` sets the RAM size (default 512).
+//! against plain TCP carrying the same number of bytes in the same run. Figures only. The
+//! receiving memory is, as skiff's guest RAM, a shared mapping of a tmpfs file.
+//! `SKIFF_BENCH_STREAM_MIB` sets the RAM size (default 512), `SKIFF_BENCH_FRAME_KIB` the RAM
+//! frame size (default: the sender's).
 //!
 //! Run with `cargo bench -p migration --bench stream`.
 
@@ -14,7 +16,7 @@ use migration::stream::{
     Config, Hello, Message, MigrationReceiver, MigrationSender, RamApplier, FEATURE_PRECOPY,
     PROTOCOL_VERSION,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
 const PAGE: usize = 4096;
 
@@ -58,6 +60,31 @@ fn plain_tcp(bytes: usize) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// Guest RAM as skiff has it: a shared mapping of a tmpfs file (skiff uses a memfd).
+fn shared_ram(size: usize) -> GuestMemoryMmap {
+    let path = std::env::temp_dir().join(format!("skiff-stream-bench-{}", std::process::id()));
+    let dir = std::path::Path::new("/dev/shm");
+    let path = if dir.is_dir() {
+        dir.join(path.file_name().expect("name"))
+    } else {
+        path
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .expect("RAM file");
+    let _ = std::fs::remove_file(&path);
+    file.set_len(size as u64).expect("RAM size");
+    GuestMemoryMmap::<()>::from_ranges_with_files(&[(
+        GuestAddress(0),
+        size,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .expect("RAM")
+}
+
 fn hello() -> Message {
     Message::Hello(Hello {
         version: PROTOCOL_VERSION,
@@ -77,6 +104,7 @@ fn stream(src: &GuestMemoryMmap, dst: &GuestMemoryMmap, layout: &[(u64, u64)]) -
         let receiver = s.spawn(move || {
             let mut rx = MigrationReceiver::new(rx).expect("receiver");
             let mut applier = RamApplier::new(&layout_rx).expect("applier");
+            applier.write_through_files(true);
             loop {
                 match rx.recv().expect("recv") {
                     Message::Ram(frame) => {
@@ -89,6 +117,12 @@ fn stream(src: &GuestMemoryMmap, dst: &GuestMemoryMmap, layout: &[(u64, u64)]) -
             }
         });
         let mut tx = MigrationSender::new(tx).expect("sender");
+        if let Some(kib) = std::env::var("SKIFF_BENCH_FRAME_KIB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            tx.set_ram_frame_bytes(kib << 10);
+        }
         tx.send(&hello()).expect("hello");
         tx.send(&Message::Config(Config {
             vm_config: b"{}".to_vec(),
@@ -125,7 +159,7 @@ fn main() {
     let c0 = cpu();
     let tcp_s = plain_tcp(size);
     let c1 = cpu();
-    let fresh = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).expect("RAM");
+    let fresh = shared_ram(size);
     let (fresh_s, bytes) = stream(&src, &fresh, &layout);
     let c2 = cpu();
     // The same memory again: its pages are now present.

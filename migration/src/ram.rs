@@ -32,6 +32,19 @@
 //! them with [`apply_record`]; the END record closes the RAM part (its counts and chain cover RAM
 //! records only). Several passes of a migration (full, then dirty) are one RAM stream: call
 //! [`RamWriter::write_ranges`] once per pass and [`RamWriter::finish`] at the end.
+//!
+//! # Bare records
+//!
+//! A container that checksums and counts records itself (a migration RAM frame) uses
+//! [`RamWriter::bare`] and [`RamSliceReader::bare`]: the same DATA and ZERO records without their
+//! CRC, no header and no END.
+//!
+//! # File-backed memory
+//!
+//! When guest memory is a shared mapping of a file (skiff's memfd), the writer asks the file
+//! where its data is and treats its holes as zero pages without reading them (reading a hole
+//! through the mapping would allocate and zero a page), and [`apply_record_via`] can write
+//! records through the file (a `pwrite` fills a new page without zeroing it first).
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
@@ -43,6 +56,11 @@ use crate::memory_file::{
     is_zero, layout_mismatch, memory_layout, read_up_to, restore_memory_file, MemoryFileError,
     MAX_REGIONS, MEMORY_MAGIC, PAGE_SIZE,
 };
+
+mod holes;
+mod slice;
+
+pub use slice::{apply_record_via, write_guest, RamSliceReader};
 
 /// The first eight bytes of a RAM stream.
 pub const RAM_MAGIC: [u8; 8] = *b"SKIFFRAM";
@@ -125,6 +143,15 @@ pub enum RamStreamError {
         /// The vm-memory error.
         #[source]
         source: vm_memory::GuestMemoryError,
+    },
+    /// Writing guest memory through its backing file failed.
+    #[error("writing guest memory at {addr:#x} through its file failed: {source}")]
+    GuestFile {
+        /// Guest physical address.
+        addr: u64,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
     },
     /// Reading or writing the stream failed.
     #[error("RAM stream I/O error: {0}")]
@@ -263,6 +290,12 @@ pub struct RamWriter<W: Write> {
     chain: crc32fast::Hasher,
     stats: RamStats,
     buf: Vec<u8>,
+    /// Scratch list of data and hole extents.
+    extents: Vec<holes::Extent>,
+    /// Where the memory's file is known to hold data.
+    known_data: holes::KnownData,
+    /// Bare records ([`Self::bare`]): no header, record CRCs or END.
+    bare: bool,
 }
 
 impl<W: Write> RamWriter<W> {
@@ -281,6 +314,26 @@ impl<W: Write> RamWriter<W> {
                 ..RamStats::default()
             },
             buf: Vec::new(),
+            extents: Vec::new(),
+            known_data: None,
+            bare: false,
+        })
+    }
+
+    /// A writer of bare records for `layout`: DATA and ZERO records without their CRC, no
+    /// header, and no END ([`Self::finish`] only flushes). For a container that checksums and
+    /// counts the records itself (a migration RAM frame); [`RamSliceReader::bare`] reads them.
+    pub fn bare(out: W, layout: &[(u64, u64)]) -> Result<Self> {
+        validate_layout(layout).map_err(RamStreamError::InvalidLayout)?;
+        Ok(Self {
+            out,
+            layout: layout.to_vec(),
+            chain: crc32fast::Hasher::new(),
+            stats: RamStats::default(),
+            buf: Vec::new(),
+            extents: Vec::new(),
+            known_data: None,
+            bare: true,
         })
     }
 
@@ -311,6 +364,13 @@ impl<W: Write> RamWriter<W> {
     }
 
     fn emit(&mut self, head: &[u8], data: &[u8]) -> Result<()> {
+        if self.bare {
+            self.out.write_all(head)?;
+            self.out.write_all(data)?;
+            self.stats.records += 1;
+            self.stats.stream_bytes += (head.len() + data.len()) as u64;
+            return Ok(());
+        }
         let mut crc = crc32fast::Hasher::new();
         crc.update(head);
         crc.update(data);
@@ -351,7 +411,8 @@ impl<W: Write> RamWriter<W> {
 
     /// Send the pages of `ranges` ((guest address, length), each widened to whole pages and
     /// inside one RAM region) from `mem`; all-zero pages are skipped or sent as ZERO records.
-    /// Returns the counts of this call.
+    /// Holes of the file behind the memory count as zero pages and are not read (see the module
+    /// doc). Returns the counts of this call.
     pub fn write_ranges<M, I>(&mut self, mem: &M, ranges: I, zeros: ZeroPages) -> Result<RamStats>
     where
         M: GuestMemoryBackend,
@@ -359,23 +420,32 @@ impl<W: Write> RamWriter<W> {
     {
         check_mem_layout(mem, &self.layout)?;
         let before = self.stats;
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.resize(MAX_RECORD_BYTES, 0);
-        let result = ranges
-            .into_iter()
-            .try_for_each(|(gpa, len)| self.write_range(mem, gpa, len, zeros, &mut buf));
-        self.buf = buf;
-        result?;
+        for (gpa, len) in ranges {
+            self.each_chunk(mem, gpa, len, zeros, &mut |w: &mut Self, at, n| {
+                let mut buf = std::mem::take(&mut w.buf);
+                buf.resize(MAX_RECORD_BYTES, 0);
+                let chunk = &mut buf[..n];
+                let read = mem
+                    .read_slice(chunk, GuestAddress(at))
+                    .map_err(|source| RamStreamError::GuestMemory { addr: at, source });
+                let result = read.and_then(|()| w.write_chunk(at, chunk, zeros));
+                w.buf = buf;
+                result
+            })?;
+        }
         Ok(self.stats.since(&before))
     }
 
-    fn write_range<M: GuestMemoryBackend>(
+    /// Widen `gpa..gpa + len` to whole pages, check it lies inside one region, account for its
+    /// holes (skipped or ZERO records) and hand every data chunk (at most one record's worth)
+    /// to `chunk` as (guest address, bytes).
+    fn each_chunk<M: GuestMemoryBackend>(
         &mut self,
         mem: &M,
         gpa: u64,
         len: u64,
         zeros: ZeroPages,
-        buf: &mut [u8],
+        chunk: &mut dyn FnMut(&mut Self, u64, usize) -> Result<()>,
     ) -> Result<()> {
         if len == 0 {
             return Ok(());
@@ -393,15 +463,49 @@ impl<W: Write> RamWriter<W> {
                 reason: "not inside one RAM region",
             });
         };
-        let mut at = start;
-        while at < end {
-            // At most MAX_RECORD_BYTES: fits in usize.
-            let n = (end - at).min(MAX_RECORD_BYTES as u64) as usize;
-            let chunk = &mut buf[..n];
-            mem.read_slice(chunk, GuestAddress(at))
-                .map_err(|source| RamStreamError::GuestMemory { addr: at, source })?;
-            self.write_chunk(at, chunk, zeros)?;
-            at += n as u64;
+        let mut extents = std::mem::take(&mut self.extents);
+        holes::extents(mem, start, end - start, &mut self.known_data, &mut extents);
+        let result = extents.iter().try_for_each(|&(at, len, hole)| {
+            if hole {
+                return self.write_hole(at, len, zeros);
+            }
+            let mut at = at;
+            let end = at + len;
+            while at < end {
+                // At most MAX_RECORD_BYTES: fits in usize.
+                let n = (end - at).min(MAX_RECORD_BYTES as u64) as usize;
+                chunk(self, at, n)?;
+                at += n as u64;
+            }
+            Ok(())
+        });
+        self.extents = extents;
+        result
+    }
+
+    /// What this writer learnt of where the memory's file holds data, for a writer that carries
+    /// on with the same memory ([`Self::learn_data`]).
+    pub(crate) fn known_data(&self) -> holes::KnownData {
+        self.known_data
+    }
+
+    /// Start from what another writer learnt ([`Self::known_data`]) about the same memory.
+    pub(crate) fn learn_data(&mut self, known: holes::KnownData) {
+        self.known_data = known;
+    }
+
+    /// Zero pages known without reading them (a hole of the memory's file).
+    fn write_hole(&mut self, gpa: u64, len: u64, zeros: ZeroPages) -> Result<()> {
+        if zeros == ZeroPages::Skip {
+            self.stats.skipped_zero_pages += len / PAGE_SIZE;
+            return Ok(());
+        }
+        let mut at = gpa;
+        while at < gpa + len {
+            let pages = ((gpa + len - at) / PAGE_SIZE).min(u64::from(MAX_RECORD_PAGES));
+            // pages <= MAX_RECORD_PAGES: fits in u32.
+            self.write_zero(at, pages as u32)?;
+            at += pages * PAGE_SIZE;
         }
         Ok(())
     }
@@ -427,8 +531,12 @@ impl<W: Write> RamWriter<W> {
         Ok(())
     }
 
-    /// Write END and flush; returns the writer and the totals.
+    /// Write END (not for bare records) and flush; returns the writer and the totals.
     pub fn finish(mut self) -> Result<(W, RamStats)> {
+        if self.bare {
+            self.out.flush()?;
+            return Ok((self.out, self.stats));
+        }
         let mut head = [0u8; END_HEAD];
         head[0] = TAG_END;
         head[1..9].copy_from_slice(&(self.stats.data_pages + self.stats.zero_pages).to_le_bytes());
@@ -440,6 +548,75 @@ impl<W: Write> RamWriter<W> {
         self.out.flush()?;
         self.stats.stream_bytes += (END_HEAD + 4) as u64;
         Ok((self.out, self.stats))
+    }
+}
+
+impl RamWriter<Vec<u8>> {
+    /// [`Self::write_ranges`] into the output buffer, reading guest memory straight into it:
+    /// a chunk of non-zero pages becomes a DATA record where it was read, without another copy
+    /// (chunks that mix zero and non-zero pages take the ordinary way).
+    pub fn append_ranges<M, I>(&mut self, mem: &M, ranges: I, zeros: ZeroPages) -> Result<RamStats>
+    where
+        M: GuestMemoryBackend,
+        I: IntoIterator<Item = (u64, u64)>,
+    {
+        check_mem_layout(mem, &self.layout)?;
+        let before = self.stats;
+        for (gpa, len) in ranges {
+            self.each_chunk(mem, gpa, len, zeros, &mut |w: &mut Self, at, n| {
+                w.append_chunk(mem, at, n, zeros)
+            })?;
+        }
+        Ok(self.stats.since(&before))
+    }
+
+    fn append_chunk<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        gpa: u64,
+        n: usize,
+        zeros: ZeroPages,
+    ) -> Result<()> {
+        let pages = self.check_record(gpa, n as u64)?;
+        let slice = mem
+            .get_slice(GuestAddress(gpa), n)
+            .map_err(|source| RamStreamError::GuestMemory { addr: gpa, source })?;
+        let base = self.out.len();
+        let data_at = base + RECORD_HEAD;
+        self.out.reserve(RECORD_HEAD + n + 4);
+        self.out
+            .extend_from_slice(&Self::record_head(TAG_DATA, gpa, pages));
+        let guard = slice.ptr_guard();
+        // SAFETY: `reserve` left room for `n` more bytes after `data_at` (the buffer's length);
+        // the source is `n` bytes of mapped guest memory (`get_slice` checked the range), which
+        // is not the heap buffer, so they do not overlap; the copy initialises exactly the bytes
+        // `set_len` then adds. The guest may write its memory meanwhile: the copy may then hold
+        // a mix of old and new bytes, which the dirty log has the page sent again for.
+        unsafe {
+            std::ptr::copy_nonoverlapping(guard.as_ptr(), self.out.as_mut_ptr().add(data_at), n);
+            self.out.set_len(data_at + n);
+        }
+        if self.out[data_at..].chunks(PAGE).all(|p| !is_zero(p)) {
+            let mut len = RECORD_HEAD + n;
+            if !self.bare {
+                let crc = crc32fast::hash(&self.out[base..]).to_le_bytes();
+                self.out.extend_from_slice(&crc);
+                self.chain.update(&crc);
+                len += crc.len();
+            }
+            self.stats.records += 1;
+            self.stats.stream_bytes += len as u64;
+            self.stats.data_pages += u64::from(pages);
+            return Ok(());
+        }
+        // Zero pages among them: move the chunk aside and write its runs.
+        let mut chunk = std::mem::take(&mut self.buf);
+        chunk.clear();
+        chunk.extend_from_slice(&self.out[data_at..]);
+        self.out.truncate(base);
+        let result = self.write_chunk(gpa, &chunk, zeros);
+        self.buf = chunk;
+        result
     }
 }
 
@@ -710,21 +887,7 @@ pub fn apply_record<M: GuestMemoryBackend>(
     record: &RamRecord<'_>,
     target_zeroed: bool,
 ) -> Result<u64> {
-    let write = |buf: &[u8], addr: u64| {
-        mem.write_slice(buf, GuestAddress(addr))
-            .map_err(|source| RamStreamError::GuestMemory { addr, source })
-    };
-    match *record {
-        RamRecord::Data { gpa, data } => write(data, gpa).map(|()| 0),
-        RamRecord::Zero { pages, .. } if target_zeroed => Ok(u64::from(pages)),
-        RamRecord::Zero { gpa, pages } => {
-            for page in 0..u64::from(pages) {
-                write(&ZERO_PAGE, gpa + page * PAGE_SIZE)?;
-            }
-            Ok(0)
-        }
-        RamRecord::End { .. } => Ok(0),
-    }
+    apply_record_via(mem, record, target_zeroed, false)
 }
 
 /// A full RAM stream of `mem` (all regions, zero pages skipped) to `out`; for snapshots.
@@ -781,3 +944,5 @@ pub fn restore_memory_image<M: GuestMemoryBackend, R: Read + Seek>(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_file;

@@ -24,3 +24,48 @@ pub(crate) fn contents<M: GuestMemoryBackend>(m: &M) -> Vec<u8> {
     }
     all
 }
+
+/// Guest memory as skiff has it: the regions are shared mappings of one tmpfs file (a memfd in
+/// skiff), at successive offsets. Returns the memory and the file.
+pub(crate) fn file_mem<B: NewBitmap>(layout: &[(u64, u64)]) -> (GuestMemoryMmap<B>, std::fs::File) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = std::path::Path::new("/dev/shm");
+    let dir = if dir.is_dir() {
+        dir.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let path = dir.join(format!(
+        "skiff-migration-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    file.set_len(layout.iter().map(|&(_, l)| l).sum()).unwrap();
+    let mut offset = 0;
+    let ranges: Vec<_> = layout
+        .iter()
+        .map(|&(a, l)| {
+            let fo = vm_memory::FileOffset::new(file.try_clone().unwrap(), offset);
+            offset += l;
+            (GuestAddress(a), l as usize, Some(fo))
+        })
+        .collect();
+    (
+        GuestMemoryMmap::from_ranges_with_files(&ranges).unwrap(),
+        file,
+    )
+}
+
+/// Bytes of `file` the filesystem holds (its holes excluded).
+pub(crate) fn allocated_bytes(file: &std::fs::File) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().unwrap().blocks() * 512
+}

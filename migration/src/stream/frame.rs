@@ -1,10 +1,12 @@
 //! The frame layer: the stream start, and frames with their CRCs and the running chain.
 //!
 //! A frame's CRC starts with its index in the stream (u64 LE, not sent; the first frame after
-//! the start is 0), then covers kind, length and payload. The index matters: RAM records carry
-//! their own CRC, and a CRC32 run over data followed by that data's CRC32 ends in the same state
-//! whatever the data, so two RAM frames with records of the same shape would otherwise have the
-//! same frame CRC, and swapping them would change neither the frame CRCs nor their chain.
+//! the start is 0), then covers kind, length and payload. The index matters: two frames with
+//! the same bytes (a page sent twice, an empty chunk) would otherwise have the same CRC, and
+//! swapping or repeating them would change neither the frame CRCs nor their chain. (In protocol
+//! version 1, RAM records carried their own CRC, and a CRC32 run over data followed by that
+//! data's CRC32 ends in the same state whatever the data: any two RAM frames with records of
+//! the same shape had the same CRC.)
 
 use std::io::{Read, Write};
 
@@ -97,6 +99,35 @@ impl<W: Write> FrameOut<W> {
         self.totals.add(crc, len);
         Ok(())
     }
+}
+
+/// How much a payload buffer grows at a time beyond what it held before.
+const GROW_STEP: usize = 1 << 20;
+
+/// Read `len` bytes into `payload` (resized to what was read); returns how many arrived (fewer
+/// when the input ended). The buffer's old contents are overwritten in place (a recycled
+/// buffer is neither cleared nor zeroed again), and it grows [`GROW_STEP`] at a time, with the
+/// data actually present: a lying length in a short stream costs little.
+fn read_payload<R: Read>(
+    input: &mut R,
+    payload: &mut Vec<u8>,
+    len: usize,
+) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < len {
+        let end = payload.len().min(len);
+        if filled == end {
+            payload.resize(filled + (len - filled).min(GROW_STEP), 0);
+            continue;
+        }
+        let got = read_up_to(input, &mut payload[filled..end])?;
+        filled += got;
+        if filled < end {
+            break;
+        }
+    }
+    payload.truncate(filled);
+    Ok(filled)
 }
 
 /// One frame read and checked: its kind, payload, the stream offset it started at and its CRC.
@@ -194,12 +225,8 @@ impl<R: Read> FrameIn<R> {
                 max: MAX_FRAME_LEN,
             });
         }
-        // Grow with the data actually present: a lying length in a short stream costs nothing.
         let mut payload = self.spare.take().unwrap_or_default();
-        payload.clear();
-        let read = (&mut self.input)
-            .take(u64::from(len))
-            .read_to_end(&mut payload)?;
+        let read = read_payload(&mut self.input, &mut payload, len as usize)?;
         if read < len as usize {
             return Err(StreamError::Truncated {
                 offset: offset + 5 + read as u64,

@@ -118,7 +118,8 @@ pub struct RamFrame {
 }
 
 impl RamFrame {
-    /// A frame of `records` ([`crate::ram`] DATA/ZERO records then END) carrying `pages` pages.
+    /// A frame of `records` (bare [`crate::ram`] DATA/ZERO records, see
+    /// [`crate::ram::RamWriter::bare`]) carrying `pages` pages.
     pub fn new(iteration: u32, pages: u32, records: &[u8]) -> Self {
         let mut payload = Vec::with_capacity(RAM_HEAD + records.len());
         payload.extend_from_slice(&iteration.to_le_bytes());
@@ -143,7 +144,7 @@ impl RamFrame {
         })
     }
 
-    /// The RAM records: DATA/ZERO records then END, as [`crate::ram::RamWriter`] writes them.
+    /// The RAM records: bare DATA/ZERO records, as [`crate::ram::RamWriter::bare`] writes them.
     pub fn records(&self) -> &[u8] {
         &self.payload[RAM_HEAD..]
     }

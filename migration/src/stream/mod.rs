@@ -20,7 +20,7 @@
 //! |---|---|---|
 //! | HELLO | → | protocol version, software, features, connection index and count |
 //! | CONFIG | → | VM configuration (opaque JSON), host record `(name, value)`, RAM layout, devices |
-//! | RAM | → | iteration u32, pages u32, then [`crate::ram`] records (DATA/ZERO…, END) |
+//! | RAM | → | iteration u32, pages u32, then bare [`crate::ram`] records (see below) |
 //! | DEVICE_PRECOPY | → | component id, an opaque chunk of its pre-copy state |
 //! | STATE | → | state sections in the [`crate::snapshot`] file format |
 //! | ITERATION_END | → | iteration u32, pages this connection carried in it u64 |
@@ -28,6 +28,11 @@
 //! | ABORT | → | reason |
 //! | ACCEPT / REFUSE | ← | — / reason (the answer to CONFIG) |
 //! | RESUMED / FAILED | ← | — / reason (the target's final answer) |
+//!
+//! A RAM frame's records are [`crate::ram`] DATA (`'D'` | guest address u64 | pages u32 | the
+//! pages) and ZERO (`'Z'` | guest address u64 | pages u32) records without their own CRC and
+//! without END ([`crate::ram::RamWriter::bare`]): the frame CRC covers them, the header's page
+//! count must match theirs, and they must fill the payload exactly.
 //!
 //! Strings are a u32 length and UTF-8 bytes, lists a u32 count and their items ([`crate::codec`]).
 //! COMPLETE counts the frames and bytes before it and carries `chain`, the CRC32 of the CRCs (u32
@@ -95,7 +100,10 @@ pub const MIGRATION_MAGIC: [u8; 8] = *b"SKIFFMIG";
 /// The first eight bytes of a reply stream (target → source).
 pub const REPLY_MAGIC: [u8; 8] = *b"SKIFFRPL";
 /// The protocol version this build writes and reads.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// Version 2: RAM frames carry bare records (no per-record CRC, no END record); the frame CRC,
+/// which covers every byte of the payload, is their checksum.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The largest frame payload accepted (16 MiB).
 pub const MAX_FRAME_LEN: u32 = 16 << 20;
 /// The highest iteration number (iterations are 0..=254).

@@ -1,15 +1,15 @@
 //! RAM frames: building them from guest memory, and applying them without ever putting an older
 //! copy of a page over a newer one.
 
-use std::io::Read;
-
 use vm_memory::GuestMemoryBackend;
 
 use super::message::{RamFrame, RAM_HEAD};
 use super::{Result, StreamError, MAX_ITERATION};
 use crate::dirty::validate_layout;
-use crate::memory_file::{read_up_to, PAGE_SIZE};
-use crate::ram::{apply_record, RamReader, RamRecord, RamStats, RamStreamError, RamWriter};
+use crate::memory_file::PAGE_SIZE;
+use crate::ram::{
+    apply_record_via, RamRecord, RamSliceReader, RamStats, RamStreamError, RamWriter,
+};
 
 const PAGE: usize = PAGE_SIZE as usize;
 
@@ -60,9 +60,9 @@ pub(crate) fn page_pieces(
     )
 }
 
-/// Records of one RAM frame being built: a [`RamWriter`] over the frame payload, whose RAM header
-/// was dropped (the receiver knows the layout) and whose first [`RAM_HEAD`] bytes are filled at
-/// the end.
+/// Records of one RAM frame being built: a [`RamWriter::bare`] over the frame payload (no RAM
+/// stream header, record CRCs or END: the frame's CRC covers the records, its header counts
+/// their pages), whose first [`RAM_HEAD`] bytes are filled at the end.
 #[derive(Debug)]
 pub(crate) struct RamBatch {
     writer: RamWriter<Vec<u8>>,
@@ -79,9 +79,9 @@ impl RamBatch {
         buf.clear();
         buf.reserve(capacity);
         buf.resize(RAM_HEAD, 0);
-        let mut writer = RamWriter::new(buf, layout)?;
-        writer.get_mut().truncate(RAM_HEAD);
-        Ok(Self { writer })
+        Ok(Self {
+            writer: RamWriter::bare(buf, layout)?,
+        })
     }
 
     /// The writer, to add records.
@@ -99,7 +99,7 @@ impl RamBatch {
         self.writer.stats().records
     }
 
-    /// Close the records with END and fill the header: the frame payload and its counts.
+    /// Fill the header: the frame payload and its counts.
     pub fn finish(
         self,
         iteration: u32,
@@ -227,27 +227,31 @@ pub struct ApplyStats {
 #[derive(Debug)]
 pub struct RamApplier {
     layout: Vec<(u64, u64)>,
-    /// A RAM stream header for `layout`: the frames carry records only.
-    header: Vec<u8>,
     versions: PageVersions,
     stats: ApplyStats,
-    /// The record buffer of the last frame's reader, for the next one.
-    record_buf: Vec<u8>,
+    /// Write pages through the guest memory's backing file (see [`Self::write_through_files`]).
+    via_file: bool,
 }
 
 impl RamApplier {
     /// An applier for guest RAM with `layout` (the layout CONFIG announced and the target has).
     pub fn new(layout: &[(u64, u64)]) -> std::result::Result<Self, RamStreamError> {
         let versions = PageVersions::new(layout)?;
-        let mut writer = RamWriter::new(Vec::new(), layout)?;
-        let header = std::mem::take(writer.get_mut());
         Ok(Self {
             layout: layout.to_vec(),
-            header,
             versions,
             stats: ApplyStats::default(),
-            record_buf: Vec::new(),
+            via_file: false,
         })
+    }
+
+    /// Write pages through the file behind each file-backed region of guest memory (`pwrite`)
+    /// instead of through its mapping. On a fresh memfd this spares the kernel zeroing every
+    /// page it allocates before the page's data overwrites it — the biggest cost of receiving
+    /// RAM. Only for memory whose file-backed regions are shared mappings that no vCPU runs on
+    /// yet (a migration target's RAM); such writes bypass the guest memory's dirty bitmap.
+    pub fn write_through_files(&mut self, on: bool) {
+        self.via_file = on;
     }
 
     /// The page versions so far.
@@ -260,8 +264,8 @@ impl RamApplier {
         self.stats
     }
 
-    /// Check `frame`'s records (CRCs, bounds, END's counts, the page count in its header) and
-    /// write every page not stale to `mem`. Pages written before an error stay written.
+    /// Check `frame`'s records (bounds, the page count in its header; the frame's CRC covered
+    /// their bytes) and write every page not stale to `mem`. Pages written before an error stay written.
     pub fn apply<M: GuestMemoryBackend>(
         &mut self,
         mem: &M,
@@ -275,15 +279,14 @@ impl RamApplier {
             });
         }
         let ram = |source| StreamError::Ram { iteration, source };
-        let input = self.header.as_slice().chain(frame.records());
-        let buf = std::mem::take(&mut self.record_buf);
-        let mut reader = RamReader::with_buffer(input, &self.layout, buf).map_err(ram)?;
+        // Offsets in errors count from the start of the frame payload.
+        let mut reader = RamSliceReader::bare(frame.records(), &self.layout, RAM_HEAD as u64);
         let mut stats = ApplyStats {
             frames: 1,
             ..ApplyStats::default()
         };
         loop {
-            let record = reader.read_record().map_err(ram)?;
+            let record = reader.next_record().map_err(ram)?;
             let (gpa, pages) = match record {
                 RamRecord::End { pages, .. } => {
                     if pages != u64::from(frame.pages) {
@@ -314,19 +317,11 @@ impl RamApplier {
                         pages: n as u32,
                     },
                 };
-                apply_record(mem, &part, false).map_err(ram)?;
+                apply_record_via(mem, &part, false, self.via_file).map_err(ram)?;
                 self.versions.mark_applied(run_gpa, n, iteration);
                 stats.applied_pages += n;
             }
             stats.stale_pages += pages - runs.iter().map(|&(_, n)| n).sum::<u64>();
-        }
-        let (mut rest, buf) = reader.into_parts();
-        self.record_buf = buf;
-        if read_up_to(&mut rest, &mut [0u8; 1]).map_err(|e| ram(e.into()))? != 0 {
-            return Err(StreamError::RamFrame {
-                iteration,
-                reason: "bytes after the END record".into(),
-            });
         }
         self.stats.frames += 1;
         self.stats.applied_pages += stats.applied_pages;

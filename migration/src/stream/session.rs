@@ -206,14 +206,15 @@ impl<W: Write> MigrationSender<W> {
             for (at, n) in pieces {
                 let stats = batch
                     .writer()
-                    .write_ranges(mem, [(at, n)], zeros)
+                    .append_ranges(mem, [(at, n)], zeros)
                     .map_err(ram)?;
                 total.skipped_zero_pages += stats.skipped_zero_pages;
                 if batch.len() >= self.ram_frame_bytes {
-                    let full = std::mem::replace(
-                        &mut batch,
-                        RamBatch::new(&layout, self.spare_payload(), capacity).map_err(ram)?,
-                    );
+                    let mut next =
+                        RamBatch::new(&layout, self.spare_payload(), capacity).map_err(ram)?;
+                    let known = batch.writer().known_data();
+                    next.writer().learn_data(known);
+                    let full = std::mem::replace(&mut batch, next);
                     self.flush_batch(full, &mut total)?;
                 }
             }

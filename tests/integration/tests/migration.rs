@@ -177,12 +177,14 @@ fn dirtying_guest_loses_no_page_at_three_rates() {
 #[test]
 fn failed_migrations_leave_the_source_running() {
     let dir = temp_dir("migration-fail");
+    // 8 MiB of data (the rest of RAM is never written: holes the source skips without reading)
+    // at 8 Mbit/s: the transfers below last about 8 s, long enough to be interrupted at 2 s.
     let (src, serial) = Node::guest(
         &dir,
         "src",
         None,
         "size=512M",
-        "scenario=counter counter.every=1",
+        "scenario=counter counter.every=1 counter.fill_mb=8",
     );
     wait_for_counter(&serial, 3);
     let still_running = |what: &str| {
@@ -220,7 +222,7 @@ fn failed_migrations_leave_the_source_running() {
             std::process::Command::new(skiff_remote_bin())
                 .arg("--api-socket")
                 .arg(&api)
-                .args(["send-migration", &url, "--bandwidth-mbps", "40"])
+                .args(["send-migration", &url, "--bandwidth-mbps", "8"])
                 .output()
                 .expect("skiff-remote")
         })
@@ -241,13 +243,8 @@ fn failed_migrations_leave_the_source_running() {
     let url = format!("unix:{}", dir.join("m3.sock").display());
     let (code, _, _) = slow.remote(&["receive-migration", &url]);
     assert_eq!(code, Some(0));
-    let (code, out, err) = src.remote(&[
-        "send-migration",
-        &url,
-        "--bandwidth-mbps",
-        "40",
-        "--no-wait",
-    ]);
+    let (code, out, err) =
+        src.remote(&["send-migration", &url, "--bandwidth-mbps", "8", "--no-wait"]);
     assert_eq!(code, Some(0), "{out}{err}");
     std::thread::sleep(Duration::from_secs(2));
     let (code, out, err) = src.remote(&["migration-cancel"]);
@@ -407,25 +404,21 @@ fn a_cut_link_leaves_the_source_running() {
         Err(why) => return skip_or_fail("SKIFF_SKIP_NETNS", &why),
     };
     let dir = temp_dir("migration-cut");
+    // 8 MiB of data at 8 Mbit/s: the transfer lasts about 8 s, and is cut at 2 s.
     let (src, serial) = Node::guest(
         &dir,
         "src",
         Some(&hosts.a),
         "size=512M",
-        "scenario=counter counter.every=1",
+        "scenario=counter counter.every=1 counter.fill_mb=8",
     );
     let dst = Node::start(&dir, "dst", Some(&hosts.b), &[]);
     wait_for_counter(&serial, 3);
     let url = format!("tcp:{}:6002", TwoHosts::B_ADDR);
     let (code, _, _) = dst.remote(&["receive-migration", &url]);
     assert_eq!(code, Some(0));
-    let (code, out, err) = src.remote(&[
-        "send-migration",
-        &url,
-        "--bandwidth-mbps",
-        "40",
-        "--no-wait",
-    ]);
+    let (code, out, err) =
+        src.remote(&["send-migration", &url, "--bandwidth-mbps", "8", "--no-wait"]);
     assert_eq!(code, Some(0), "{out}{err}");
     std::thread::sleep(Duration::from_secs(2));
     hosts.cut();

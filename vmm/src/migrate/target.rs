@@ -118,10 +118,12 @@ fn load(
     rx0: MigrationReceiver<Conn>,
     others: Vec<MigrationReceiver<Conn>>,
 ) -> Result<Vec<StateSection>, MigrateError> {
-    let applier = Mutex::new(
-        RamApplier::new(&vm.ram_layout())
-            .map_err(|e| MigrateError::Unexpected(format!("RAM layout: {e}")))?,
-    );
+    let mut applier = RamApplier::new(&vm.ram_layout())
+        .map_err(|e| MigrateError::Unexpected(format!("RAM layout: {e}")))?;
+    // Guest RAM is a shared mapping of a memfd and no vCPU runs yet: pages go in through the
+    // file, which spares the kernel zeroing each page before its data overwrites it.
+    applier.write_through_files(true);
+    let applier = Mutex::new(applier);
     let mem = vm.memory();
     let drain =
         |mut rx: MigrationReceiver<Conn>| -> Result<Option<Vec<StateSection>>, MigrateError> {

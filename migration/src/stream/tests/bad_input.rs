@@ -160,23 +160,24 @@ fn wrong_magic_and_version() {
     let err = run(&bad).unwrap_err();
     assert!(matches!(err, StreamError::BadMagic { .. }), "{err}");
     assert!(err.to_string().starts_with("not a skiff migration stream"));
-    let mut bad = stream.clone();
-    bad[8..12].copy_from_slice(&2u32.to_le_bytes());
-    let err = run(&bad).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StreamError::UnsupportedVersion {
-                found: 2,
-                supported: 1
-            }
-        ),
-        "{err}"
-    );
-    assert_eq!(
-        err.to_string(),
-        "migration protocol version 2; this build speaks version 1"
-    );
+    // A peer of the previous version (RAM records with their own CRCs and END) is refused.
+    for other in [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
+        let mut bad = stream.clone();
+        bad[8..12].copy_from_slice(&other.to_le_bytes());
+        let err = run(&bad).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StreamError::UnsupportedVersion { found, supported }
+                    if found == other && supported == PROTOCOL_VERSION
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("migration protocol version {other}; this build speaks version 2")
+        );
+    }
 }
 
 #[test]
@@ -266,8 +267,8 @@ fn sequencing_rules() {
     sequence_error(&twice, "a second CONFIG");
     // A HELLO announcing another version.
     let mut v2 = frames.clone();
-    v2[0].1[..4].copy_from_slice(&2u32.to_le_bytes());
-    sequence_error(&v2, "HELLO announces version 2");
+    v2[0].1[..4].copy_from_slice(&1u32.to_le_bytes());
+    sequence_error(&v2, "HELLO announces version 1");
     // A second connection may carry only RAM.
     let mut second = frames.clone();
     second[0].1 = hello(1, 2).encode().unwrap();
@@ -352,16 +353,17 @@ fn hostile_payloads_are_malformed_not_panics() {
     let frame = RamFrame::new(300, 0, &[]);
     let err = applier.apply(&target, &frame).unwrap_err();
     assert!(err.to_string().contains("numbered 0 to 254"), "{err}");
-    // A RAM record outside the RAM layout, with correct CRCs all the way.
+    // An empty frame applies nothing; one whose header counts pages it does not carry is refused.
+    let stats = applier.apply(&target, &RamFrame::new(0, 0, &[])).unwrap();
+    assert_eq!(stats.applied_pages, 0);
     let err = applier
-        .apply(&target, &RamFrame::new(0, 0, &[]))
+        .apply(&target, &RamFrame::new(0, 1, &[]))
         .unwrap_err();
-    assert!(matches!(err, StreamError::Ram { .. }), "{err}");
+    assert!(err.to_string().contains("the header announces"), "{err}");
+    // A RAM record outside the RAM layout (the frame's CRC, checked before, would be right).
     let mut rec = vec![crate::ram::TAG_ZERO];
     rec.extend_from_slice(&(3 * MIB).to_le_bytes());
     rec.extend_from_slice(&1u32.to_le_bytes());
-    let crc = crc32fast::hash(&rec);
-    rec.extend_from_slice(&crc.to_le_bytes());
     let err = applier
         .apply(&target, &RamFrame::new(0, 1, &rec))
         .unwrap_err();
@@ -369,6 +371,22 @@ fn hostile_payloads_are_malformed_not_panics() {
         err.to_string().contains("not inside one RAM region"),
         "{err}"
     );
+    // A record cut short, an unknown tag, and an END (not part of a version 2 frame).
+    let mut data = vec![crate::ram::TAG_DATA];
+    data.extend_from_slice(&0u64.to_le_bytes());
+    data.extend_from_slice(&1u32.to_le_bytes());
+    data.extend_from_slice(&[7u8; 100]);
+    let err = applier
+        .apply(&target, &RamFrame::new(0, 1, &data))
+        .unwrap_err();
+    assert!(matches!(err, StreamError::Ram { .. }), "{err}");
+    assert!(err.to_string().contains("truncated"), "{err}");
+    for tag in [b'X', crate::ram::TAG_END] {
+        let err = applier
+            .apply(&target, &RamFrame::new(0, 0, &[tag; 30]))
+            .unwrap_err();
+        assert!(err.to_string().contains("unknown record tag"), "{err}");
+    }
     // A STATE frame that is not a state file.
     let s = frames
         .iter()

@@ -3,7 +3,7 @@
 use super::*;
 
 fn ram_frame() -> RamFrame {
-    // Records as RamWriter writes them: one DATA page, one ZERO page, END.
+    // Bare records as RamWriter::bare writes them: one DATA page, one ZERO page.
     let source = small_source();
     let mut tx = MigrationSender::new(Vec::new()).unwrap();
     tx.send(&hello(0, 1)).unwrap();
