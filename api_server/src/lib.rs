@@ -20,8 +20,8 @@ pub mod server;
 pub use action::{ApiAction, ApiError, ApiReply, ApiRequest, ApiResponse, Responder};
 pub use client::{ApiClient, ClientError};
 pub use migration::{
-    DeviceOverride, MigrationPhase, MigrationProgress, MigrationUrl, ReceiveMigrationRequest,
-    SendMigrationRequest,
+    DeviceOverride, MigrationPhase, MigrationProgress, MigrationTls, MigrationUrl,
+    ReceiveMigrationRequest, SendMigrationRequest,
 };
 pub use models::{
     ApiErrorBody, Counters, DeviceInfo, PingResponse, RestoreRequest, SnapshotRequest, VmInfo,

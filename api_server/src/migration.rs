@@ -245,6 +245,9 @@ pub struct SendMigrationRequest {
     /// whatever the expected downtime; no limit when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_iterations: Option<u32>,
+    /// Mutually authenticated TLS on every connection (`tcp:` only); plain when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MigrationTls>,
 }
 
 impl SendMigrationRequest {
@@ -257,6 +260,7 @@ impl SendMigrationRequest {
             local: false,
             bandwidth_limit_mbps: None,
             max_iterations: None,
+            tls: None,
         }
     }
 
@@ -293,6 +297,9 @@ impl SendMigrationRequest {
                     "max_iterations: {n} is out of range (1 to {MAX_ITERATIONS}; leave it out for no limit)"
                 ));
             }
+        }
+        if let Some(t) = &self.tls {
+            t.validate(&self.destination_url)?;
         }
         Ok(())
     }
@@ -346,6 +353,41 @@ pub struct ReceiveMigrationRequest {
     /// Device id → the host-local resources that differ on this host.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub overrides: BTreeMap<String, DeviceOverride>,
+    /// Mutually authenticated TLS: sources without a certificate from the CA are refused
+    /// before any state is read (`tcp:` only); plain when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MigrationTls>,
+}
+
+/// Mutually authenticated TLS for a migration (`tls` in both requests): this side's certificate
+/// chain and key, and the CA a peer's certificate must chain to (PEM files).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationTls {
+    /// This side's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// This side's private key (PEM).
+    pub key: PathBuf,
+    /// The CA certificates (PEM) a peer's certificate must chain to.
+    pub ca: PathBuf,
+}
+
+impl MigrationTls {
+    /// Check the paths are absolute and the URL is TCP (TLS runs over TCP only).
+    pub fn validate(&self, url: &MigrationUrl) -> Result<(), String> {
+        if !matches!(url, MigrationUrl::Tcp { .. }) {
+            return Err("tls: only with a tcp: URL".into());
+        }
+        for (name, p) in [("cert", &self.cert), ("key", &self.key), ("ca", &self.ca)] {
+            if !p.is_absolute() {
+                return Err(format!(
+                    "tls.{name}: {} is not an absolute path",
+                    p.display()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn is_device_id(id: &str) -> bool {
@@ -361,6 +403,7 @@ impl ReceiveMigrationRequest {
         Self {
             receiver_url,
             overrides: BTreeMap::new(),
+            tls: None,
         }
     }
 
@@ -368,6 +411,9 @@ impl ReceiveMigrationRequest {
     /// exist is only known once the VM's configuration arrives: see
     /// [`ReceiveMigrationRequest::apply_overrides`].
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(t) = &self.tls {
+            t.validate(&self.receiver_url)?;
+        }
         for (id, o) in &self.overrides {
             if !is_device_id(id) {
                 return Err(format!(

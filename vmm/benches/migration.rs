@@ -38,7 +38,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use api_server::migration::{
-    MigrationPhase, MigrationProgress, MigrationUrl, ReceiveMigrationRequest, SendMigrationRequest,
+    MigrationPhase, MigrationProgress, MigrationTls, MigrationUrl, ReceiveMigrationRequest,
+    SendMigrationRequest,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -140,12 +141,26 @@ impl Migration {
 
 /// Migrate `src` to `tgt` over `url`, following the source's progress until the end.
 fn migrate(src: &mut Skiff, tgt: &Skiff, url: &str, connections: u32) -> Migration {
+    migrate_tls(src, tgt, url, connections, None)
+}
+
+/// [`migrate`], with TLS when `tls` gives the (source, target) sides.
+fn migrate_tls(
+    src: &mut Skiff,
+    tgt: &Skiff,
+    url: &str,
+    connections: u32,
+    tls: Option<&(MigrationTls, MigrationTls)>,
+) -> Migration {
     let url = MigrationUrl::parse(url).expect("url");
+    let mut rx = ReceiveMigrationRequest::new(url.clone());
+    rx.tls = tls.map(|t| t.1.clone());
     tgt.client()
-        .receive_migration(&ReceiveMigrationRequest::new(url.clone()))
+        .receive_migration(&rx)
         .expect("receive-migration");
     let mut req = SendMigrationRequest::new(url);
     req.connections = connections;
+    req.tls = tls.map(|t| t.0.clone());
     let client = src.client();
     let (src_pid, tgt_pid) = (src.child.id(), tgt.child.id());
     let cpu0 = cpu_s(src_pid).zip(cpu_s(tgt_pid));
@@ -441,6 +456,79 @@ fn migrate_snapshot_beside_tcp(
     (migrate(&mut src, &tgt, &url, connections), tcp)
 }
 
+/// Certificates for a TLS migration on 127.0.0.1 (a CA, a target and a source leaf), written
+/// to `dir`; the (source, target) sides.
+fn tls_sides(dir: &Path) -> (MigrationTls, MigrationTls) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let side = |name: &str, host: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![host.to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let path = |f: &str| dir.join(format!("tls-{name}-{f}.pem"));
+        std::fs::write(path("cert"), cert.pem()).unwrap();
+        std::fs::write(path("key"), key.serialize_pem()).unwrap();
+        std::fs::write(path("ca"), &ca_pem).unwrap();
+        MigrationTls {
+            cert: path("cert"),
+            key: path("key"),
+            ca: path("ca"),
+        }
+    };
+    (side("source", "skiff-source"), side("target", "127.0.0.1"))
+}
+
+/// 1b: the idle filled guest migrated over loopback with and without TLS, one after the other,
+/// `runs` times each; pre-copy throughput and the TLS / plain ratio.
+fn tls_against_plain(dir: &Path, snap: &str, filled: u64, runs: usize) {
+    println!();
+    println!("== 1b. TLS: the same 1 GiB guest ({} MiB non-zero), loopback, 1 connection, plain and TLS in turn", filled / MIB);
+    let sides = tls_sides(dir);
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..runs {
+        for (k, tls) in [None, Some(&sides)].into_iter().enumerate() {
+            let restore = format!("source_url={snap},resume=on");
+            let tag = format!("tls{k}-{i}");
+            let mut src = Skiff::spawn(dir, &format!("{tag}-src"), None, &["--restore", &restore]);
+            wait_for("restored source running", DEADLINE, || {
+                src.client()
+                    .info()
+                    .is_ok_and(|i| format!("{:?}", i.state) == "Running")
+            });
+            let tgt = Skiff::spawn(dir, &format!("{tag}-dst"), None, &[]);
+            let url = format!("tcp:127.0.0.1:{}", free_port());
+            let m = migrate_tls(&mut src, &tgt, &url, 1, tls);
+            let name = if tls.is_some() { "TLS 1.3" } else { "plain" };
+            println!(
+                "{name:<8} pre-copy {:>7} MiB/s  total {:>6.2} s  downtime {:>4} ms  CPU usr+sys src / dst {:>21}  {}",
+                m.precopy_rate().map_or("?".into(), |r| format!("{:.0}", mib_s(r))),
+                m.total_s(),
+                m.downtime(),
+                m.cpu(),
+                m.status()
+            );
+            if let Some(r) = m.precopy_rate().filter(|_| m.ok()) {
+                rates[k].push(r);
+            }
+        }
+    }
+    if rates.iter().all(|r| !r.is_empty()) {
+        let (plain, tls) = (median(rates[0].clone()), median(rates[1].clone()));
+        println!(
+            "TLS / plain pre-copy throughput: {:.0} / {:.0} MiB/s = {:.0} % (medians of {runs})",
+            mib_s(tls),
+            mib_s(plain),
+            100.0 * tls / plain
+        );
+    }
+}
+
 /// One `dirty:` progress line's fields.
 #[derive(Debug, Clone, Copy)]
 struct DirtyLine {
@@ -675,6 +763,8 @@ fn main() {
         println!("veth between two netns: skipped ({why})");
     }
     println!("(plain TCP: median of 3 single-stream transfers of {tcp_mib} MiB on the quiet host; beside guest: one such transfer while the source guest (a spinning vCPU) runs; ratios: pre-copy against each; pre-copy: bytes sent between the source's precopy and switchover events / that time; target ratio >= 80 %; CPU: user+system seconds of the source / target process from send-migration to the end)");
+
+    tls_against_plain(dir, &snap_1g, filled_1g, runs);
 
     // ---- 2. downtime
     println!();

@@ -16,8 +16,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use api_server::{
-    ApiClient, ClientError, DeviceOverride, MigrationPhase, MigrationProgress, MigrationUrl,
-    ReceiveMigrationRequest, SendMigrationRequest,
+    ApiClient, ClientError, DeviceOverride, MigrationPhase, MigrationProgress, MigrationTls,
+    MigrationUrl, ReceiveMigrationRequest, SendMigrationRequest,
 };
 use clap::{Parser, Subcommand};
 
@@ -105,6 +105,8 @@ enum Command {
         /// Return once the migration has started instead of following it.
         #[arg(long)]
         no_wait: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Wait for a migrating VM (on a skiff started without one); returns once listening.
     ReceiveMigration {
@@ -115,11 +117,43 @@ enum Command {
         /// accel0:socket=/run/x.sock (repeatable; keys: path, tap, socket).
         #[arg(long = "override", value_name = "ID:KEY=VALUE", value_parser = parse_override)]
         overrides: Vec<Override>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Print the current (or last) migration's progress as JSON.
     MigrationProgress,
     /// Cancel the migration under way.
     MigrationCancel,
+}
+
+/// Mutually authenticated TLS for a migration: all three, or none for plain TCP.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+struct TlsArgs {
+    /// This side's certificate chain (PEM); with --tls-key and --tls-ca turns TLS on.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA certificates (PEM) the peer's certificate must chain to.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The request's `tls` field (paths made absolute: the server resolves them, not us).
+    fn to_request(&self) -> Result<Option<MigrationTls>, String> {
+        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca)
+        else {
+            return Ok(None);
+        };
+        let abs = |p: &PathBuf| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
+        Ok(Some(MigrationTls {
+            cert: abs(cert)?,
+            key: abs(key)?,
+            ca: abs(ca)?,
+        }))
+    }
 }
 
 /// One `--override ID:KEY=VALUE`.
@@ -365,6 +399,7 @@ fn run(cli: Cli) -> Result<(), String> {
             bandwidth_mbps,
             max_iterations,
             no_wait,
+            tls,
         } => {
             let mut req = SendMigrationRequest::new(url);
             if let Some(d) = downtime_ms {
@@ -376,6 +411,7 @@ fn run(cli: Cli) -> Result<(), String> {
             req.local = local;
             req.bandwidth_limit_mbps = bandwidth_mbps;
             req.max_iterations = max_iterations;
+            req.tls = tls.to_request()?;
             api(c.send_migration(&req))?;
             if no_wait {
                 return Ok(());
@@ -384,9 +420,14 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("{}", outcome(&last)?);
             Ok(())
         }
-        Command::ReceiveMigration { url, overrides } => {
+        Command::ReceiveMigration {
+            url,
+            overrides,
+            tls,
+        } => {
             let mut req = ReceiveMigrationRequest::new(url);
             req.overrides = overrides_map(&overrides)?;
+            req.tls = tls.to_request()?;
             api(c.receive_migration(&req))
         }
         Command::MigrationProgress => {

@@ -227,7 +227,10 @@ impl fmt::Display for FrameKind {
 #[derive(Debug, Error)]
 pub enum StreamError {
     /// The stream does not start with the expected magic.
-    #[error("not a skiff {expected}: it starts with {found:02x?}")]
+    #[error(
+        "not a skiff {expected}: it starts with {found:02x?}{}",
+        tls_hint(found)
+    )]
     BadMagic {
         /// What was expected.
         expected: &'static str,
@@ -355,3 +358,12 @@ pub enum StreamError {
 
 /// Result of the stream functions.
 pub type Result<T> = std::result::Result<T, StreamError>;
+
+/// A hint when bytes that should start a migration stream start a TLS record instead (content
+/// type 20..=23, version 3.x): the peer uses TLS and this side does not.
+fn tls_hint(found: &[u8]) -> &'static str {
+    match found {
+        [20..=23, 3, 0..=4, ..] => " (a TLS record: the peer uses tls, so this side needs it too)",
+        _ => "",
+    }
+}

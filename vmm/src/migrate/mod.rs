@@ -10,6 +10,7 @@
 
 pub mod source;
 pub mod target;
+pub mod tls;
 pub mod transport;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +59,9 @@ pub enum MigrateError {
     /// The configuration that arrived cannot be used.
     #[error("configuration: {0}")]
     Config(String),
+    /// TLS could not be set up, or the peer failed authentication.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 impl From<crate::registry::RegistryError> for MigrateError {

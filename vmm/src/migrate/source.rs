@@ -14,7 +14,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api_server::migration::{MigrationPhase, SendMigrationRequest};
+use api_server::migration::{MigrationPhase, MigrationUrl, SendMigrationRequest};
 use migration::planner::{Decision, IterationReport, Planner, PlannerConfig};
 use migration::ram::ZeroPages;
 use migration::stream::{
@@ -91,6 +91,14 @@ fn handshake(
         send_memfd(&req.destination_url, core.memfd().as_fd())?;
     }
     let mut conns = connect(&req.destination_url, n)?;
+    super::transport::warn_if_plain_remote(&req.destination_url, req.tls.is_some(), "outgoing");
+    if let (Some(tls), MigrationUrl::Tcp { host, .. }) = (&req.tls, &req.destination_url) {
+        let config = super::tls::client_config(tls)?;
+        conns = conns
+            .into_iter()
+            .map(|c| super::transport::tls_client(c, &config, host))
+            .collect::<Result<_, _>>()?;
+    }
     for c in &conns {
         progress.watch(c.try_clone()?);
     }

@@ -6,7 +6,7 @@
 //! stream arrived and checked out; any failure answers FAILED (or REFUSE) and drops the VM.
 
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use api_server::migration::{MigrationPhase, ReceiveMigrationRequest};
@@ -15,7 +15,7 @@ use migration::stream::{
 };
 use migration::StateSection;
 
-use super::transport::{first_contact, Conn, FirstContact, Listener};
+use super::transport::{first_contact, tls_server, Conn, FirstContact, Listener};
 use super::{host_record, MigrateError, SharedProgress};
 use crate::config::VmConfig;
 use crate::vm::{Origin, Vm};
@@ -51,9 +51,20 @@ type Accepted = (
 
 /// Accept the source's connections: the first one's HELLO says how many follow. A local
 /// migration's source first hands its guest-RAM memfd over on a connection of its own.
-fn accept_all(listener: &Listener) -> Result<(Accepted, Option<std::fs::File>), MigrateError> {
-    let (conn0, memfd) = match first_contact(listener.accept(ACCEPT_TIMEOUT)?)? {
-        FirstContact::Memfd(f) => (listener.accept(EXTRA_ACCEPT_TIMEOUT)?, Some(f)),
+fn accept_all(
+    listener: &Listener,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+) -> Result<(Accepted, Option<std::fs::File>), MigrateError> {
+    // With TLS, a source is authenticated before a byte of its stream is read.
+    let accept = |timeout| -> Result<Conn, MigrateError> {
+        let conn = listener.accept(timeout)?;
+        Ok(match tls {
+            Some(config) => tls_server(conn, config)?,
+            None => conn,
+        })
+    };
+    let (conn0, memfd) = match first_contact(accept(ACCEPT_TIMEOUT)?)? {
+        FirstContact::Memfd(f) => (accept(EXTRA_ACCEPT_TIMEOUT)?, Some(f)),
         FirstContact::Stream(c) => (c, None),
     };
     let reply = MigrationSender::replies(conn0.try_clone()?)?;
@@ -71,7 +82,7 @@ fn accept_all(listener: &Listener) -> Result<(Accepted, Option<std::fs::File>), 
     }
     let mut others = Vec::with_capacity(n - 1);
     for i in 1..n {
-        let mut rx = MigrationReceiver::new(listener.accept(EXTRA_ACCEPT_TIMEOUT)?)?;
+        let mut rx = MigrationReceiver::new(accept(EXTRA_ACCEPT_TIMEOUT)?)?;
         match rx.recv()? {
             Message::Hello(h) if usize::from(h.connection) == i => others.push(rx),
             other => return Err(unexpected(&format!("HELLO of connection {i}"), &other)),
@@ -170,8 +181,14 @@ fn load(
 /// Receive a VM on `req.receiver_url`; returns it running.
 pub fn receive(req: ReceiveMigrationRequest, progress: SharedProgress) -> Result<Vm, MigrateError> {
     let result = (|| {
+        let tls = req
+            .tls
+            .as_ref()
+            .map(super::tls::server_config)
+            .transpose()?;
         let listener = Listener::bind(&req.receiver_url)?;
-        let ((mut rx0, mut reply, others), memfd) = accept_all(&listener)?;
+        super::transport::warn_if_plain_remote(&req.receiver_url, tls.is_some(), "incoming");
+        let ((mut rx0, mut reply, others), memfd) = accept_all(&listener, tls.as_ref())?;
         drop(listener);
         let cfg = match rx0.recv()? {
             Message::Config(c) => c,

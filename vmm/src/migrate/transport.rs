@@ -64,6 +64,8 @@ pub enum Conn {
     Limited(Box<Conn>, std::sync::Arc<RateLimit>),
     /// A connection whose first bytes were already read (they are read again first).
     Prefixed(std::io::Cursor<Vec<u8>>, Box<Conn>),
+    /// TLS over TCP (`tls` in the request).
+    Tls(Box<super::tls::TlsConn>),
 }
 
 /// The byte a local-migration source sends with the guest-RAM memfd (a migration stream starts
@@ -78,6 +80,7 @@ impl Conn {
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
             Conn::Limited(c, l) => Conn::Limited(Box::new(c.try_clone()?), l.clone()),
             Conn::Prefixed(p, c) => Conn::Prefixed(p.clone(), Box::new(c.try_clone()?)),
+            Conn::Tls(t) => Conn::Tls(Box::new(t.try_clone()?)),
         })
     }
 
@@ -97,6 +100,10 @@ impl Conn {
                 s.set_read_timeout(timeout)?;
                 s.set_write_timeout(timeout)
             }
+            Conn::Tls(t) => {
+                t.socket().set_read_timeout(timeout)?;
+                t.socket().set_write_timeout(timeout)
+            }
             Conn::Limited(c, _) | Conn::Prefixed(_, c) => c.set_timeouts(timeout),
         }
     }
@@ -106,6 +113,7 @@ impl Conn {
         match self {
             Conn::Tcp(s) => s.set_read_timeout(timeout),
             Conn::Unix(s) => s.set_read_timeout(timeout),
+            Conn::Tls(t) => t.socket().set_read_timeout(timeout),
             Conn::Limited(c, _) | Conn::Prefixed(_, c) => c.set_read_timeout(timeout),
         }
     }
@@ -115,6 +123,7 @@ impl Conn {
         let _ = match self {
             Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
             Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Tls(t) => t.socket().shutdown(std::net::Shutdown::Both),
             Conn::Limited(c, _) | Conn::Prefixed(_, c) => {
                 c.shutdown();
                 Ok(())
@@ -128,6 +137,7 @@ impl Read for Conn {
         match self {
             Conn::Tcp(s) => s.read(buf),
             Conn::Unix(s) => s.read(buf),
+            Conn::Tls(t) => t.read(buf),
             Conn::Limited(c, _) => c.read(buf),
             Conn::Prefixed(p, c) => {
                 let n = p.read(buf)?;
@@ -146,6 +156,7 @@ impl Write for Conn {
         match self {
             Conn::Tcp(s) => s.write(buf),
             Conn::Unix(s) => s.write(buf),
+            Conn::Tls(t) => t.write(buf),
             Conn::Limited(c, limit) => {
                 // At most 64 KiB at a time, so the pacing stays smooth.
                 let n = buf.len().min(64 << 10);
@@ -160,6 +171,7 @@ impl Write for Conn {
         match self {
             Conn::Tcp(s) => s.flush(),
             Conn::Unix(s) => s.flush(),
+            Conn::Tls(t) => t.flush(),
             Conn::Limited(c, _) | Conn::Prefixed(_, c) => c.flush(),
         }
     }
@@ -330,4 +342,49 @@ pub fn first_contact(conn: Conn) -> io::Result<FirstContact> {
         std::io::Cursor::new(byte.to_vec()),
         Box::new(Conn::Unix(s)),
     )))
+}
+
+/// Wrap `conn` (TCP) in TLS as the source, checking the target's certificate against `host`.
+pub fn tls_client(
+    conn: Conn,
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    host: &str,
+) -> Result<Conn, super::tls::TlsError> {
+    match conn {
+        Conn::Tcp(s) => Ok(Conn::Tls(Box::new(super::tls::TlsConn::client(
+            s, config, host,
+        )?))),
+        _ => Err(super::tls::TlsError::NotTcp),
+    }
+}
+
+/// Wrap an accepted `conn` (TCP) in TLS as the target.
+pub fn tls_server(
+    conn: Conn,
+    config: &std::sync::Arc<rustls::ServerConfig>,
+) -> Result<Conn, super::tls::TlsError> {
+    match conn {
+        Conn::Tcp(s) => Ok(Conn::Tls(Box::new(super::tls::TlsConn::server(s, config)?))),
+        _ => Err(super::tls::TlsError::NotTcp),
+    }
+}
+
+/// Warn when `url` sends a VM in the clear to another host (plain TCP, not loopback).
+pub fn warn_if_plain_remote(url: &MigrationUrl, tls: bool, role: &str) {
+    let MigrationUrl::Tcp { host, .. } = url else {
+        return;
+    };
+    if tls {
+        return;
+    }
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+    if !loopback {
+        log::warn!(
+            "{role} migration over plain TCP ({url}): the VM's memory and state cross the network \
+             unencrypted and unauthenticated; pass tls with a certificate, key and CA"
+        );
+    }
 }

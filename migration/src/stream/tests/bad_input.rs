@@ -160,6 +160,12 @@ fn wrong_magic_and_version() {
     let err = run(&bad).unwrap_err();
     assert!(matches!(err, StreamError::BadMagic { .. }), "{err}");
     assert!(err.to_string().starts_with("not a skiff migration stream"));
+    assert!(!err.to_string().contains("TLS"), "{err}");
+    // A TLS alert where the stream should start: the peer uses TLS, this side does not.
+    let mut tls = stream.clone();
+    tls[..7].copy_from_slice(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32]);
+    let err = run(&tls).unwrap_err().to_string();
+    assert!(err.contains("the peer uses tls"), "{err}");
     // A peer of the previous version (RAM records with their own CRCs and END) is refused.
     for other in [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
         let mut bad = stream.clone();

@@ -1,0 +1,387 @@
+//! Mutually authenticated TLS (rustls, TLS 1.3 only) on migration connections.
+//!
+//! Both sides present a certificate and accept only a peer whose certificate chains to the CA
+//! they were given; the source also checks the target's certificate against the host of its
+//! `tcp:` URL. The handshake runs right after connect/accept, so the target reads no byte of a
+//! migration stream from a source it has not authenticated.
+//!
+//! A migration reads replies on one thread while another writes RAM on the same connection, so
+//! a [`TlsConn`] shares its rustls session between its clones: a reader waits for ciphertext on
+//! the socket without holding the session, then takes it to decrypt; a writer takes it to
+//! encrypt and send. (rustls's `StreamOwned` owns its socket and cannot be shared that way.)
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use api_server::migration::MigrationTls;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+
+/// Errors setting TLS up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or holds nothing usable.
+    #[error("tls: {}: {why}", path.display())]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// rustls refused the configuration (e.g. a key that does not match the certificate).
+    #[error("tls: {0}")]
+    Config(#[from] rustls::Error),
+    /// The CA file gave no usable trust anchor, or the client verifier could not be built.
+    #[error("tls: {0}")]
+    Verifier(String),
+    /// The host of the URL is not a valid name or address for certificate checks.
+    #[error("tls: {0:?} cannot be checked against a certificate")]
+    ServerName(String),
+    /// TLS was asked for on a connection that is not TCP.
+    #[error("tls: only over tcp: connections")]
+    NotTcp,
+    /// The handshake failed (e.g. the peer's certificate is not from the CA, expired, or
+    /// missing).
+    #[error("TLS handshake with the {peer} failed: {source}")]
+    Handshake {
+        /// "source" or "target".
+        peer: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn pem_error(path: &Path, why: impl ToString) -> TlsError {
+    TlsError::Pem {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    }
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, e))?;
+    if certs.is_empty() {
+        return Err(pem_error(path, "no certificate in it"));
+    }
+    Ok(certs)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| pem_error(path, e))
+}
+
+fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs(path)? {
+        roots
+            .add(c)
+            .map_err(|e| pem_error(path, format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The source's side: its certificate for the target, and the CA the target's must chain to.
+pub fn client_config(t: &MigrationTls) -> Result<Arc<ClientConfig>, TlsError> {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(&t.ca)?)
+        .with_client_auth_cert(certs(&t.cert)?, key(&t.key)?)?;
+    Ok(Arc::new(config))
+}
+
+/// The target's side: its certificate, and the CA every source's certificate must chain to
+/// (a source without one is refused).
+pub fn server_config(t: &MigrationTls) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&t.ca)?), provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&t.cert)?, key(&t.key)?)?;
+    Ok(Arc::new(config))
+}
+
+/// One end of a TLS connection whose session is shared by its clones.
+#[derive(Debug)]
+pub struct TlsConn {
+    sock: TcpStream,
+    session: Arc<Mutex<rustls::Connection>>,
+    /// Ciphertext read from the socket, before the session takes it.
+    inbuf: Box<[u8]>,
+}
+
+/// Largest TLS record plus its header: one socket read never needs more.
+const RECORD_BUF: usize = 16 * 1024 + 256;
+
+impl TlsConn {
+    fn new(
+        sock: TcpStream,
+        session: rustls::Connection,
+        peer: &'static str,
+    ) -> Result<Self, TlsError> {
+        let mut conn = Self {
+            sock,
+            session: Arc::new(Mutex::new(session)),
+            inbuf: vec![0; RECORD_BUF].into_boxed_slice(),
+        };
+        conn.handshake()
+            .map_err(|source| TlsError::Handshake { peer, source })?;
+        Ok(conn)
+    }
+
+    fn handshake(&mut self) -> io::Result<()> {
+        let mut s = lock(&self.session);
+        while s.is_handshaking() {
+            s.complete_io(&mut self.sock)?;
+        }
+        // The client's last flight (its certificate, finished) may still be buffered.
+        while s.wants_write() {
+            s.write_tls(&mut self.sock)?;
+        }
+        Ok(())
+    }
+
+    /// Open TLS as the source on `sock`, checking the target's certificate against `host`.
+    pub fn client(
+        sock: TcpStream,
+        config: &Arc<ClientConfig>,
+        host: &str,
+    ) -> Result<Self, TlsError> {
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|_| TlsError::ServerName(host.to_string()))?;
+        let session = ClientConnection::new(config.clone(), name)?;
+        Self::new(sock, session.into(), "target")
+    }
+
+    /// Accept TLS as the target on `sock`: the source must present a certificate from the CA.
+    pub fn server(sock: TcpStream, config: &Arc<ServerConfig>) -> Result<Self, TlsError> {
+        let session = ServerConnection::new(config.clone())?;
+        Self::new(sock, session.into(), "source")
+    }
+
+    /// The socket underneath (timeouts, shutdown).
+    pub fn socket(&self) -> &TcpStream {
+        &self.sock
+    }
+
+    /// Another handle on the same connection and session.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            sock: self.sock.try_clone()?,
+            session: self.session.clone(),
+            inbuf: vec![0; RECORD_BUF].into_boxed_slice(),
+        })
+    }
+
+    /// Send what the session has to send (records, alerts, key updates).
+    fn flush_tls(s: &mut rustls::Connection, mut sock: &TcpStream) -> io::Result<()> {
+        while s.wants_write() {
+            s.write_tls(&mut sock)?;
+        }
+        Ok(())
+    }
+}
+
+fn lock(m: &Mutex<rustls::Connection>) -> MutexGuard<'_, rustls::Connection> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn invalid(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl Read for TlsConn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            {
+                let mut s = lock(&self.session);
+                match s.reader().read(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            // Wait for ciphertext without holding the session, so writers go on meanwhile.
+            let n = (&self.sock).read(&mut self.inbuf)?;
+            let mut s = lock(&self.session);
+            let mut data = &self.inbuf[..n];
+            if n == 0 {
+                // End of the socket: the session learns it, and reports a clean close_notify
+                // end (0) or a truncation (UnexpectedEof) on the next pass.
+                s.read_tls(&mut data)?;
+            }
+            while !data.is_empty() {
+                s.read_tls(&mut data)?;
+                s.process_new_packets().map_err(invalid)?;
+            }
+            Self::flush_tls(&mut s, &self.sock)?;
+        }
+    }
+}
+
+impl Write for TlsConn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut s = lock(&self.session);
+        let n = s.writer().write(buf)?;
+        Self::flush_tls(&mut s, &self.sock)?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let mut s = lock(&self.session);
+        s.writer().flush()?;
+        Self::flush_tls(&mut s, &self.sock)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+    /// A CA and two sides (source, target) in `dir`; `expired` makes the target's certificate
+    /// expired.
+    fn sides(dir: &Path, expired: bool) -> (MigrationTls, MigrationTls) {
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = Issuer::new(ca, ca_key);
+        let side = |name: &str, host: &str, expired: bool| {
+            let mut params = CertificateParams::new(vec![host.to_string()]).unwrap();
+            if expired {
+                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            let path = |f: &str| dir.join(format!("{name}-{f}.pem"));
+            std::fs::write(path("cert"), cert.pem()).unwrap();
+            std::fs::write(path("key"), key.serialize_pem()).unwrap();
+            std::fs::write(path("ca"), &ca_pem).unwrap();
+            MigrationTls {
+                cert: path("cert"),
+                key: path("key"),
+                ca: path("ca"),
+            }
+        };
+        (
+            side("source", "source", false),
+            side("target", "127.0.0.1", expired),
+        )
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("skiff-tls-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Connect a source and a target over loopback; the target's result comes from its thread.
+    fn pair(
+        src: &MigrationTls,
+        dst: &MigrationTls,
+    ) -> (
+        Result<TlsConn, TlsError>,
+        std::thread::JoinHandle<Result<TlsConn, TlsError>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = server_config(dst).unwrap();
+        let target = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            TlsConn::server(s, &server)
+        });
+        let sock = TcpStream::connect(addr).unwrap();
+        (
+            TlsConn::client(sock, &client_config(src).unwrap(), "127.0.0.1"),
+            target,
+        )
+    }
+
+    #[test]
+    fn data_flows_both_ways_while_a_clone_reads_replies() {
+        let dir = temp("flow");
+        let (src, dst) = sides(&dir, false);
+        let (client, target) = pair(&src, &dst);
+        let mut client = client.unwrap();
+        let mut server = target.join().unwrap().unwrap();
+        // The target echoes a short reply after reading everything; meanwhile the source
+        // writes 8 MiB on one handle and reads the reply on a clone, as a migration does.
+        let mut reply_reader = client.try_clone().unwrap();
+        let replies = std::thread::spawn(move || {
+            let mut r = [0u8; 5];
+            reply_reader.read_exact(&mut r).map(|_| r)
+        });
+        let data: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let expect = data.clone();
+        let echo = std::thread::spawn(move || {
+            let mut got = vec![0u8; expect.len()];
+            server.read_exact(&mut got).unwrap();
+            assert!(got == expect, "the target read other bytes than were sent");
+            server.write_all(b"DONE!").unwrap();
+            server.flush().unwrap();
+        });
+        client.write_all(&data).unwrap();
+        client.flush().unwrap();
+        echo.join().unwrap();
+        assert_eq!(&replies.join().unwrap().unwrap(), b"DONE!");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_expired_target_certificate_is_refused_by_the_source() {
+        let dir = temp("expired");
+        let (src, dst) = sides(&dir, true);
+        let (client, target) = pair(&src, &dst);
+        let e = client.unwrap_err().to_string();
+        assert!(e.contains("TLS handshake with the target failed"), "{e}");
+        assert!(e.to_lowercase().contains("expired"), "{e}");
+        assert!(target.join().unwrap().is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_source_from_another_ca_is_refused_by_the_target() {
+        let dir = temp("foreign");
+        let (_, dst) = sides(&dir, false);
+        let other = temp("foreign-ca");
+        let (foreign_src, _) = sides(&other, false);
+        // The foreign source trusts the target's CA, so only the target can refuse it.
+        let src = MigrationTls {
+            ca: dst.ca.clone(),
+            ..foreign_src
+        };
+        let (_client, target) = pair(&src, &dst);
+        let e = target.join().unwrap().unwrap_err().to_string();
+        assert!(e.contains("TLS handshake with the source failed"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(other);
+    }
+
+    #[test]
+    fn unreadable_pem_files_are_named() {
+        let t = MigrationTls {
+            cert: "/nonexistent/cert.pem".into(),
+            key: "/nonexistent/key.pem".into(),
+            ca: "/nonexistent/ca.pem".into(),
+        };
+        let e = client_config(&t).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/"), "{e}");
+    }
+}
