@@ -459,29 +459,12 @@ fn migrate_snapshot_beside_tcp(
 /// Certificates for a TLS migration on 127.0.0.1 (a CA, a target and a source leaf), written
 /// to `dir`; the (source, target) sides.
 fn tls_sides(dir: &Path) -> (MigrationTls, MigrationTls) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let side = |name: &str, host: &str| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![host.to_string()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        let path = |f: &str| dir.join(format!("tls-{name}-{f}.pem"));
-        std::fs::write(path("cert"), cert.pem()).unwrap();
-        std::fs::write(path("key"), key.serialize_pem()).unwrap();
-        std::fs::write(path("ca"), &ca_pem).unwrap();
-        MigrationTls {
-            cert: path("cert"),
-            key: path("key"),
-            ca: path("ca"),
-        }
-    };
-    (side("source", "skiff-source"), side("target", "127.0.0.1"))
+    use integration::certs::{write_side, TestCa};
+    let ca = TestCa::new("skiff bench CA");
+    (
+        write_side(dir, "tls-source", &ca.leaf("skiff-source", false), &ca),
+        write_side(dir, "tls-target", &ca.leaf("127.0.0.1", false), &ca),
+    )
 }
 
 /// 1b: the idle filled guest migrated over loopback with and without TLS, one after the other,

@@ -712,6 +712,7 @@ impl SkiffProcess {
     }
 }
 
+pub mod certs;
 pub mod node;
 
 #[cfg(test)]

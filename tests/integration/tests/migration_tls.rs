@@ -5,63 +5,14 @@
 //! running; then the same source migrates with good certificates. Plain TCP between the hosts
 //! is logged as a warning on both sides.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+use integration::certs::{remote_args, write_side, TestCa};
 use integration::node::{
     assert_continuous, counters, send_migration as send, wait_for_counter, Node,
 };
 use integration::{remote_ok, skip_or_fail, temp_dir, TwoHosts};
-use rcgen::{date_time_ymd, BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-
-/// A CA that signs leaves.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let pem = params.self_signed(&key).unwrap().pem();
-        Self {
-            issuer: Issuer::new(params, key),
-            pem,
-        }
-    }
-
-    /// A leaf for `host` (a name or an address), valid now unless `expired`.
-    fn leaf(&self, host: &str, expired: bool) -> (String, String) {
-        let mut params = CertificateParams::new(vec![host.to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, host);
-        if expired {
-            params.not_before = date_time_ymd(2020, 1, 1);
-            params.not_after = date_time_ymd(2021, 1, 1);
-        }
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-/// Write a side's files; returns the `--tls-*` options for skiff-remote.
-fn side(dir: &Path, name: &str, (cert, key): (String, String), ca: &Ca) -> Vec<String> {
-    let path = |f: &str| -> PathBuf { dir.join(format!("{name}-{f}.pem")) };
-    std::fs::write(path("cert"), cert).unwrap();
-    std::fs::write(path("key"), key).unwrap();
-    std::fs::write(path("ca"), &ca.pem).unwrap();
-    vec![
-        "--tls-cert".into(),
-        path("cert").display().to_string(),
-        "--tls-key".into(),
-        path("key").display().to_string(),
-        "--tls-ca".into(),
-        path("ca").display().to_string(),
-    ]
-}
 
 fn args(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
@@ -117,18 +68,14 @@ fn tls_migration_authenticates_both_sides_and_refuses_bad_certificates() {
         Err(why) => return skip_or_fail("SKIFF_SKIP_NETNS", &why),
     };
     let dir = temp_dir("migration-tls");
-    let ca = Ca::new("skiff test CA");
-    let foreign = Ca::new("some other CA");
-    let target_ok = side(&dir, "target", ca.leaf(TwoHosts::B_ADDR, false), &ca);
-    let target_expired = side(&dir, "target-expired", ca.leaf(TwoHosts::B_ADDR, true), &ca);
-    let source_ok = side(&dir, "source", ca.leaf("skiff-source", false), &ca);
+    let ca = TestCa::new("skiff test CA");
+    let foreign = TestCa::new("some other CA");
+    let side = |name: &str, leaf| remote_args(&write_side(&dir, name, &leaf, &ca));
+    let target_ok = side("target", ca.leaf(TwoHosts::B_ADDR, false));
+    let target_expired = side("target-expired", ca.leaf(TwoHosts::B_ADDR, true));
+    let source_ok = side("source", ca.leaf("skiff-source", false));
     // Signed by another CA, but trusting ours: only the target can tell.
-    let source_foreign = side(
-        &dir,
-        "source-foreign",
-        foreign.leaf("skiff-source", false),
-        &ca,
-    );
+    let source_foreign = side("source-foreign", foreign.leaf("skiff-source", false));
 
     let (mut src, serial) = Node::guest(
         &dir,

@@ -49,7 +49,9 @@ fn counter_source(dir: &Path, devices: &[(&TestDevice, &str)]) -> (Node, std::pa
         "--serial",
         &serial_arg,
         "--cmdline",
-        "scenario=counter counter.every=1",
+        // 8 MiB of non-zero RAM: empty RAM is skipped, and the cancel case needs a pre-copy
+        // that lasts (8 s at its 8 Mbit/s limit).
+        "scenario=counter counter.every=1 counter.fill_mb=8",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -107,6 +107,27 @@ fn handshake(
         let limit = super::transport::RateLimit::new(limit);
         conns = conns.into_iter().map(|c| c.limited(&limit)).collect();
     }
+    let probe = conns.first().map(Conn::try_clone).transpose()?;
+    introduce(core, config, req, conns).map_err(|e| match (&e, &probe) {
+        // A plain source meeting a TLS target: its writes fail once the target gave up.
+        (MigrateError::Io(_) | MigrateError::Stream(_), Some(p)) if p.answered_with_tls() => {
+            MigrateError::Unexpected(
+                "the target answered with TLS: it expects tls, so give send-migration tls (cert, key, ca) too"
+                    .into(),
+            )
+        }
+        _ => e,
+    })
+}
+
+/// Say HELLO on every connection and send the configuration; the target's ACCEPT or REFUSE.
+fn introduce(
+    core: &VmCore,
+    config: &VmConfig,
+    req: &SendMigrationRequest,
+    conns: Vec<Conn>,
+) -> Result<(Senders, MigrationReceiver<Conn>, Conn), MigrateError> {
+    let n = conns.len();
     let mut senders = Vec::with_capacity(n);
     let mut control = None;
     for (i, conn) in conns.into_iter().enumerate() {
@@ -291,6 +312,9 @@ fn switchover(
     Ok(paused_at)
 }
 
+/// How long a failed transfer waits for the target's reason before reporting its own error.
+const ANSWER_GRACE: Duration = Duration::from_millis(500);
+
 /// The target's answer, read by a watcher thread while this side sends.
 struct Answer {
     slot: Arc<std::sync::Mutex<Option<Result<Message, MigrateError>>>>,
@@ -298,8 +322,13 @@ struct Answer {
 }
 
 impl Answer {
-    /// The target's failure, if it already answered with one.
+    /// The target's failure, if it answered with one; waits up to [`ANSWER_GRACE`] for the
+    /// watcher (a write that failed because the target gave up races with its reason).
     fn failure(&self) -> Option<MigrateError> {
+        let deadline = Instant::now() + ANSWER_GRACE;
+        while self.thread.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         match &*self.slot.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(Ok(Message::Failed(reason))) => Some(MigrateError::TargetFailed(reason.clone())),
             Some(Err(e)) => Some(MigrateError::Unexpected(format!(

@@ -123,6 +123,11 @@ pub struct TlsConn {
     inbuf: Box<[u8]>,
 }
 
+/// How long a failed handshake keeps reading before it closes (see [`TlsConn::linger`]).
+const LINGER: std::time::Duration = std::time::Duration::from_millis(500);
+/// One read's wait within [`LINGER`].
+const LINGER_STEP: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Largest TLS record plus its header: one socket read never needs more.
 const RECORD_BUF: usize = 16 * 1024 + 256;
 
@@ -137,9 +142,26 @@ impl TlsConn {
             session: Arc::new(Mutex::new(session)),
             inbuf: vec![0; RECORD_BUF].into_boxed_slice(),
         };
-        conn.handshake()
-            .map_err(|source| TlsError::Handshake { peer, source })?;
+        if let Err(source) = conn.handshake() {
+            conn.linger();
+            return Err(TlsError::Handshake { peer, source });
+        }
         Ok(conn)
+    }
+
+    /// After a failed handshake: end our side, then read and drop what the peer still sends
+    /// for a moment, so the socket closes with FIN rather than RST and the peer reads our alert
+    /// (an RST would discard it, and the peer would only see a broken pipe).
+    fn linger(&mut self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Write);
+        let _ = self.sock.set_read_timeout(Some(LINGER_STEP));
+        let deadline = std::time::Instant::now() + LINGER;
+        while std::time::Instant::now() < deadline {
+            match (&self.sock).read(&mut self.inbuf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
     }
 
     fn handshake(&mut self) -> io::Result<()> {
@@ -232,18 +254,56 @@ impl Read for TlsConn {
     }
 }
 
+impl TlsConn {
+    /// A write failed: if the peer sent an alert before it closed (e.g. it refused this side's
+    /// certificate, which a TLS 1.3 client learns only after its handshake ended), report the
+    /// alert instead of the bare socket error. Reads only what already arrived.
+    fn explain(&self, s: &mut rustls::Connection, e: io::Error) -> io::Error {
+        use std::os::fd::AsRawFd;
+        let mut buf = [0u8; 4096];
+        // SAFETY: recv writes at most `buf.len()` bytes into the local buffer; MSG_DONTWAIT
+        // keeps it from blocking.
+        let n = unsafe {
+            libc::recv(
+                self.sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        let mut data = &buf[..usize::try_from(n).unwrap_or(0)];
+        while !data.is_empty() {
+            if s.read_tls(&mut data).is_err() {
+                break;
+            }
+            if let Err(alert) = s.process_new_packets() {
+                return io::Error::new(
+                    e.kind(),
+                    format!("the peer ended the TLS session: {alert}"),
+                );
+            }
+        }
+        e
+    }
+}
+
 impl Write for TlsConn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut s = lock(&self.session);
         let n = s.writer().write(buf)?;
-        Self::flush_tls(&mut s, &self.sock)?;
+        if let Err(e) = Self::flush_tls(&mut s, &self.sock) {
+            return Err(self.explain(&mut s, e));
+        }
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         let mut s = lock(&self.session);
         s.writer().flush()?;
-        Self::flush_tls(&mut s, &self.sock)
+        if let Err(e) = Self::flush_tls(&mut s, &self.sock) {
+            return Err(self.explain(&mut s, e));
+        }
+        Ok(())
     }
 }
 
@@ -252,37 +312,15 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use integration::certs::{write_side, TestCa};
 
     /// A CA and two sides (source, target) in `dir`; `expired` makes the target's certificate
     /// expired.
     fn sides(dir: &Path, expired: bool) -> (MigrationTls, MigrationTls) {
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_key = KeyPair::generate().unwrap();
-        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
-        let issuer = Issuer::new(ca, ca_key);
-        let side = |name: &str, host: &str, expired: bool| {
-            let mut params = CertificateParams::new(vec![host.to_string()]).unwrap();
-            if expired {
-                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-                params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-            }
-            let key = KeyPair::generate().unwrap();
-            let cert = params.signed_by(&key, &issuer).unwrap();
-            let path = |f: &str| dir.join(format!("{name}-{f}.pem"));
-            std::fs::write(path("cert"), cert.pem()).unwrap();
-            std::fs::write(path("key"), key.serialize_pem()).unwrap();
-            std::fs::write(path("ca"), &ca_pem).unwrap();
-            MigrationTls {
-                cert: path("cert"),
-                key: path("key"),
-                ca: path("ca"),
-            }
-        };
+        let ca = TestCa::new("skiff unit-test CA");
         (
-            side("source", "source", false),
-            side("target", "127.0.0.1", expired),
+            write_side(dir, "source", &ca.leaf("source", false), &ca),
+            write_side(dir, "target", &ca.leaf("127.0.0.1", expired), &ca),
         )
     }
 

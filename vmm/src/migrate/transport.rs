@@ -84,6 +84,28 @@ impl Conn {
         })
     }
 
+    /// Whether what the peer sent so far starts with a TLS record (a plain TCP connection to
+    /// a peer that expects TLS); looks without waiting or consuming anything.
+    pub fn answered_with_tls(&self) -> bool {
+        let fd = match self {
+            Conn::Tcp(s) => s.as_raw_fd(),
+            Conn::Limited(c, _) => return c.answered_with_tls(),
+            _ => return false,
+        };
+        let mut head = [0u8; 3];
+        // SAFETY: recv writes at most 3 bytes into `head`; MSG_PEEK leaves them queued and
+        // MSG_DONTWAIT keeps it from blocking.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                head.as_mut_ptr().cast(),
+                head.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n == 3 && matches!(head, [20..=23, 3, 0..=4])
+    }
+
     /// Pace this connection's writes with `limit`.
     pub fn limited(self, limit: &std::sync::Arc<RateLimit>) -> Self {
         Conn::Limited(Box::new(self), limit.clone())
