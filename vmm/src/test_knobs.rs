@@ -7,6 +7,9 @@
 //!   device to RUNNING_P2P before any is stopped) and stops each passthrough device only when
 //!   its state is read, one after the other — what a VMM without the grace step does — so a
 //!   test can show that the test device's violation counters catch the peer writes then lost.
+//! - `SKIFF_TEST_DROP_RESUMED=1`: a migration target runs the VM after the source's commit but
+//!   never answers RESUMED — a lost final answer — so a test can show the source then stays
+//!   paused instead of running a second copy of the VM.
 //! - `SKIFF_TEST_FORBIDDEN_SYSCALL=KIND` (a thread kind: control, vcpu, api, device-worker,
 //!   passthrough, migration): each thread of that kind makes a syscall no seccomp filter allows
 //!   right after installing its filter, so a test can show the violation is caught and reported.
@@ -17,6 +20,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub const SKIP_P2P_GRACE_VAR: &str = "SKIFF_TEST_SKIP_P2P_GRACE";
 
 static SKIP_P2P_GRACE: AtomicBool = AtomicBool::new(false);
+
+/// The environment variable that makes a migration target keep RESUMED to itself.
+pub const DROP_RESUMED_VAR: &str = "SKIFF_TEST_DROP_RESUMED";
+
+static DROP_RESUMED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a migration target leaves out its RESUMED answer (never, unless a test asked).
+pub fn drop_resumed() -> bool {
+    DROP_RESUMED.load(Ordering::Relaxed)
+}
 
 /// Whether the P2P grace step is skipped (never, unless a test asked for it).
 pub fn skip_p2p_grace() -> bool {
@@ -29,9 +42,22 @@ pub const FORBIDDEN_SYSCALL_VAR: &str = "SKIFF_TEST_FORBIDDEN_SYSCALL";
 /// Read the knobs from the environment: `Err` names a knob this build refuses.
 pub fn init_from_env() -> Result<(), String> {
     let skip = std::env::var(SKIP_P2P_GRACE_VAR).ok();
-    if decide(skip.as_deref(), cfg!(feature = "test-knobs"))? {
+    if decide(
+        SKIP_P2P_GRACE_VAR,
+        skip.as_deref(),
+        cfg!(feature = "test-knobs"),
+    )? {
         log::warn!("TEST KNOB {SKIP_P2P_GRACE_VAR}=1: the P2P grace step is skipped; migrations of passthrough devices may lose peer writes");
         SKIP_P2P_GRACE.store(true, Ordering::Relaxed);
+    }
+    let drop = std::env::var(DROP_RESUMED_VAR).ok();
+    if decide(
+        DROP_RESUMED_VAR,
+        drop.as_deref(),
+        cfg!(feature = "test-knobs"),
+    )? {
+        log::warn!("TEST KNOB {DROP_RESUMED_VAR}=1: an incoming migration never answers RESUMED");
+        DROP_RESUMED.store(true, Ordering::Relaxed);
     }
     let forbidden = std::env::var(FORBIDDEN_SYSCALL_VAR).ok();
     if let Some(kind) = forbidden_syscall_kind(forbidden.as_deref(), cfg!(feature = "test-knobs"))?
@@ -67,15 +93,15 @@ fn forbidden_syscall_kind(
     })
 }
 
-/// The decision behind [`init_from_env`] for one knob's value.
-fn decide(value: Option<&str>, built_with_knobs: bool) -> Result<bool, String> {
+/// The decision behind [`init_from_env`] for the on/off knob `var` set to `value`.
+fn decide(var: &str, value: Option<&str>, built_with_knobs: bool) -> Result<bool, String> {
     match (value, built_with_knobs) {
         (None, _) | (Some("0"), _) | (Some(""), _) => Ok(false),
         (Some("1"), true) => Ok(true),
         (Some("1"), false) => Err(format!(
-            "{SKIP_P2P_GRACE_VAR} is a test knob and this build has none (build with --features vmm/test-knobs)"
+            "{var} is a test knob and this build has none (build with --features vmm/test-knobs)"
         )),
-        (Some(v), _) => Err(format!("{SKIP_P2P_GRACE_VAR}={v:?}: expected 0 or 1")),
+        (Some(v), _) => Err(format!("{var}={v:?}: expected 0 or 1")),
     }
 }
 
@@ -85,13 +111,17 @@ mod tests {
 
     #[test]
     fn knobs_are_off_by_default_and_refused_without_the_feature() {
-        assert_eq!(decide(None, false), Ok(false));
-        assert_eq!(decide(None, true), Ok(false));
-        assert_eq!(decide(Some("0"), false), Ok(false));
-        assert_eq!(decide(Some("1"), true), Ok(true));
-        let e = decide(Some("1"), false).unwrap_err();
-        assert!(e.contains("test-knobs"), "{e}");
-        assert!(decide(Some("yes"), true).is_err());
+        let v = SKIP_P2P_GRACE_VAR;
+        assert_eq!(decide(v, None, false), Ok(false));
+        assert_eq!(decide(v, None, true), Ok(false));
+        assert_eq!(decide(v, Some("0"), false), Ok(false));
+        assert_eq!(decide(v, Some("1"), true), Ok(true));
+        let e = decide(DROP_RESUMED_VAR, Some("1"), false).unwrap_err();
+        assert!(
+            e.contains("test-knobs") && e.contains(DROP_RESUMED_VAR),
+            "{e}"
+        );
+        assert!(decide(v, Some("yes"), true).is_err());
     }
 
     #[test]

@@ -508,10 +508,15 @@ impl Vmm {
                 MigrationOutcome::Linger => after = AfterAction::ExitProcess,
                 MigrationOutcome::SendFailed(e) => {
                     log::warn!("outgoing migration failed: {e}");
-                    self.state = self
-                        .state_before_migration
-                        .take()
-                        .or(Some(VmState::Running));
+                    let before = self.state_before_migration.take();
+                    self.state = if matches!(e, crate::migrate::MigrateError::OutcomeUnknown(_)) {
+                        // The target may run the VM: this copy stays paused (vm.resume, or
+                        // vm.delete once the target is known to run it).
+                        events::emit("vm", "paused", serde_json::Value::Null);
+                        Some(VmState::Paused)
+                    } else {
+                        before.or(Some(VmState::Running))
+                    };
                 }
                 MigrationOutcome::Received(vm) => {
                     self.config = Some(vm.config().clone());

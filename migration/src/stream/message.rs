@@ -214,6 +214,8 @@ pub enum Message {
     Abort(String),
     /// RESUMED: the target runs the VM.
     Resumed,
+    /// READY: the target loaded the VM and waits for the commit.
+    Ready,
     /// FAILED: the target could not load or run the VM, and why.
     Failed(String),
 }
@@ -269,6 +271,7 @@ impl Message {
             Message::Complete(_) => FrameKind::Complete,
             Message::Abort(_) => FrameKind::Abort,
             Message::Resumed => FrameKind::Resumed,
+            Message::Ready => FrameKind::Ready,
             Message::Failed(_) => FrameKind::Failed,
         }
     }
@@ -288,7 +291,7 @@ impl Message {
                 w.u16(h.connection).u16(h.connections);
             }
             Message::Config(c) => encode_config(&mut w, c)?,
-            Message::Accept | Message::Resumed => {}
+            Message::Accept | Message::Resumed | Message::Ready => {}
             Message::Refuse(s) | Message::Abort(s) | Message::Failed(s) => {
                 put_str(&mut w, s, MAX_REASON, kind)?
             }
@@ -376,6 +379,7 @@ fn decode_fields(
         FrameKind::Config => Message::Config(decode_config(r)?),
         FrameKind::Accept => Message::Accept,
         FrameKind::Resumed => Message::Resumed,
+        FrameKind::Ready => Message::Ready,
         FrameKind::Refuse => Message::Refuse(string(r, MAX_REASON)?),
         FrameKind::Abort => Message::Abort(string(r, MAX_REASON)?),
         FrameKind::Failed => Message::Failed(string(r, MAX_REASON)?),

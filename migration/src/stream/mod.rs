@@ -27,7 +27,18 @@
 //! | COMPLETE | → | frames, bytes, RAM pages, iterations, and the chain of every frame CRC |
 //! | ABORT | → | reason |
 //! | ACCEPT / REFUSE | ← | — / reason (the answer to CONFIG) |
+//! | READY | ← | — (everything arrived and checked out; the VM is loaded, stopped) |
 //! | RESUMED / FAILED | ← | — / reason (the target's final answer) |
+//!
+//! # The commit (fencing)
+//!
+//! The target never runs the VM on its own: after every connection's COMPLETE it loads the
+//! state, answers READY and waits. Only then does the source, whose VM stays paused, write the
+//! commit — the 8 bytes [`COMMIT`], raw, after COMPLETE on connection 0 — and the target
+//! resumes the VM and answers RESUMED. So a source that has not sent the commit knows the
+//! target never ran the VM and may resume its own; a source that sent it and heard no RESUMED
+//! cannot know, and stays paused rather than risk two running copies of one VM (split brain).
+//! A target that gets anything but the commit (EOF, a timeout, other bytes) drops the VM.
 //!
 //! A RAM frame's records are [`crate::ram`] DATA (`'D'` | guest address u64 | pages u32 | the
 //! pages) and ZERO (`'Z'` | guest address u64 | pages u32) records without their own CRC and
@@ -104,6 +115,10 @@ pub const REPLY_MAGIC: [u8; 8] = *b"SKIFFRPL";
 /// Version 2: RAM frames carry bare records (no per-record CRC, no END record); the frame CRC,
 /// which covers every byte of the payload, is their checksum.
 pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The source's commit: written raw on connection 0 after its COMPLETE, once the target
+/// answered READY (see "The commit" above).
+pub const COMMIT: [u8; 8] = *b"SKIFF-GO";
 /// The largest frame payload accepted (16 MiB).
 pub const MAX_FRAME_LEN: u32 = 16 << 20;
 /// The highest iteration number (iterations are 0..=254).
@@ -165,6 +180,8 @@ pub enum FrameKind {
     Resumed = 11,
     /// The target failed to load or run the VM.
     Failed = 12,
+    /// The target loaded and checked everything and waits, the VM stopped, for the commit.
+    Ready = 13,
 }
 
 impl FrameKind {
@@ -184,6 +201,7 @@ impl FrameKind {
             10 => Abort,
             11 => Resumed,
             12 => Failed,
+            13 => Ready,
             _ => return None,
         })
     }
@@ -192,7 +210,7 @@ impl FrameKind {
     pub fn direction(self) -> Direction {
         use FrameKind::*;
         match self {
-            Accept | Refuse | Resumed | Failed => Direction::Reply,
+            Accept | Refuse | Resumed | Failed | Ready => Direction::Reply,
             _ => Direction::Migration,
         }
     }
@@ -213,6 +231,7 @@ impl FrameKind {
             Abort => "ABORT",
             Resumed => "RESUMED",
             Failed => "FAILED",
+            Ready => "READY",
         }
     }
 }

@@ -59,6 +59,10 @@ pub enum MigrateError {
     /// The configuration that arrived cannot be used.
     #[error("configuration: {0}")]
     Config(String),
+    /// The commit was sent but the target's RESUMED never came: the target may be running the
+    /// VM, so this copy stays paused (resume it only once the target is known not to run it).
+    #[error("outcome unknown: the commit was sent but the target did not confirm ({0}); the target may be running the VM, so this copy stays paused — resume it (vm.resume) only if the target does not run it")]
+    OutcomeUnknown(String),
     /// TLS could not be set up, or the peer failed authentication.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),

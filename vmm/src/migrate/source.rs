@@ -18,8 +18,8 @@ use api_server::migration::{MigrationPhase, MigrationUrl, SendMigrationRequest};
 use migration::planner::{Decision, IterationReport, Planner, PlannerConfig};
 use migration::ram::ZeroPages;
 use migration::stream::{
-    spread_ranges, Config, Hello, Message, MigrationReceiver, MigrationSender, FEATURE_LOCAL_MEMFD,
-    FEATURE_PRECOPY, PROTOCOL_VERSION,
+    spread_ranges, Config, Hello, Message, MigrationReceiver, MigrationSender, COMMIT,
+    FEATURE_LOCAL_MEMFD, FEATURE_PRECOPY, PROTOCOL_VERSION,
 };
 
 use super::transport::{connect, send_memfd, Conn};
@@ -30,8 +30,10 @@ use std::os::fd::AsFd;
 
 /// Pages per RAM piece dealt to a connection.
 const SPREAD_CHUNK: u64 = 4 << 20;
-/// How long the target may take to load the VM and answer RESUMED.
+/// How long the target may take to load the VM and answer READY.
 const RESUME_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the target may take to resume the VM and answer RESUMED once it has the commit.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(15);
 
 type Senders = Vec<MigrationSender<Conn>>;
 
@@ -273,7 +275,7 @@ fn switchover(
     mut senders: Senders,
     progress: &SharedProgress,
     send_ram: bool,
-) -> Result<Instant, MigrateError> {
+) -> Result<(Instant, Conn), MigrateError> {
     progress.phase(MigrationPhase::Switchover);
     let paused_at = Instant::now();
     core.pause()?;
@@ -299,37 +301,47 @@ fn switchover(
     senders[0].send(&Message::State(sections))?;
     progress.phase(MigrationPhase::Completing);
     let mut total = 0;
+    let mut commit = None;
     for s in senders {
         total += s.bytes_sent();
         let (mut conn, _) = s.complete()?;
         conn.flush()?;
+        commit.get_or_insert(conn);
     }
+    let commit = commit.ok_or_else(|| MigrateError::Unexpected("no connection".into()))?;
     // Every byte the streams carried (RAM, state, framing), whatever the planner counted.
     progress.update(|p| {
         p.bytes_sent = total;
         p.bytes_remaining = 0;
     });
-    Ok(paused_at)
+    Ok((paused_at, commit))
 }
 
 /// How long a failed transfer waits for the target's reason before reporting its own error.
 const ANSWER_GRACE: Duration = Duration::from_millis(500);
 
-/// The target's answer, read by a watcher thread while this side sends.
+/// The target's answers (READY, then RESUMED; or FAILED), read by a watcher thread while
+/// this side sends.
 struct Answer {
-    slot: Arc<std::sync::Mutex<Option<Result<Message, MigrateError>>>>,
+    /// What the watcher read, oldest first.
+    queue: Arc<std::sync::Mutex<std::collections::VecDeque<Result<Message, MigrateError>>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Answer {
+    fn watcher_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// The target's failure, if it answered with one; waits up to [`ANSWER_GRACE`] for the
     /// watcher (a write that failed because the target gave up races with its reason).
     fn failure(&self) -> Option<MigrateError> {
         let deadline = Instant::now() + ANSWER_GRACE;
-        while self.thread.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
+        while self.watcher_running() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        match &*self.slot.lock().unwrap_or_else(|e| e.into_inner()) {
+        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        match queue.back() {
             Some(Ok(Message::Failed(reason))) => Some(MigrateError::TargetFailed(reason.clone())),
             Some(Err(e)) => Some(MigrateError::Unexpected(format!(
                 "the target's reply stream: {e}"
@@ -338,55 +350,66 @@ impl Answer {
         }
     }
 
-    /// Wait for the answer, at most `timeout` (then the connections are shut down).
-    fn wait(
-        mut self,
+    /// The next answer, waiting at most `timeout` (then the connections are shut down).
+    fn next(
+        &mut self,
         timeout: Duration,
         progress: &SharedProgress,
     ) -> Result<Message, MigrateError> {
         let deadline = Instant::now() + timeout;
-        while self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+        loop {
+            if let Some(got) = self
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front()
+            {
+                return got;
+            }
+            if !self.watcher_running() {
+                return Err(MigrateError::Unexpected("no answer from the target".into()));
+            }
             if Instant::now() >= deadline {
                 progress.shut_connections();
-                break;
+                return Err(MigrateError::Unexpected(format!(
+                    "no answer from the target within {} s",
+                    timeout.as_secs()
+                )));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(5));
         }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.slot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .unwrap_or_else(|| Err(MigrateError::Unexpected("no answer from the target".into())))
     }
 }
 
-/// Read the target's answer on a thread; anything but RESUMED shuts the connections down.
+/// Read the target's answers on a thread until its final one; anything but READY or RESUMED
+/// shuts the connections down.
 fn watch_replies(
     mut replies: MigrationReceiver<Conn>,
     progress: &SharedProgress,
     control: &Conn,
 ) -> Result<Answer, MigrateError> {
-    let slot = Arc::new(std::sync::Mutex::new(None));
-    let (s, p) = (slot.clone(), progress.clone());
+    let queue = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+    let (q, p) = (queue.clone(), progress.clone());
     // The reply stream stays silent until the end: no read timeout on it (writes keep theirs,
-    // so a dead link still ends the transfer); the final wait is bounded by [`Answer::wait`].
+    // so a dead link still ends the transfer); the waits are bounded by [`Answer::next`].
     control.set_read_timeout(None)?;
     let thread = std::thread::Builder::new()
         .name("skiff-migrate-replies".into())
-        .spawn(move || {
+        .spawn(move || loop {
             let got = replies.recv().map_err(MigrateError::from);
-            let stop = !matches!(got, Ok(Message::Resumed));
-            *s.lock().unwrap_or_else(|e| e.into_inner()) = Some(got);
+            let ready = matches!(got, Ok(Message::Ready));
+            let stop = !ready && !matches!(got, Ok(Message::Resumed));
+            q.lock().unwrap_or_else(|e| e.into_inner()).push_back(got);
             if stop {
                 p.shut_connections();
+            }
+            if !ready {
+                break;
             }
         })
         .map_err(MigrateError::Io)?;
     Ok(Answer {
-        slot,
+        queue,
         thread: Some(thread),
     })
 }
@@ -400,12 +423,13 @@ pub fn send(
     progress: SharedProgress,
 ) -> Result<(), MigrateError> {
     let mut paused = false;
+    let mut committed = false;
     let result = (|| {
         let (mut senders, replies, control) = handshake(&core, &config, &req, &progress)?;
         // The target's answer can come at any time (a FAILED while RAM is still being sent): a
         // watcher reads it and, on anything but RESUMED, shuts the connections down so this
         // side stops at once instead of writing into a dead stream.
-        let answer = watch_replies(replies, &progress, &control)?;
+        let mut answer = watch_replies(replies, &progress, &control)?;
         let pre = if req.local {
             // Both sides map the same RAM: nothing to copy, straight to the switch-over.
             Ok(())
@@ -423,22 +447,36 @@ pub fn send(
         }
         progress.check_cancel()?;
         paused = true;
-        let paused_at = switchover(&core, senders, &progress, !req.local);
-        let paused_at = match paused_at {
-            Ok(at) => at,
+        let (paused_at, mut commit) = match switchover(&core, senders, &progress, !req.local) {
+            Ok(done) => done,
             Err(e) => return Err(answer.failure().unwrap_or(e)),
         };
-        match answer.wait(RESUME_TIMEOUT, &progress)? {
-            Message::Resumed => {
+        match answer.next(RESUME_TIMEOUT, &progress)? {
+            Message::Ready => {}
+            Message::Failed(reason) => return Err(MigrateError::TargetFailed(reason)),
+            other => {
+                return Err(MigrateError::Unexpected(format!(
+                    "expected READY, got {:?}",
+                    other.kind()
+                )))
+            }
+        }
+        // From the first byte of the commit on, the target may run the VM: this side must not.
+        committed = true;
+        commit.write_all(&COMMIT)?;
+        commit.flush()?;
+        match answer.next(COMMIT_TIMEOUT, &progress) {
+            Ok(Message::Resumed) => {
                 let downtime = paused_at.elapsed();
                 progress.update(|p| p.downtime_ms = Some(downtime.as_millis() as u64));
                 Ok(())
             }
-            Message::Failed(reason) => Err(MigrateError::TargetFailed(reason)),
-            other => Err(MigrateError::Unexpected(format!(
+            Ok(Message::Failed(reason)) => Err(MigrateError::TargetFailed(reason)),
+            Ok(other) => Err(MigrateError::Unexpected(format!(
                 "expected RESUMED, got {:?}",
                 other.kind()
             ))),
+            Err(e) => Err(e),
         }
     })();
     let _ = core.stop_dirty_log();
@@ -448,10 +486,24 @@ pub fn send(
         Err(_) if progress.cancelled() => Err(MigrateError::Cancelled),
         r => r,
     };
+    // Committed but no RESUMED (or the target's FAILED after it resumed nothing — it answers
+    // FAILED only before running the VM, but a FAILED that got lost looks the same): the target
+    // may be running the VM, so this copy stays paused.
+    let result = match result {
+        Err(e) if committed && !matches!(e, MigrateError::TargetFailed(_)) => {
+            Err(MigrateError::OutcomeUnknown(e.to_string()))
+        }
+        r => r,
+    };
     match result {
         Ok(()) => {
             progress.phase(MigrationPhase::Completed);
             Ok(())
+        }
+        Err(e @ MigrateError::OutcomeUnknown(_)) => {
+            log::error!("migration: {e}");
+            progress.fail(&e);
+            Err(e)
         }
         Err(e) => {
             if paused {

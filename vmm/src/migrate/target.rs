@@ -5,13 +5,13 @@
 //! state; start the VM paused, restore, resume, and answer RESUMED. Nothing runs until the whole
 //! stream arrived and checked out; any failure answers FAILED (or REFUSE) and drops the VM.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use api_server::migration::{MigrationPhase, ReceiveMigrationRequest};
 use migration::stream::{
-    Config, Message, MigrationReceiver, MigrationSender, RamApplier, FEATURE_LOCAL_MEMFD,
+    Config, Message, MigrationReceiver, MigrationSender, RamApplier, COMMIT, FEATURE_LOCAL_MEMFD,
 };
 use migration::StateSection;
 
@@ -123,10 +123,30 @@ fn build(
     Ok(vm)
 }
 
+/// How long a loaded target waits for the source's commit before it drops the VM.
+const COMMIT_WAIT: Duration = Duration::from_secs(30);
+
+/// Read the source's commit ([`COMMIT`]) from connection 0 after its COMPLETE.
+fn wait_for_commit(mut conn: Conn) -> Result<(), MigrateError> {
+    conn.set_read_timeout(Some(COMMIT_WAIT))?;
+    let mut got = [0u8; COMMIT.len()];
+    conn.read_exact(&mut got).map_err(|e| {
+        MigrateError::Unexpected(format!(
+            "no commit from the source ({e}); the VM was never run here"
+        ))
+    })?;
+    if got != COMMIT {
+        return Err(MigrateError::Unexpected(format!(
+            "the source sent {got:02x?} instead of its commit; the VM was never run here"
+        )));
+    }
+    Ok(())
+}
+
 /// Read every connection to its COMPLETE, loading RAM into `vm`; returns the state sections.
 fn load(
     vm: &Vm,
-    rx0: MigrationReceiver<Conn>,
+    rx0: &mut MigrationReceiver<Conn>,
     others: Vec<MigrationReceiver<Conn>>,
 ) -> Result<Vec<StateSection>, MigrateError> {
     let mut applier = RamApplier::new(&vm.ram_layout())
@@ -137,7 +157,7 @@ fn load(
     let applier = Mutex::new(applier);
     let mem = vm.memory();
     let drain =
-        |mut rx: MigrationReceiver<Conn>| -> Result<Option<Vec<StateSection>>, MigrateError> {
+        |rx: &mut MigrationReceiver<Conn>| -> Result<Option<Vec<StateSection>>, MigrateError> {
             let mut sections = None;
             loop {
                 match rx.recv()? {
@@ -162,7 +182,7 @@ fn load(
     std::thread::scope(|scope| {
         let workers: Vec<_> = others
             .into_iter()
-            .map(|rx| scope.spawn(move || drain(rx)))
+            .map(|mut rx| scope.spawn(move || drain(&mut rx)))
             .collect();
         let main = drain(rx0);
         let mut sections = main?;
@@ -213,15 +233,24 @@ pub fn receive(req: ReceiveMigrationRequest, progress: SharedProgress) -> Result
         reply.send(&Message::Accept)?;
         reply.get_mut().flush()?;
         progress.phase(MigrationPhase::Precopy);
-        let loaded = load(&vm, rx0, others).and_then(|sections| {
+        let loaded = load(&vm, &mut rx0, others).and_then(|sections| {
             progress.phase(MigrationPhase::Completing);
             vm.restore_components(&sections, ClockMode::Advance)?;
             vm.start()?;
+            // Loaded and stopped: the VM runs only once the source has committed (fencing,
+            // see migration::stream's "The commit").
+            reply.send(&Message::Ready)?;
+            reply.get_mut().flush()?;
+            wait_for_commit(rx0.into_inner())?;
             vm.resume()?;
             Ok(())
         });
         match loaded {
             Ok(()) => {
+                if crate::test_knobs::drop_resumed() {
+                    log::warn!("TEST KNOB: not answering RESUMED");
+                    return Ok(vm);
+                }
                 reply.send(&Message::Resumed)?;
                 reply.get_mut().flush()?;
                 Ok(vm)

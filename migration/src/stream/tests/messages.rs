@@ -52,6 +52,7 @@ fn reply_messages() -> Vec<Message> {
     vec![
         Message::Accept,
         Message::Refuse("device disk0: missing on the target".into()),
+        Message::Ready,
         Message::Resumed,
         Message::Failed("cannot restore cpu0: bad MSRs".into()),
     ]
