@@ -118,7 +118,7 @@ pub fn server_config(t: &MigrationTls) -> Result<Arc<ServerConfig>, TlsError> {
 #[derive(Debug)]
 pub struct TlsConn {
     sock: TcpStream,
-    session: Arc<Mutex<rustls::Connection>>,
+    session: Arc<Mutex<Session>>,
     /// Ciphertext read from the socket, before the session takes it.
     inbuf: Box<[u8]>,
 }
@@ -139,7 +139,12 @@ impl TlsConn {
     ) -> Result<Self, TlsError> {
         let mut conn = Self {
             sock,
-            session: Arc::new(Mutex::new(session)),
+            session: Arc::new(Mutex::new(Session {
+                conn: session,
+                pending: Vec::new(),
+                eof: false,
+                eof_fed: false,
+            })),
             inbuf: vec![0; RECORD_BUF].into_boxed_slice(),
         };
         if let Err(source) = conn.handshake() {
@@ -166,12 +171,12 @@ impl TlsConn {
 
     fn handshake(&mut self) -> io::Result<()> {
         let mut s = lock(&self.session);
-        while s.is_handshaking() {
-            s.complete_io(&mut self.sock)?;
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut self.sock)?;
         }
         // The client's last flight (its certificate, finished) may still be buffered.
-        while s.wants_write() {
-            s.write_tls(&mut self.sock)?;
+        while s.conn.wants_write() {
+            s.conn.write_tls(&mut self.sock)?;
         }
         Ok(())
     }
@@ -217,7 +222,42 @@ impl TlsConn {
     }
 }
 
-fn lock(m: &Mutex<rustls::Connection>) -> MutexGuard<'_, rustls::Connection> {
+/// The rustls session shared by a connection's clones, and the ciphertext it has not taken yet.
+#[derive(Debug)]
+struct Session {
+    conn: rustls::Connection,
+    /// Ciphertext read from the socket that the session could not take yet: rustls holds at
+    /// most about one record of decrypted data, so with plaintext waiting to be read it refuses
+    /// more ("received plaintext buffer full").
+    pending: Vec<u8>,
+    /// The socket reached its end.
+    eof: bool,
+    /// The session was told so.
+    eof_fed: bool,
+}
+
+impl Session {
+    /// Give the session the ciphertext it takes now: all of it, unless decrypted data is
+    /// waiting to be read; then, once everything went in, the end of the socket.
+    fn feed(&mut self) -> io::Result<()> {
+        while !self.pending.is_empty() && self.conn.wants_read() {
+            let mut data = &self.pending[..];
+            let n = self.conn.read_tls(&mut data)?;
+            self.pending.drain(..n);
+            self.conn.process_new_packets().map_err(invalid)?;
+            if n == 0 {
+                break;
+            }
+        }
+        if self.eof && self.pending.is_empty() && !self.eof_fed {
+            self.conn.read_tls(&mut &[][..])?;
+            self.eof_fed = true;
+        }
+        Ok(())
+    }
+}
+
+fn lock(m: &Mutex<Session>) -> MutexGuard<'_, Session> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -230,26 +270,27 @@ impl Read for TlsConn {
         loop {
             {
                 let mut s = lock(&self.session);
-                match s.reader().read(buf) {
+                s.feed()?;
+                match s.conn.reader().read(buf) {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
+                }
+                // Alerts or key updates the records just read call for.
+                Self::flush_tls(&mut s.conn, &self.sock)?;
+                if s.eof_fed {
+                    // The session reports a clean end or a truncation itself; this is a guard.
+                    return Err(io::ErrorKind::UnexpectedEof.into());
                 }
             }
             // Wait for ciphertext without holding the session, so writers go on meanwhile.
             let n = (&self.sock).read(&mut self.inbuf)?;
             let mut s = lock(&self.session);
-            let mut data = &self.inbuf[..n];
             if n == 0 {
-                // End of the socket: the session learns it, and reports a clean close_notify
-                // end (0) or a truncation (UnexpectedEof) on the next pass.
-                s.read_tls(&mut data)?;
+                s.eof = true;
+            } else {
+                s.pending.extend_from_slice(&self.inbuf[..n]);
             }
-            while !data.is_empty() {
-                s.read_tls(&mut data)?;
-                s.process_new_packets().map_err(invalid)?;
-            }
-            Self::flush_tls(&mut s, &self.sock)?;
         }
     }
 }
@@ -290,18 +331,18 @@ impl TlsConn {
 impl Write for TlsConn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut s = lock(&self.session);
-        let n = s.writer().write(buf)?;
-        if let Err(e) = Self::flush_tls(&mut s, &self.sock) {
-            return Err(self.explain(&mut s, e));
+        let n = s.conn.writer().write(buf)?;
+        if let Err(e) = Self::flush_tls(&mut s.conn, &self.sock) {
+            return Err(self.explain(&mut s.conn, e));
         }
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         let mut s = lock(&self.session);
-        s.writer().flush()?;
-        if let Err(e) = Self::flush_tls(&mut s, &self.sock) {
-            return Err(self.explain(&mut s, e));
+        s.conn.writer().flush()?;
+        if let Err(e) = Self::flush_tls(&mut s.conn, &self.sock) {
+            return Err(self.explain(&mut s.conn, e));
         }
         Ok(())
     }
@@ -379,6 +420,50 @@ mod tests {
         client.flush().unwrap();
         echo.join().unwrap();
         assert_eq!(&replies.join().unwrap().unwrap(), b"DONE!");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A reader taking a few bytes at a time, falling behind now and then, while the writer
+    /// sends frame-shaped writes: every byte arrives in order. (This did not reproduce the
+    /// "received plaintext buffer full" failure of a real migration; `migration_tls.rs`, with
+    /// 64 MiB of guest RAM, does.)
+    #[test]
+    fn small_reads_of_a_large_stream_get_every_byte() {
+        let dir = temp("small-reads");
+        let (src, dst) = sides(&dir, false);
+        let (client, target) = pair(&src, &dst);
+        let mut client = client.unwrap();
+        let mut server = target.join().unwrap().unwrap();
+        let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 253) as u8).collect();
+        let expect = data.clone();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::with_capacity(expect.len());
+            let mut piece = [0u8; 7];
+            while got.len() < expect.len() {
+                // Fall behind now and then, so the socket holds more than a record for the
+                // next read (as when a migration target is busy applying RAM).
+                if got.len() % (256 << 10) < piece.len() {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                let want = piece.len().min(expect.len() - got.len());
+                server.read_exact(&mut piece[..want]).unwrap();
+                got.extend_from_slice(&piece[..want]);
+            }
+            assert!(got == expect, "the target read other bytes than were sent");
+        });
+        // Writes shaped like migration frames (header, payload, CRC): each write becomes its
+        // own records, so one socket read can complete several of them.
+        let mut rest = &data[..];
+        for size in [5usize, 20_000, 4].iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let n = (*size).min(rest.len());
+            client.write_all(&rest[..n]).unwrap();
+            rest = &rest[n..];
+        }
+        client.flush().unwrap();
+        reader.join().unwrap();
         let _ = std::fs::remove_dir_all(dir);
     }
 
