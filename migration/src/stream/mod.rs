@@ -378,11 +378,18 @@ pub enum StreamError {
 /// Result of the stream functions.
 pub type Result<T> = std::result::Result<T, StreamError>;
 
-/// A hint when bytes that should start a migration stream start a TLS record instead (content
-/// type 20..=23, version 3.x): the peer uses TLS and this side does not.
+/// Whether `bytes` start a TLS record (content type 20..=23, version 3.x): what a peer that
+/// speaks TLS sends where a migration stream should start.
+pub fn starts_tls_record(bytes: &[u8]) -> bool {
+    matches!(bytes, [20..=23, 3, 0..=4, ..])
+}
+
+/// A hint for [`StreamError::BadMagic`] when the bytes start a TLS record: the peer uses TLS and
+/// this side does not.
 fn tls_hint(found: &[u8]) -> &'static str {
-    match found {
-        [20..=23, 3, 0..=4, ..] => " (a TLS record: the peer uses tls, so this side needs it too)",
-        _ => "",
+    if starts_tls_record(found) {
+        " (a TLS record: the peer uses tls, so this side needs it too)"
+    } else {
+        ""
     }
 }

@@ -77,9 +77,12 @@ impl Node {
 
 /// The `counter: N` values in the serial file, in order.
 pub fn counters(serial: &Path) -> Vec<u64> {
-    std::fs::read_to_string(serial)
-        .unwrap_or_default()
-        .lines()
+    counter_values(&std::fs::read_to_string(serial).unwrap_or_default())
+}
+
+/// The `counter: N` values in serial output `text`, in order.
+pub fn counter_values(text: &str) -> Vec<u64> {
+    text.lines()
         .filter_map(|l| l.strip_prefix("counter: "))
         .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
         .collect()

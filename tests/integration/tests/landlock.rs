@@ -4,21 +4,10 @@
 
 use std::time::Duration;
 
+use integration::node::counter_values as counters;
 use integration::{remote, remote_ok, run_skiff, temp_dir, wait_for_path, SkiffProcess};
 
 const DEADLINE: Duration = Duration::from_secs(300);
-
-fn counters(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| {
-            l.strip_prefix("counter: ")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
 
 #[test]
 fn the_vmm_cannot_open_a_path_outside_its_configuration() {

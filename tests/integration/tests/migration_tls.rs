@@ -18,6 +18,14 @@ fn args(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
+/// `receive-migration URL` on `dst` with the TLS options `rx`; must be accepted.
+fn receive(dst: &Node, url: &str, rx: &[String], why: &str) {
+    let mut receive = vec!["receive-migration", url];
+    receive.extend(args(rx));
+    let (code, out, err) = dst.remote(&receive);
+    assert_eq!(code, Some(0), "{why}: receive-migration: {out}{err}");
+}
+
 /// One migration attempt that must fail, leaving the source running and counting.
 fn refused(
     src: &Node,
@@ -28,10 +36,7 @@ fn refused(
     tx: &[String],
     why: &str,
 ) {
-    let mut receive = vec!["receive-migration", url];
-    receive.extend(args(rx));
-    let (code, out, err) = dst.remote(&receive);
-    assert_eq!(code, Some(0), "{why}: receive-migration: {out}{err}");
+    receive(dst, url, rx, why);
     let (code, out) = send(src, url, &args(tx));
     assert_ne!(code, Some(0), "{why}: the migration went through:\n{out}");
     let lower = out.to_lowercase();
@@ -118,10 +123,7 @@ fn tls_migration_authenticates_both_sides_and_refuses_bad_certificates() {
         "a source without TLS",
     );
 
-    let mut receive = vec!["receive-migration", url.as_str()];
-    receive.extend(args(&target_ok));
-    let (code, out, err) = dst.remote(&receive);
-    assert_eq!(code, Some(0), "{out}{err}");
+    receive(&dst, &url, &target_ok, "good certificates");
     let (code, out) = send(&src, &url, &args(&source_ok));
     assert_eq!(code, Some(0), "send-migration over TLS failed: {out}");
     assert!(out.contains("migration completed"), "{out}");

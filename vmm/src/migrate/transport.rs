@@ -103,7 +103,7 @@ impl Conn {
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
             )
         };
-        n == 3 && matches!(head, [20..=23, 3, 0..=4])
+        n == 3 && migration::stream::starts_tls_record(&head)
     }
 
     /// Pace this connection's writes with `limit`.
