@@ -114,6 +114,18 @@ pub struct PingResponse {
     pub features: Vec<String>,
 }
 
+impl PingResponse {
+    /// This process's answer: the workspace version, its pid, no optional features (every
+    /// feature is always built in).
+    pub fn current() -> Self {
+        PingResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            features: Vec::new(),
+        }
+    }
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

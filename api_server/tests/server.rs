@@ -446,6 +446,10 @@ fn many_clients_at_once() {
                 for i in 0..50 {
                     let p = c.ping().unwrap();
                     assert_eq!(p.pid, std::process::id(), "thread {t} ping {i}");
+                    // A request the VMM answers (409: no VM), so that each goes through the
+                    // channel while the others do.
+                    let r = c.raw("PUT", "/api/v1/vm.pause", None).unwrap();
+                    assert_eq!(r.status, 409, "thread {t} pause {i}");
                     // And a 400 in between, which must not disturb anyone.
                     if i % 10 == 0 {
                         let r = c
@@ -595,6 +599,32 @@ fn eventfd_is_written_per_request() {
         c.pause().unwrap();
     }
     assert_eq!(probe.read().unwrap(), 3);
+}
+
+/// `vmm.ping` is answered by the server itself: no request reaches the control thread, none
+/// wakes it, and a control thread busy with a long operation does not delay it.
+#[test]
+fn ping_is_answered_without_the_control_thread() {
+    let path = socket_path("ping");
+    let (tx, rx) = channel::<api_server::ApiRequest>();
+    let wake = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let probe = wake.try_clone().unwrap();
+    let _s = ApiServer::start(&path, tx, wake).unwrap();
+    let c = ApiClient::new(&path).unwrap();
+    // A request the control thread holds (it never answers during the pings).
+    let p = path.clone();
+    let held = std::thread::spawn(move || ApiClient::new(&p).unwrap().pause());
+    let pending = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(pending.action, ApiAction::Pause);
+    assert_eq!(probe.read().unwrap(), 1);
+    for _ in 0..5 {
+        let ping = c.ping().unwrap();
+        assert_eq!(ping, api_server::models::PingResponse::current());
+    }
+    assert!(rx.try_recv().is_err(), "a ping reached the control thread");
+    assert!(probe.read().is_err(), "a ping woke the control thread");
+    let _ = pending.respond.send(Ok(api_server::ApiReply::Empty));
+    held.join().unwrap().unwrap();
 }
 
 /// The control thread answers vmm.shutdown and stops the server right away: the client still
