@@ -17,7 +17,7 @@ mod rules;
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
@@ -160,9 +160,14 @@ static CONFIG: OnceLock<Config> = OnceLock::new();
 /// (`u8::MAX`: none). Set only through [`provoke_violation_in`], which the binary calls only for
 /// its test knob.
 static PROVOKE: AtomicU8 = AtomicU8::new(u8::MAX);
+/// Whether the provoked violation is [`PROVOKED_IOCTL`] rather than [`PROVOKED_SYSCALL`].
+static PROVOKE_IOCTL: AtomicBool = AtomicBool::new(false);
 
 /// The syscall [`provoke_violation_in`] makes: harmless, and in no thread kind's rules.
 pub const PROVOKED_SYSCALL: i64 = libc::SYS_getppid;
+/// The ioctl request [`provoke_violation_in`] makes, on no descriptor (-1): FIONREAD, which the
+/// vCPU, device-worker and API filters refuse (they allow ioctls by request).
+pub const PROVOKED_IOCTL: libc::Ioctl = libc::FIONREAD;
 
 thread_local! {
     /// The calling thread's name and kind, recorded by [`apply`] for the SIGSYS handler (which
@@ -211,20 +216,33 @@ pub fn apply(kind: ThreadKind) -> Result<(), SandboxError> {
     })?;
     log::debug!("seccomp: {} filter installed", kind.name());
     if PROVOKE.load(Ordering::Relaxed) == kind as u8 {
-        log::warn!(
-            "test knob: the {} thread now makes the forbidden syscall {PROVOKED_SYSCALL}",
-            kind.name()
-        );
-        // SAFETY: getppid has no side effects (and is not executed when the filter traps it).
-        unsafe { libc::syscall(PROVOKED_SYSCALL) };
+        if PROVOKE_IOCTL.load(Ordering::Relaxed) {
+            log::warn!(
+                "test knob: the {} thread now makes the forbidden ioctl {PROVOKED_IOCTL:#x}",
+                kind.name()
+            );
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD on descriptor -1 only fails with EBADF (when the filter lets it
+            // through at all); `n` outlives the call.
+            unsafe { libc::ioctl(-1, PROVOKED_IOCTL, &mut n) };
+        } else {
+            log::warn!(
+                "test knob: the {} thread now makes the forbidden syscall {PROVOKED_SYSCALL}",
+                kind.name()
+            );
+            // SAFETY: getppid has no side effects (and is not executed when the filter traps it).
+            unsafe { libc::syscall(PROVOKED_SYSCALL) };
+        }
     }
     Ok(())
 }
 
-/// Test-only: make every thread of `kind` call [`PROVOKED_SYSCALL`], which no filter
-/// allows, right after installing its filter — to show that a violation is caught and
-/// reported. The binary calls this only for a test knob that release builds refuse.
-pub fn provoke_violation_in(kind: ThreadKind) {
+/// Test-only: make every thread of `kind` call [`PROVOKED_SYSCALL`] (with `ioctl`: the ioctl
+/// [`PROVOKED_IOCTL`]), which its filter refuses, right after installing its filter — to show
+/// that a violation is caught and reported. The binary calls this only for a test knob that
+/// release builds refuse.
+pub fn provoke_violation_in(kind: ThreadKind, ioctl: bool) {
+    PROVOKE_IOCTL.store(ioctl, Ordering::Relaxed);
     PROVOKE.store(kind as u8, Ordering::Relaxed);
 }
 
@@ -326,6 +344,20 @@ impl Message {
         self.len += n;
     }
 
+    fn push_hex(&mut self, mut v: u64) {
+        let mut digits = [0u8; 16];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b"0123456789abcdef"[(v & 0xf) as usize];
+            v >>= 4;
+            if v == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+
     fn push_number(&mut self, mut v: u64) {
         let mut digits = [0u8; 20];
         let mut i = digits.len();
@@ -341,7 +373,7 @@ impl Message {
     }
 }
 
-extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SIGSYS (SA_SIGINFO); `si_syscall` is an
     // int at SI_SYSCALL_OFFSET within it.
     let syscall = unsafe {
@@ -371,6 +403,16 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     m.push_number(unsafe { libc::syscall(libc::SYS_gettid) } as u64);
     m.push(b") made the forbidden syscall ");
     m.push_number(syscall.max(0) as u64);
+    if i64::from(syscall) == libc::SYS_ioctl && !ctx.is_null() {
+        // SAFETY: with SA_SIGINFO the third argument is the interrupted thread's ucontext; a
+        // seccomp trap leaves the syscall's arguments in its registers (the request in RSI).
+        let request = unsafe {
+            (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RSI as usize]
+        };
+        m.push(b" (ioctl request 0x");
+        m.push_hex(request as u64 & 0xffff_ffff);
+        m.push(b")");
+    }
     m.push(b"; exiting\n");
     // SAFETY: write and _exit are async-signal-safe; the buffer lives on this stack frame.
     unsafe {
@@ -399,7 +441,7 @@ mod tests {
     }
 
     #[test]
-    fn message_numbers_are_decimal() {
+    fn message_numbers_are_decimal_and_hex() {
         let mut m = Message {
             buf: [0; 256],
             len: 0,
@@ -407,6 +449,10 @@ mod tests {
         m.push_number(0);
         m.push(b" ");
         m.push_number(18446744073709551615);
-        assert_eq!(&m.buf[..m.len], b"0 18446744073709551615");
+        m.push(b" ");
+        m.push_hex(0x541b);
+        m.push(b" ");
+        m.push_hex(0);
+        assert_eq!(&m.buf[..m.len], b"0 18446744073709551615 541b 0");
     }
 }

@@ -106,8 +106,10 @@ const SOCKET_IO: &[c_long] = &[
 ];
 
 /// Building and tearing down a VM: opening kernels, disks, TAPs, /dev/kvm and VFIO, guest RAM
-/// memfds, snapshot directories, vfio-user and migration sockets; KVM and VFIO ioctls; signals
-/// to vCPU threads.
+/// memfds, snapshot directories, vfio-user and migration sockets; ioctls of any kind (KVM,
+/// VFIO, iommufd, TUN, terminals for ptys, block-device sizes: these threads build VMs from
+/// whatever the configuration names, and every thread inherits their filter); signals to vCPU
+/// threads.
 const VM_LIFECYCLE: &[c_long] = &[
     SYS_openat,
     SYS_open,
@@ -150,15 +152,54 @@ const VM_LIFECYCLE: &[c_long] = &[
     SYS_sysinfo,
 ];
 
-/// The vCPU thread: KVM_RUN and the device ioctls an MMIO/PIO access can trigger (BAR moves,
-/// MSI-X routes, irqfds, ioeventfds, VFIO IRQ set-up), and kicks. Kernel VFIO BAR access
+/// The vCPU thread: kicks. Its ioctls are in [`VCPU_IOCTLS`]. Kernel VFIO BAR access
 /// (pread/pwrite on the device fd) and vfio-user BAR access (messages on the client socket)
 /// come from [`FILE_IO`] and [`SOCKET_IO`]; a virtio device's worker is started by the guest's
 /// DRIVER_OK write, so from a vCPU thread: [`SPAWN`] and [`EVENT_LOOP`] too.
-const VCPU: &[c_long] = &[SYS_ioctl, SYS_tgkill];
+const VCPU: &[c_long] = &[SYS_tgkill];
 
-/// The API thread: accepting connections (tokio sets them non-blocking).
-const API: &[c_long] = &[SYS_accept4, SYS_ioctl];
+/// The API thread: accepting connections. Its ioctls are in [`API_IOCTLS`].
+const API: &[c_long] = &[SYS_accept4];
+
+/// An ioctl request the filter allows: a whole ioctl type (the `_IOC` type byte, bits 8-15, of
+/// every request of a subsystem), or one request exactly.
+#[derive(Clone, Copy)]
+enum Ioctl {
+    /// Every request of this type byte.
+    Type(u8),
+    /// This request only.
+    Exact(u64),
+}
+
+/// KVM's ioctl type (`KVMIO`, linux/kvm.h).
+const KVM_TYPE: u8 = 0xAE;
+/// VFIO's ioctl type (`VFIO_TYPE`, linux/vfio.h), which iommufd shares (`IOMMUFD_TYPE`).
+const VFIO_TYPE: u8 = b';';
+
+/// Descriptor flags std and tokio set with ioctls: non-blocking mode and close-on-exec.
+const FD_FLAGS_IOCTLS: &[Ioctl] = &[Ioctl::Exact(FIONBIO), Ioctl::Exact(FIOCLEX)];
+
+/// The vCPU thread's ioctls. KVM: KVM_RUN and register access, and what an MMIO/PIO access can
+/// trigger on the VM (BAR moves remap memory slots, MSI-X writes change GSI routes, DRIVER_OK
+/// registers irqfds and ioeventfds). VFIO (and iommufd): a guest's MSI-X or INTx set-up on a
+/// kernel passthrough device (VFIO_DEVICE_SET_IRQS), its config space and resets. TUN: the
+/// offloads a virtio-net driver acked, set when DRIVER_OK activates the device. Terminal
+/// ioctls (TIOCSTI and the like), block-device, socket and any other ioctl are refused.
+const VCPU_IOCTLS: &[&[Ioctl]] = &[
+    &[
+        Ioctl::Type(KVM_TYPE),
+        Ioctl::Type(VFIO_TYPE),
+        Ioctl::Exact(TUNSETOFFLOAD),
+    ],
+    FD_FLAGS_IOCTLS,
+];
+
+/// Device workers' ioctls: virtio-iommu's worker maps and unmaps guest DMA for kernel
+/// passthrough devices (VFIO_IOMMU_MAP_DMA on the container, or iommufd's IOAS_MAP).
+const DEVICE_WORKER_IOCTLS: &[&[Ioctl]] = &[&[Ioctl::Type(VFIO_TYPE)], FD_FLAGS_IOCTLS];
+
+/// The API thread's ioctls: its sockets' flags.
+const API_IOCTLS: &[&[Ioctl]] = &[FD_FLAGS_IOCTLS];
 
 /// The `prctl` options threads use: naming a new thread, and setting no_new_privs before a
 /// filter is installed.
@@ -184,7 +225,40 @@ pub(crate) fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>,
         .map(|&nr| (nr, Vec::new()))
         .collect();
     map.insert(SYS_prctl, prctl_rules()?);
+    let ioctls = match kind {
+        ThreadKind::Vcpu => Some(VCPU_IOCTLS),
+        ThreadKind::DeviceWorker => Some(DEVICE_WORKER_IOCTLS),
+        ThreadKind::Api => Some(API_IOCTLS),
+        // Control and migration allow every ioctl (VM_LIFECYCLE); passthrough threads none.
+        ThreadKind::Control | ThreadKind::Migration | ThreadKind::Passthrough => None,
+    };
+    if let Some(groups) = ioctls {
+        map.insert(SYS_ioctl, ioctl_rules(groups)?);
+    }
     Ok(map)
+}
+
+/// One rule per allowed request or type, on the request argument's low 32 bits (the kernel
+/// takes `cmd` as an unsigned int).
+fn ioctl_rules(groups: &[&[Ioctl]]) -> Result<Vec<SeccompRule>, BackendError> {
+    groups
+        .iter()
+        .flat_map(|g| g.iter())
+        .map(|&i| {
+            let condition = match i {
+                Ioctl::Type(t) => SeccompCondition::new(
+                    1,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::MaskedEq(0xff00),
+                    u64::from(t) << 8,
+                ),
+                Ioctl::Exact(request) => {
+                    SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
+                }
+            }?;
+            SeccompRule::new(vec![condition])
+        })
+        .collect()
 }
 
 fn prctl_rules() -> Result<Vec<SeccompRule>, BackendError> {

@@ -161,10 +161,27 @@ fn migrate_tls(
     let mut req = SendMigrationRequest::new(url);
     req.connections = connections;
     req.tls = tls.map(|t| t.0.clone());
+    send_and_follow(src, tgt, &req)
+}
+
+/// A `local` migration (the guest-RAM memfds handed over) of `src` to `tgt` over a `unix:` URL.
+fn migrate_local(src: &mut Skiff, tgt: &Skiff, url: &str) -> Migration {
+    let url = MigrationUrl::parse(url).expect("url");
+    tgt.client()
+        .receive_migration(&ReceiveMigrationRequest::new(url.clone()))
+        .expect("receive-migration");
+    let mut req = SendMigrationRequest::new(url);
+    req.local = true;
+    send_and_follow(src, tgt, &req)
+}
+
+/// Send `req` from `src` (the target listens already), following the source's progress until
+/// the end; the figures and whether both ends finished as they should.
+fn send_and_follow(src: &mut Skiff, tgt: &Skiff, req: &SendMigrationRequest) -> Migration {
     let client = src.client();
     let (src_pid, tgt_pid) = (src.child.id(), tgt.child.id());
     let cpu0 = cpu_s(src_pid).zip(cpu_s(tgt_pid));
-    client.send_migration(&req).expect("send-migration");
+    client.send_migration(req).expect("send-migration");
     let end = Instant::now() + DEADLINE;
     let mut max_throttle = 0;
     let last = loop {
@@ -635,6 +652,46 @@ fn dirty_migration(dir: &Path, tag: &str, mib: u64, rate: u64) -> DirtyRun {
 
 // ---------------------------------------------------------------------------------------------
 
+/// Section 4: `local=on` migrations of a running 1 GiB guest restored from `snap`, one after the
+/// other from each target to a new one; downtime of each and the median against the target.
+fn local_downtime(dir: &Path, snap: &str, runs: usize) {
+    println!();
+    println!("== 4. local=on: a 1 GiB guest ({runs} migrations in a row, each target the next source), RAM handed over as memfds");
+    let restore = format!("source_url={snap},resume=on");
+    let mut src = Skiff::spawn(dir, "local-0", None, &["--restore", &restore]);
+    wait_for("restored source running", DEADLINE, || {
+        src.client()
+            .info()
+            .is_ok_and(|i| format!("{:?}", i.state) == "Running")
+    });
+    let mut downtimes = Vec::new();
+    for i in 1..=runs {
+        let tgt = Skiff::spawn(dir, &format!("local-{i}"), None, &[]);
+        let url = format!("unix:{}", dir.join(format!("local-{i}.sock")).display());
+        let m = migrate_local(&mut src, &tgt, &url);
+        println!(
+            "run {i}: downtime {} ms, {} bytes sent, total {:.3} s  {}",
+            m.downtime(),
+            m.last.bytes_sent,
+            m.total_s(),
+            m.status()
+        );
+        if let Some(d) = m.last.downtime_ms.filter(|_| m.ok()) {
+            downtimes.push(d as f64);
+        }
+        src = tgt;
+    }
+    if downtimes.is_empty() {
+        println!("local=on: no migration completed");
+        return;
+    }
+    let med = median(downtimes);
+    println!(
+        "local=on 1 GiB: median downtime {med:.0} ms (target <= 10 ms: {})",
+        if med <= 10.0 { "met" } else { "NOT met" }
+    );
+}
+
 fn main() {
     let quick = quick();
     let runs = if quick { 1 } else { 2 };
@@ -658,6 +715,10 @@ fn main() {
     // Guests filled from the host.
     let t = Instant::now();
     let (snap_1g, filled_1g) = filled_snapshot(dir, 1 << 30);
+    if std::env::args().skip(1).any(|a| a == "local") {
+        local_downtime(dir, &snap_1g, 5);
+        return;
+    }
     let (snap_256m, filled_256m) = filled_snapshot(dir, 256 * MIB);
     println!(
         "prepared filled 1 GiB ({} MiB non-zero) and 256 MiB ({} MiB non-zero) guest images in {:.1} s",
@@ -848,6 +909,7 @@ fn main() {
     let m = migrate_snapshot(dir, "s256", &snap_256m, None, "127.0.0.1", 1);
     print_row("256 MiB, 1 connection", filled_256m, &m);
     print_row("1 GiB, 1 connection (part 1)", filled_1g, one_conn_1g);
+    local_downtime(dir, &snap_1g, if quick { 3 } else { 5 });
     let _ = std::fs::remove_dir_all(dir.join("snap-1024M"));
     let _ = std::fs::remove_dir_all(dir.join("snap-256M"));
     if quick {

@@ -13,6 +13,8 @@
 //! - `SKIFF_TEST_FORBIDDEN_SYSCALL=KIND` (a thread kind: control, vcpu, api, device-worker,
 //!   passthrough, migration): each thread of that kind makes a syscall no seccomp filter allows
 //!   right after installing its filter, so a test can show the violation is caught and reported.
+//!   `KIND:ioctl` makes it an ioctl request its kind's filter refuses instead (vcpu,
+//!   device-worker and api filter ioctls by request).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -60,22 +62,25 @@ pub fn init_from_env() -> Result<(), String> {
         DROP_RESUMED.store(true, Ordering::Relaxed);
     }
     let forbidden = std::env::var(FORBIDDEN_SYSCALL_VAR).ok();
-    if let Some(kind) = forbidden_syscall_kind(forbidden.as_deref(), cfg!(feature = "test-knobs"))?
+    if let Some((kind, ioctl)) =
+        forbidden_syscall_kind(forbidden.as_deref(), cfg!(feature = "test-knobs"))?
     {
         log::warn!(
-            "TEST KNOB {FORBIDDEN_SYSCALL_VAR}: {} threads will make a forbidden syscall",
-            kind.name()
+            "TEST KNOB {FORBIDDEN_SYSCALL_VAR}: {} threads will make a forbidden {}",
+            kind.name(),
+            if ioctl { "ioctl" } else { "syscall" }
         );
-        sandbox::provoke_violation_in(kind);
+        sandbox::provoke_violation_in(kind, ioctl);
     }
     Ok(())
 }
 
-/// The decision behind [`init_from_env`] for [`FORBIDDEN_SYSCALL_VAR`].
+/// The decision behind [`init_from_env`] for [`FORBIDDEN_SYSCALL_VAR`]: the thread kind, and
+/// whether the violation is an ioctl.
 fn forbidden_syscall_kind(
     value: Option<&str>,
     built_with_knobs: bool,
-) -> Result<Option<sandbox::ThreadKind>, String> {
+) -> Result<Option<(sandbox::ThreadKind, bool)>, String> {
     let Some(v) = value.filter(|v| !v.is_empty()) else {
         return Ok(None);
     };
@@ -84,13 +89,19 @@ fn forbidden_syscall_kind(
             "{FORBIDDEN_SYSCALL_VAR} is a test knob and this build has none (build with --features vmm/test-knobs)"
         ));
     }
-    sandbox::kind_by_name(v).map(Some).ok_or_else(|| {
-        let kinds: Vec<_> = sandbox::ThreadKind::ALL.iter().map(|k| k.name()).collect();
-        format!(
-            "{FORBIDDEN_SYSCALL_VAR}={v:?}: expected one of {}",
-            kinds.join(", ")
-        )
-    })
+    let (name, ioctl) = match v.strip_suffix(":ioctl") {
+        Some(name) => (name, true),
+        None => (v, false),
+    };
+    sandbox::kind_by_name(name)
+        .map(|k| Some((k, ioctl)))
+        .ok_or_else(|| {
+            let kinds: Vec<_> = sandbox::ThreadKind::ALL.iter().map(|k| k.name()).collect();
+            format!(
+                "{FORBIDDEN_SYSCALL_VAR}={v:?}: expected one of {} (optionally followed by :ioctl)",
+                kinds.join(", ")
+            )
+        })
 }
 
 /// The decision behind [`init_from_env`] for the on/off knob `var` set to `value`.
@@ -129,8 +140,13 @@ mod tests {
         assert_eq!(forbidden_syscall_kind(None, false), Ok(None));
         assert_eq!(
             forbidden_syscall_kind(Some("vcpu"), true),
-            Ok(Some(sandbox::ThreadKind::Vcpu))
+            Ok(Some((sandbox::ThreadKind::Vcpu, false)))
         );
+        assert_eq!(
+            forbidden_syscall_kind(Some("api:ioctl"), true),
+            Ok(Some((sandbox::ThreadKind::Api, true)))
+        );
+        assert!(forbidden_syscall_kind(Some("api:open"), true).is_err());
         let e = forbidden_syscall_kind(Some("vcpu"), false).unwrap_err();
         assert!(e.contains("test-knobs"), "{e}");
         let e = forbidden_syscall_kind(Some("gpu"), true).unwrap_err();

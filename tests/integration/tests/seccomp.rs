@@ -167,6 +167,11 @@ fn provoke(kind: &str, dir: &Path, dev: &TestDevice) -> Run {
 /// `run` ended on a violation reported for one of `threads` (the first of them to start) with
 /// `kind`'s filter.
 fn assert_reported(run: &Run, threads: &[&str], kind: &str) {
+    assert_reported_as(run, threads, kind, &format!("{GETPPID}; exiting"));
+}
+
+/// [`assert_reported`] for a violation reported as `what` (after "made the forbidden syscall ").
+fn assert_reported_as(run: &Run, threads: &[&str], kind: &str, what: &str) {
     run.assert_code(EXIT_SECCOMP);
     let needles: Vec<String> = threads
         .iter()
@@ -177,7 +182,7 @@ fn assert_reported(run: &Run, threads: &[&str], kind: &str) {
         "none of {needles:?} in\n{}",
         run.log()
     );
-    let number = format!("made the forbidden syscall {GETPPID}; exiting");
+    let number = format!("made the forbidden syscall {what}");
     assert!(
         run.stderr.contains(&number),
         "no {number:?} in\n{}",
@@ -198,6 +203,23 @@ fn a_forbidden_syscall_is_reported_with_thread_and_number_in_every_kind() {
         let dev = TestDevice::start(&dir, &format!("dev-{kind}"), &[]);
         let run = provoke(kind, &dir, &dev);
         assert_reported(&run, thread, kind);
+    }
+}
+
+/// The vCPU, device-worker and API filters allow ioctls by request (KVM, VFIO, a TUN offload,
+/// descriptor flags): any other request, here FIONREAD, is refused and reported with its number.
+#[test]
+fn a_forbidden_ioctl_request_is_reported_with_its_number() {
+    let dir = temp_dir("seccomp-ioctl");
+    for (kind, thread) in [
+        ("vcpu", &["vcpu0"][..]),
+        ("device-worker", &["blk-disk0"]),
+        ("api", &["skiff-api"]),
+    ] {
+        let dev = TestDevice::start(&dir, &format!("dev-{kind}"), &[]);
+        let run = provoke(&format!("{kind}:ioctl"), &dir, &dev);
+        let ioctl = format!("{} (ioctl request 0x541b); exiting", libc::SYS_ioctl);
+        assert_reported_as(&run, thread, kind, &ioctl);
     }
 }
 
