@@ -106,6 +106,30 @@ impl Conn {
         n == 3 && migration::stream::starts_tls_record(&head)
     }
 
+    /// Whether the peer sent something more or went away (closed, reset) — looks at the socket
+    /// without waiting or consuming anything.
+    pub fn peer_spoke(&self) -> bool {
+        let fd = match self {
+            Conn::Tcp(s) => s.as_raw_fd(),
+            Conn::Unix(s) => s.as_raw_fd(),
+            Conn::Tls(t) => t.socket().as_raw_fd(),
+            // The socket only: a clone's copy of the prefix says nothing about the peer.
+            Conn::Limited(c, _) | Conn::Prefixed(_, c) => return c.peer_spoke(),
+        };
+        let mut byte = [0u8; 1];
+        // SAFETY: recv writes at most 1 byte into `byte`; MSG_PEEK leaves it queued and
+        // MSG_DONTWAIT keeps it from blocking.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                byte.as_mut_ptr().cast(),
+                byte.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n >= 0 || std::io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock
+    }
+
     /// Pace this connection's writes with `limit`.
     pub fn limited(self, limit: &std::sync::Arc<RateLimit>) -> Self {
         Conn::Limited(Box::new(self), limit.clone())
