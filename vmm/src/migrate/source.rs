@@ -528,6 +528,19 @@ pub fn send(
         }
     })();
     let _ = core.stop_dirty_log();
+    conclude(&core, &progress, result, paused, committed, last_word)
+}
+
+/// End a migration: report a cancel as such, withdraw from a target that has everything but the
+/// commit, and resume the VM — unless the commit was sent and the target's RESUMED never came.
+fn conclude(
+    core: &VmCore,
+    progress: &SharedProgress,
+    result: Result<(), MigrateError>,
+    paused: bool,
+    committed: bool,
+    mut last_word: Option<Conn>,
+) -> Result<(), MigrateError> {
     // A cancel shuts the connections down: the error it causes is the cancel.
     let result = match result {
         Err(_) if progress.cancelled() => Err(MigrateError::Cancelled),
