@@ -13,11 +13,15 @@
 //! - `SKIFF_TEST_MIGRATION_HOLD=POINT[:TIMES][@SECONDS][,...]`: a migration stops at each
 //!   named point (`config`: a target, CONFIG received, before its answer; `switchover`: a
 //!   source, vCPUs paused, before the last dirty pages and the state are sent; `commit`: a
-//!   source, READY received, before the commit; `resumed`: a target, the commit received and
+//!   source, READY received, before the commit; `restore`: a target, the whole stream
+//!   received, before the state is restored; `resumed`: a target, the commit received and
 //!   the VM resumed, before RESUMED is answered) and waits there until it is cancelled, its
 //!   peer goes away, or `SECONDS` (default [`HOLD_LIMIT`]) pass — so a test can kill or cancel a
 //!   migration in that phase. `TIMES` (default: every migration) is how many migrations hold
 //!   there. A hold emits the event `migration` / `hold` with the point.
+//! - `SKIFF_TEST_NO_CLOCK_REALTIME=1`: the saved kvmclock lacks `KVM_CLOCK_REALTIME`, as on a
+//!   host without it, so a test can show that a migration still advances the guest's clock by
+//!   the downtime (skiff's own realtime reading, see `vm_state`).
 //! - `SKIFF_TEST_FORBIDDEN_SYSCALL=KIND` (a thread kind: control, vcpu, api, device-worker,
 //!   passthrough, migration): each thread of that kind makes a syscall no seccomp filter allows
 //!   right after installing its filter, so a test can show the violation is caught and reported.
@@ -35,6 +39,16 @@ static SKIP_P2P_GRACE: AtomicBool = AtomicBool::new(false);
 pub const DROP_RESUMED_VAR: &str = "SKIFF_TEST_DROP_RESUMED";
 
 static DROP_RESUMED: AtomicBool = AtomicBool::new(false);
+
+/// The environment variable that saves the kvmclock as a host without `KVM_CLOCK_REALTIME`.
+pub const NO_CLOCK_REALTIME_VAR: &str = "SKIFF_TEST_NO_CLOCK_REALTIME";
+
+static NO_CLOCK_REALTIME: AtomicBool = AtomicBool::new(false);
+
+/// Whether the saved kvmclock leaves out `KVM_CLOCK_REALTIME` (never, unless a test asked).
+pub fn no_clock_realtime() -> bool {
+    NO_CLOCK_REALTIME.load(Ordering::Relaxed)
+}
 
 /// Whether a migration target leaves out its RESUMED answer (never, unless a test asked).
 pub fn drop_resumed() -> bool {
@@ -56,6 +70,8 @@ pub enum HoldPoint {
     Switchover,
     /// Source: the target's READY arrived; the commit not sent yet.
     Commit,
+    /// Target: the whole stream arrived; the state not restored yet.
+    Restore,
     /// Target: the commit arrived and the VM runs; RESUMED not answered yet.
     Resumed,
 }
@@ -67,6 +83,7 @@ impl HoldPoint {
             HoldPoint::Config => "config",
             HoldPoint::Switchover => "switchover",
             HoldPoint::Commit => "commit",
+            HoldPoint::Restore => "restore",
             HoldPoint::Resumed => "resumed",
         }
     }
@@ -106,7 +123,7 @@ fn migration_holds(value: Option<&str>, built_with_knobs: bool) -> Result<Vec<Ho
         ));
     }
     let bad = |what: &str| {
-        format!("{MIGRATION_HOLD_VAR}={v:?}: {what} (expected POINT[:TIMES][@SECONDS],... with POINT one of config, switchover, commit, resumed)")
+        format!("{MIGRATION_HOLD_VAR}={v:?}: {what} (expected POINT[:TIMES][@SECONDS],... with POINT one of config, switchover, commit, restore, resumed)")
     };
     v.split(',')
         .map(|item| {
@@ -122,6 +139,7 @@ fn migration_holds(value: Option<&str>, built_with_knobs: bool) -> Result<Vec<Ho
                 HoldPoint::Config,
                 HoldPoint::Switchover,
                 HoldPoint::Commit,
+                HoldPoint::Restore,
                 HoldPoint::Resumed,
             ]
             .into_iter()
@@ -163,6 +181,17 @@ pub fn init_from_env() -> Result<(), String> {
     )? {
         log::warn!("TEST KNOB {DROP_RESUMED_VAR}=1: an incoming migration never answers RESUMED");
         DROP_RESUMED.store(true, Ordering::Relaxed);
+    }
+    let no_realtime = std::env::var(NO_CLOCK_REALTIME_VAR).ok();
+    if decide(
+        NO_CLOCK_REALTIME_VAR,
+        no_realtime.as_deref(),
+        cfg!(feature = "test-knobs"),
+    )? {
+        log::warn!(
+            "TEST KNOB {NO_CLOCK_REALTIME_VAR}=1: the kvmclock is saved without KVM_CLOCK_REALTIME"
+        );
+        NO_CLOCK_REALTIME.store(true, Ordering::Relaxed);
     }
     let holds = std::env::var(MIGRATION_HOLD_VAR).ok();
     let holds = migration_holds(holds.as_deref(), cfg!(feature = "test-knobs"))?;
@@ -248,10 +277,11 @@ mod tests {
             Ok(vec![hold(HoldPoint::Config, None, HOLD_LIMIT.as_secs())])
         );
         assert_eq!(
-            migration_holds(Some("switchover:2,commit:1,resumed@3"), true),
+            migration_holds(Some("switchover:2,commit:1,restore:1@3,resumed@3"), true),
             Ok(vec![
                 hold(HoldPoint::Switchover, Some(2), HOLD_LIMIT.as_secs()),
                 hold(HoldPoint::Commit, Some(1), HOLD_LIMIT.as_secs()),
+                hold(HoldPoint::Restore, Some(1), 3),
                 hold(HoldPoint::Resumed, None, 3),
             ])
         );

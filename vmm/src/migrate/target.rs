@@ -242,6 +242,7 @@ pub fn receive(req: ReceiveMigrationRequest, progress: SharedProgress) -> Result
         progress.phase(MigrationPhase::Precopy);
         let loaded = load(&vm, &mut rx0, others).and_then(|sections| {
             progress.phase(MigrationPhase::Completing);
+            hold_if_asked(HoldPoint::Restore, || probe.peer_spoke());
             vm.restore_components(&sections, ClockMode::Advance)?;
             vm.start()?;
             // Loaded and stopped: the VM runs only once the source has committed (fencing,
