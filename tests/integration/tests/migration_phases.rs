@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use integration::node::{
     assert_continuous, counters, send_migration as send, wait_for_counter, Node, DEADLINE,
 };
-use integration::{remote_ok, skiff_remote_bin, temp_dir};
+use integration::{remote_ok, skiff_remote_bin, skip_or_fail, temp_dir, TwoHosts};
 
 /// `skiff-remote send-migration` on a thread (it returns when the migration ends).
 fn send_in_background(src: &Node, url: &str) -> JoinHandle<Output> {
@@ -255,4 +255,49 @@ fn a_cancel_after_the_commit_is_refused() {
     let (_, info, _) = dst.remote(&["info"]);
     assert!(info.contains("\"Running\""), "{info}");
     remote_ok(&dst.api, &["shutdown-vmm"]);
+}
+
+/// The link between the hosts cut while the source's vCPUs are paused for the stop-and-copy:
+/// the source gives up on the dead connection (its unacknowledged data times out; no answer can
+/// come) and resumes its VM, which loses nothing.
+#[test]
+fn a_cut_link_during_the_stop_and_copy_resumes_the_source() {
+    let hosts = match TwoHosts::create("cutsw") {
+        Ok(h) => h,
+        Err(why) => return skip_or_fail("SKIFF_SKIP_NETNS", &why),
+    };
+    let dir = temp_dir("migration-cut-switchover");
+    let (src, serial) = Node::guest_env(
+        &dir,
+        "src",
+        Some(&hosts.a),
+        "size=128M",
+        "scenario=counter counter.every=1",
+        &[("SKIFF_TEST_MIGRATION_HOLD", "switchover:1@2")],
+    );
+    let dst = Node::start(&dir, "dst", Some(&hosts.b), &[]);
+    wait_for_counter(&serial, 3);
+    let url = format!("tcp:{}:6003", TwoHosts::B_ADDR);
+    let (code, out, err) = dst.remote(&["receive-migration", &url]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = src.remote(&["send-migration", &url, "--no-wait"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    src.wait_for_event("migration", "hold", 1, &serial);
+    hosts.cut();
+    let cut_at = Instant::now();
+    let p = wait_for_phase(&src, "failed", &serial);
+    eprintln!(
+        "link cut during the stop-and-copy: the source gave up after {:.1} s: {}",
+        cut_at.elapsed().as_secs_f64(),
+        p["error"]
+    );
+    // Within the connections' 30 s timeout (and its keepalive), not the two minutes the target
+    // may take to load the VM: the guest stays paused no longer than that.
+    assert!(
+        cut_at.elapsed() < Duration::from_secs(60),
+        "the source noticed the cut only after {:?}",
+        cut_at.elapsed()
+    );
+    assert_source_runs(&src, &serial, "a cut link during the stop-and-copy");
+    remote_ok(&src.api, &["shutdown-vmm"]);
 }

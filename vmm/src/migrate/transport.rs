@@ -228,6 +228,48 @@ pub fn connect(url: &MigrationUrl, n: usize) -> io::Result<Vec<Conn>> {
     (0..n).map(|_| connect_one(url)).collect()
 }
 
+/// Seconds of silence before a TCP keepalive probe, and between probes.
+const KEEPALIVE_S: libc::c_int = 5;
+
+/// Set `level`/`name` to `value` on `s` (a failure is logged: the connection works without it).
+fn set_int_option(s: &TcpStream, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
+    // SAFETY: `s` is an open socket; the option value is a c_int that lives through the call and
+    // whose size is passed with it.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        log::debug!(
+            "migration: setsockopt({level}, {name}) failed: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// No Nagle delay; and a dead peer or a cut link ends the connection within [`IO_TIMEOUT`] in
+/// every phase — also while one side only waits for the other's answer (keepalive probes) and
+/// while data sits unacknowledged (TCP_USER_TIMEOUT), where a read would wait forever and the
+/// kernel would retransmit for many minutes.
+fn tune_tcp(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+    set_int_option(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set_int_option(s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_S);
+    set_int_option(s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_S);
+    let user_timeout_ms = IO_TIMEOUT.as_millis() as libc::c_int;
+    set_int_option(
+        s,
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        user_timeout_ms,
+    );
+}
+
 fn connect_one(url: &MigrationUrl) -> io::Result<Conn> {
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     loop {
@@ -240,7 +282,7 @@ fn connect_one(url: &MigrationUrl) -> io::Result<Conn> {
                         io::Error::new(io::ErrorKind::NotFound, format!("{host}: no address"))
                     })?;
                 TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map(|s| {
-                    let _ = s.set_nodelay(true);
+                    tune_tcp(&s);
                     Conn::Tcp(s)
                 })
             }
@@ -302,7 +344,7 @@ impl Listener {
         let conn = match self {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
-                let _ = s.set_nodelay(true);
+                tune_tcp(&s);
                 Conn::Tcp(s)
             }
             Listener::Unix(l, _) => Conn::Unix(l.accept()?.0),
