@@ -158,6 +158,7 @@ fn a_kill_or_cancel_in_every_phase_leaves_the_source_running() {
     let out = sender.join().unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let p = wait_for_phase(&src, "failed", &serial);
+    assert!(p["error"].as_str().is_some_and(|e| !e.is_empty()), "{p}");
     eprintln!("stop-and-copy, target killed: {}", p["error"]);
     assert_source_runs(&src, &serial, "stop-and-copy, target killed");
 
@@ -183,7 +184,10 @@ fn a_kill_or_cancel_in_every_phase_leaves_the_source_running() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let p = wait_for_phase(&src, "failed", &serial);
     let error = p["error"].as_str().unwrap_or_default();
-    assert!(!error.contains("outcome unknown"), "{p}");
+    assert!(
+        !error.is_empty() && !error.contains("outcome unknown"),
+        "{p}"
+    );
     eprintln!("before the commit, target killed: {error}");
     assert_source_runs(&src, &serial, "before the commit, target killed");
 

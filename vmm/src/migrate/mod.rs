@@ -376,3 +376,49 @@ pub fn host_record() -> Vec<(String, String)> {
         ("cpu.leaf7.ecx".into(), format!("{:#010x}", l7.ecx)),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn a_cancel_is_taken_up_to_the_commit_and_refused_after_it() {
+        let p = SharedProgress::default();
+        assert!(p.request_cancel().unwrap_err().contains("no migration"));
+        // During the transfer: taken, and the connections are shut at once.
+        p.begin();
+        p.phase(MigrationPhase::Switchover);
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        p.watch(transport::Conn::Unix(a));
+        p.request_cancel().unwrap();
+        assert!(p.cancelled());
+        assert_eq!(b.read(&mut [0u8; 1]).unwrap(), 0, "the connection is shut");
+        // A cancel that came first wins over the commit.
+        assert!(matches!(p.commit(), Err(MigrateError::Cancelled)));
+        // Awaiting the commit: taken, but the connections are left to the worker.
+        p.begin();
+        p.phase(MigrationPhase::Completing);
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        p.watch(transport::Conn::Unix(a));
+        p.await_commit();
+        p.request_cancel().unwrap();
+        assert!(p.cancelled());
+        b.set_nonblocking(true).unwrap();
+        assert!(
+            (&b).read(&mut [0u8; 1]).is_err(),
+            "the connection is still open"
+        );
+        // Once committed: refused, and nothing changes.
+        p.begin();
+        p.phase(MigrationPhase::Completing);
+        p.await_commit();
+        p.commit().unwrap();
+        let e = p.request_cancel().unwrap_err();
+        assert!(e.contains("too late"), "{e}");
+        assert!(!p.cancelled());
+        // A finished migration cannot be cancelled either.
+        p.phase(MigrationPhase::Completed);
+        assert!(p.request_cancel().unwrap_err().contains("no migration"));
+    }
+}

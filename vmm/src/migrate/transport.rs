@@ -476,3 +476,31 @@ pub fn warn_if_plain_remote(url: &MigrationUrl, tls: bool, role: &str) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_spoke_sees_data_and_a_closed_peer_without_consuming() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let conn = Conn::Unix(a);
+        assert!(!conn.peer_spoke());
+        b.write_all(b"x").unwrap();
+        assert!(conn.peer_spoke());
+        // Still there to read.
+        let mut got = [0u8; 1];
+        conn.try_clone().unwrap().read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"x");
+        assert!(!conn.peer_spoke());
+        drop(b);
+        assert!(conn.peer_spoke());
+        // Through the wrappers, a prefix a clone carries does not count.
+        let (a, _b) = UnixStream::pair().unwrap();
+        let prefixed = Conn::Prefixed(
+            std::io::Cursor::new(b"SK".to_vec()),
+            Box::new(Conn::Unix(a)),
+        );
+        assert!(!prefixed.peer_spoke());
+    }
+}
