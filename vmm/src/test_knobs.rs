@@ -10,6 +10,18 @@
 //! - `SKIFF_TEST_DROP_RESUMED=1`: a migration target runs the VM after the source's commit but
 //!   never answers RESUMED — a lost final answer — so a test can show the source then stays
 //!   paused instead of running a second copy of the VM.
+//! - `SKIFF_TEST_MIGRATION_HOLD=POINT[:TIMES][@SECONDS][,...]`: a migration stops at each
+//!   named point (`config`: a target, CONFIG received, before its answer; `switchover`: a
+//!   source, vCPUs paused, before the last dirty pages and the state are sent; `commit`: a
+//!   source, READY received, before the commit; `restore`: a target, the whole stream
+//!   received, before the state is restored; `resumed`: a target, the commit received and
+//!   the VM resumed, before RESUMED is answered) and waits there until it is cancelled, its
+//!   peer goes away, or `SECONDS` (default [`HOLD_LIMIT`]) pass — so a test can kill or cancel a
+//!   migration in that phase. `TIMES` (default: every migration) is how many migrations hold
+//!   there. A hold emits the event `migration` / `hold` with the point.
+//! - `SKIFF_TEST_NO_CLOCK_REALTIME=1`: the saved kvmclock lacks `KVM_CLOCK_REALTIME`, as on a
+//!   host without it, so a test can show that a migration still advances the guest's clock by
+//!   the downtime (skiff's own realtime reading, see `vm_state`).
 //! - `SKIFF_TEST_FORBIDDEN_SYSCALL=KIND` (a thread kind: control, vcpu, api, device-worker,
 //!   passthrough, migration): each thread of that kind makes a syscall no seccomp filter allows
 //!   right after installing its filter, so a test can show the violation is caught and reported.
@@ -17,6 +29,8 @@
 //!   device-worker and api filter ioctls by request).
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
 
 /// The environment variable that skips the P2P grace step.
 pub const SKIP_P2P_GRACE_VAR: &str = "SKIFF_TEST_SKIP_P2P_GRACE";
@@ -28,9 +42,118 @@ pub const DROP_RESUMED_VAR: &str = "SKIFF_TEST_DROP_RESUMED";
 
 static DROP_RESUMED: AtomicBool = AtomicBool::new(false);
 
+/// The environment variable that saves the kvmclock as a host without `KVM_CLOCK_REALTIME`.
+pub const NO_CLOCK_REALTIME_VAR: &str = "SKIFF_TEST_NO_CLOCK_REALTIME";
+
+static NO_CLOCK_REALTIME: AtomicBool = AtomicBool::new(false);
+
+/// Whether the saved kvmclock leaves out `KVM_CLOCK_REALTIME` (never, unless a test asked).
+pub fn no_clock_realtime() -> bool {
+    NO_CLOCK_REALTIME.load(Ordering::Relaxed)
+}
+
 /// Whether a migration target leaves out its RESUMED answer (never, unless a test asked).
 pub fn drop_resumed() -> bool {
     DROP_RESUMED.load(Ordering::Relaxed)
+}
+
+/// The environment variable that makes migrations stop at a point (see the module docs).
+pub const MIGRATION_HOLD_VAR: &str = "SKIFF_TEST_MIGRATION_HOLD";
+
+/// How long a migration holds at most (then it goes on).
+pub const HOLD_LIMIT: Duration = Duration::from_secs(300);
+
+/// A point where [`MIGRATION_HOLD_VAR`] can hold a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldPoint {
+    /// Target: the source's CONFIG arrived; ACCEPT or REFUSE not sent yet.
+    Config,
+    /// Source: vCPUs paused; the last dirty pages and the state not sent yet.
+    Switchover,
+    /// Source: the target's READY arrived; the commit not sent yet.
+    Commit,
+    /// Target: the whole stream arrived; the state not restored yet.
+    Restore,
+    /// Target: the commit arrived and the VM runs; RESUMED not answered yet.
+    Resumed,
+}
+
+impl HoldPoint {
+    /// The name used in the knob's value.
+    pub fn name(self) -> &'static str {
+        match self {
+            HoldPoint::Config => "config",
+            HoldPoint::Switchover => "switchover",
+            HoldPoint::Commit => "commit",
+            HoldPoint::Restore => "restore",
+            HoldPoint::Resumed => "resumed",
+        }
+    }
+}
+
+/// One hold asked for: where, for how many more migrations (`None`: all), how long at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold {
+    point: HoldPoint,
+    times: Option<u32>,
+    limit: Duration,
+}
+
+/// The holds asked for.
+static HOLDS: Mutex<Vec<Hold>> = Mutex::new(Vec::new());
+
+/// How long this migration should hold at `point` at most, if it should (counts the hold).
+pub fn take_hold(point: HoldPoint) -> Option<Duration> {
+    let mut holds = HOLDS.lock().unwrap_or_else(|e| e.into_inner());
+    let hold = holds.iter_mut().find(|h| h.point == point)?;
+    match &mut hold.times {
+        None => {}
+        Some(0) => return None,
+        Some(n) => *n -= 1,
+    }
+    Some(hold.limit)
+}
+
+/// The decision behind [`init_from_env`] for [`MIGRATION_HOLD_VAR`].
+fn migration_holds(value: Option<&str>, built_with_knobs: bool) -> Result<Vec<Hold>, String> {
+    let Some(v) = value.filter(|v| !v.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    if !built_with_knobs {
+        return Err(format!(
+            "{MIGRATION_HOLD_VAR} is a test knob and this build has none (build with --features vmm/test-knobs)"
+        ));
+    }
+    let bad = |what: &str| {
+        format!("{MIGRATION_HOLD_VAR}={v:?}: {what} (expected POINT[:TIMES][@SECONDS],... with POINT one of config, switchover, commit, restore, resumed)")
+    };
+    v.split(',')
+        .map(|item| {
+            let (rest, limit) = match item.split_once('@') {
+                Some((r, s)) => (r, Duration::from_secs(s.parse().map_err(|_| bad(item))?)),
+                None => (item, HOLD_LIMIT),
+            };
+            let (name, times) = match rest.split_once(':') {
+                Some((n, t)) => (n, Some(t.parse::<u32>().map_err(|_| bad(item))?)),
+                None => (rest, None),
+            };
+            let point = [
+                HoldPoint::Config,
+                HoldPoint::Switchover,
+                HoldPoint::Commit,
+                HoldPoint::Restore,
+                HoldPoint::Resumed,
+            ]
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| bad(item))?;
+            Ok(Hold {
+                point,
+                times,
+                limit,
+            })
+        })
+        .collect()
 }
 
 /// Whether the P2P grace step is skipped (never, unless a test asked for it).
@@ -60,6 +183,23 @@ pub fn init_from_env() -> Result<(), String> {
     )? {
         log::warn!("TEST KNOB {DROP_RESUMED_VAR}=1: an incoming migration never answers RESUMED");
         DROP_RESUMED.store(true, Ordering::Relaxed);
+    }
+    let no_realtime = std::env::var(NO_CLOCK_REALTIME_VAR).ok();
+    if decide(
+        NO_CLOCK_REALTIME_VAR,
+        no_realtime.as_deref(),
+        cfg!(feature = "test-knobs"),
+    )? {
+        log::warn!(
+            "TEST KNOB {NO_CLOCK_REALTIME_VAR}=1: the kvmclock is saved without KVM_CLOCK_REALTIME"
+        );
+        NO_CLOCK_REALTIME.store(true, Ordering::Relaxed);
+    }
+    let holds = std::env::var(MIGRATION_HOLD_VAR).ok();
+    let holds = migration_holds(holds.as_deref(), cfg!(feature = "test-knobs"))?;
+    if !holds.is_empty() {
+        log::warn!("TEST KNOB {MIGRATION_HOLD_VAR}: migrations hold at {holds:?}");
+        *HOLDS.lock().unwrap_or_else(|e| e.into_inner()) = holds;
     }
     let forbidden = std::env::var(FORBIDDEN_SYSCALL_VAR).ok();
     if let Some((kind, ioctl)) =
@@ -133,6 +273,34 @@ mod tests {
             "{e}"
         );
         assert!(decide(v, Some("yes"), true).is_err());
+    }
+
+    #[test]
+    fn the_migration_hold_knob_names_points_and_counts_and_needs_the_feature() {
+        assert_eq!(migration_holds(None, false), Ok(Vec::new()));
+        let hold = |point, times, secs| Hold {
+            point,
+            times,
+            limit: Duration::from_secs(secs),
+        };
+        assert_eq!(
+            migration_holds(Some("config"), true),
+            Ok(vec![hold(HoldPoint::Config, None, HOLD_LIMIT.as_secs())])
+        );
+        assert_eq!(
+            migration_holds(Some("switchover:2,commit:1,restore:1@3,resumed@3"), true),
+            Ok(vec![
+                hold(HoldPoint::Switchover, Some(2), HOLD_LIMIT.as_secs()),
+                hold(HoldPoint::Commit, Some(1), HOLD_LIMIT.as_secs()),
+                hold(HoldPoint::Restore, Some(1), 3),
+                hold(HoldPoint::Resumed, None, 3),
+            ])
+        );
+        assert!(migration_holds(Some("resumed@x"), true).is_err());
+        let e = migration_holds(Some("config"), false).unwrap_err();
+        assert!(e.contains("test-knobs"), "{e}");
+        assert!(migration_holds(Some("precopy"), true).is_err());
+        assert!(migration_holds(Some("commit:x"), true).is_err());
     }
 
     #[test]

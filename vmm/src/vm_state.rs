@@ -9,6 +9,16 @@
 //! jump forward by the time the snapshot sat on disk (which could trip watchdogs and timers).
 //! The cost is that the guest's wall clock lags by that time until it resynchronizes (NTP, or a
 //! guest agent); Firecracker makes the same choice.
+//!
+//! A live migration ([`ClockMode::Advance`]) instead moves the kvmclock on by the real time that
+//! passed between the save and the restore (the downtime), so the guest's wall clock (its boot
+//! time plus the kvmclock) stays right: with `KVM_CLOCK_REALTIME` when the source's
+//! `KVM_GET_CLOCK` paired the clock with the host's realtime (KVM then adds the difference on
+//! `KVM_SET_CLOCK`), otherwise — a host without it, or a target whose KVM refuses the flag — with
+//! the host realtime skiff itself read right after `KVM_GET_CLOCK` (saved since `clock`
+//! version 2): the clock is set to the saved value plus the realtime elapsed since. That relies
+//! on both hosts' realtime clocks agreeing (NTP), as KVM's own way does, and is off by the few
+//! microseconds between the two reads. A version-1 section has no realtime: the clock continues.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC,
@@ -32,8 +42,8 @@ pub const CLOCK_SECTION: &str = "clock";
 pub const IRQCHIP_VERSION: u16 = 1;
 /// Layout version of the `pit` section.
 pub const PIT_VERSION: u16 = 1;
-/// Layout version of the `clock` section.
-pub const CLOCK_VERSION: u16 = 1;
+/// Layout version of the `clock` section (2: `kvm_clock_data` and the host's realtime in ns).
+pub const CLOCK_VERSION: u16 = 2;
 
 /// The chips of `KVM_GET_IRQCHIP`, in section order.
 const CHIPS: [u32; 3] = [
@@ -101,9 +111,16 @@ pub fn save_vm(vm: &VmFd) -> Result<Vec<StateSection>> {
     put_pod(&mut w, &pit);
     let pit = w.into_section(PIT_SECTION, PIT_VERSION);
 
-    let clock = vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+    let mut clock = vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+    let host_realtime = realtime_ns();
+    if crate::test_knobs::no_clock_realtime() {
+        // What a host without KVM_CLOCK_REALTIME returns.
+        clock.flags &= !KVM_CLOCK_REALTIME;
+        clock.realtime = 0;
+    }
     let mut w = StateWriter::new();
     put_pod(&mut w, &clock);
+    w.u64(host_realtime);
     let clock = w.into_section(CLOCK_SECTION, CLOCK_VERSION);
     Ok(vec![irqchip, pit, clock])
 }
@@ -113,6 +130,15 @@ struct VmState {
     chips: Vec<kvm_irqchip>,
     pit: kvm_pit_state2,
     clock: kvm_clock_data,
+    /// The host's realtime (ns since the epoch) read right after `KVM_GET_CLOCK` (version 2).
+    host_realtime: Option<u64>,
+}
+
+/// The host's realtime clock, in nanoseconds since the Unix epoch.
+fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn decode(sections: &[StateSection]) -> Result<VmState> {
@@ -140,10 +166,18 @@ fn decode(sections: &[StateSection]) -> Result<VmState> {
     r.finish()?;
 
     let s = require_section(sections, CLOCK_SECTION)?;
-    let mut r = StateReader::open(s, CLOCK_SECTION, CLOCK_VERSION)?;
+    // Version 1 (no host realtime) is still read; any other is refused by `open`.
+    let version = if s.version == 1 { 1 } else { CLOCK_VERSION };
+    let mut r = StateReader::open(s, CLOCK_SECTION, version)?;
     let clock: kvm_clock_data = get_pod(&mut r, "clock")?;
+    let host_realtime = if version >= 2 { Some(r.u64()?) } else { None };
     r.finish()?;
-    Ok(VmState { chips, pit, clock })
+    Ok(VmState {
+        chips,
+        pit,
+        clock,
+        host_realtime,
+    })
 }
 
 /// How the guest's clock continues after a restore.
@@ -179,16 +213,117 @@ pub fn restore_vm_with(vm: &VmFd, sections: &[StateSection], mode: ClockMode) ->
         })?;
     }
     vm.set_pit2(&state.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
-    // Continue: only the clock value, no KVM_CLOCK_REALTIME, so KVM does not advance the clock
-    // by the wall time that passed since the save (see the module documentation). Advance: hand
-    // back the saved realtime with KVM_CLOCK_REALTIME, so KVM adds the time that passed.
-    let realtime = mode == ClockMode::Advance && state.clock.flags & KVM_CLOCK_REALTIME != 0;
-    let clock = kvm_clock_data {
-        clock: state.clock.clock,
-        flags: if realtime { KVM_CLOCK_REALTIME } else { 0 },
-        realtime: if realtime { state.clock.realtime } else { 0 },
-        ..Default::default()
+    restore_clock(vm, &state, mode)
+}
+
+/// The `KVM_SET_CLOCK` argument for `mode` (see the module documentation): `use_kvm_realtime`
+/// lets KVM advance the clock by the saved realtime when the source paired one; `now` is the
+/// host's realtime (ns) for skiff's own advance otherwise.
+fn clock_to_set(
+    state: &VmState,
+    mode: ClockMode,
+    use_kvm_realtime: bool,
+    now: u64,
+) -> kvm_clock_data {
+    let saved = &state.clock;
+    let (clock, flags, realtime) = match (mode, state.host_realtime) {
+        (ClockMode::Continue, _) => (saved.clock, 0, 0),
+        (ClockMode::Advance, _) if use_kvm_realtime && saved.flags & KVM_CLOCK_REALTIME != 0 => {
+            (saved.clock, KVM_CLOCK_REALTIME, saved.realtime)
+        }
+        (ClockMode::Advance, Some(then)) => {
+            (saved.clock.saturating_add(now.saturating_sub(then)), 0, 0)
+        }
+        (ClockMode::Advance, None) => (saved.clock, 0, 0),
     };
-    vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
+    kvm_clock_data {
+        clock,
+        flags,
+        realtime,
+        ..Default::default()
+    }
+}
+
+/// Write the kvmclock back as `mode` says; when the target's KVM refuses `KVM_CLOCK_REALTIME`,
+/// advance it by skiff's own realtime reading instead.
+fn restore_clock(vm: &VmFd, state: &VmState, mode: ClockMode) -> Result<()> {
+    let clock = clock_to_set(state, mode, true, realtime_ns());
+    match vm.set_clock(&clock) {
+        Err(e) if clock.flags & KVM_CLOCK_REALTIME != 0 && state.host_realtime.is_some() => {
+            log::warn!("KVM_SET_CLOCK with KVM_CLOCK_REALTIME failed ({e}): advancing the kvmclock by skiff's own realtime reading");
+            let clock = clock_to_set(state, mode, false, realtime_ns());
+            vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
+        }
+        r => r.map_err(kvm_err("KVM_SET_CLOCK"))?,
+    }
+    if mode == ClockMode::Advance {
+        let how = match (clock.flags & KVM_CLOCK_REALTIME != 0, state.host_realtime) {
+            (true, _) => "by KVM (KVM_CLOCK_REALTIME)",
+            (false, Some(_)) => {
+                "by skiff's realtime reading (the source had no KVM_CLOCK_REALTIME)"
+            }
+            (false, None) => "not at all (a version-1 clock section has no realtime)",
+        };
+        log::info!("kvmclock restored and advanced {how}");
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(flags: u32, host_realtime: Option<u64>) -> VmState {
+        VmState {
+            chips: Vec::new(),
+            pit: kvm_pit_state2::default(),
+            clock: kvm_clock_data {
+                clock: 5_000,
+                flags,
+                realtime: 1_000_000,
+                ..Default::default()
+            },
+            host_realtime,
+        }
+    }
+
+    #[test]
+    fn the_clock_advances_by_the_realtime_that_passed_only_for_a_migration() {
+        let now = 1_000_000 + 2_000_000_000;
+        // A snapshot restore continues from the saved value, whatever was saved.
+        let c = clock_to_set(
+            &state(KVM_CLOCK_REALTIME, Some(1_000_000)),
+            ClockMode::Continue,
+            true,
+            now,
+        );
+        assert_eq!((c.clock, c.flags), (5_000, 0));
+        // A migration with KVM's realtime pairing: KVM adds the difference.
+        let c = clock_to_set(
+            &state(KVM_CLOCK_REALTIME, Some(1_000_000)),
+            ClockMode::Advance,
+            true,
+            now,
+        );
+        assert_eq!(
+            (c.clock, c.flags, c.realtime),
+            (5_000, KVM_CLOCK_REALTIME, 1_000_000)
+        );
+        // Without it (or refused by the target's KVM): skiff adds the 2 s itself.
+        for (flags, use_kvm) in [(0, true), (KVM_CLOCK_REALTIME, false)] {
+            let c = clock_to_set(
+                &state(flags, Some(1_000_000)),
+                ClockMode::Advance,
+                use_kvm,
+                now,
+            );
+            assert_eq!((c.clock, c.flags), (5_000 + 2_000_000_000, 0));
+        }
+        // A realtime in the future (clocks apart) never moves the clock back.
+        let c = clock_to_set(&state(0, Some(now + 10)), ClockMode::Advance, true, now);
+        assert_eq!(c.clock, 5_000);
+        // A version-1 section without KVM's realtime: nothing to advance by.
+        let c = clock_to_set(&state(0, None), ClockMode::Advance, true, now);
+        assert_eq!((c.clock, c.flags), (5_000, 0));
+    }
 }

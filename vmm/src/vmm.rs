@@ -359,25 +359,17 @@ impl Vmm {
                 }
                 (reply, Continue)
             }
-            ApiAction::MigrationCancel => {
-                let p = self.migration.get();
-                if matches!(p.phase, MigrationPhase::Setup | MigrationPhase::Precopy) {
-                    self.migration.cancel();
-                    ok(Continue)
-                } else {
-                    (
-                        Err(ApiError {
-                            status: 409,
-                            message: format!(
-                                "vm.migration-cancel: no migration can be cancelled (phase {})",
-                                p.phase.as_str()
-                            ),
-                            state: self.state,
-                        }),
-                        Continue,
-                    )
-                }
-            }
+            ApiAction::MigrationCancel => match self.migration.request_cancel() {
+                Ok(()) => ok(Continue),
+                Err(why) => (
+                    Err(ApiError {
+                        status: 409,
+                        message: format!("vm.migration-cancel: {why}"),
+                        state: self.state,
+                    }),
+                    Continue,
+                ),
+            },
         }
     }
 

@@ -39,6 +39,9 @@
 //! target never ran the VM and may resume its own; a source that sent it and heard no RESUMED
 //! cannot know, and stays paused rather than risk two running copies of one VM (split brain).
 //! A target that gets anything but the commit (EOF, a timeout, other bytes) drops the VM.
+//! A source that gives up after its COMPLETE but before the commit (a cancel, no READY in
+//! time) writes a withdrawal instead ([`withdrawal`]: [`WITHDRAW`] and its reason), so the target
+//! can say why it dropped the VM.
 //!
 //! A RAM frame's records are [`crate::ram`] DATA (`'D'` | guest address u64 | pages u32 | the
 //! pages) and ZERO (`'Z'` | guest address u64 | pages u32) records without their own CRC and
@@ -82,6 +85,7 @@
 //! and per-connection page counts at each ITERATION_END. Iterations are numbered
 //! 0..=[`MAX_ITERATION`], which keeps [`PageVersions`] at one byte per 4 KiB page.
 
+mod commit;
 mod frame;
 mod message;
 mod ram_frames;
@@ -99,6 +103,7 @@ use crate::ram::RamStreamError;
 use crate::snapshot::SnapshotError;
 use crate::StateError;
 
+pub use commit::{read_commit_word, withdrawal, CommitWord, MAX_WITHDRAW_REASON, WITHDRAW};
 pub use message::{
     Complete, Config, DeviceEntry, Hello, IterationEnd, Message, RamFrame, FEATURE_LOCAL_MEMFD,
     FEATURE_PRECOPY,

@@ -56,6 +56,18 @@ impl Node {
         memory: &str,
         cmdline: &str,
     ) -> (Self, PathBuf) {
+        Self::guest_env(dir, name, ns, memory, cmdline, &[])
+    }
+
+    /// [`Node::guest`] with environment variables set for the process (test knobs).
+    pub fn guest_env(
+        dir: &Path,
+        name: &str,
+        ns: Option<&str>,
+        memory: &str,
+        cmdline: &str,
+        env: &[(&str, &str)],
+    ) -> (Self, PathBuf) {
         let serial = dir.join("serial.log");
         let serial_arg = format!("file={}", serial.display());
         let args = [
@@ -66,12 +78,39 @@ impl Node {
             "--cmdline",
             cmdline,
         ];
-        (Self::start(dir, name, ns, &args), serial)
+        (Self::start_env(dir, name, ns, &args, env), serial)
     }
 
     /// `skiff-remote` against this node.
     pub fn remote(&self, args: &[&str]) -> (Option<i32>, String, String) {
         remote(&self.api, args)
+    }
+
+    /// The events this node's event monitor recorded so far (one JSON object a line).
+    pub fn events(&self) -> String {
+        std::fs::read_to_string(self.api.with_extension("events")).unwrap_or_default()
+    }
+
+    /// Wait until the event monitor recorded `source` / `event` `n` times in all; on timeout,
+    /// panic with the events and the serial output `serial`.
+    pub fn wait_for_event(&self, source: &str, event: &str, n: usize, serial: &Path) {
+        let needle = format!("\"event\":\"{event}\"");
+        let count = || {
+            self.events()
+                .lines()
+                .filter(|l| l.contains(&needle) && l.contains(&format!("\"source\":\"{source}\"")))
+                .count()
+        };
+        let deadline = Instant::now() + DEADLINE;
+        while count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "no {source}/{event} event #{n}; events:\n{}\nserial:\n{}",
+                self.events(),
+                std::fs::read_to_string(serial).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

@@ -74,11 +74,27 @@ impl From<crate::registry::RegistryError> for MigrateError {
     }
 }
 
+/// Where a migration stands with respect to its commit (fencing), for cancels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum CommitStage {
+    /// Data still flows: a cancel shuts the connections down.
+    #[default]
+    Transfer,
+    /// Source: everything was sent and the commit is pending; a cancel is only noted, and the
+    /// worker withdraws (tells the target why) and resumes the VM.
+    AwaitingCommit,
+    /// The commit was sent (source) or received (target): the target may run the VM, so it is
+    /// too late to cancel.
+    Committed,
+}
+
 /// Progress shared between a migration worker and the API.
 #[derive(Clone)]
 pub struct SharedProgress {
     inner: Arc<Mutex<MigrationProgress>>,
     cancel: Arc<AtomicBool>,
+    /// Taken by a cancel and by the commit, so a cancel never races past a commit.
+    stage: Arc<Mutex<CommitStage>>,
     start: Arc<Mutex<Option<Instant>>>,
     /// Connections a cancel shuts down, so a worker blocked in a long write stops at once.
     conns: Arc<Mutex<Vec<transport::Conn>>>,
@@ -89,6 +105,7 @@ impl Default for SharedProgress {
         Self {
             inner: Arc::new(Mutex::new(MigrationProgress::default())),
             cancel: Arc::new(AtomicBool::new(false)),
+            stage: Arc::new(Mutex::new(CommitStage::Transfer)),
             start: Arc::new(Mutex::new(None)),
             conns: Arc::new(Mutex::new(Vec::new())),
         }
@@ -117,6 +134,7 @@ impl SharedProgress {
     /// Start a new migration's progress (phase setup).
     pub fn begin(&self) {
         self.cancel.store(false, Ordering::SeqCst);
+        *self.stage_lock() = CommitStage::Transfer;
         self.unwatch();
         *self.start.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         *self.lock() = MigrationProgress {
@@ -162,10 +180,60 @@ impl SharedProgress {
         self.phase(phase);
     }
 
+    fn stage_lock(&self) -> std::sync::MutexGuard<'_, CommitStage> {
+        self.stage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Ask the worker to stop (its connections are shut down).
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::SeqCst);
         self.shut_connections();
+    }
+
+    /// Cancel the migration for the API (vm.migration-cancel): allowed in every phase up to the
+    /// commit — the source then resumes its VM and the target drops its copy, which never ran;
+    /// refused (`Err` with the reason) when no migration runs or the commit was sent or received.
+    pub fn request_cancel(&self) -> Result<(), String> {
+        let phase = self.get().phase;
+        if phase == MigrationPhase::None || phase.is_final() {
+            return Err(format!(
+                "no migration can be cancelled (phase {})",
+                phase.as_str()
+            ));
+        }
+        let stage = self.stage_lock();
+        match *stage {
+            CommitStage::Committed => Err(format!(
+                "too late to cancel (phase {}): the commit was sent, the target may be running the VM",
+                phase.as_str()
+            )),
+            CommitStage::AwaitingCommit => {
+                self.cancel.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            CommitStage::Transfer => {
+                self.cancel();
+                Ok(())
+            }
+        }
+    }
+
+    /// Source: everything was sent, the commit is pending; from now on a cancel leaves the
+    /// connections to the worker, which withdraws.
+    pub fn await_commit(&self) {
+        let mut stage = self.stage_lock();
+        if *stage == CommitStage::Transfer {
+            *stage = CommitStage::AwaitingCommit;
+        }
+    }
+
+    /// Pass the commit: fails with [`MigrateError::Cancelled`] when a cancel came first, and
+    /// refuses every later cancel otherwise.
+    pub fn commit(&self) -> Result<(), MigrateError> {
+        let mut stage = self.stage_lock();
+        self.check_cancel()?;
+        *stage = CommitStage::Committed;
+        Ok(())
     }
 
     /// Shut the migration's connections down (whatever blocks on them returns an error).
@@ -201,6 +269,25 @@ impl SharedProgress {
             Ok(())
         }
     }
+}
+
+/// Hold the migration at `point` when the test knob asks for it, until `released` says so (a
+/// cancel, the peer gone) or the knob's time limit passed.
+pub fn hold_if_asked(point: crate::test_knobs::HoldPoint, released: impl Fn() -> bool) {
+    let Some(limit) = crate::test_knobs::take_hold(point) else {
+        return;
+    };
+    log::warn!("TEST KNOB: the migration holds at {}", point.name());
+    crate::events::emit(
+        "migration",
+        "hold",
+        serde_json::json!({ "point": point.name() }),
+    );
+    let deadline = Instant::now() + limit;
+    while !released() && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    log::warn!("TEST KNOB: the migration goes on from {}", point.name());
 }
 
 /// How a migration worker ended, for the control loop.
@@ -288,4 +375,50 @@ pub fn host_record() -> Vec<(String, String)> {
         ("cpu.leaf7.ebx".into(), format!("{:#010x}", l7.ebx)),
         ("cpu.leaf7.ecx".into(), format!("{:#010x}", l7.ecx)),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn a_cancel_is_taken_up_to_the_commit_and_refused_after_it() {
+        let p = SharedProgress::default();
+        assert!(p.request_cancel().unwrap_err().contains("no migration"));
+        // During the transfer: taken, and the connections are shut at once.
+        p.begin();
+        p.phase(MigrationPhase::Switchover);
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        p.watch(transport::Conn::Unix(a));
+        p.request_cancel().unwrap();
+        assert!(p.cancelled());
+        assert_eq!(b.read(&mut [0u8; 1]).unwrap(), 0, "the connection is shut");
+        // A cancel that came first wins over the commit.
+        assert!(matches!(p.commit(), Err(MigrateError::Cancelled)));
+        // Awaiting the commit: taken, but the connections are left to the worker.
+        p.begin();
+        p.phase(MigrationPhase::Completing);
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        p.watch(transport::Conn::Unix(a));
+        p.await_commit();
+        p.request_cancel().unwrap();
+        assert!(p.cancelled());
+        b.set_nonblocking(true).unwrap();
+        assert!(
+            (&b).read(&mut [0u8; 1]).is_err(),
+            "the connection is still open"
+        );
+        // Once committed: refused, and nothing changes.
+        p.begin();
+        p.phase(MigrationPhase::Completing);
+        p.await_commit();
+        p.commit().unwrap();
+        let e = p.request_cancel().unwrap_err();
+        assert!(e.contains("too late"), "{e}");
+        assert!(!p.cancelled());
+        // A finished migration cannot be cancelled either.
+        p.phase(MigrationPhase::Completed);
+        assert!(p.request_cancel().unwrap_err().contains("no migration"));
+    }
 }

@@ -5,10 +5,11 @@
 //! 3. Iterate over the dirty pages while the planner says so, throttling the vCPUs when it asks.
 //! 4. Switch over: stop throttling, pause every vCPU and component, send the last dirty pages and
 //!    every component's state, COMPLETE on every connection.
-//! 5. Wait for the target's RESUMED.
+//! 5. Wait for the target's READY, send the commit, wait for its RESUMED.
 //!
-//! Any error before RESUMED: the VM is resumed if this side paused it, dirty logging stops, the
-//! throttle stops, and an ABORT is sent when the connection still works.
+//! Any error before the commit: the VM is resumed if this side paused it, dirty logging stops,
+//! the throttle stops, and an ABORT (during the transfer) or a withdrawal (after COMPLETE) is
+//! sent when the connection still works. A cancel is accepted up to the commit, never after it.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -18,13 +19,14 @@ use api_server::migration::{MigrationPhase, MigrationUrl, SendMigrationRequest};
 use migration::planner::{Decision, IterationReport, Planner, PlannerConfig};
 use migration::ram::ZeroPages;
 use migration::stream::{
-    spread_ranges, Config, Hello, Message, MigrationReceiver, MigrationSender, COMMIT,
+    spread_ranges, withdrawal, Config, Hello, Message, MigrationReceiver, MigrationSender, COMMIT,
     FEATURE_LOCAL_MEMFD, FEATURE_PRECOPY, PROTOCOL_VERSION,
 };
 
 use super::transport::{connect, send_memfd, Conn};
-use super::{host_record, MigrateError, SharedProgress};
+use super::{hold_if_asked, host_record, MigrateError, SharedProgress};
 use crate::config::VmConfig;
+use crate::test_knobs::HoldPoint;
 use crate::vm::VmCore;
 use std::os::fd::AsFd;
 
@@ -269,16 +271,19 @@ fn resend_later(core: &VmCore, ranges: Vec<(u64, u64)>) -> Result<(), MigrateErr
     Ok(())
 }
 
-/// Stop the guest and send the rest; returns with the VM paused.
+/// Stop the guest and send the rest; returns with the VM paused. `released` ends a test hold
+/// (the knob) at the switch-over.
 fn switchover(
     core: &VmCore,
     mut senders: Senders,
     progress: &SharedProgress,
     send_ram: bool,
+    released: &dyn Fn() -> bool,
 ) -> Result<(Instant, Conn), MigrateError> {
     progress.phase(MigrationPhase::Switchover);
     let paused_at = Instant::now();
     core.pause()?;
+    hold_if_asked(HoldPoint::Switchover, released);
     if send_ram {
         let dirty = core.dirty_pages()?;
         send_pass(core, &mut senders, dirty.runs().collect(), ZeroPages::Send)?;
@@ -333,6 +338,16 @@ impl Answer {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
+    /// Whether the target answered something not yet taken, or its reply stream ended.
+    fn pending(&self) -> bool {
+        !self.watcher_running()
+            || !self
+                .queue
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+    }
+
     /// The target's failure, if it answered with one; waits up to [`ANSWER_GRACE`] for the
     /// watcher (a write that failed because the target gave up races with its reason).
     fn failure(&self) -> Option<MigrateError> {
@@ -350,7 +365,8 @@ impl Answer {
         }
     }
 
-    /// The next answer, waiting at most `timeout` (then the connections are shut down).
+    /// The next answer, waiting at most `timeout` (then the connections are shut down) or
+    /// until a cancel.
     fn next(
         &mut self,
         timeout: Duration,
@@ -366,6 +382,7 @@ impl Answer {
             {
                 return got;
             }
+            progress.check_cancel()?;
             if !self.watcher_running() {
                 return Err(MigrateError::Unexpected("no answer from the target".into()));
             }
@@ -414,6 +431,19 @@ fn watch_replies(
     })
 }
 
+/// Tell the target, which has everything and waits for the commit, that none will come and why
+/// (best effort: the connection may be dead), then shut the connections down.
+fn withdraw(conn: &mut Conn, why: &MigrateError) {
+    let reason = format!("the source withdrew before its commit: {why}");
+    if let Err(e) = conn
+        .write_all(&withdrawal(&reason))
+        .and_then(|()| conn.flush())
+    {
+        log::debug!("migration: the withdrawal did not reach the target: {e}");
+    }
+    conn.shutdown();
+}
+
 /// Run a migration of the VM behind `core` (configuration `config`) as `req` asks. On success
 /// the target runs the VM and this VM stays paused (the caller stops it); on failure the VM runs.
 pub fn send(
@@ -424,6 +454,8 @@ pub fn send(
 ) -> Result<(), MigrateError> {
     let mut paused = false;
     let mut committed = false;
+    // Connection 0 once everything was sent: where the commit, or a withdrawal, goes.
+    let mut last_word: Option<Conn> = None;
     let result = (|| {
         let (mut senders, replies, control) = handshake(&core, &config, &req, &progress)?;
         // The target's answer can come at any time (a FAILED while RAM is still being sent): a
@@ -447,10 +479,14 @@ pub fn send(
         }
         progress.check_cancel()?;
         paused = true;
-        let (paused_at, mut commit) = match switchover(&core, senders, &progress, !req.local) {
+        let released = || progress.cancelled() || answer.pending();
+        let switched = switchover(&core, senders, &progress, !req.local, &released);
+        let (paused_at, mut commit) = match switched {
             Ok(done) => done,
             Err(e) => return Err(answer.failure().unwrap_or(e)),
         };
+        last_word = Some(commit.try_clone()?);
+        progress.await_commit();
         match answer.next(RESUME_TIMEOUT, &progress)? {
             Message::Ready => {}
             Message::Failed(reason) => return Err(MigrateError::TargetFailed(reason)),
@@ -461,7 +497,19 @@ pub fn send(
                 )))
             }
         }
-        // From the first byte of the commit on, the target may run the VM: this side must not.
+        hold_if_asked(HoldPoint::Commit, || {
+            progress.cancelled() || answer.pending()
+        });
+        // A target that went away (or answered FAILED) after READY gets no commit: it cannot
+        // run the VM, so this side may resume it.
+        if answer.pending() {
+            return Err(answer.failure().unwrap_or_else(|| {
+                MigrateError::Unexpected("the target went away before the commit".into())
+            }));
+        }
+        // From the first byte of the commit on, the target may run the VM: this side must not;
+        // a cancel that came first wins, and none is accepted after this.
+        progress.commit()?;
         committed = true;
         commit.write_all(&COMMIT)?;
         commit.flush()?;
@@ -480,12 +528,29 @@ pub fn send(
         }
     })();
     let _ = core.stop_dirty_log();
-    progress.unwatch();
+    conclude(&core, &progress, result, paused, committed, last_word)
+}
+
+/// End a migration: report a cancel as such, withdraw from a target that has everything but the
+/// commit, and resume the VM — unless the commit was sent and the target's RESUMED never came.
+fn conclude(
+    core: &VmCore,
+    progress: &SharedProgress,
+    result: Result<(), MigrateError>,
+    paused: bool,
+    committed: bool,
+    mut last_word: Option<Conn>,
+) -> Result<(), MigrateError> {
     // A cancel shuts the connections down: the error it causes is the cancel.
     let result = match result {
         Err(_) if progress.cancelled() => Err(MigrateError::Cancelled),
         r => r,
     };
+    if let (Err(e), false, Some(conn)) = (&result, committed, last_word.as_mut()) {
+        withdraw(conn, e);
+        progress.shut_connections();
+    }
+    progress.unwatch();
     // Committed but no RESUMED (or the target's FAILED after it resumed nothing — it answers
     // FAILED only before running the VM, but a FAILED that got lost looks the same): the target
     // may be running the VM, so this copy stays paused.

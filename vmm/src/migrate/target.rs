@@ -5,19 +5,21 @@
 //! state; start the VM paused, restore, resume, and answer RESUMED. Nothing runs until the whole
 //! stream arrived and checked out; any failure answers FAILED (or REFUSE) and drops the VM.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use api_server::migration::{MigrationPhase, ReceiveMigrationRequest};
 use migration::stream::{
-    Config, Message, MigrationReceiver, MigrationSender, RamApplier, COMMIT, FEATURE_LOCAL_MEMFD,
+    read_commit_word, CommitWord, Config, Message, MigrationReceiver, MigrationSender, RamApplier,
+    FEATURE_LOCAL_MEMFD,
 };
 use migration::StateSection;
 
 use super::transport::{first_contact, tls_server, Conn, FirstContact, Listener};
-use super::{host_record, MigrateError, SharedProgress};
+use super::{hold_if_asked, host_record, MigrateError, SharedProgress};
 use crate::config::VmConfig;
+use crate::test_knobs::HoldPoint;
 use crate::vm::{Origin, Vm};
 use crate::vm_state::ClockMode;
 
@@ -126,21 +128,20 @@ fn build(
 /// How long a loaded target waits for the source's commit before it drops the VM.
 const COMMIT_WAIT: Duration = Duration::from_secs(30);
 
-/// Read the source's commit ([`COMMIT`]) from connection 0 after its COMPLETE.
-fn wait_for_commit(mut conn: Conn) -> Result<(), MigrateError> {
+/// Read the source's commit ([`migration::stream::COMMIT`]) from connection 0 after its
+/// COMPLETE; a withdrawal, anything else, or nothing in time is an error (the VM is dropped).
+/// A commit also ends the time a cancel is accepted here.
+fn wait_for_commit(mut conn: Conn, progress: &SharedProgress) -> Result<(), MigrateError> {
     conn.set_read_timeout(Some(COMMIT_WAIT))?;
-    let mut got = [0u8; COMMIT.len()];
-    conn.read_exact(&mut got).map_err(|e| {
-        MigrateError::Unexpected(format!(
+    match read_commit_word(&mut conn) {
+        Ok(CommitWord::Commit) => progress.commit(),
+        Ok(CommitWord::Withdraw(reason)) => Err(MigrateError::Aborted(format!(
+            "{reason}; the VM was never run here"
+        ))),
+        Err(e) => Err(MigrateError::Unexpected(format!(
             "no commit from the source ({e}); the VM was never run here"
-        ))
-    })?;
-    if got != COMMIT {
-        return Err(MigrateError::Unexpected(format!(
-            "the source sent {got:02x?} instead of its commit; the VM was never run here"
-        )));
+        ))),
     }
-    Ok(())
 }
 
 /// Read every connection to its COMPLETE, loading RAM into `vm`; returns the state sections.
@@ -214,6 +215,12 @@ pub fn receive(req: ReceiveMigrationRequest, progress: SharedProgress) -> Result
             Message::Config(c) => c,
             other => return Err(unexpected("CONFIG", &other)),
         };
+        let probe = reply.get_mut().try_clone()?;
+        // A cancel here shuts connection 0 down: the source stops, and so does this side.
+        progress.watch(probe.try_clone()?);
+        hold_if_asked(HoldPoint::Config, || {
+            progress.cancelled() || probe.peer_spoke()
+        });
         let mut vm = match build(&req, &cfg, memfd) {
             Ok(vm) => vm,
             Err(e) => {
@@ -235,14 +242,16 @@ pub fn receive(req: ReceiveMigrationRequest, progress: SharedProgress) -> Result
         progress.phase(MigrationPhase::Precopy);
         let loaded = load(&vm, &mut rx0, others).and_then(|sections| {
             progress.phase(MigrationPhase::Completing);
+            hold_if_asked(HoldPoint::Restore, || probe.peer_spoke());
             vm.restore_components(&sections, ClockMode::Advance)?;
             vm.start()?;
             // Loaded and stopped: the VM runs only once the source has committed (fencing,
             // see migration::stream's "The commit").
             reply.send(&Message::Ready)?;
             reply.get_mut().flush()?;
-            wait_for_commit(rx0.into_inner())?;
+            wait_for_commit(rx0.into_inner(), &progress)?;
             vm.resume()?;
+            hold_if_asked(HoldPoint::Resumed, || probe.peer_spoke());
             Ok(())
         });
         match loaded {
@@ -251,8 +260,17 @@ pub fn receive(req: ReceiveMigrationRequest, progress: SharedProgress) -> Result
                     log::warn!("TEST KNOB: not answering RESUMED");
                     return Ok(vm);
                 }
-                reply.send(&Message::Resumed)?;
-                reply.get_mut().flush()?;
+                // The VM runs here now (the source committed and stays paused): a lost answer
+                // must not stop it — the source then reports "outcome unknown".
+                if let Err(e) = reply
+                    .send(&Message::Resumed)
+                    .map_err(MigrateError::from)
+                    .and_then(|()| Ok(reply.get_mut().flush()?))
+                {
+                    log::warn!(
+                        "migration: the VM runs here, but RESUMED did not reach the source: {e}"
+                    );
+                }
                 Ok(vm)
             }
             Err(e) => {
@@ -262,6 +280,7 @@ pub fn receive(req: ReceiveMigrationRequest, progress: SharedProgress) -> Result
             }
         }
     })();
+    progress.unwatch();
     match &result {
         Ok(_) => progress.phase(MigrationPhase::Completed),
         Err(e) => {

@@ -106,6 +106,30 @@ impl Conn {
         n == 3 && migration::stream::starts_tls_record(&head)
     }
 
+    /// Whether the peer sent something more or went away (closed, reset) — looks at the socket
+    /// without waiting or consuming anything.
+    pub fn peer_spoke(&self) -> bool {
+        let fd = match self {
+            Conn::Tcp(s) => s.as_raw_fd(),
+            Conn::Unix(s) => s.as_raw_fd(),
+            Conn::Tls(t) => t.socket().as_raw_fd(),
+            // The socket only: a clone's copy of the prefix says nothing about the peer.
+            Conn::Limited(c, _) | Conn::Prefixed(_, c) => return c.peer_spoke(),
+        };
+        let mut byte = [0u8; 1];
+        // SAFETY: recv writes at most 1 byte into `byte`; MSG_PEEK leaves it queued and
+        // MSG_DONTWAIT keeps it from blocking.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                byte.as_mut_ptr().cast(),
+                byte.len(),
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n >= 0 || std::io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock
+    }
+
     /// Pace this connection's writes with `limit`.
     pub fn limited(self, limit: &std::sync::Arc<RateLimit>) -> Self {
         Conn::Limited(Box::new(self), limit.clone())
@@ -204,6 +228,48 @@ pub fn connect(url: &MigrationUrl, n: usize) -> io::Result<Vec<Conn>> {
     (0..n).map(|_| connect_one(url)).collect()
 }
 
+/// Seconds of silence before a TCP keepalive probe, and between probes.
+const KEEPALIVE_S: libc::c_int = 5;
+
+/// Set `level`/`name` to `value` on `s` (a failure is logged: the connection works without it).
+fn set_int_option(s: &TcpStream, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
+    // SAFETY: `s` is an open socket; the option value is a c_int that lives through the call and
+    // whose size is passed with it.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        log::debug!(
+            "migration: setsockopt({level}, {name}) failed: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// No Nagle delay; and a dead peer or a cut link ends the connection within [`IO_TIMEOUT`] in
+/// every phase — also while one side only waits for the other's answer (keepalive probes) and
+/// while data sits unacknowledged (TCP_USER_TIMEOUT), where a read would wait forever and the
+/// kernel would retransmit for many minutes.
+fn tune_tcp(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+    set_int_option(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set_int_option(s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_S);
+    set_int_option(s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_S);
+    let user_timeout_ms = IO_TIMEOUT.as_millis() as libc::c_int;
+    set_int_option(
+        s,
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        user_timeout_ms,
+    );
+}
+
 fn connect_one(url: &MigrationUrl) -> io::Result<Conn> {
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     loop {
@@ -216,7 +282,7 @@ fn connect_one(url: &MigrationUrl) -> io::Result<Conn> {
                         io::Error::new(io::ErrorKind::NotFound, format!("{host}: no address"))
                     })?;
                 TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map(|s| {
-                    let _ = s.set_nodelay(true);
+                    tune_tcp(&s);
                     Conn::Tcp(s)
                 })
             }
@@ -278,7 +344,7 @@ impl Listener {
         let conn = match self {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
-                let _ = s.set_nodelay(true);
+                tune_tcp(&s);
                 Conn::Tcp(s)
             }
             Listener::Unix(l, _) => Conn::Unix(l.accept()?.0),
@@ -408,5 +474,33 @@ pub fn warn_if_plain_remote(url: &MigrationUrl, tls: bool, role: &str) {
             "{role} migration over plain TCP ({url}): the VM's memory and state cross the network \
              unencrypted and unauthenticated; pass tls with a certificate, key and CA"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_spoke_sees_data_and_a_closed_peer_without_consuming() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let conn = Conn::Unix(a);
+        assert!(!conn.peer_spoke());
+        b.write_all(b"x").unwrap();
+        assert!(conn.peer_spoke());
+        // Still there to read.
+        let mut got = [0u8; 1];
+        conn.try_clone().unwrap().read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"x");
+        assert!(!conn.peer_spoke());
+        drop(b);
+        assert!(conn.peer_spoke());
+        // Through the wrappers, a prefix a clone carries does not count.
+        let (a, _b) = UnixStream::pair().unwrap();
+        let prefixed = Conn::Prefixed(
+            std::io::Cursor::new(b"SK".to_vec()),
+            Box::new(Conn::Unix(a)),
+        );
+        assert!(!prefixed.peer_spoke());
     }
 }

@@ -6,6 +6,7 @@
 //! VM exit).
 
 mod boot;
+mod clock;
 mod counter;
 mod demo;
 mod dirty;
@@ -139,6 +140,11 @@ pub static SCENARIOS: &[Scenario] = &[
         name: "dirty",
         about: "rewrite a working set at a set rate, every page carrying index, generation and checksum, verified before each rewrite and in full sweeps; reports the longest stall (live-migration tests)",
         run: dirty::run,
+    },
+    Scenario {
+        name: "clock",
+        about: "enable kvmclock and print the guest's wall-clock time (unix ms) periodically; fails if the kvmclock goes back (clock-across-migration tests)",
+        run: clock::run,
     },
     Scenario {
         name: "vfio",
