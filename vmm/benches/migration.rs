@@ -667,7 +667,10 @@ fn local_downtime(dir: &Path, snap: &str, runs: usize) {
     let mut downtimes = Vec::new();
     for i in 1..=runs {
         let tgt = Skiff::spawn(dir, &format!("local-{i}"), None, &[]);
-        let url = format!("unix:{}", dir.join(format!("local-{i}.sock")).display());
+        let url = format!(
+            "unix:{}",
+            dir.join(format!("migration-local-{i}.sock")).display()
+        );
         let m = migrate_local(&mut src, &tgt, &url);
         println!(
             "run {i}: downtime {} ms, {} bytes sent, total {:.3} s  {}",

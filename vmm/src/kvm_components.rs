@@ -104,7 +104,13 @@ impl Snapshottable for KvmVmPart {
                 *s = section.clone();
             }
         }
-        let mode = *self.clock.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the clock part sets the clock: setting it again from the value just read would
+        // advance it (or, without KVM_CLOCK_REALTIME, set it back) by the time in between.
+        let mode = if self.section == CLOCK_SECTION {
+            *self.clock.lock().unwrap_or_else(|e| e.into_inner())
+        } else {
+            ClockMode::Keep
+        };
         restore_vm_with(&self.vm, &all, mode).map_err(|e| match e {
             crate::vm_state::VmStateError::State(s) => s,
             other => StateError::component(self.section, other),

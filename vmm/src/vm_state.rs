@@ -189,6 +189,8 @@ pub enum ClockMode {
     /// Forward by the real time since the save, when the save recorded the host's realtime
     /// (`KVM_CLOCK_REALTIME`): a live migration's downtime passes for the guest too.
     Advance,
+    /// Leave the kvmclock as KVM holds it: another part of the VM state is being restored.
+    Keep,
 }
 
 /// Restore irqchip, PIT and clock from `sections` (which may hold other sections too) into a VM
@@ -213,6 +215,9 @@ pub fn restore_vm_with(vm: &VmFd, sections: &[StateSection], mode: ClockMode) ->
         })?;
     }
     vm.set_pit2(&state.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+    if mode == ClockMode::Keep {
+        return Ok(());
+    }
     restore_clock(vm, &state, mode)
 }
 
@@ -227,7 +232,7 @@ fn clock_to_set(
 ) -> kvm_clock_data {
     let saved = &state.clock;
     let (clock, flags, realtime) = match (mode, state.host_realtime) {
-        (ClockMode::Continue, _) => (saved.clock, 0, 0),
+        (ClockMode::Continue | ClockMode::Keep, _) => (saved.clock, 0, 0),
         (ClockMode::Advance, _) if use_kvm_realtime && saved.flags & KVM_CLOCK_REALTIME != 0 => {
             (saved.clock, KVM_CLOCK_REALTIME, saved.realtime)
         }

@@ -325,11 +325,22 @@ fn switchover(
 /// How long a failed transfer waits for the target's reason before reporting its own error.
 const ANSWER_GRACE: Duration = Duration::from_millis(500);
 
+/// What the watcher thread read, oldest first, and the condition it signals on each arrival
+/// and when it ends.
+type AnswerQueue = Arc<(
+    std::sync::Mutex<std::collections::VecDeque<Result<Message, MigrateError>>>,
+    std::sync::Condvar,
+)>;
+
+/// Longest a wait for the target's answer sleeps before checking for a cancel again (arrivals
+/// wake it at once: READY and RESUMED are on the downtime's critical path).
+const ANSWER_POLL: Duration = Duration::from_millis(20);
+
 /// The target's answers (READY, then RESUMED; or FAILED), read by a watcher thread while
 /// this side sends.
 struct Answer {
-    /// What the watcher read, oldest first.
-    queue: Arc<std::sync::Mutex<std::collections::VecDeque<Result<Message, MigrateError>>>>,
+    /// What the watcher read.
+    queue: AnswerQueue,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -343,6 +354,7 @@ impl Answer {
         !self.watcher_running()
             || !self
                 .queue
+                .0
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .is_empty()
@@ -355,7 +367,7 @@ impl Answer {
         while self.watcher_running() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = self.queue.0.lock().unwrap_or_else(|e| e.into_inner());
         match queue.back() {
             Some(Ok(Message::Failed(reason))) => Some(MigrateError::TargetFailed(reason.clone())),
             Some(Err(e)) => Some(MigrateError::Unexpected(format!(
@@ -373,27 +385,29 @@ impl Answer {
         progress: &SharedProgress,
     ) -> Result<Message, MigrateError> {
         let deadline = Instant::now() + timeout;
+        let (lock, arrived) = &*self.queue;
+        let mut queue = lock.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(got) = self
-                .queue
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop_front()
-            {
+            if let Some(got) = queue.pop_front() {
                 return got;
             }
             progress.check_cancel()?;
             if !self.watcher_running() {
                 return Err(MigrateError::Unexpected("no answer from the target".into()));
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 progress.shut_connections();
                 return Err(MigrateError::Unexpected(format!(
                     "no answer from the target within {} s",
                     timeout.as_secs()
                 )));
             }
-            std::thread::sleep(Duration::from_millis(5));
+            let wait = ANSWER_POLL.min(deadline - now);
+            queue = arrived
+                .wait_timeout(queue, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }
@@ -405,7 +419,7 @@ fn watch_replies(
     progress: &SharedProgress,
     control: &Conn,
 ) -> Result<Answer, MigrateError> {
-    let queue = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+    let queue: AnswerQueue = Arc::default();
     let (q, p) = (queue.clone(), progress.clone());
     // The reply stream stays silent until the end: no read timeout on it (writes keep theirs,
     // so a dead link still ends the transfer); the waits are bounded by [`Answer::next`].
@@ -416,7 +430,8 @@ fn watch_replies(
             let got = replies.recv().map_err(MigrateError::from);
             let ready = matches!(got, Ok(Message::Ready));
             let stop = !ready && !matches!(got, Ok(Message::Resumed));
-            q.lock().unwrap_or_else(|e| e.into_inner()).push_back(got);
+            q.0.lock().unwrap_or_else(|e| e.into_inner()).push_back(got);
+            q.1.notify_all();
             if stop {
                 p.shut_connections();
             }
