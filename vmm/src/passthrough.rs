@@ -18,16 +18,22 @@
 //! here by translating the IOVA with the mappings recorded by the listener (not by locking the
 //! IOMMU: the listener runs under the IOMMU's lock while it waits for the device, and the
 //! device may be waiting for a DMA served here).
+//!
+//! Every change of a device's DMA space is also written to its [`DmaSpace`], the table its
+//! migration translates the device's DMA dirty log with: a mapping is recorded before the
+//! device can use it, and a removal (unmap, bypass change) only once the device's space no longer
+//! has it, so that a write the device made through a mapping is either reported through it or
+//! counted with the removed mapping's pages.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use devices::Bus;
 use iommu::ExternalMappingListener;
-use pci::vfio::{DmaBacking, DmaHandler, DmaProt, VfioBackend, VfioError, VfioStats};
+use pci::vfio::{DmaBacking, DmaHandler, DmaProt, DmaSpace, VfioBackend, VfioError, VfioStats};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestMemoryMmap;
@@ -78,6 +84,8 @@ pub struct PassthroughDma {
     translated: AtomicBool,
     /// The ranges mapped now, to undo on bypass changes.
     mapped: RwLock<Vec<(u64, u64)>>,
+    /// The IOVA → guest-physical table the device's DMA dirty log is translated with.
+    space: Arc<Mutex<DmaSpace>>,
 }
 
 fn rw() -> DmaProt {
@@ -93,7 +101,9 @@ fn fault(what: &str) -> io::Error {
 
 impl PassthroughDma {
     /// The DMA space of device `id` in `slot`; `p2p` false for `p2p=off`; `translated` when it
-    /// sits behind the virtual IOMMU (its space then starts empty and follows the guest).
+    /// sits behind the virtual IOMMU (its space then starts empty and follows the guest);
+    /// `space` is kept in step with the guest's mappings.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: &str,
         slot: u8,
@@ -102,6 +112,7 @@ impl PassthroughDma {
         backend: Arc<dyn VfioBackend>,
         ctx: DmaContext,
         stats: Arc<VfioStats>,
+        space: Arc<Mutex<DmaSpace>>,
     ) -> Self {
         Self {
             id: id.to_string(),
@@ -113,7 +124,12 @@ impl PassthroughDma {
             iova: RwLock::new(BTreeMap::new()),
             translated: AtomicBool::new(translated),
             mapped: RwLock::new(Vec::new()),
+            space,
         }
+    }
+
+    fn space(&self) -> std::sync::MutexGuard<'_, DmaSpace> {
+        self.space.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Map RAM at its guest physical addresses and, unless `p2p=off`, the PCI windows without
@@ -322,6 +338,8 @@ impl DmaHandler for PassthroughDma {
 
 impl ExternalMappingListener for PassthroughDma {
     fn map(&self, _endpoint: u32, iova: u64, size: u64, phys: u64, _flags: u32) -> io::Result<()> {
+        // Recorded first: the device may write through it as soon as it is mapped.
+        self.space().map(iova, size, phys);
         if self.is_ram(phys, size) {
             return self.map_ram(iova, phys, size).map_err(io::Error::other);
         }
@@ -348,15 +366,22 @@ impl ExternalMappingListener for PassthroughDma {
             *mapped = keep;
             gone
         };
-        for (s, len) in gone {
-            self.backend.dma_unmap(s, len).map_err(io::Error::other)?;
-        }
-        Ok(())
+        let unmapped = gone
+            .into_iter()
+            .try_for_each(|(s, len)| self.backend.dma_unmap(s, len).map_err(io::Error::other));
+        // Only now can the device no longer write through it (whatever the unmap's outcome:
+        // the guest's view has lost the mapping).
+        self.space().unmap(iova, size);
+        unmapped
     }
 
     fn bypass(&self, _endpoint: u32, enabled: bool) -> io::Result<()> {
-        self.unmap_all()?;
+        let unmapped = self.unmap_all();
         self.translated.store(!enabled, Ordering::SeqCst);
+        // The old mappings are gone from the device's space (or the device is broken): the
+        // table follows before the identity map can be used.
+        self.space().set_bypass(enabled);
+        unmapped?;
         if enabled {
             self.map_identity().map_err(io::Error::other)?;
         }
