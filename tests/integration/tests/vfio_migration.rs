@@ -17,8 +17,8 @@ fn device_log(td: &mut TestDevice) -> String {
 }
 
 /// `dst` receives on `url` with its devices' sockets (`(id, socket)`), `src` sends there and
-/// must succeed and exit 0; returns send-migration's output.
-fn migrate(src: &mut Node, dst: &Node, url: &str, sockets: &[(&str, &Path)]) -> String {
+/// must succeed and exit 0; returns send-migration's output and the source's log (stderr).
+fn migrate(src: &mut Node, dst: &Node, url: &str, sockets: &[(&str, &Path)]) -> (String, String) {
     let mut args = vec!["receive-migration".to_string(), url.to_string()];
     for (id, socket) in sockets {
         args.push("--override".into());
@@ -36,7 +36,7 @@ fn migrate(src: &mut Node, dst: &Node, url: &str, sockets: &[(&str, &Path)]) -> 
     );
     let run = src.process.wait(Duration::from_secs(30));
     assert_eq!(run.code(), Some(0), "{}", run.log());
-    out
+    (out, run.stderr)
 }
 
 /// A source running the `counter` guest with one `--user-device` per `(device, options)`.
@@ -289,7 +289,7 @@ fn a_failure_at_each_phase_leaves_the_source_and_its_device_running() {
             let td_good = TestDevice::start(&dir, "td-good", &[]);
             let good = Node::start(&dir, "good", None, &[]);
             let url = format!("unix:{}", dir.join("mig2.sock").display());
-            migrate(&mut src, &good, &url, &[("accel0", &td_good.socket)]);
+            let _ = migrate(&mut src, &good, &url, &[("accel0", &td_good.socket)]);
             let last = counters(&serial).last().copied().unwrap_or(0);
             wait_for_counter(&serial, last + 2);
             assert_continuous(&serial);
@@ -373,15 +373,28 @@ fn violations(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Migrate the `vfio-migrate` guest with `devices` (fresh device processes on the target) and
-/// wait for its verdict; returns the serial text and the send-migration output.
+/// What [`migrate_streaming_guest`] saw.
+struct Streamed {
+    /// The guest's serial output.
+    text: String,
+    /// send-migration's output.
+    out: String,
+    /// The source's log.
+    src_log: String,
+    /// The source devices, then the target devices.
+    devices: Vec<TestDevice>,
+}
+
+/// Migrate the `vfio-migrate` guest with two devices (fresh device processes on the target)
+/// and wait for its verdict. `params` go before the common [`STREAM_PARAMS`] (the first of a
+/// key wins).
 fn migrate_streaming_guest(
     name: &str,
     hosts: Option<&TwoHosts>,
     extra: &str,
     params: &str,
     env: &[(&str, &str)],
-) -> (String, String, Vec<TestDevice>) {
+) -> Streamed {
     let testdev_args: &[&str] = &[];
     let dir = temp_dir(name);
     let srcs: Vec<TestDevice> = (0..2)
@@ -395,7 +408,7 @@ fn migrate_streaming_guest(
         None => (None, None),
     };
     let refs: Vec<&TestDevice> = srcs.iter().collect();
-    let params = format!("{STREAM_PARAMS} {params}");
+    let params = format!("{params} {STREAM_PARAMS}");
     let (mut src, serial) = vfio_migrate_source(&dir, ns_a, &refs, extra, &params, env);
     let dst = Node::start(&dir, "dst", ns_b, &[]);
     wait_serial(&serial, "vfio-migrate: t=1 ");
@@ -409,14 +422,19 @@ fn migrate_streaming_guest(
         .zip(&dsts)
         .map(|(id, td)| (id.as_str(), td.socket.as_path()))
         .collect();
-    let out = migrate(&mut src, &dst, &url, &sockets);
+    let (out, src_log) = migrate(&mut src, &dst, &url, &sockets);
     let text = wait_serial(&serial, "result: ");
     remote_ok(&dst.api, &["shutdown-vmm"]);
     let mut dst = dst;
     dst.process.wait(Duration::from_secs(30));
-    let mut all = srcs;
-    all.extend(dsts);
-    (text, out, all)
+    let mut devices = srcs;
+    devices.extend(dsts);
+    Streamed {
+        text,
+        out,
+        src_log,
+        devices,
+    }
 }
 
 /// The headline: two devices streaming DMA into guest RAM and P2P into each other's BARs are
@@ -428,8 +446,9 @@ fn streaming_devices_migrate_between_hosts_without_losing_a_write() {
         Ok(h) => h,
         Err(why) => return integration::skip_or_fail("SKIFF_SKIP_NETNS", &why),
     };
-    let (text, out, devices) =
-        migrate_streaming_guest("vfio-mig-stream", Some(&hosts), "", "", &[]);
+    let Streamed {
+        text, out, devices, ..
+    } = migrate_streaming_guest("vfio-mig-stream", Some(&hosts), "", "", &[]);
     assert_no_lost_write(&text, &devices);
     eprintln!(
         "vfio-migrate: {} | {}",
@@ -467,7 +486,7 @@ const STREAM_PARAMS: &str = "vfio_migrate.period_us=20";
 /// prevents, caught.
 #[test]
 fn without_the_grace_step_the_devices_count_lost_writes() {
-    let (text, _, devices) = migrate_streaming_guest(
+    let Streamed { text, devices, .. } = migrate_streaming_guest(
         "vfio-mig-nograce",
         None,
         ",pre_copy=off",
@@ -506,27 +525,60 @@ fn without_the_grace_step_the_devices_count_lost_writes() {
 /// (`pre_copy=off`: their whole memory is read after they stop) lose nothing.
 #[test]
 fn stop_copy_only_devices_lose_no_write_with_the_grace_step() {
-    let (text, _, devices) =
+    let Streamed { text, devices, .. } =
         migrate_streaming_guest("vfio-mig-stopcopy", None, ",pre_copy=off", "", &[]);
     assert_no_lost_write(&text, &devices);
 }
 
 /// Devices behind the virtio-iommu migrate and keep DMA-ing through the same IOVAs (the
-/// target replays the IOMMU's mappings into each new device's DMA space).
+/// target replays the IOMMU's mappings into each new device's DMA space). The devices' DMA
+/// dirty logs are used (over IOVA space, translated through the guest's mappings), not "all
+/// RAM again after the stop". The rings are large and written slowly enough never to wrap
+/// (16384 slots, one write per ms, 14 s): a ring page the device wrote after it was last sent
+/// and that the final pass missed — a wrong translation of the log — keeps stale slots on the
+/// target that nothing rewrites, and the guest's final check finds them.
 #[test]
 fn devices_behind_the_iommu_migrate_and_keep_their_iovas() {
-    let (text, _, devices) = migrate_streaming_guest(
+    let Streamed {
+        text,
+        out,
+        src_log,
+        devices,
+    } = migrate_streaming_guest(
         "vfio-mig-iommu",
         None,
         ",iommu=on",
-        "vfio_migrate.iommu=1",
+        "vfio_migrate.iommu=1 vfio_migrate.ring=16384 vfio_migrate.period_us=1000 vfio_migrate.seconds=14",
         &[],
+    );
+    eprintln!(
+        "vfio-migrate behind the vIOMMU: {}",
+        out.lines().last().unwrap_or("")
     );
     assert_no_lost_write(&text, &devices);
     assert!(
         text.contains("dma 0x1000000000"),
         "not through IOVAs:\n{text}"
     );
+    assert!(
+        !src_log.contains("no DMA dirty logging"),
+        "a device fell back to re-sending all RAM:\n{src_log}"
+    );
+    for dev in ["dev0", "dev1"] {
+        assert!(
+            src_log
+                .lines()
+                .any(|l| l.contains(&format!("{dev}: DMA dirty logging on"))
+                    && l.contains("translated through the vIOMMU")),
+            "{dev} did not log its DMA over IOVA space:\n{src_log}"
+        );
+    }
+    let finals: Vec<&str> = src_log
+        .lines()
+        .filter(|l| l.contains("DMA log after the stop"))
+        .collect();
+    assert!(!finals.is_empty(), "no final DMA log sync:\n{src_log}");
+    eprintln!("vfio-migrate behind the vIOMMU: {finals:?}");
 }
 
 /// Snapshot the streaming guest with two devices, kill the VM and both device processes,
