@@ -334,7 +334,7 @@ fn setup_devices(boot: &BootInfo, prm: &Prm) -> (Vec<Dev>, Option<IommuCtx>) {
     };
     let mut devs: Vec<Dev> = found
         .iter()
-        .map(|f| open(&mut p, *f, &endpoints, prm.iommu))
+        .map(|f| open(&mut p, *f, &endpoints, prm.iommu, mem_size(boot)))
         .collect();
     let ctx = io.map(|io| attach_all(io, &mut devs, prm.mmio_flag));
     (devs, ctx)
