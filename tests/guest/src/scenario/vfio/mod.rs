@@ -20,6 +20,7 @@ mod irq;
 pub(super) mod migrate;
 mod p2p;
 mod ram;
+mod remap;
 
 use dev::*;
 use irq::*;
