@@ -263,37 +263,8 @@ fn a_failure_at_each_phase_leaves_the_source_and_its_device_running() {
         wait_serial(&serial, "vfio-migrate: t=1 ");
         let dst = Node::start(&dir, "dst", None, &[]);
         let url = format!("unix:{}", dir.join("mig.sock").display());
-        let mut args = vec!["receive-migration".to_string(), url.clone()];
-        for (i, td) in dsts.iter().enumerate() {
-            args.push("--override".into());
-            args.push(format!("dev{i}:socket={}", td.socket.display()));
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (code, out, err) = dst.remote(&args);
-        assert_eq!(code, Some(0), "{name}: {out}{err}");
-        if *cancel {
-            let (code, out, err) =
-                src.remote(&["send-migration", &url, "--bandwidth-mbps", "8", "--no-wait"]);
-            assert_eq!(code, Some(0), "{name}: {out}{err}");
-            std::thread::sleep(Duration::from_millis(1500));
-            let (code, out, err) = src.remote(&["migration-cancel"]);
-            assert_eq!(code, Some(0), "{name}: {out}{err}");
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                let (_, p, _) = src.remote(&["migration-progress"]);
-                if p.contains("\"cancelled\"") {
-                    break;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{name}: not cancelled: {p}"
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        } else {
-            let (code, out) = send_migration(&src, &url, &[]);
-            assert_ne!(code, Some(0), "{name}: the migration succeeded: {out}");
-        }
+        receive(&dst, &url, &dsts, name);
+        attempt_failing_migration(&src, &url, *cancel, name);
         assert_streaming(&serial, name);
         // The source goes on, its devices back in RUNNING.
         let (_, info, _) = src.remote(&["info"]);
@@ -317,11 +288,7 @@ fn a_failure_at_each_phase_leaves_the_source_and_its_device_running() {
             ];
             let good = Node::start(&dir, "good", None, &[]);
             let url = format!("unix:{}", dir.join("mig2.sock").display());
-            let sockets: Vec<(&str, &Path)> = vec![
-                ("dev0", good_devs[0].socket.as_path()),
-                ("dev1", good_devs[1].socket.as_path()),
-            ];
-            let _ = migrate(&mut src, &good, &url, &sockets);
+            let _ = migrate(&mut src, &good, &url, &sockets_of(&good_devs));
             devices.extend(good_devs.iter());
             Some(good)
         } else {
@@ -342,6 +309,55 @@ fn a_failure_at_each_phase_leaves_the_source_and_its_device_running() {
             }
         }
         drop(dst);
+    }
+}
+
+/// The `(id, socket)` overrides that give the guest's `dev0`, `dev1`, ... these devices.
+fn sockets_of(devices: &[TestDevice]) -> Vec<(&str, &Path)> {
+    const IDS: [&str; 2] = ["dev0", "dev1"];
+    IDS.iter()
+        .copied()
+        .zip(devices.iter().map(|td| td.socket.as_path()))
+        .collect()
+}
+
+/// `dst` receives on `url`, the guest's devices going to `devices`.
+fn receive(dst: &Node, url: &str, devices: &[TestDevice], name: &str) {
+    let mut args = vec!["receive-migration".to_string(), url.to_string()];
+    for (id, socket) in sockets_of(devices) {
+        args.push("--override".into());
+        args.push(format!("{id}:socket={}", socket.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = dst.remote(&args);
+    assert_eq!(code, Some(0), "{name}: {out}{err}");
+}
+
+/// A migration from `src` to `url` that must fail, or with `cancel` one cancelled during its
+/// pre-copy (paced to 8 Mbit/s); returns once the source says so.
+fn attempt_failing_migration(src: &Node, url: &str, cancel: bool, name: &str) {
+    if !cancel {
+        let (code, out) = send_migration(src, url, &[]);
+        assert_ne!(code, Some(0), "{name}: the migration succeeded: {out}");
+        return;
+    }
+    let (code, out, err) =
+        src.remote(&["send-migration", url, "--bandwidth-mbps", "8", "--no-wait"]);
+    assert_eq!(code, Some(0), "{name}: {out}{err}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let (code, out, err) = src.remote(&["migration-cancel"]);
+    assert_eq!(code, Some(0), "{name}: {out}{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, p, _) = src.remote(&["migration-progress"]);
+        if p.contains("\"cancelled\"") {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}: not cancelled: {p}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -592,7 +608,10 @@ fn stop_copy_only_devices_lose_no_write_with_the_grace_step() {
 /// RAM again after the stop". The rings are large and written slowly enough never to wrap
 /// (16384 slots, one write per ms, 14 s): a ring page the device wrote after it was last sent
 /// and that the final pass missed — a wrong translation of the log — keeps stale slots on the
-/// target that nothing rewrites, and the guest's final check finds them.
+/// target that nothing rewrites, and the guest's final check finds them. Meanwhile each device
+/// also writes 400 fresh pages, one every 10 ms or so, through one IOVA window the guest maps to
+/// the page before and unmaps after (`vfio_migrate.remap_pages`): a page whose mapping was gone
+/// (or moved on) when the log was read must still be sent.
 #[test]
 fn devices_behind_the_iommu_migrate_and_keep_their_iovas() {
     let Streamed {
@@ -604,7 +623,7 @@ fn devices_behind_the_iommu_migrate_and_keep_their_iovas() {
         "vfio-mig-iommu",
         None,
         ",iommu=on",
-        "vfio_migrate.iommu=1 vfio_migrate.ring=16384 vfio_migrate.period_us=1000 vfio_migrate.seconds=14",
+        "vfio_migrate.iommu=1 vfio_migrate.ring=16384 vfio_migrate.period_us=1000 vfio_migrate.seconds=14 vfio_migrate.remap_pages=400 vfio_migrate.remap_ms=10",
         &[],
     );
     eprintln!(
@@ -615,6 +634,17 @@ fn devices_behind_the_iommu_migrate_and_keep_their_iovas() {
     assert!(
         text.contains("dma 0x1000000000"),
         "not through IOVAs:\n{text}"
+    );
+    // The remapping went on across the migration (it starts after the `t=1` line).
+    let remap_at_t2 = text
+        .lines()
+        .find(|l| l.starts_with("vfio-migrate: t=2 "))
+        .and_then(|l| l.split(" remap=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(
+        remap_at_t2.is_some_and(|n| n < 400),
+        "the remapping writes were over before the migration (remap={remap_at_t2:?}):\n{text}"
     );
     assert!(
         !src_log.contains("no DMA dirty logging"),
@@ -708,17 +738,7 @@ fn a_link_cut_during_stop_copy_leaves_the_source_and_its_device_running() {
     let dst = Node::start(&dir, "dst", Some(&hosts.b), &[]);
     wait_serial(&serial, "vfio-migrate: t=1 ");
     let url = format!("tcp:{}:6101", TwoHosts::B_ADDR);
-    let over0 = format!("dev0:socket={}", dsts[0].socket.display());
-    let over1 = format!("dev1:socket={}", dsts[1].socket.display());
-    let (code, out, err) = dst.remote(&[
-        "receive-migration",
-        &url,
-        "--override",
-        &over0,
-        "--override",
-        &over1,
-    ]);
-    assert_eq!(code, Some(0), "{out}{err}");
+    receive(&dst, &url, &dsts, "link cut");
     let (code, out, err) = src.remote(&[
         "send-migration",
         &url,
