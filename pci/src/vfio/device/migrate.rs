@@ -285,9 +285,14 @@ impl VfioPciDevice {
         }
         let mut failed = None;
         for ranges in tries.into_iter().filter(|r| !r.is_empty()) {
-            match m.dma_logging_start(LOG_PAGE, &ranges) {
+            // On before the device logs: a mapping removed from then on counts as dirty.
+            lock(&space).start_log(&ranges);
+            let started = m.dma_logging_start(LOG_PAGE, &ranges);
+            if !matches!(started, Ok(Some(_))) {
+                lock(&space).stop_log();
+            }
+            match started {
                 Ok(Some(page)) => {
-                    lock(&space).start_log(&ranges);
                     let bytes: u64 = ranges.iter().map(|r| r.1).sum();
                     info!(
                         "{}: DMA dirty logging on {} range(s) of {} MiB of {}, {page}-byte pages",
