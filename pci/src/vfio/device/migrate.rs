@@ -262,11 +262,17 @@ impl VfioPciDevice {
     /// Start the device's DMA log: over [`DmaSpace::log_request`] first (behind the vIOMMU its
     /// whole input range, as one range, so that mappings the guest makes during the migration
     /// are covered too; guest RAM otherwise), and when the device refuses that, over the ranges
-    /// mapped now (at most the kernel's guaranteed count, [`MAX_START_RANGES`]; what is mapped
-    /// later outside them is then marked dirty wholesale once the device is stopped, see
-    /// [`DmaSpace::unlogged`]). linux/vfio.h allows one START until a STOP, and a STOP and
-    /// restart would lose what the device logged in between: so no restart on new mappings.
-    /// The device's page size, or `None` when it logs nothing.
+    /// mapped now (at most [`MAX_START_RANGES`]; what is mapped later outside them is then
+    /// marked dirty wholesale once the device is stopped, see [`DmaSpace::unlogged`]).
+    ///
+    /// What the texts allow: linux/vfio.h takes one START until a STOP ("another start is not
+    /// allowed in the meantime"), guarantees as many ranges as fit in a kernel page and lets a
+    /// device refuse more or larger ranges ("as of some driver limitations"); the kernel refuses
+    /// `num_ranges` 0 (EINVAL) and too many (E2BIG). The vfio-user spec puts no limit on the
+    /// ranges and reads `num_ranges` 0 as "log every write", which the kernel does not: hence
+    /// one explicit range, the input range, which both accept and which no guest mapping can
+    /// leave. A STOP and restart on new mappings would lose what the device logged in between,
+    /// so there is none. The device's page size, or `None` when it logs nothing.
     fn start_dma_log(&mut self) -> Result<Option<u64>, StateError> {
         let (Some(m), Some(space)) = (self.backend.migration(), self.mig.dma.clone()) else {
             return Ok(None);
