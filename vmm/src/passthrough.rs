@@ -388,3 +388,150 @@ impl ExternalMappingListener for PassthroughDma {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pci::vfio::{DeviceInfo, IrqInfo, RegionInfo};
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// A device's DMA space that checks, at every unmap, that the [`DmaSpace`] still translates
+    /// what is being unmapped (the table may only drop a mapping the device can no longer use).
+    struct Recorder {
+        space: Arc<Mutex<DmaSpace>>,
+        events: Mutex<Vec<String>>,
+    }
+
+    impl VfioBackend for Recorder {
+        fn kind(&self) -> &'static str {
+            "recorder"
+        }
+        fn device_info(&self) -> Result<DeviceInfo, VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn region_info(&self, _: u32) -> Result<RegionInfo, VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn irq_info(&self, _: u32) -> Result<IrqInfo, VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn region_read(&self, _: u32, _: u64, _: &mut [u8]) -> Result<(), VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn region_write(&self, _: u32, _: u64, _: &[u8]) -> Result<(), VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn set_irq_eventfds(
+            &self,
+            _: u32,
+            _: u32,
+            _: &[Option<&EventFd>],
+        ) -> Result<(), VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn disable_irqs(&self, _: u32) -> Result<(), VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn set_intx_unmask_eventfd(&self, _: &EventFd) -> Result<(), VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn dma_map(
+            &self,
+            iova: u64,
+            size: u64,
+            b: DmaBacking<'_>,
+            _: DmaProt,
+        ) -> Result<(), VfioError> {
+            let kind = match b {
+                DmaBacking::Memory { .. } => "ram",
+                DmaBacking::Trapped => "trapped",
+            };
+            self.events
+                .lock()
+                .unwrap()
+                .push(format!("map {iova:#x}+{size:#x} {kind}"));
+            Ok(())
+        }
+        fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), VfioError> {
+            let mut still = 0;
+            self.space
+                .lock()
+                .unwrap()
+                .dirty(iova, size, |_, l| still += l);
+            self.events
+                .lock()
+                .unwrap()
+                .push(format!("unmap {iova:#x}+{size:#x} translated {still:#x}"));
+            Ok(())
+        }
+        fn reset(&self) -> Result<(), VfioError> {
+            Ok(())
+        }
+    }
+
+    fn dma() -> (PassthroughDma, Arc<Recorder>, Arc<Mutex<DmaSpace>>) {
+        let (mem, _file) = crate::memory::create_guest_memory(16 << 20).unwrap();
+        let space = Arc::new(Mutex::new(DmaSpace::translated(
+            &[(0, 16 << 20)],
+            (0, 1 << 48),
+        )));
+        let rec = Arc::new(Recorder {
+            space: space.clone(),
+            events: Mutex::new(Vec::new()),
+        });
+        let ctx = DmaContext {
+            mem,
+            mmio: Arc::new(Bus::new()),
+            windows: Default::default(),
+            pci_windows: Vec::new(),
+            peers: Default::default(),
+        };
+        let d = PassthroughDma::new(
+            "dev0",
+            3,
+            true,
+            true,
+            rec.clone(),
+            ctx,
+            Arc::new(VfioStats::default()),
+            space.clone(),
+        );
+        (d, rec, space)
+    }
+
+    fn dirty(space: &Mutex<DmaSpace>, iova: u64, len: u64) -> Vec<(u64, u64)> {
+        let mut v = Vec::new();
+        space
+            .lock()
+            .unwrap()
+            .dirty(iova, len, |a, l| v.push((a, l)));
+        v
+    }
+
+    #[test]
+    fn the_dma_space_follows_map_unmap_and_bypass_in_a_safe_order() {
+        let (d, rec, space) = dma();
+        space.lock().unwrap().start_log(&[(0, 1 << 48)]);
+        d.map(0x18, 0x10_0000_0000, 0x2000, 0x4000, 3).unwrap();
+        d.map(0x18, 0x20_0000_0000, 0x1000, 0xc000_0000, 3).unwrap();
+        assert_eq!(dirty(&space, 0x10_0000_1000, 0x1000), [(0x5000, 0x1000)]);
+        assert!(dirty(&space, 0x20_0000_0000, 0x1000).is_empty(), "not RAM");
+        d.unmap(0x18, 0x10_0000_0000, 0x2000).unwrap();
+        assert!(dirty(&space, 0x10_0000_0000, 0x2000).is_empty());
+        assert_eq!(space.lock().unwrap().take_pending(), [(0x4000, 0x2000)]);
+        // Bypass: IOVA = GPA; leaving it leaves all RAM pending.
+        d.bypass(0x18, true).unwrap();
+        assert_eq!(dirty(&space, 0x7000, 0x1000), [(0x7000, 0x1000)]);
+        d.bypass(0x18, false).unwrap();
+        assert_eq!(space.lock().unwrap().take_pending(), [(0, 16 << 20)]);
+        let events = rec.events.lock().unwrap().clone();
+        assert_eq!(events[0], "map 0x1000000000+0x2000 ram");
+        assert_eq!(events[1], "map 0x2000000000+0x1000 trapped");
+        // The table still had the mapping while the device's space dropped it.
+        assert_eq!(events[2], "unmap 0x1000000000+0x2000 translated 0x2000");
+        assert!(
+            events.iter().any(|e| e == "map 0x0+0x1000000 ram"),
+            "{events:?}"
+        );
+    }
+}
