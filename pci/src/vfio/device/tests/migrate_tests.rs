@@ -36,6 +36,8 @@ struct Inner {
     log_ranges: Vec<Vec<(u64, u64)>>,
     /// A START with a range longer than this is refused (EINVAL); `None`: no DMA logging.
     log_max: Option<u64>,
+    /// Hostile answers: START picks this page size, REPORT sets every bit of an oversized bitmap.
+    hostile: Option<u64>,
 }
 
 impl FakeMigration {
@@ -130,7 +132,7 @@ impl MigrationBackend for FakeMigration {
         }
         g.logging = true;
         g.log_ranges.push(ranges.to_vec());
-        Ok(Some(page))
+        Ok(Some(g.hostile.unwrap_or(page)))
     }
     fn dma_logging_stop(&self) -> Result<(), VfioError> {
         self.inner.lock().unwrap().logging = false;
@@ -144,6 +146,14 @@ impl MigrationBackend for FakeMigration {
     ) -> Result<DmaDirtyReport, VfioError> {
         let mut g = self.inner.lock().unwrap();
         let words = length.div_ceil(page).div_ceil(64) as usize;
+        if g.hostile.is_some() {
+            return Ok(DmaDirtyReport {
+                iova,
+                length,
+                page_size: page,
+                bitmap: vec![u64::MAX; words + 100],
+            });
+        }
         let mut bitmap = vec![0u64; words];
         // Reporting clears what it reports, only that.
         g.dirty.retain(|&a| {
@@ -447,4 +457,26 @@ fn a_partial_log_marks_later_mappings_whole_and_no_log_marks_everything() {
     dev.pause().unwrap();
     dev.sync_dirty_log(&mut bitmap).unwrap();
     assert_eq!(bitmap.count(), 256, "all RAM");
+}
+
+/// A device answering with an absurd page size and all-ones, oversized bitmaps has only the
+/// guest RAM its mappings reach marked, and nothing panics.
+#[test]
+fn hostile_log_answers_mark_only_what_the_mappings_reach() {
+    const RAM: [(u64, u64); 1] = [(0, 1 << 20)];
+    for page in [1u64 << 63, 1 << 12, 1 << 40] {
+        let (b, mut dev) = mig_device(NO_PRECOPY, b"s", &[]);
+        fake(&b).inner.lock().unwrap().hostile = Some(page);
+        let space = Arc::new(Mutex::new(DmaSpace::translated(&RAM, (0, 1 << 48))));
+        dev.set_dma_space(space.clone());
+        space.lock().unwrap().map(0x10_0000_0000, 0x2000, 0x4000);
+        space
+            .lock()
+            .unwrap()
+            .map(0x20_0000_0000, 0x1000, 0xfee0_0000);
+        dev.start_dirty_log().unwrap();
+        let mut bitmap = DirtyBitmap::new(&RAM).unwrap();
+        dev.sync_dirty_log(&mut bitmap).unwrap();
+        assert_eq!(bitmap.pages(), [0x4000, 0x5000], "page size {page:#x}");
+    }
 }
