@@ -27,7 +27,7 @@ use crate::pci_devices::intx_gsi;
 use iommu::Translator;
 use pci::vfio::kernel::{IommufdSet, KernelVfioDevice, KernelVfioError, VfioGroupSet};
 use pci::vfio::sysfs::{BindOptions, PreparedDevice, SysfsRoot};
-use pci::vfio::{VfioBackend, VfioMigrationOptions as PassthroughOptions, VfioPciDevice};
+use pci::vfio::{DmaSpace, VfioBackend, VfioMigrationOptions as PassthroughOptions, VfioPciDevice};
 
 pub use crate::config::IOMMU_DEVICE_ID;
 
@@ -414,15 +414,23 @@ pub fn passthrough_function(
     )
     .map_err(|e| DeviceCreateError::new(what, &d.id, e))?;
     dev.set_migration_options(options);
-    if !d.iommu {
-        // Identity DMA space: the device's DMA log covers guest RAM at its addresses.
-        dev.set_dma_ranges(
-            ctx.mem
-                .iter()
-                .map(|r| (r.start_addr().raw_value(), r.len()))
-                .collect::<Vec<_>>(),
-        );
-    }
+    // What the device's DMA addresses reach, for its DMA dirty log: guest RAM at its addresses,
+    // or behind the vIOMMU the guest's mappings (kept by the DMA space's listener).
+    let ram: Vec<(u64, u64)> = ctx
+        .mem
+        .iter()
+        .map(|r| (r.start_addr().raw_value(), r.len()))
+        .collect();
+    let space = match (&ctx.iommu, d.iommu) {
+        (Some(translator), true) => {
+            let c = *translator.read().config();
+            let len = c.input_end.saturating_sub(c.input_start).saturating_add(1);
+            DmaSpace::translated(&ram, (c.input_start, len))
+        }
+        _ => DmaSpace::identity(&ram),
+    };
+    let space = Arc::new(std::sync::Mutex::new(space));
+    dev.set_dma_space(space.clone());
     let dma = Arc::new(PassthroughDma::new(
         &d.id,
         slot,
@@ -431,6 +439,7 @@ pub fn passthrough_function(
         backend.clone(),
         ctx.dma.clone(),
         dev.stats(),
+        space,
     ));
     dev.set_dma_handler(dma.clone());
     dev.set_error_hook(device_error_hook());

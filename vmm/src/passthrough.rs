@@ -18,16 +18,22 @@
 //! here by translating the IOVA with the mappings recorded by the listener (not by locking the
 //! IOMMU: the listener runs under the IOMMU's lock while it waits for the device, and the
 //! device may be waiting for a DMA served here).
+//!
+//! Every change of a device's DMA space is also written to its [`DmaSpace`], the table its
+//! migration translates the device's DMA dirty log with: a mapping is recorded before the
+//! device can use it, and a removal (unmap, bypass change) only once the device's space no longer
+//! has it, so that a write the device made through a mapping is either reported through it or
+//! counted with the removed mapping's pages.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use devices::Bus;
 use iommu::ExternalMappingListener;
-use pci::vfio::{DmaBacking, DmaHandler, DmaProt, VfioBackend, VfioError, VfioStats};
+use pci::vfio::{DmaBacking, DmaHandler, DmaProt, DmaSpace, VfioBackend, VfioError, VfioStats};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestMemoryMmap;
@@ -78,6 +84,8 @@ pub struct PassthroughDma {
     translated: AtomicBool,
     /// The ranges mapped now, to undo on bypass changes.
     mapped: RwLock<Vec<(u64, u64)>>,
+    /// The IOVA → guest-physical table the device's DMA dirty log is translated with.
+    space: Arc<Mutex<DmaSpace>>,
 }
 
 fn rw() -> DmaProt {
@@ -93,7 +101,9 @@ fn fault(what: &str) -> io::Error {
 
 impl PassthroughDma {
     /// The DMA space of device `id` in `slot`; `p2p` false for `p2p=off`; `translated` when it
-    /// sits behind the virtual IOMMU (its space then starts empty and follows the guest).
+    /// sits behind the virtual IOMMU (its space then starts empty and follows the guest);
+    /// `space` is kept in step with the guest's mappings.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: &str,
         slot: u8,
@@ -102,6 +112,7 @@ impl PassthroughDma {
         backend: Arc<dyn VfioBackend>,
         ctx: DmaContext,
         stats: Arc<VfioStats>,
+        space: Arc<Mutex<DmaSpace>>,
     ) -> Self {
         Self {
             id: id.to_string(),
@@ -113,7 +124,12 @@ impl PassthroughDma {
             iova: RwLock::new(BTreeMap::new()),
             translated: AtomicBool::new(translated),
             mapped: RwLock::new(Vec::new()),
+            space,
         }
+    }
+
+    fn space(&self) -> std::sync::MutexGuard<'_, DmaSpace> {
+        self.space.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Map RAM at its guest physical addresses and, unless `p2p=off`, the PCI windows without
@@ -322,6 +338,8 @@ impl DmaHandler for PassthroughDma {
 
 impl ExternalMappingListener for PassthroughDma {
     fn map(&self, _endpoint: u32, iova: u64, size: u64, phys: u64, _flags: u32) -> io::Result<()> {
+        // Recorded first: the device may write through it as soon as it is mapped.
+        self.space().map(iova, size, phys);
         if self.is_ram(phys, size) {
             return self.map_ram(iova, phys, size).map_err(io::Error::other);
         }
@@ -348,18 +366,172 @@ impl ExternalMappingListener for PassthroughDma {
             *mapped = keep;
             gone
         };
-        for (s, len) in gone {
-            self.backend.dma_unmap(s, len).map_err(io::Error::other)?;
-        }
-        Ok(())
+        let unmapped = gone
+            .into_iter()
+            .try_for_each(|(s, len)| self.backend.dma_unmap(s, len).map_err(io::Error::other));
+        // Only now can the device no longer write through it (whatever the unmap's outcome:
+        // the guest's view has lost the mapping).
+        self.space().unmap(iova, size);
+        unmapped
     }
 
     fn bypass(&self, _endpoint: u32, enabled: bool) -> io::Result<()> {
-        self.unmap_all()?;
+        let unmapped = self.unmap_all();
         self.translated.store(!enabled, Ordering::SeqCst);
+        // The old mappings are gone from the device's space (or the device is broken): the
+        // table follows before the identity map can be used.
+        self.space().set_bypass(enabled);
+        unmapped?;
         if enabled {
             self.map_identity().map_err(io::Error::other)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pci::vfio::{DeviceInfo, IrqInfo, RegionInfo};
+    use vmm_sys_util::eventfd::EventFd;
+
+    /// A device's DMA space that checks, at every unmap, that the [`DmaSpace`] still translates
+    /// what is being unmapped (the table may only drop a mapping the device can no longer use).
+    struct Recorder {
+        space: Arc<Mutex<DmaSpace>>,
+        events: Mutex<Vec<String>>,
+    }
+
+    impl VfioBackend for Recorder {
+        fn kind(&self) -> &'static str {
+            "recorder"
+        }
+        fn device_info(&self) -> Result<DeviceInfo, VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn region_info(&self, _: u32) -> Result<RegionInfo, VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn irq_info(&self, _: u32) -> Result<IrqInfo, VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn region_read(&self, _: u32, _: u64, _: &mut [u8]) -> Result<(), VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn region_write(&self, _: u32, _: u64, _: &[u8]) -> Result<(), VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn set_irq_eventfds(
+            &self,
+            _: u32,
+            _: u32,
+            _: &[Option<&EventFd>],
+        ) -> Result<(), VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn disable_irqs(&self, _: u32) -> Result<(), VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn set_intx_unmask_eventfd(&self, _: &EventFd) -> Result<(), VfioError> {
+            unreachable!("not used by the DMA space")
+        }
+        fn dma_map(
+            &self,
+            iova: u64,
+            size: u64,
+            b: DmaBacking<'_>,
+            _: DmaProt,
+        ) -> Result<(), VfioError> {
+            let kind = match b {
+                DmaBacking::Memory { .. } => "ram",
+                DmaBacking::Trapped => "trapped",
+            };
+            self.events
+                .lock()
+                .unwrap()
+                .push(format!("map {iova:#x}+{size:#x} {kind}"));
+            Ok(())
+        }
+        fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), VfioError> {
+            let mut still = 0;
+            self.space
+                .lock()
+                .unwrap()
+                .dirty(iova, size, |_, l| still += l);
+            self.events
+                .lock()
+                .unwrap()
+                .push(format!("unmap {iova:#x}+{size:#x} translated {still:#x}"));
+            Ok(())
+        }
+        fn reset(&self) -> Result<(), VfioError> {
+            Ok(())
+        }
+    }
+
+    fn dma() -> (PassthroughDma, Arc<Recorder>, Arc<Mutex<DmaSpace>>) {
+        let (mem, _file) = crate::memory::create_guest_memory(16 << 20).unwrap();
+        let space = Arc::new(Mutex::new(DmaSpace::translated(
+            &[(0, 16 << 20)],
+            (0, 1 << 48),
+        )));
+        let rec = Arc::new(Recorder {
+            space: space.clone(),
+            events: Mutex::new(Vec::new()),
+        });
+        let ctx = DmaContext {
+            mem,
+            mmio: Arc::new(Bus::new()),
+            windows: Default::default(),
+            pci_windows: Vec::new(),
+            peers: Default::default(),
+        };
+        let d = PassthroughDma::new(
+            "dev0",
+            3,
+            true,
+            true,
+            rec.clone(),
+            ctx,
+            Arc::new(VfioStats::default()),
+            space.clone(),
+        );
+        (d, rec, space)
+    }
+
+    fn dirty(space: &Mutex<DmaSpace>, iova: u64, len: u64) -> Vec<(u64, u64)> {
+        let mut v = Vec::new();
+        space
+            .lock()
+            .unwrap()
+            .dirty(iova, len, |a, l| v.push((a, l)));
+        v
+    }
+
+    #[test]
+    fn the_dma_space_follows_map_unmap_and_bypass_in_a_safe_order() {
+        let (d, rec, space) = dma();
+        space.lock().unwrap().start_log(&[(0, 1 << 48)]);
+        d.map(0x18, 0x10_0000_0000, 0x2000, 0x4000, 3).unwrap();
+        d.map(0x18, 0x20_0000_0000, 0x1000, 0xc000_0000, 3).unwrap();
+        assert_eq!(dirty(&space, 0x10_0000_1000, 0x1000), [(0x5000, 0x1000)]);
+        assert!(dirty(&space, 0x20_0000_0000, 0x1000).is_empty(), "not RAM");
+        d.unmap(0x18, 0x10_0000_0000, 0x2000).unwrap();
+        assert!(dirty(&space, 0x10_0000_0000, 0x2000).is_empty());
+        assert_eq!(space.lock().unwrap().take_pending(), [(0x4000, 0x2000)]);
+        // Bypass: IOVA = GPA; leaving it leaves all RAM pending.
+        d.bypass(0x18, true).unwrap();
+        assert_eq!(dirty(&space, 0x7000, 0x1000), [(0x7000, 0x1000)]);
+        d.bypass(0x18, false).unwrap();
+        assert_eq!(space.lock().unwrap().take_pending(), [(0, 16 << 20)]);
+        let events = rec.events.lock().unwrap().clone();
+        assert_eq!(events[0], "map 0x1000000000+0x2000 ram");
+        assert_eq!(events[1], "map 0x2000000000+0x1000 trapped");
+        // The table still had the mapping while the device's space dropped it.
+        assert_eq!(events[2], "unmap 0x1000000000+0x2000 translated 0x2000");
+        assert!(
+            events.iter().any(|e| e == "map 0x0+0x1000000 ram"),
+            "{events:?}"
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod device;
+pub mod dma_space;
 pub mod kernel;
 pub mod mig_backend;
 mod msi;
@@ -14,3 +15,4 @@ pub use backend::{
     VfioError,
 };
 pub use device::{VfioMigrationOptions, VfioPciDevice, VfioPciError, VfioStats};
+pub use dma_space::DmaSpace;

@@ -10,6 +10,8 @@
 //! RUNNING_P2P; `resume` → RUNNING. Every move is a walk of single direct arcs
 //! ([`migration::device_fsm::device_arcs`]). A failed resume falls back to a device reset.
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use log::{info, warn};
 use migration::device_fsm::{device_arcs, DeviceMigState, MigrationCaps, PassthroughMigInfo};
 use migration::{DirtyBitmap, Migratable, Pausable, Snapshottable, StateError, StateSection};
@@ -17,7 +19,8 @@ use migration::{DirtyBitmap, Migratable, Pausable, Snapshottable, StateError, St
 use devices::legacy::{StateReader, StateWriter};
 
 use super::VfioPciDevice;
-use crate::vfio::mig_backend::MigrationBackend;
+use crate::vfio::dma_space::{DmaSpace, MAX_REPORT_RANGES, MAX_START_RANGES};
+use crate::vfio::mig_backend::{DmaDirtyReport, MigrationBackend};
 
 /// Version of a passthrough function's state section.
 const VFIO_STATE_VERSION: u16 = 1;
@@ -54,8 +57,9 @@ pub(super) struct DeviceMigration {
     caps: MigrationCaps,
     state: DeviceMigState,
     options: VfioMigrationOptions,
-    /// Guest RAM ranges the device reaches at identical IOVAs (empty behind the vIOMMU).
-    dma_ranges: Vec<(u64, u64)>,
+    /// What the device's DMA addresses reach (shared with the VMM's mapping listener behind
+    /// the vIOMMU); `None` when nobody said.
+    dma: Option<Arc<Mutex<DmaSpace>>>,
     log: DmaLog,
     /// The last pre-copy read was full: there may be more.
     precopy_more: bool,
@@ -85,7 +89,7 @@ impl DeviceMigration {
             caps,
             state,
             options: VfioMigrationOptions::default(),
-            dma_ranges: Vec::new(),
+            dma: None,
             log: DmaLog::Off,
             precopy_more: false,
             drained: false,
@@ -113,7 +117,13 @@ impl VfioPciDevice {
     /// The guest RAM ranges the device reaches at identical IOVAs (no vIOMMU): where its DMA
     /// logging looks.
     pub fn set_dma_ranges(&mut self, ranges: Vec<(u64, u64)>) {
-        self.mig.dma_ranges = ranges;
+        self.set_dma_space(Arc::new(Mutex::new(DmaSpace::identity(&ranges))));
+    }
+
+    /// The device's DMA space as the VMM keeps it (behind the vIOMMU: the guest's mappings,
+    /// updated by the VMM's listener): how its DMA log's IOVAs translate to guest RAM.
+    pub fn set_dma_space(&mut self, space: Arc<Mutex<DmaSpace>>) {
+        self.mig.dma = Some(space);
     }
 
     /// The device's current migration state.
@@ -242,8 +252,120 @@ impl VfioPciDevice {
                     warn!("{}: cannot stop DMA logging: {e}", self.id);
                 }
             }
+            if let Some(space) = &self.mig.dma {
+                lock(space).stop_log();
+            }
         }
         self.mig.log = DmaLog::Off;
+    }
+
+    /// Start the device's DMA log: over [`DmaSpace::log_request`] first (behind the vIOMMU its
+    /// whole input range, as one range, so that mappings the guest makes during the migration
+    /// are covered too; guest RAM otherwise), and when the device refuses that, over the ranges
+    /// mapped now (at most [`MAX_START_RANGES`]; what is mapped later outside them is then
+    /// marked dirty wholesale once the device is stopped, see [`DmaSpace::unlogged`]).
+    ///
+    /// What the texts allow: linux/vfio.h takes one START until a STOP ("another start is not
+    /// allowed in the meantime"), guarantees as many ranges as fit in a kernel page and lets a
+    /// device refuse more or larger ranges ("as of some driver limitations"); the kernel refuses
+    /// `num_ranges` 0 (EINVAL) and too many (E2BIG). The vfio-user spec puts no limit on the
+    /// ranges and reads `num_ranges` 0 as "log every write", which the kernel does not: hence
+    /// one explicit range, the input range, which both accept and which no guest mapping can
+    /// leave. A STOP and restart on new mappings would lose what the device logged in between,
+    /// so there is none. The device's page size, or `None` when it logs nothing.
+    fn start_dma_log(&mut self) -> Result<Option<u64>, StateError> {
+        let (Some(m), Some(space)) = (self.backend.migration(), self.mig.dma.clone()) else {
+            return Ok(None);
+        };
+        let (first, mapped, translated) = {
+            let s = lock(&space);
+            (
+                s.log_request(),
+                s.mapped_ranges(MAX_START_RANGES),
+                s.is_translated(),
+            )
+        };
+        let mut tries = vec![first];
+        if translated && tries[0] != mapped {
+            tries.push(mapped);
+        }
+        let mut failed = None;
+        for ranges in tries.into_iter().filter(|r| !r.is_empty()) {
+            // On before the device logs: a mapping removed from then on counts as dirty.
+            lock(&space).start_log(&ranges);
+            let started = m.dma_logging_start(LOG_PAGE, &ranges);
+            if !matches!(started, Ok(Some(_))) {
+                lock(&space).stop_log();
+            }
+            match started {
+                Ok(Some(page)) => {
+                    let bytes: u64 = ranges.iter().map(|r| r.1).sum();
+                    info!(
+                        "{}: DMA dirty logging on {} range(s) of {} MiB of {}, {page}-byte pages",
+                        self.id,
+                        ranges.len(),
+                        bytes >> 20,
+                        if translated {
+                            "IOVA space, translated through the vIOMMU's mappings"
+                        } else {
+                            "guest RAM"
+                        }
+                    );
+                    return Ok(Some(page));
+                }
+                // No DMA logging, or (EINVAL) not over these ranges.
+                Ok(None) => {}
+                Err(e) => {
+                    info!(
+                        "{}: DMA_LOGGING_START over {} range(s) refused: {e}",
+                        self.id,
+                        ranges.len()
+                    );
+                    failed = Some(e);
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(StateError::component(self.id.clone(), e)),
+            None => Ok(None),
+        }
+    }
+
+    fn mig_stopped(&self) -> bool {
+        matches!(
+            self.mig.state,
+            DeviceMigState::Stop | DeviceMigState::StopCopy
+        )
+    }
+
+    /// Read the device's DMA log over what it can reach now and mark the guest RAM it wrote.
+    fn sync_device_log(&mut self, page: u64, into: &mut DirtyBitmap) -> Result<(), StateError> {
+        let Some(space) = self.mig.dma.clone() else {
+            return Ok(());
+        };
+        let ranges = lock(&space).report_ranges(MAX_REPORT_RANGES);
+        let m = self.mig_backend()?;
+        let mut reports = Vec::with_capacity(ranges.len());
+        for (iova, len) in ranges {
+            let report = m
+                .dma_logging_report(iova, len, page)
+                .map_err(|e| StateError::component(self.id.clone(), e))?;
+            reports.push(report);
+        }
+        let stopped = self.mig_stopped();
+        let (bytes, result) = mark_dirty(&mut lock(&space), &reports, stopped, into);
+        if let Err(e) = result {
+            warn!("{}: DMA log: {e}", self.id);
+        }
+        if stopped {
+            info!(
+                "{}: DMA log after the stop: {} KiB of guest RAM dirty ({} dirty IOVA page(s) reported)",
+                self.id,
+                bytes >> 10,
+                reports.iter().map(|r| r.dirty_iovas().count()).sum::<usize>()
+            );
+        }
+        Ok(())
     }
 }
 
@@ -346,21 +468,21 @@ impl Migratable for VfioPciDevice {
         if !self.mig.migratable() {
             return Ok(());
         }
-        let started = match (self.backend.migration(), self.mig.dma_ranges.is_empty()) {
-            (Some(m), false) => m
-                .dma_logging_start(LOG_PAGE, &self.mig.dma_ranges)
-                .map_err(|e| StateError::component(self.id.clone(), e))?,
-            _ => None,
-        };
-        self.mig.log = match started {
-            Some(page) => DmaLog::Device(page),
+        self.mig.log = match self.start_dma_log()? {
+            Some(page) => DmaLog::Device(page.max(LOG_PAGE)),
             None => {
-                let reach: u64 = self.mig.dma_ranges.iter().map(|r| r.1).sum();
+                let (translated, reach) = match &self.mig.dma {
+                    Some(space) => {
+                        let s = lock(space);
+                        (s.is_translated(), s.unlogged().iter().map(|r| r.1).sum())
+                    }
+                    None => (false, 0u64),
+                };
                 warn!(
                     "{}: no DMA dirty logging for this device{}: every page it can write ({}) is sent again after it stops, which adds to the downtime",
                     self.id,
-                    if self.mig.dma_ranges.is_empty() { " behind the vIOMMU" } else { "" },
-                    if reach == 0 { "all guest RAM".to_string() } else { format!("{} MiB", reach >> 20) }
+                    if translated { " behind the vIOMMU" } else { "" },
+                    if translated || reach == 0 { "all guest RAM".to_string() } else { format!("{} MiB", reach >> 20) }
                 );
                 DmaLog::Everything
             }
@@ -383,26 +505,9 @@ impl Migratable for VfioPciDevice {
     fn sync_dirty_log(&mut self, into: &mut DirtyBitmap) -> Result<(), StateError> {
         match self.mig.log {
             DmaLog::Off => Ok(()),
-            DmaLog::Device(page) => {
-                let m = self.mig_backend()?;
-                for &(iova, len) in &self.mig.dma_ranges {
-                    let report = m
-                        .dma_logging_report(iova, len, page)
-                        .map_err(|e| StateError::component(self.id.clone(), e))?;
-                    for at in report.dirty_iovas() {
-                        if let Err(e) = into.mark(at, page) {
-                            warn!("{}: DMA log: {e}", self.id);
-                        }
-                    }
-                }
-                Ok(())
-            }
+            DmaLog::Device(page) => self.sync_device_log(page, into),
             DmaLog::Everything => {
-                let stopped = matches!(
-                    self.mig.state,
-                    DeviceMigState::Stop | DeviceMigState::StopCopy
-                );
-                if stopped {
+                if self.mig_stopped() {
                     into.set_all();
                 }
                 Ok(())
@@ -476,4 +581,44 @@ impl Migratable for VfioPciDevice {
             pre_copy_off: self.mig.options.pre_copy_off,
         })
     }
+}
+
+fn lock(space: &Mutex<DmaSpace>) -> MutexGuard<'_, DmaSpace> {
+    space.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Mark in `into` the guest RAM that the dirty IOVAs of `reports` reach through `space` now,
+/// what mappings removed since the last sync reached, and, once the device is `stopped`, what
+/// it reaches outside its log. IOVAs that reach no RAM are skipped. Every piece is marked even
+/// when one fails. The bytes marked (pieces may overlap) and the first failure.
+fn mark_dirty(
+    space: &mut DmaSpace,
+    reports: &[DmaDirtyReport],
+    stopped: bool,
+    into: &mut DirtyBitmap,
+) -> (u64, Result<(), migration::dirty::DirtyError>) {
+    let mut result = Ok(());
+    let mut bytes = 0u64;
+    let mut mark = |gpa: u64, len: u64| {
+        bytes = bytes.saturating_add(len);
+        if let Err(e) = into.mark(gpa, len) {
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    };
+    for report in reports {
+        for at in report.dirty_iovas() {
+            space.dirty(at, report.page_size, &mut mark);
+        }
+    }
+    for (gpa, len) in space.take_pending() {
+        mark(gpa, len);
+    }
+    if stopped {
+        for (gpa, len) in space.unlogged() {
+            mark(gpa, len);
+        }
+    }
+    (bytes, result)
 }

@@ -9,6 +9,7 @@ use migration::device_fsm::{is_direct_arc, DeviceMigState as S, MigrationCaps};
 use migration::{DirtyBitmap, Migratable, Pausable, Snapshottable};
 
 use super::*;
+use crate::vfio::dma_space::DmaSpace;
 use crate::vfio::mig_backend::{DmaDirtyReport, MigrationBackend};
 
 /// A device's migration side: its state, caps, data, and faults to inject.
@@ -31,6 +32,12 @@ struct Inner {
     fail_arc: Option<(S, S)>,
     logging: bool,
     dirty: Vec<u64>,
+    /// The ranges of every DMA_LOGGING_START that succeeded.
+    log_ranges: Vec<Vec<(u64, u64)>>,
+    /// A START with a range longer than this is refused (EINVAL); `None`: no DMA logging.
+    log_max: Option<u64>,
+    /// Hostile answers: START picks this page size, REPORT sets every bit of an oversized bitmap.
+    hostile: Option<u64>,
 }
 
 impl FakeMigration {
@@ -41,6 +48,7 @@ impl FakeMigration {
                 state: S::Running.as_u32(),
                 saved: saved.to_vec(),
                 precopy_left: precopy.to_vec(),
+                log_max: Some(u64::MAX),
                 ..Default::default()
             }),
         }
@@ -111,9 +119,20 @@ impl MigrationBackend for FakeMigration {
     fn mig_data_size(&self) -> Result<Option<u64>, VfioError> {
         Ok(Some(self.inner.lock().unwrap().saved.len() as u64))
     }
-    fn dma_logging_start(&self, page: u64, _: &[(u64, u64)]) -> Result<Option<u64>, VfioError> {
-        self.inner.lock().unwrap().logging = true;
-        Ok(Some(page))
+    fn dma_logging_start(
+        &self,
+        page: u64,
+        ranges: &[(u64, u64)],
+    ) -> Result<Option<u64>, VfioError> {
+        let mut g = self.inner.lock().unwrap();
+        match g.log_max {
+            None => return Ok(None),
+            Some(max) if ranges.iter().any(|r| r.1 > max) => return Err(refused("too long")),
+            Some(_) => {}
+        }
+        g.logging = true;
+        g.log_ranges.push(ranges.to_vec());
+        Ok(Some(g.hostile.unwrap_or(page)))
     }
     fn dma_logging_stop(&self) -> Result<(), VfioError> {
         self.inner.lock().unwrap().logging = false;
@@ -127,13 +146,24 @@ impl MigrationBackend for FakeMigration {
     ) -> Result<DmaDirtyReport, VfioError> {
         let mut g = self.inner.lock().unwrap();
         let words = length.div_ceil(page).div_ceil(64) as usize;
+        if g.hostile.is_some() {
+            return Ok(DmaDirtyReport {
+                iova,
+                length,
+                page_size: page,
+                bitmap: vec![u64::MAX; words + 100],
+            });
+        }
         let mut bitmap = vec![0u64; words];
-        for a in std::mem::take(&mut g.dirty) {
-            if a >= iova && a < iova + length {
+        // Reporting clears what it reports, only that.
+        g.dirty.retain(|&a| {
+            let inside = a >= iova && a < iova + length;
+            if inside {
                 let n = (a - iova) / page;
                 bitmap[(n / 64) as usize] |= 1 << (n % 64);
             }
-        }
+            !inside
+        });
         Ok(DmaDirtyReport {
             iova,
             length,
@@ -344,4 +374,109 @@ fn stop_copy_data_read_in_pieces_leaves_the_section_small() {
     dev.quiesce().unwrap();
     dev.pause().unwrap();
     assert!(dev.snapshot().unwrap().data.len() > saved.len());
+}
+
+/// A device behind the vIOMMU: its DMA log covers the vIOMMU's input range, dirty IOVAs are
+/// marked at the guest-physical pages their mappings reach, a mapping removed during the
+/// migration leaves its pages dirty, and nothing is marked wholesale.
+#[test]
+fn behind_the_viommu_the_log_is_translated_through_the_mappings() {
+    const RAM: [(u64, u64); 1] = [(0, 1 << 20)];
+    let (b, mut dev) = mig_device(NO_PRECOPY, b"s", &[]);
+    let space = Arc::new(Mutex::new(DmaSpace::translated(&RAM, (0, 1 << 48))));
+    dev.set_dma_space(space.clone());
+    space.lock().unwrap().map(0x10_0000_0000, 0x2000, 0x4000);
+    space.lock().unwrap().map(0x20_0000_0000, 0x1000, 0x9000);
+    dev.start_dirty_log().unwrap();
+    assert_eq!(
+        fake(&b).inner.lock().unwrap().log_ranges,
+        [vec![(0, 1 << 48)]]
+    );
+    // A mapping added while logging is covered by the log.
+    space.lock().unwrap().map(0x30_0000_0000, 0x1000, 0xa000);
+    fake(&b).inner.lock().unwrap().dirty = vec![0x10_0000_1000, 0x30_0000_0000, 0x4000];
+    let mut bitmap = DirtyBitmap::new(&RAM).unwrap();
+    dev.sync_dirty_log(&mut bitmap).unwrap();
+    // 0x4000 as an IOVA is mapped to nothing: a log read as guest-physical would mark it.
+    assert_eq!(bitmap.pages(), [0x5000, 0xa000]);
+    // Removed while logging: its page is dirty at the next sync, unreported.
+    space.lock().unwrap().unmap(0x20_0000_0000, 0x1000);
+    let mut bitmap = DirtyBitmap::new(&RAM).unwrap();
+    dev.sync_dirty_log(&mut bitmap).unwrap();
+    assert_eq!(bitmap.pages(), [0x9000]);
+    // Stopped: only what the device wrote, never all of RAM.
+    dev.quiesce().unwrap();
+    dev.pause().unwrap();
+    fake(&b).inner.lock().unwrap().dirty = vec![0x10_0000_0000];
+    let mut bitmap = DirtyBitmap::new(&RAM).unwrap();
+    dev.sync_dirty_log(&mut bitmap).unwrap();
+    assert_eq!(bitmap.pages(), [0x4000]);
+    dev.stop_dirty_log().unwrap();
+    assert!(!fake(&b).inner.lock().unwrap().logging);
+}
+
+/// A device that refuses to log the vIOMMU's input range logs the ranges mapped at the start;
+/// what is mapped later is marked whole once the device is stopped. A device without DMA
+/// logging has all RAM marked once stopped.
+#[test]
+fn a_partial_log_marks_later_mappings_whole_and_no_log_marks_everything() {
+    const RAM: [(u64, u64); 1] = [(0, 1 << 20)];
+    let (b, mut dev) = mig_device(NO_PRECOPY, b"s", &[]);
+    fake(&b).inner.lock().unwrap().log_max = Some(1 << 30);
+    let space = Arc::new(Mutex::new(DmaSpace::translated(&RAM, (0, 1 << 48))));
+    dev.set_dma_space(space.clone());
+    space.lock().unwrap().map(0x10_0000_0000, 0x2000, 0x4000);
+    dev.start_dirty_log().unwrap();
+    assert_eq!(
+        fake(&b).inner.lock().unwrap().log_ranges,
+        [vec![(0x10_0000_0000, 0x2000)]]
+    );
+    space.lock().unwrap().map(0x20_0000_0000, 0x3000, 0x10000);
+    let mut bitmap = DirtyBitmap::new(&RAM).unwrap();
+    dev.sync_dirty_log(&mut bitmap).unwrap();
+    assert_eq!(bitmap.count(), 0, "running: nothing marked wholesale yet");
+    dev.quiesce().unwrap();
+    dev.pause().unwrap();
+    dev.sync_dirty_log(&mut bitmap).unwrap();
+    assert_eq!(bitmap.pages(), [0x10000, 0x11000, 0x12000]);
+    dev.stop_dirty_log().unwrap();
+    dev.resume_quiesced().unwrap();
+    dev.resume().unwrap();
+
+    let (b, mut dev) = mig_device(NO_PRECOPY, b"s", &[]);
+    fake(&b).inner.lock().unwrap().log_max = None;
+    dev.set_dma_space(Arc::new(Mutex::new(DmaSpace::translated(
+        &RAM,
+        (0, 1 << 48),
+    ))));
+    dev.start_dirty_log().unwrap();
+    let mut bitmap = DirtyBitmap::new(&RAM).unwrap();
+    dev.sync_dirty_log(&mut bitmap).unwrap();
+    assert_eq!(bitmap.count(), 0);
+    dev.quiesce().unwrap();
+    dev.pause().unwrap();
+    dev.sync_dirty_log(&mut bitmap).unwrap();
+    assert_eq!(bitmap.count(), 256, "all RAM");
+}
+
+/// A device answering with an absurd page size and all-ones, oversized bitmaps has only the
+/// guest RAM its mappings reach marked, and nothing panics.
+#[test]
+fn hostile_log_answers_mark_only_what_the_mappings_reach() {
+    const RAM: [(u64, u64); 1] = [(0, 1 << 20)];
+    for page in [1u64 << 63, 1 << 12, 1 << 40] {
+        let (b, mut dev) = mig_device(NO_PRECOPY, b"s", &[]);
+        fake(&b).inner.lock().unwrap().hostile = Some(page);
+        let space = Arc::new(Mutex::new(DmaSpace::translated(&RAM, (0, 1 << 48))));
+        dev.set_dma_space(space.clone());
+        space.lock().unwrap().map(0x10_0000_0000, 0x2000, 0x4000);
+        space
+            .lock()
+            .unwrap()
+            .map(0x20_0000_0000, 0x1000, 0xfee0_0000);
+        dev.start_dirty_log().unwrap();
+        let mut bitmap = DirtyBitmap::new(&RAM).unwrap();
+        dev.sync_dirty_log(&mut bitmap).unwrap();
+        assert_eq!(bitmap.pages(), [0x4000, 0x5000], "page size {page:#x}");
+    }
 }

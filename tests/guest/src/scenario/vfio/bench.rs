@@ -181,7 +181,10 @@ pub fn run(boot: &BootInfo) {
     if found.is_empty() {
         bad("bench-devices", None, "no skiff-testdev found");
     }
-    let devs: Vec<Dev> = found.iter().map(|f| open(&mut p, *f, &[], false)).collect();
+    let devs: Vec<Dev> = found
+        .iter()
+        .map(|f| open(&mut p, *f, &[], false, mem_size(boot)))
+        .collect();
     let a = &devs[0];
     let rng = p.virtio_devices(types::RNG).first().copied().map(|f| {
         let t = p.open(f).unwrap_or_else(|e| bad("bench-rng", None, e));

@@ -28,9 +28,12 @@
 //! `vfio_migrate.seconds` (default 20), `vfio_migrate.live_slots` (default [`LIVE_SLOTS`]),
 //! `vfio_migrate.tsc_hz` (instead of measuring it), `vfio_migrate.violations_ok=1` (violation
 //! counters that went up do not fail the run), `vfio_migrate.mmio_flag=0` (as
-//! `vfio.mmio_flag`). See the README for the output lines.
+//! `vfio.mmio_flag`), `vfio_migrate.remap_pages=N` and `vfio_migrate.remap_ms` (with
+//! `vfio_migrate.iommu=1`: DMA writes through a window remapped to a fresh page each time, see
+//! [`super::remap`]). See the README for the output lines.
 
 use super::super::dirty::{us, Stall};
+use super::remap::Remap;
 use super::*;
 use crate::arch::time::{calibrate_tsc_pit, rdtsc, ASSUMED_MAX_TSC_HZ};
 
@@ -75,6 +78,8 @@ struct Prm {
     tsc_hz: u64,
     violations_ok: bool,
     mmio_flag: bool,
+    remap_pages: u64,
+    remap_ms: u64,
 }
 
 fn params(boot: &BootInfo) -> Prm {
@@ -90,7 +95,19 @@ fn params(boot: &BootInfo) -> Prm {
         tsc_hz: p("vfio_migrate.tsc_hz", 0),
         violations_ok: p("vfio_migrate.violations_ok", 0) != 0,
         mmio_flag: p("vfio_migrate.mmio_flag", 1) != 0,
+        remap_pages: p("vfio_migrate.remap_pages", 0),
+        remap_ms: p("vfio_migrate.remap_ms", 20),
     };
+    if prm.remap_pages != 0 && !prm.iommu {
+        die("vfio_migrate.remap_pages needs vfio_migrate.iommu=1");
+    }
+    if prm.remap_pages > 1 << 20 {
+        die(format_args!(
+            "vfio_migrate.remap_pages={}: at most {}",
+            prm.remap_pages,
+            1 << 20
+        ));
+    }
     if !(1..=2).contains(&prm.devices) {
         die(format_args!(
             "vfio_migrate.devices={}: must be 1 or 2",
@@ -334,14 +351,14 @@ fn setup_devices(boot: &BootInfo, prm: &Prm) -> (Vec<Dev>, Option<IommuCtx>) {
     };
     let mut devs: Vec<Dev> = found
         .iter()
-        .map(|f| open(&mut p, *f, &endpoints, prm.iommu))
+        .map(|f| open(&mut p, *f, &endpoints, prm.iommu, mem_size(boot)))
         .collect();
     let ctx = io.map(|io| attach_all(io, &mut devs, prm.mmio_flag));
     (devs, ctx)
 }
 
-/// Run a stream command polled: Err with the details when it fails or does not complete.
-fn command(d: &Dev, code: u32) -> Result<(), String> {
+/// Run a command polled: Err with the details when it fails or does not complete.
+pub(super) fn command(d: &Dev, code: u32) -> Result<(), String> {
     let (c0, f0) = (d.rd(regs::REG_COMPLETED), d.rd(regs::REG_FAILED));
     d.wr(regs::REG_DOORBELL, code);
     let deadline = time::Deadline::after_ms(CMD_TIMEOUT_MS);
@@ -474,9 +491,29 @@ struct Run<'a> {
     live_slots: u64,
     /// Mismatches and other failures found so far.
     fails: u64,
+    /// The virtio-iommu (`vfio_migrate.iommu=1`).
+    ctx: Option<IommuCtx>,
+    /// The remapping writers (`vfio_migrate.remap_pages`), and whether one failed.
+    remap: Option<Remap>,
+    remap_failed: bool,
 }
 
 impl Run<'_> {
+    /// A remapping round when one is due (a failure stops them).
+    fn remap_tick(&mut self, now: u64) {
+        let (Some(r), Some(c)) = (self.remap.as_mut(), self.ctx.as_mut()) else {
+            return;
+        };
+        if self.remap_failed {
+            return;
+        }
+        if let Err(e) = r.tick(self.devs, c, now) {
+            println!("vfio-migrate: FAIL remap {}", e);
+            self.fails += 1;
+            self.remap_failed = true;
+        }
+    }
+
     /// Scan `count` slots of area `a` from `from` (wrapping) against the writer's `s0`: bad
     /// slots go to `t` (each re-read once first: a torn read of a write in progress is not a
     /// loss). Returns the largest newer value seen (and its slot), to be checked against the
@@ -581,6 +618,7 @@ impl Run<'_> {
                 break;
             }
             if (now.wrapping_sub(next) as i64) < 0 {
+                self.remap_tick(now);
                 core::hint::spin_loop();
                 continue;
             }
@@ -589,6 +627,9 @@ impl Run<'_> {
             let mut line = format!("vfio-migrate: t={} seq", now.wrapping_sub(start) / hz);
             for (i, s) in self.streams.iter().enumerate() {
                 line.push_str(&format!(" {i}={}", s.seq));
+            }
+            if let Some(r) = &self.remap {
+                line.push_str(&format!(" remap={}", r.done()));
             }
             line.push_str(&format!(
                 " check_us={check_us} max_stall_us={} recent_stall_us={} tsc_backwards={} fails={}",
@@ -678,6 +719,13 @@ pub fn run(boot: &BootInfo) {
     println!("vfio-migrate: tsc_hz {} source {}", hz, source);
     let streams = start_streams(&devs, &mut ctx, &prm);
     let areas = areas(&devs, &streams, prm.entries);
+    let remap = match (prm.remap_pages, ctx.as_mut()) {
+        (0, _) | (_, None) => None,
+        (pages, Some(c)) => {
+            let period = prm.remap_ms.saturating_mul(hz) / 1000;
+            Some(Remap::new(&devs, c, pages, period, rdtsc()))
+        }
+    };
     let mut run = Run {
         devs: &devs,
         streams,
@@ -686,6 +734,9 @@ pub fn run(boot: &BootInfo) {
         stall: Stall::new(),
         live_slots: prm.live_slots,
         fails: 0,
+        ctx,
+        remap,
+        remap_failed: false,
     };
     run.stall
         .print(&format!("vfio-migrate: streaming devices={}", devs.len()));
@@ -694,6 +745,9 @@ pub fn run(boot: &BootInfo) {
     let s = stop_streams(&mut run);
     let t0 = rdtsc();
     final_check(&mut run, &s);
+    if let Some(r) = &run.remap {
+        run.fails += r.check();
+    }
     println!(
         "vfio-migrate: final check took {} us",
         us(rdtsc().wrapping_sub(t0), hz)

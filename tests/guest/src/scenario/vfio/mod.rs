@@ -20,6 +20,7 @@ mod irq;
 pub(super) mod migrate;
 mod p2p;
 mod ram;
+mod remap;
 
 use dev::*;
 use irq::*;
@@ -207,7 +208,7 @@ pub fn run(boot: &BootInfo) {
     // 2. BARs, command register, identity registers, MSI-X capability.
     let mut devs: Vec<Dev> = found
         .iter()
-        .map(|f| open(&mut p, *f, &endpoints, prm.iommu))
+        .map(|f| open(&mut p, *f, &endpoints, prm.iommu, mem_size(boot)))
         .collect();
 
     // The IOMMU: probe (reserved regions), one domain per device, attach.
@@ -380,8 +381,21 @@ fn attach_all(mut io: Iommu, devs: &mut [Dev], mmio_flag: bool) -> IommuCtx {
     }
 }
 
-/// Size and keep the BARs, enable decoding and bus mastering, read MAGIC/VERSION, find MSI-X.
-fn open(p: &mut Platform, f: PciFunction, endpoints: &[(PciFunction, u32)], iommu: bool) -> Dev {
+/// The BAR 2 size every test device must report: `vfio.mem_size` (bytes; devices started with
+/// `skiff-testdev --memory-mib`), [`regs::DEVICE_MEMORY_SIZE`] by default.
+fn mem_size(boot: &BootInfo) -> u64 {
+    param_u64(boot, "vfio.mem_size", regs::DEVICE_MEMORY_SIZE)
+}
+
+/// Size and keep the BARs (BAR 2 must be `mem_size` bytes), enable decoding and bus mastering,
+/// read MAGIC/VERSION, find MSI-X.
+fn open(
+    p: &mut Platform,
+    f: PciFunction,
+    endpoints: &[(PciFunction, u32)],
+    iommu: bool,
+    mem_size: u64,
+) -> Dev {
     let cfg = p.cfg;
     let name = format!("{}", f.bdf);
     let mut dev = Dev {
@@ -418,11 +432,7 @@ fn open(p: &mut Platform, f: PciFunction, endpoints: &[(PciFunction, u32)], iomm
     expect(
         "bar-sizes",
         Some(&dev),
-        !b0.io
-            && b0.size == regs::REGS_BAR_SIZE
-            && !b2.io
-            && b2.is64
-            && b2.size == regs::DEVICE_MEMORY_SIZE,
+        !b0.io && b0.size == regs::REGS_BAR_SIZE && !b2.io && b2.is64 && b2.size == mem_size,
         format!(
             "bar{} {} size {:#x} (want memory, {:#x}), bar{} {} size {:#x} (want mem64, {:#x})",
             regs::REGS_BAR,
@@ -432,7 +442,7 @@ fn open(p: &mut Platform, f: PciFunction, endpoints: &[(PciFunction, u32)], iomm
             regs::MEMORY_BAR,
             kind(&b2),
             b2.size,
-            regs::DEVICE_MEMORY_SIZE
+            mem_size
         ),
     );
     // Keep what the VMM assigned; assign only an unassigned BAR; map a BAR above 4 GiB.
