@@ -106,11 +106,14 @@ fn dirtying_guest_loses_no_page_at_three_rates() {
         ("throttled", "0", &["--bandwidth-mbps", "24"][..]),
         ("throttled", "0", &["--bandwidth-mbps", "12"][..]),
         ("throttled", "0", &["--bandwidth-mbps", "6"][..]),
+        // Only on a host so loaded that the emulated guest dirties less than 6 Mbit/s under
+        // dirty logging (seen with a load average of 9 on 2 cores): long, but it converges.
+        ("throttled", "0", &["--bandwidth-mbps", "2"][..]),
     ] {
         if name == "throttled" && throttled {
             break;
         }
-        let slowest = extra.last() == Some(&"6");
+        let slowest = extra.last() == Some(&"2");
         let dir = temp_dir(&format!("migration-dirty-{name}"));
         let cmdline =
             format!("scenario=dirty dirty.mib=32 dirty.rate={rate} dirty.report_ms=300 dirty.verify_every=2");
@@ -150,7 +153,7 @@ fn dirtying_guest_loses_no_page_at_three_rates() {
                 .any(|l| l.contains("throttle") && !l.contains("throttle 0%"));
             assert!(
                 throttled || !slowest,
-                "the migration converged without throttling, even over 6 Mbit/s: {out}\n{progress}"
+                "the migration converged without throttling, even over 2 Mbit/s: {out}\n{progress}"
             );
             if !throttled {
                 eprintln!(
