@@ -377,6 +377,24 @@ fn register_ram(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<RamSlot>> {
     Ok(slots)
 }
 
+/// KVM dirty tracking of the RAM slots in `mode` (already enabled on the VM).
+fn create_dirty_log(
+    vm_fd: &Arc<VmFd>,
+    mode: DirtyLogMode,
+    ram_slots: &[RamSlot],
+) -> Result<Arc<DirtyLog>> {
+    let slots = ram_slots
+        .iter()
+        .map(|s| LogSlot {
+            slot: s.slot,
+            guest_addr: s.guest_addr,
+            len: s.len,
+        })
+        .collect();
+    log::info!("dirty log mode: {}", mode.name());
+    Ok(Arc::new(DirtyLog::new(vm_fd.clone(), mode, slots)?))
+}
+
 fn set_ram_slot(vm_fd: &VmFd, s: &RamSlot, flags: u32) -> Result<()> {
     let r = kvm_userspace_memory_region {
         slot: s.slot,
@@ -589,16 +607,7 @@ impl Vm {
             _ => create_guest_memory(config.memory.size)?,
         };
         let ram_slots = register_ram(&vm_fd, &mem)?;
-        let log_slots = ram_slots
-            .iter()
-            .map(|s| LogSlot {
-                slot: s.slot,
-                guest_addr: s.guest_addr,
-                len: s.len,
-            })
-            .collect();
-        let dirty_log = Arc::new(DirtyLog::new(vm_fd.clone(), dirty_mode, log_slots)?);
-        log::info!("dirty log mode: {}", dirty_mode.name());
+        let dirty_log = create_dirty_log(&vm_fd, dirty_mode, &ram_slots)?;
         let exit = Arc::new(VmExitEvent::new().map_err(|source| VmError::EventFd {
             id: "exit-event".into(),
             source,
