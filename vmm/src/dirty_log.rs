@@ -376,6 +376,8 @@ struct RingState {
     rings: Vec<VcpuRing>,
     /// Pages harvested (by a sync or a vCPU whose ring filled) and not yet returned.
     pending: DirtyBitmap,
+    /// A ring overflowed: pages were lost and KVM's ring indices cannot be trusted again.
+    overflowed: bool,
 }
 
 /// A VM's KVM dirty page tracking (see the module documentation).
@@ -410,6 +412,7 @@ impl DirtyLog {
             ring: Mutex::new(RingState {
                 rings: Vec::new(),
                 pending: DirtyBitmap::new(&layout)?,
+                overflowed: false,
             }),
         })
     }
@@ -488,9 +491,16 @@ impl DirtyLog {
     }
 
     /// Harvest every ring into `state.pending`, then `KVM_RESET_DIRTY_RINGS`; returns the number
-    /// of entries harvested.
+    /// of entries harvested. Once a ring overflowed, every harvest fails (pages were lost).
     fn harvest(&self, state: &mut RingState) -> Result<u64> {
-        let RingState { rings, pending } = state;
+        if state.overflowed {
+            return Err(DirtyLogError::RingOverflow);
+        }
+        let RingState {
+            rings,
+            pending,
+            overflowed,
+        } = state;
         let mut total = 0u64;
         let mut overflow = false;
         for ring in rings.iter_mut() {
@@ -523,6 +533,7 @@ impl DirtyLog {
             }
         }
         if overflow {
+            *overflowed = true;
             log::error!("dirty ring overflow: KVM filled a whole ring without a DIRTY_RING_FULL exit; pages may be lost (seen on PVM hosts, whose instruction emulator writes without checking the ring)");
             return Err(DirtyLogError::RingOverflow);
         }
