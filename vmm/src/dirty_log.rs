@@ -17,10 +17,10 @@
 //! and sends the returned pages afterwards never loses a write made between the read and the
 //! re-protection: such a write shows up in the next sync.
 //!
-//! Measured (`cargo bench -p vmm --bench migration -- dirty-log`, see the README), manual
-//! protection is the default: it syncs as fast as or faster than legacy, starts logging faster
-//! and stalls the guest less, and re-protects pages right before they are read, in bounded
-//! pieces. The ring is refused on PVM hosts (it falls back to manual there): KVM's instruction
+//! Measured (`cargo bench -p vmm --bench migration -- dirty-log`, figures in the README), manual
+//! protection is the default: a sync of a large guest is faster than legacy (equal at 1 GiB),
+//! starting to log costs more (once, outside the downtime), guest stalls and downtime are equal
+//! within noise; and it re-protects pages right before they are read, in bounded pieces. The ring is refused on PVM hosts (it falls back to manual there): KVM's instruction
 //! emulator, which runs guest kernel code on such hosts, pushes one entry per emulated store and
 //! never stops at the ring's soft limit, so a ring overflows and entries are overwritten. Should
 //! it happen anyway, a sync or a vCPU that finds a whole ring published (or a full ring with no
