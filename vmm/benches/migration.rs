@@ -16,6 +16,12 @@
 //!    then the `dirty` workload at three rates: downtime, iterations, highest throttle, total.
 //! 3. Scaling: 1/2/4 connections for the 1 GiB guest; 256 MiB / 1 GiB / 4 GiB guests with one
 //!    connection (total time, throughput).
+//! 4. `local=on` downtime (`-- local` runs only that).
+//! 5. KVM dirty log modes (`-- dirty-log` runs only that): for legacy, manual protection in
+//!    chunks and the dirty ring, the time of one dirty sync of in-process 1 GiB and 4 GiB VMs
+//!    running the `dirty` workload (a second of writes, and right after a sync), the workload's
+//!    rate and stalls while logging, and the downtime of migrating it (skiff processes started
+//!    with `SKIFF_DIRTY_LOG=MODE`).
 //!
 //! Filled guests: the test guest writes RAM slowly on this emulating host (the `dirty` workload
 //! initialises ~16 MiB/s, so `dirty.mib=900` would take about a minute per guest), so the guests
@@ -695,6 +701,180 @@ fn local_downtime(dir: &Path, snap: &str, runs: usize) {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// Section 5: KVM dirty log modes
+
+/// What one in-process VM measured for one dirty log mode and guest size.
+struct SyncFigures {
+    /// `start_dirty_log` (slots flagged, the first sync dropping everything), ms.
+    start_ms: f64,
+    /// (ms, pages) of syncs one second after the previous one.
+    many: Vec<(f64, u64)>,
+    /// (ms, pages) of syncs right after the previous one.
+    few: Vec<(f64, u64)>,
+    /// Guest rewrite rate (pages/s): median before logging, median while logging.
+    rate_off: u64,
+    rate_on: u64,
+    /// Longest `recent_stall_us` of the guest while logging, and the median before.
+    stall_on: u64,
+    stall_off: u64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// An in-process `size`-byte VM in `mode` running the `dirty` workload at full speed over 64 MiB:
+/// start logging, then every second one timed sync ("many": a second of writes) and one right
+/// after it ("few"), for `rounds` rounds; the guest's own rate and stall figures around it.
+fn sync_figures(
+    dir: &Path,
+    mode: vmm::dirty_log::DirtyLogMode,
+    size: u64,
+    rounds: usize,
+) -> Result<SyncFigures, String> {
+    vmm::dirty_log::set_mode_override(Some(mode));
+    let serial = dir.join(format!("sync-{}-{}M.serial", mode.name(), size / MIB));
+    let config: vmm::config::VmConfig = serde_json::from_value(serde_json::json!({
+        "cpus": { "boot_vcpus": 1 },
+        "memory": { "size": size },
+        "serial": { "file": serial },
+        "payload": { "cmdline": "scenario=dirty dirty.mib=64 dirty.rate=0 dirty.report_ms=200 dirty.verify_every=0" },
+    }))
+    .map_err(|e| e.to_string())?;
+    let mut vm = vmm::vm::Vm::new(config).map_err(|e| e.to_string())?;
+    vmm::dirty_log::set_mode_override(None);
+    if vm.dirty_log_mode() != mode {
+        return Err(format!("host gave mode {}", vm.dirty_log_mode().name()));
+    }
+    vm.start().map_err(|e| e.to_string())?;
+    wait_for("dirty workload progress lines", DEADLINE, || {
+        dirty_lines(&serial).len() >= 6
+    });
+    let before = dirty_lines(&serial);
+    let last_before = before.last().map_or(0, |l| l.report);
+    let t = Instant::now();
+    vm.start_dirty_log().map_err(|e| e.to_string())?;
+    let start_ms = ms(t.elapsed());
+    let (mut many, mut few) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        std::thread::sleep(Duration::from_secs(1));
+        for out in [&mut many, &mut few] {
+            let t = Instant::now();
+            let set = vm.dirty_pages().map_err(|e| e.to_string())?;
+            out.push((ms(t.elapsed()), set.count()));
+        }
+    }
+    if let Some(reason) = vm.exit_event().reason() {
+        vm.shutdown();
+        return Err(format!(
+            "the guest's vCPU ended ({reason:?}) while logging; syncs before: many {:?}, few {:?}",
+            many, few
+        ));
+    }
+    let during: Vec<DirtyLine> = dirty_lines(&serial)
+        .into_iter()
+        .filter(|l| l.report > last_before + 1)
+        .collect();
+    vm.stop_dirty_log().map_err(|e| e.to_string())?;
+    vm.shutdown();
+    let _ = std::fs::remove_file(&serial);
+    let med = |v: Vec<u64>| median(v.into_iter().map(|x| x as f64).collect()) as u64;
+    Ok(SyncFigures {
+        start_ms,
+        many,
+        few,
+        rate_off: med(before[2..].iter().map(|l| l.rate).collect()),
+        rate_on: if during.is_empty() {
+            0
+        } else {
+            med(during.iter().map(|l| l.rate).collect())
+        },
+        stall_on: during.iter().map(|l| l.recent_stall_us).max().unwrap_or(0),
+        stall_off: med(before[2..].iter().map(|l| l.recent_stall_us).collect()),
+    })
+}
+
+/// Section 5: the three KVM dirty log modes (legacy, manual protection in chunks, dirty ring)
+/// compared: sync time for 1 GiB and 4 GiB guests with many and few dirty pages, the effect on a
+/// dirtying guest, and migration downtime of the `dirty` workload.
+fn dirty_log_modes(dir: &Path, quick: bool) {
+    use vmm::dirty_log::{DirtyLogMode, MODE_VAR};
+    println!();
+    println!("== 5. KVM dirty log modes (in-process VMs for the syncs; skiff processes with {MODE_VAR}=MODE for the migrations), load average {}", loadavg());
+    let rounds = if quick { 3 } else { 5 };
+    println!(
+        "{:<8} {:>6} {:>9} {:>22} {:>22} {:>14} {:>12}",
+        "mode",
+        "guest",
+        "start ms",
+        "sync many ms (pages)",
+        "sync few ms (pages)",
+        "guest pg/s",
+        "stall max"
+    );
+    for size in [1u64 << 30, 4 << 30] {
+        for mode in DirtyLogMode::ALL {
+            match sync_figures(dir, mode, size, rounds) {
+                Ok(f) => {
+                    let show = |v: &[(f64, u64)]| {
+                        let t = median(v.iter().map(|x| x.0).collect());
+                        let p = median(v.iter().map(|x| x.1 as f64).collect());
+                        format!("{t:.2} ({p:.0})")
+                    };
+                    println!(
+                        "{:<8} {:>4} G {:>9.2} {:>22} {:>22} {:>14} {:>9.1} ms",
+                        mode.name(),
+                        size >> 30,
+                        f.start_ms,
+                        show(&f.many),
+                        show(&f.few),
+                        format!("{} -> {}", f.rate_off, f.rate_on),
+                        f.stall_on as f64 / 1e3,
+                    );
+                    let _ = f.stall_off;
+                }
+                Err(e) => println!("{:<8} {:>4} G failed: {e}", mode.name(), size >> 30),
+            }
+        }
+    }
+    println!("(median of {rounds} syncs each; many: one second of the guest's writes, few: a sync right after one; guest pg/s: the dirty workload's rewrite rate before -> while logging with a sync a second; stall max: its longest recent_stall_us while logging. On this PVM host KVM's emulator pushes a ring entry per emulated store, so a ring overflows within about a second of writes: the in-process ring rows are forced and end the vCPU)");
+    println!(
+        "{:<8} {:<26} {:>11} {:>11} {:>6} {:>9} {:>8} {:>11}  status",
+        "mode", "workload", "guest pg/s", "downtime", "iters", "throttle", "total s", "stall migr"
+    );
+    for mode in DirtyLogMode::ALL {
+        if mode == DirtyLogMode::Ring && vmm::dirty_log::pvm_host() {
+            println!(
+                "ring     skipped: skiff refuses the ring on this PVM host (it would run manual)"
+            );
+            continue;
+        }
+        std::env::set_var(MODE_VAR, mode.name());
+        for (name, mib, rate) in [
+            ("idle (16 MiB, 1 page/s)", 16, 1),
+            ("32 MiB, rate 0 (max)", 32, 0),
+        ] {
+            let r = dirty_migration(dir, &format!("dl-{}-{rate}", mode.name()), mib, rate);
+            println!(
+                "{:<8} {:<26} {:>11} {:>8} ms {:>6} {:>8}% {:>8.2} {:>11}  {}",
+                mode.name(),
+                name,
+                r.guest_rate,
+                r.m.downtime(),
+                r.m.last.iteration,
+                r.m.max_throttle,
+                r.m.total_s(),
+                r.stall_during
+                    .map_or("?".into(), |v| format!("{:.1} ms", v as f64 / 1e3)),
+                r.m.status()
+            );
+        }
+    }
+    std::env::remove_var(MODE_VAR);
+    println!("(256 MiB guests migrated over loopback TCP, 1 connection, default downtime limit; load average {} now)", loadavg());
+}
+
 fn main() {
     let quick = quick();
     let runs = if quick { 1 } else { 2 };
@@ -715,6 +895,10 @@ fn main() {
         if quick { ", SKIFF_BENCH_QUICK" } else { "" }
     );
 
+    if std::env::args().skip(1).any(|a| a == "dirty-log") {
+        dirty_log_modes(dir, quick);
+        return;
+    }
     // Guests filled from the host.
     let t = Instant::now();
     let (snap_1g, filled_1g) = filled_snapshot(dir, 1 << 30);
@@ -922,6 +1106,7 @@ fn main() {
         let m = migrate_snapshot(dir, "s4g", &snap_4g, None, "127.0.0.1", 1);
         print_row("4 GiB, 1 connection", filled_4g, &m);
     }
+    dirty_log_modes(dir, quick);
     println!(
         "\nwhole bench: {:.0} s, load average {} at the end",
         t_start.elapsed().as_secs_f64(),

@@ -8,6 +8,7 @@ pub mod control;
 pub mod cpu_template;
 pub mod cpuid;
 pub mod device_builders;
+pub mod dirty_log;
 pub mod events;
 pub mod interrupts;
 pub mod kvm_components;

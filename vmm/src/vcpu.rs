@@ -14,14 +14,15 @@ use std::time::Duration;
 
 use devices::{Bus, ExitReason, VmExitEvent};
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, CpuId, Msrs, KVM_EXIT_DIRTY_RING_FULL,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot::{boot_gdt, BootProtocol, EntryPoint};
+use crate::dirty_log::DirtyLog;
 use crate::layout::*;
 use crate::memory::GuestMemoryMmap;
 use crate::timing;
@@ -442,6 +443,8 @@ pub struct Vcpu {
     pub exit: Arc<VmExitEvent>,
     /// Pause/stop control shared with the control thread.
     pub control: Arc<VcpuControl>,
+    /// The VM's dirty tracking (a full dirty ring is harvested from the vCPU thread).
+    pub dirty_log: Arc<DirtyLog>,
 }
 
 enum Outcome {
@@ -497,7 +500,8 @@ impl Vcpu {
                 let mut fd = lock();
                 match fd.run() {
                     Ok(exit) => {
-                        handle_exit(self.index, exit, &self.pio, &self.mmio, &mut unhandled)
+                        let buses = (&*self.pio, &*self.mmio, &*self.dirty_log);
+                        handle_exit(self.index, exit, buses, &mut unhandled)
                     }
                     Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                         fd.set_kvm_immediate_exit(0);
@@ -546,8 +550,7 @@ impl UnhandledAccessLog {
 fn handle_exit(
     index: u32,
     exit: VcpuExit,
-    pio: &Bus,
-    mmio: &Bus,
+    (pio, mmio, dirty_log): (&Bus, &Bus, &DirtyLog),
     log: &mut UnhandledAccessLog,
 ) -> Outcome {
     match exit {
@@ -595,6 +598,16 @@ fn handle_exit(
                     "VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
                 )),
             )
+        }
+        // The vCPU's dirty ring is full: harvest the rings here (the pages wait for the next
+        // sync) so the vCPU can run on; KVM_RUN would refuse to enter with the ring full.
+        VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
+            if let Err(e) = dirty_log.ring_full() {
+                return Outcome::Exit(
+                    ExitReason::VcpuError,
+                    Some(format!("dirty ring full and cannot be harvested: {e}")),
+                );
+            }
         }
         VcpuExit::InternalError => {
             return Outcome::Exit(

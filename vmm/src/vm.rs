@@ -35,6 +35,7 @@ use crate::config::{ConfigError, PciAddress, VmConfig};
 use crate::cpu_template::{CpuTemplate, CpuTemplateError};
 use crate::cpuid::{apply_host_quirks, vcpu_cpuid, CpuidError};
 use crate::device_builders::{self, BuildContext, DeviceCreateError, PciPlan, IOMMU_DEVICE_ID};
+use crate::dirty_log::{self, DirtyLog, DirtyLogError, DirtyLogMode, LogSlot};
 use crate::kvm_components::{KvmVmPart, VcpuComponent};
 use crate::layout::*;
 use crate::legacy_devices::create_legacy_devices;
@@ -189,6 +190,9 @@ pub enum VmError {
     /// The dirty page set cannot be built.
     #[error("dirty page log: {0}")]
     DirtyLog(#[from] DirtyError),
+    /// KVM dirty page tracking failed.
+    #[error("dirty page tracking: {0}")]
+    DirtyTracking(#[from] DirtyLogError),
     /// vCPU set-up or control failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -265,6 +269,8 @@ pub struct VmCore {
     mem: GuestMemoryMmap,
     ram_slots: Vec<RamSlot>,
     dirty_logging: AtomicBool,
+    /// KVM's side of dirty page tracking (mode chosen at creation).
+    dirty_log: Arc<DirtyLog>,
     registry: Registry,
     control: Arc<VcpuControl>,
     /// The vCPU threads (set when they start), to kick them.
@@ -371,6 +377,24 @@ fn register_ram(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<RamSlot>> {
     Ok(slots)
 }
 
+/// KVM dirty tracking of the RAM slots in `mode` (already enabled on the VM).
+fn create_dirty_log(
+    vm_fd: &Arc<VmFd>,
+    mode: DirtyLogMode,
+    ram_slots: &[RamSlot],
+) -> Result<Arc<DirtyLog>> {
+    let slots = ram_slots
+        .iter()
+        .map(|s| LogSlot {
+            slot: s.slot,
+            guest_addr: s.guest_addr,
+            len: s.len,
+        })
+        .collect();
+    log::info!("dirty log mode: {}", mode.name());
+    Ok(Arc::new(DirtyLog::new(vm_fd.clone(), mode, slots)?))
+}
+
 fn set_ram_slot(vm_fd: &VmFd, s: &RamSlot, flags: u32) -> Result<()> {
     let r = kvm_userspace_memory_region {
         slot: s.slot,
@@ -397,6 +421,7 @@ fn create_vcpus(
     vm_fd: &VmFd,
     config: &VmConfig,
     (pio, mmio, exit): (&Arc<Bus>, &Arc<Bus>, &Arc<VmExitEvent>),
+    dirty_log: &Arc<DirtyLog>,
     registry: &mut Registry,
 ) -> Result<Vcpus> {
     let template = config
@@ -420,6 +445,7 @@ fn create_vcpus(
         let fd = vm_fd
             .create_vcpu(u64::from(index))
             .map_err(kvm("KVM_CREATE_VCPU"))?;
+        dirty_log.add_vcpu(&fd, index)?;
         let cpuid = vcpu_cpuid(&supported, index, num_cpus, template.as_ref())?;
         vcpu::configure_common(&fd, index, &cpuid)?;
         let fd = Arc::new(Mutex::new(fd));
@@ -438,6 +464,7 @@ fn create_vcpus(
             mmio: mmio.clone(),
             exit: exit.clone(),
             control: control.clone(),
+            dirty_log: dirty_log.clone(),
         });
     }
     Ok(Vcpus {
@@ -572,12 +599,15 @@ impl Vm {
         check_host(&kvm, &config)?;
         let plan = PciPlan::new(&config)?;
         let vm_fd = Arc::new(create_kvm_vm(&kvm)?);
+        // Before any vCPU exists (the dirty ring requires it).
+        let dirty_mode = dirty_log::enable(&vm_fd, DirtyLogMode::requested())?;
         let restoring = origin.restoring();
         let (mem, memfd) = match origin {
             Origin::RestoreInto(file) => guest_memory_from(file, config.memory.size)?,
             _ => create_guest_memory(config.memory.size)?,
         };
         let ram_slots = register_ram(&vm_fd, &mem)?;
+        let dirty_log = create_dirty_log(&vm_fd, dirty_mode, &ram_slots)?;
         let exit = Arc::new(VmExitEvent::new().map_err(|source| VmError::EventFd {
             id: "exit-event".into(),
             source,
@@ -585,7 +615,14 @@ impl Vm {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         let mut registry = Registry::new();
-        let vcpus = create_vcpus(&kvm, &vm_fd, &config, (&pio, &mmio, &exit), &mut registry)?;
+        let vcpus = create_vcpus(
+            &kvm,
+            &vm_fd,
+            &config,
+            (&pio, &mmio, &exit),
+            &dirty_log,
+            &mut registry,
+        )?;
         let clock_mode = Arc::new(Mutex::new(ClockMode::default()));
         for part in KvmVmPart::all(&vm_fd, &clock_mode) {
             registry.register(part.section(), "kvm", None, Arc::new(Mutex::new(part)))?;
@@ -634,6 +671,7 @@ impl Vm {
                 mem,
                 ram_slots,
                 dirty_logging: AtomicBool::new(false),
+                dirty_log,
                 registry,
                 control: vcpus.control,
                 vcpu_threads: Mutex::new(Vec::new()),
@@ -904,6 +942,11 @@ impl Vm {
     pub fn stop_dirty_log(&self) -> Result<()> {
         self.core.stop_dirty_log()
     }
+
+    /// The KVM dirty log mode in effect (see [`crate::dirty_log`]).
+    pub fn dirty_log_mode(&self) -> DirtyLogMode {
+        self.core.dirty_log_mode()
+    }
 }
 
 impl VmCore {
@@ -980,25 +1023,22 @@ impl VmCore {
             set_ram_slot(&self.vm_fd, s, KVM_MEM_LOG_DIRTY_PAGES)?;
         }
         self.dirty_logging.store(true, Ordering::SeqCst);
-        // Drop what was logged before: the set starts now.
+        // Drop what was logged before: the set starts now. (With manual protection and
+        // KVM_DIRTY_LOG_INITIALLY_SET every page starts dirty: this clears — write-protects —
+        // them chunk by chunk.)
         self.dirty_pages()?;
         self.registry.start_dirty_log()?;
         Ok(())
     }
 
     /// The pages written since dirty logging started or since the previous call — by vCPUs
-    /// (KVM's log), by the VMM and its device workers (the guest memory bitmap) and by components
-    /// that log their own DMA — merged into one set; every log is cleared.
+    /// (KVM's log, re-protected before this returns), by the VMM and its device workers (the
+    /// guest memory bitmap) and by components that log their own DMA — merged into one set;
+    /// every log is cleared.
     pub fn dirty_pages(&self) -> Result<DirtyBitmap> {
         let mut set = DirtyBitmap::new(&self.ram_layout())?;
         if self.dirty_logging.load(Ordering::SeqCst) {
-            for (index, s) in self.ram_slots.iter().enumerate() {
-                let words = self
-                    .vm_fd
-                    .get_dirty_log(s.slot, s.len as usize)
-                    .map_err(kvm("KVM_GET_DIRTY_LOG"))?;
-                set.merge_words(index, &words)?;
-            }
+            self.dirty_log.sync(&mut set)?;
         }
         set.merge_guest_memory_bitmap(&self.mem)?;
         for (gpa, len) in
@@ -1019,6 +1059,11 @@ impl VmCore {
         Ok(set)
     }
 
+    /// The KVM dirty log mode in effect.
+    pub fn dirty_log_mode(&self) -> DirtyLogMode {
+        self.dirty_log.mode()
+    }
+
     /// Stop dirty page logging.
     pub fn stop_dirty_log(&self) -> Result<()> {
         self.registry.stop_dirty_log();
@@ -1026,6 +1071,7 @@ impl VmCore {
             set_ram_slot(&self.vm_fd, s, 0)?;
         }
         self.dirty_logging.store(false, Ordering::SeqCst);
+        self.dirty_log.discard()?;
         Ok(())
     }
 }
