@@ -97,6 +97,36 @@ fn assert_target_dropped(target: &Node, needle: &str, serial: &Path) {
     eprintln!("target's reason: {error}");
 }
 
+/// Send a migration to `url` (its target `t` listens), wait with `held` until it holds, kill
+/// the target; the source's failure is reported with a reason (its progress is returned).
+fn kill_target_at_hold(
+    src: &Node,
+    t: &Node,
+    url: &str,
+    serial: &Path,
+    held: impl FnOnce(),
+) -> serde_json::Value {
+    let sender = send_in_background(src, url);
+    held();
+    t.process.signal("KILL");
+    let out = sender.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let p = wait_for_phase(src, "failed", serial);
+    assert!(p["error"].as_str().is_some_and(|e| !e.is_empty()), "{p}");
+    p
+}
+
+/// Send a migration to `url`, wait with `held` until it holds, cancel it; the source reports
+/// it cancelled (its progress is returned).
+fn cancel_at_hold(src: &Node, url: &str, serial: &Path, held: impl FnOnce()) -> serde_json::Value {
+    let (code, out, err) = src.remote(&["send-migration", url, "--no-wait"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    held();
+    let (code, out, err) = src.remote(&["migration-cancel"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    wait_for_phase(src, "cancelled", serial)
+}
+
 #[test]
 fn a_kill_or_cancel_in_every_phase_leaves_the_source_running() {
     let start = Instant::now();
@@ -124,23 +154,16 @@ fn a_kill_or_cancel_in_every_phase_leaves_the_source_running() {
 
     // 1. The config handshake: the target holds after CONFIG, before its answer.
     let t = target("config-kill", &hold_at_config);
-    let sender = send_in_background(&src, &url("config-kill"));
-    t.wait_for_event("migration", "hold", 1, &serial);
-    t.process.signal("KILL");
-    let out = sender.join().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let p = wait_for_phase(&src, "failed", &serial);
-    assert!(p["error"].as_str().is_some_and(|e| !e.is_empty()), "{p}");
+    let p = kill_target_at_hold(&src, &t, &url("config-kill"), &serial, || {
+        t.wait_for_event("migration", "hold", 1, &serial)
+    });
     eprintln!("config, target killed: {}", p["error"]);
     assert_source_runs(&src, &serial, "config handshake, target killed");
 
     let t = target("config-cancel", &hold_at_config);
-    let (code, out, err) = src.remote(&["send-migration", &url("config-cancel"), "--no-wait"]);
-    assert_eq!(code, Some(0), "{out}{err}");
-    t.wait_for_event("migration", "hold", 1, &serial);
-    let (code, out, err) = src.remote(&["migration-cancel"]);
-    assert_eq!(code, Some(0), "{out}{err}");
-    let p = wait_for_phase(&src, "cancelled", &serial);
+    let p = cancel_at_hold(&src, &url("config-cancel"), &serial, || {
+        t.wait_for_event("migration", "hold", 1, &serial)
+    });
     assert!(
         p["error"].as_str().is_some_and(|e| e.contains("cancel")),
         "{p}"
@@ -150,55 +173,39 @@ fn a_kill_or_cancel_in_every_phase_leaves_the_source_running() {
 
     // 2. The stop-and-copy: the source holds with its vCPUs paused, before the last pages.
     let t = target("switchover-kill", &[]);
-    let sender = send_in_background(&src, &url("switchover-kill"));
     holds += 1;
-    src.wait_for_event("migration", "hold", holds, &serial);
-    assert_guest_stands_still(&src, &serial);
-    t.process.signal("KILL");
-    let out = sender.join().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let p = wait_for_phase(&src, "failed", &serial);
-    assert!(p["error"].as_str().is_some_and(|e| !e.is_empty()), "{p}");
+    let p = kill_target_at_hold(&src, &t, &url("switchover-kill"), &serial, || {
+        src.wait_for_event("migration", "hold", holds, &serial);
+        assert_guest_stands_still(&src, &serial);
+    });
     eprintln!("stop-and-copy, target killed: {}", p["error"]);
     assert_source_runs(&src, &serial, "stop-and-copy, target killed");
 
     let t = target("switchover-cancel", &[]);
-    let (code, out, err) = src.remote(&["send-migration", &url("switchover-cancel"), "--no-wait"]);
-    assert_eq!(code, Some(0), "{out}{err}");
     holds += 1;
-    src.wait_for_event("migration", "hold", holds, &serial);
-    let (code, out, err) = src.remote(&["migration-cancel"]);
-    assert_eq!(code, Some(0), "{out}{err}");
-    wait_for_phase(&src, "cancelled", &serial);
+    cancel_at_hold(&src, &url("switchover-cancel"), &serial, || {
+        src.wait_for_event("migration", "hold", holds, &serial)
+    });
     assert_source_runs(&src, &serial, "stop-and-copy, cancelled");
     let p = wait_for_phase(&t, "failed", &serial);
     eprintln!("stop-and-copy, cancelled; the target: {}", p["error"]);
 
     // 3. Between READY and the commit: the target loaded the VM and waits, stopped.
     let t = target("commit-kill", &[]);
-    let sender = send_in_background(&src, &url("commit-kill"));
     holds += 1;
-    src.wait_for_event("migration", "hold", holds, &serial);
-    t.process.signal("KILL");
-    let out = sender.join().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let p = wait_for_phase(&src, "failed", &serial);
+    let p = kill_target_at_hold(&src, &t, &url("commit-kill"), &serial, || {
+        src.wait_for_event("migration", "hold", holds, &serial)
+    });
     let error = p["error"].as_str().unwrap_or_default();
-    assert!(
-        !error.is_empty() && !error.contains("outcome unknown"),
-        "{p}"
-    );
+    assert!(!error.contains("outcome unknown"), "{p}");
     eprintln!("before the commit, target killed: {error}");
     assert_source_runs(&src, &serial, "before the commit, target killed");
 
     let t = target("commit-cancel", &[]);
-    let (code, out, err) = src.remote(&["send-migration", &url("commit-cancel"), "--no-wait"]);
-    assert_eq!(code, Some(0), "{out}{err}");
     holds += 1;
-    src.wait_for_event("migration", "hold", holds, &serial);
-    let (code, out, err) = src.remote(&["migration-cancel"]);
-    assert_eq!(code, Some(0), "{out}{err}");
-    wait_for_phase(&src, "cancelled", &serial);
+    cancel_at_hold(&src, &url("commit-cancel"), &serial, || {
+        src.wait_for_event("migration", "hold", holds, &serial)
+    });
     assert_source_runs(&src, &serial, "before the commit, cancelled");
     // The target never ran the VM and says why it dropped it.
     assert_target_dropped(&t, "withdrew before its commit: cancelled", &serial);
