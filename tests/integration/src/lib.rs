@@ -601,7 +601,17 @@ impl TestDevice {
             .stderr(std::fs::File::create(&log).expect("testdev log"))
             .spawn()
             .expect("spawn skiff-testdev");
-        wait_for_path(&socket, Duration::from_secs(10));
+        // Generous: a device with large, filled memory starts slowly on a loaded host.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "skiff-testdev {id}: {} did not appear within 60 s; its log:\n{}",
+                socket.display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         Self { socket, child, log }
     }
 
