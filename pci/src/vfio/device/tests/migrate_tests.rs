@@ -191,6 +191,8 @@ struct IommuInner {
     reads: Vec<(u64, u64, u64)>,
     /// Every read fails (EIO).
     fail_read: bool,
+    /// Enabling fails (EOPNOTSUPP).
+    fail_enable: bool,
     /// The first read of this IOVA unmaps it from the space first, then fails (ENOENT): an
     /// unmap racing the sync.
     unmap_on_read: Option<(Arc<Mutex<DmaSpace>>, u64, u64)>,
@@ -198,7 +200,14 @@ struct IommuInner {
 
 impl IommuDirtyLog for FakeIommuLog {
     fn set_enabled(&self, on: bool) -> Result<(), VfioError> {
-        self.inner.lock().unwrap().enables.push(on);
+        let mut g = self.inner.lock().unwrap();
+        g.enables.push(on);
+        if on && g.fail_enable {
+            return Err(VfioError::Refused {
+                what: "IOMMU_HWPT_SET_DIRTY_TRACKING",
+                source: std::io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+            });
+        }
         Ok(())
     }
     fn read_and_clear(
@@ -665,4 +674,23 @@ fn a_failed_iommu_read_fails_the_sync_unless_the_range_went_away() {
     );
     dev.stop_dirty_log().unwrap();
     assert_eq!(log.inner.lock().unwrap().enables, [true, false]);
+}
+
+/// An IOMMU that refuses to start tracking leaves the device with everything marked once it
+/// is stopped (never a failed migration, never pages missed); nothing is disabled at the end.
+#[test]
+fn an_iommu_log_that_cannot_start_falls_back_to_everything() {
+    let (_b, log, mut dev) = iommu_device(true, None);
+    log.inner.lock().unwrap().fail_enable = true;
+    dev.set_dma_ranges(vec![(0, 1 << 20)]);
+    dev.start_dirty_log().unwrap();
+    assert_eq!(dev.dirty_log_source(), NONE);
+    dev.quiesce().unwrap();
+    dev.pause().unwrap();
+    let mut bitmap = DirtyBitmap::new(&[(0, 1 << 20)]).unwrap();
+    dev.sync_dirty_log(&mut bitmap).unwrap();
+    assert_eq!(bitmap.count(), 256, "all RAM");
+    assert!(log.inner.lock().unwrap().reads.is_empty());
+    dev.stop_dirty_log().unwrap();
+    assert_eq!(log.inner.lock().unwrap().enables, [true]);
 }
