@@ -25,7 +25,9 @@ use crate::memory::GuestMemoryMmap;
 use crate::passthrough::{DmaContext, PassthroughDma, Peer};
 use crate::pci_devices::intx_gsi;
 use iommu::Translator;
-use pci::vfio::kernel::{IommufdSet, KernelVfioDevice, KernelVfioError, VfioGroupSet};
+use pci::vfio::kernel::{
+    DirtyOpenError, IommufdSet, KernelVfioDevice, KernelVfioError, VfioGroupSet,
+};
 use pci::vfio::sysfs::{BindOptions, PreparedDevice, SysfsRoot};
 use pci::vfio::{DmaSpace, VfioBackend, VfioMigrationOptions as PassthroughOptions, VfioPciDevice};
 
@@ -159,7 +161,13 @@ impl KernelVfio {
             .clone()
     }
 
-    /// Open a prepared host device with `backend`.
+    /// Open a prepared host device with `backend`. Any host device may be migrated (whether
+    /// it can is known only once it is open), so iommufd opens it with IOMMU dirty tracking
+    /// when the IOMMU has it: the source of its dirty pages if it has no DMA logging of its own
+    /// (the tracking stays off until a migration starts). The legacy container (type1) has no
+    /// IOMMU dirty tracking: its VFIO_IOMMU_DIRTY_PAGES reports every IOMMU-mapped page dirty
+    /// for a device that does not pin pages, which is what the migration does without a log
+    /// anyway; there it is the device's own DMA log or everything.
     fn open(
         &self,
         backend: VfioKernelBackend,
@@ -170,10 +178,22 @@ impl KernelVfio {
                 .groups
                 .get_or_init(|| VfioGroupSet::new(self.kvm_vfio()))
                 .open(prepared),
-            VfioKernelBackend::Iommufd => self
-                .iommufd
-                .get_or_init(|| IommufdSet::new(self.kvm_vfio()))
-                .open(prepared),
+            VfioKernelBackend::Iommufd => {
+                let set = self
+                    .iommufd
+                    .get_or_init(|| IommufdSet::new(self.kvm_vfio()));
+                match set.open_dirty_tracking(prepared) {
+                    Ok(dev) => Ok(dev),
+                    Err(DirtyOpenError {
+                        error: e @ KernelVfioError::NoDirtyTracking { .. },
+                        prepared: Some(prepared),
+                    }) => {
+                        log::info!("{e}: opening it without IOMMU dirty tracking");
+                        set.open(*prepared)
+                    }
+                    Err(e) => Err(e.error),
+                }
+            }
         }
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::vfio::mig_backend::MigrationBackend;
+use crate::vfio::mig_backend::{IommuDirtyLog, MigrationBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Region index of BAR 0 (BARs are 0..=5).
@@ -249,6 +249,11 @@ pub trait VfioBackend: Send + Sync {
     fn set_failure_hook(&self, _hook: Arc<dyn Fn(&str) + Send + Sync>) {}
     /// The migration uAPI, when the backend carries it (the device may still refuse it).
     fn migration(&self) -> Option<&dyn MigrationBackend> {
+        None
+    }
+    /// The IOMMU's dirty tracking of the device, when it was opened with one (kernel iommufd
+    /// with a dirty-tracking page table); `None` otherwise (vfio-user, the legacy container).
+    fn iommu_dirty_log(&self) -> Option<Arc<dyn IommuDirtyLog>> {
         None
     }
 }

@@ -986,6 +986,7 @@ mod tests {
         hook: Mutex<Option<FailureHook>>,
         memfd: Option<Arc<std::fs::File>>,
         mig: Option<migrate_tests::FakeMigration>,
+        iommu: Option<Arc<migrate_tests::FakeIommuLog>>,
         resets: std::sync::atomic::AtomicU32,
     }
 
@@ -1151,6 +1152,9 @@ mod tests {
             self.mig
                 .as_ref()
                 .map(|m| m as &dyn crate::vfio::mig_backend::MigrationBackend)
+        }
+        fn iommu_dirty_log(&self) -> Option<Arc<dyn crate::vfio::mig_backend::IommuDirtyLog>> {
+            self.iommu.clone().map(|l| l as _)
         }
     }
 

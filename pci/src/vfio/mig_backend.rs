@@ -89,6 +89,24 @@ pub trait MigrationBackend: Send + Sync {
     ) -> Result<DmaDirtyReport, VfioError>;
 }
 
+/// The IOMMU's record of a device's DMA writes (iommufd: a dirty-tracking HWPT), for a device
+/// without DMA logging of its own. It covers every IOVA the device can reach; reading clears
+/// what it reads.
+pub trait IommuDirtyLog: Send + Sync + std::fmt::Debug {
+    /// Starts (`true`; what was recorded before is dropped) or stops recording.
+    fn set_enabled(&self, on: bool) -> Result<(), VfioError>;
+
+    /// The pages of `length` bytes at `iova` written since they were last read, at
+    /// `page_size` bytes per bit, clearing them. The range must be mapped without holes and
+    /// aligned to `page_size`.
+    fn read_and_clear(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+    ) -> Result<DmaDirtyReport, VfioError>;
+}
+
 // Splitting and checking dirty-page reports: the same for a device's DMA log (vfio-user or
 // kernel) and for the IOMMU's dirty bitmap.
 

@@ -20,7 +20,8 @@ use devices::legacy::{StateReader, StateWriter};
 
 use super::VfioPciDevice;
 use crate::vfio::dma_space::{DmaSpace, MAX_REPORT_RANGES, MAX_START_RANGES};
-use crate::vfio::mig_backend::{DmaDirtyReport, MigrationBackend};
+use crate::vfio::mig_backend::{DmaDirtyReport, IommuDirtyLog, MigrationBackend};
+use crate::vfio::VfioError;
 
 /// Version of a passthrough function's state section.
 const VFIO_STATE_VERSION: u16 = 1;
@@ -41,14 +42,29 @@ pub struct VfioMigrationOptions {
 }
 
 /// How the pages the device writes by DMA are found during a migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum DmaLog {
     /// Not migrating.
     Off,
     /// The device's DMA logging, at this page size.
     Device(u64),
+    /// The IOMMU's dirty tracking (a device without DMA logging, opened with it), at
+    /// [`LOG_PAGE`].
+    Iommu(Arc<dyn IommuDirtyLog>),
     /// No logging: every page the device can reach is dirty once it is stopped.
     Everything,
+}
+
+impl DmaLog {
+    /// The source of dirty pages, for logs and tests.
+    fn source(&self) -> &'static str {
+        match self {
+            DmaLog::Off => "off",
+            DmaLog::Device(_) => "the device's DMA log",
+            DmaLog::Iommu(_) => "the IOMMU's dirty tracking",
+            DmaLog::Everything => "none (everything it reaches)",
+        }
+    }
 }
 
 /// The migration side of a passthrough function.
@@ -246,17 +262,63 @@ impl VfioPciDevice {
     }
 
     fn stop_dma_log(&mut self) {
-        if let DmaLog::Device(_) = self.mig.log {
-            if let Some(m) = self.backend.migration() {
-                if let Err(e) = m.dma_logging_stop() {
-                    warn!("{}: cannot stop DMA logging: {e}", self.id);
-                }
+        let stopped = match std::mem::replace(&mut self.mig.log, DmaLog::Off) {
+            DmaLog::Device(_) => self.backend.migration().map(|m| m.dma_logging_stop()),
+            DmaLog::Iommu(log) => Some(log.set_enabled(false)),
+            DmaLog::Off | DmaLog::Everything => return,
+        };
+        if let Some(Err(e)) = stopped {
+            warn!("{}: cannot stop DMA dirty logging: {e}", self.id);
+        }
+        if let Some(space) = &self.mig.dma {
+            lock(space).stop_log();
+        }
+    }
+
+    /// Start the IOMMU's dirty tracking of the device when its backend has one: over every
+    /// IOVA (the IOMMU records all of them, so mappings made later are covered too).
+    fn start_iommu_log(&mut self) -> Option<Arc<dyn IommuDirtyLog>> {
+        let log = self.backend.iommu_dirty_log()?;
+        let space = self.mig.dma.clone()?;
+        // On before the IOMMU records: a mapping removed from then on counts as dirty.
+        let all = lock(&space).log_request();
+        lock(&space).start_log(&all);
+        match log.set_enabled(true) {
+            Ok(()) => {
+                info!(
+                    "{}: DMA dirty pages from the IOMMU's dirty tracking (IOMMU_HWPT_SET_DIRTY_TRACKING), {LOG_PAGE}-byte pages",
+                    self.id
+                );
+                Some(log)
             }
-            if let Some(space) = &self.mig.dma {
-                lock(space).stop_log();
+            Err(e) => {
+                lock(&space).stop_log();
+                warn!("{}: cannot start the IOMMU's dirty tracking: {e}", self.id);
+                None
             }
         }
-        self.mig.log = DmaLog::Off;
+    }
+
+    /// No log at all: say what that costs.
+    fn warn_everything(&self) {
+        let (translated, reach) = match &self.mig.dma {
+            Some(space) => {
+                let s = lock(space);
+                (s.is_translated(), s.unlogged().iter().map(|r| r.1).sum())
+            }
+            None => (false, 0u64),
+        };
+        warn!(
+            "{}: no DMA dirty logging for this device{} (neither its own nor the IOMMU's): every page it can write ({}) is sent again after it stops, which adds to the downtime",
+            self.id,
+            if translated { " behind the vIOMMU" } else { "" },
+            if translated || reach == 0 { "all guest RAM".to_string() } else { format!("{} MiB", reach >> 20) }
+        );
+    }
+
+    /// The source of the device's dirty pages now (`off` when not migrating).
+    pub fn dirty_log_source(&self) -> &'static str {
+        self.mig.log.source()
     }
 
     /// Start the device's DMA log: over [`DmaSpace::log_request`] first (behind the vIOMMU its
@@ -338,20 +400,25 @@ impl VfioPciDevice {
         )
     }
 
-    /// Read the device's DMA log over what it can reach now and mark the guest RAM it wrote.
-    fn sync_device_log(&mut self, page: u64, into: &mut DirtyBitmap) -> Result<(), StateError> {
+    /// Read the log (the device's or the IOMMU's) over what the device can reach now and mark
+    /// the guest RAM it wrote.
+    fn sync_log(&mut self, into: &mut DirtyBitmap) -> Result<(), StateError> {
         let Some(space) = self.mig.dma.clone() else {
             return Ok(());
         };
-        let ranges = lock(&space).report_ranges(MAX_REPORT_RANGES);
-        let m = self.mig_backend()?;
-        let mut reports = Vec::with_capacity(ranges.len());
-        for (iova, len) in ranges {
-            let report = m
-                .dma_logging_report(iova, len, page)
-                .map_err(|e| StateError::component(self.id.clone(), e))?;
-            reports.push(report);
+        let reports = match &self.mig.log {
+            DmaLog::Device(page) => {
+                let ranges = lock(&space).report_ranges(MAX_REPORT_RANGES);
+                let m = self.mig_backend()?;
+                ranges
+                    .into_iter()
+                    .map(|(iova, len)| m.dma_logging_report(iova, len, *page))
+                    .collect::<Result<Vec<_>, _>>()
+            }
+            DmaLog::Iommu(log) => read_iommu_log(log.as_ref(), &space),
+            DmaLog::Off | DmaLog::Everything => return Ok(()),
         }
+        .map_err(|e| StateError::component(self.id.clone(), e))?;
         let stopped = self.mig_stopped();
         let (bytes, result) = mark_dirty(&mut lock(&space), &reports, stopped, into);
         if let Err(e) = result {
@@ -359,10 +426,14 @@ impl VfioPciDevice {
         }
         if stopped {
             info!(
-                "{}: DMA log after the stop: {} KiB of guest RAM dirty ({} dirty IOVA page(s) reported)",
+                "{}: {} after the stop: {} KiB of guest RAM dirty ({} dirty IOVA page(s) reported)",
                 self.id,
+                self.mig.log.source(),
                 bytes >> 10,
-                reports.iter().map(|r| r.dirty_iovas().count()).sum::<usize>()
+                reports
+                    .iter()
+                    .map(|r| r.dirty_iovas().count())
+                    .sum::<usize>()
             );
         }
         Ok(())
@@ -468,24 +539,22 @@ impl Migratable for VfioPciDevice {
         if !self.mig.migratable() {
             return Ok(());
         }
-        self.mig.log = match self.start_dma_log()? {
-            Some(page) => DmaLog::Device(page.max(LOG_PAGE)),
-            None => {
-                let (translated, reach) = match &self.mig.dma {
-                    Some(space) => {
-                        let s = lock(space);
-                        (s.is_translated(), s.unlogged().iter().map(|r| r.1).sum())
+        // The device's own log first; without it (or refused), the IOMMU's; else everything.
+        self.mig.log = match self.start_dma_log() {
+            Ok(Some(page)) => DmaLog::Device(page.max(LOG_PAGE)),
+            device => match self.start_iommu_log() {
+                Some(log) => {
+                    if let Err(e) = device {
+                        info!("{}: the device's DMA logging failed ({e}); using the IOMMU's dirty tracking", self.id);
                     }
-                    None => (false, 0u64),
-                };
-                warn!(
-                    "{}: no DMA dirty logging for this device{}: every page it can write ({}) is sent again after it stops, which adds to the downtime",
-                    self.id,
-                    if translated { " behind the vIOMMU" } else { "" },
-                    if translated || reach == 0 { "all guest RAM".to_string() } else { format!("{} MiB", reach >> 20) }
-                );
-                DmaLog::Everything
-            }
+                    DmaLog::Iommu(log)
+                }
+                None => {
+                    device?;
+                    self.warn_everything();
+                    DmaLog::Everything
+                }
+            },
         };
         if self.mig.caps.pre_copy() && !self.mig.options.pre_copy_off {
             self.mig_go(DeviceMigState::PreCopy)?;
@@ -505,7 +574,7 @@ impl Migratable for VfioPciDevice {
     fn sync_dirty_log(&mut self, into: &mut DirtyBitmap) -> Result<(), StateError> {
         match self.mig.log {
             DmaLog::Off => Ok(()),
-            DmaLog::Device(page) => self.sync_device_log(page, into),
+            DmaLog::Device(_) | DmaLog::Iommu(_) => self.sync_log(into),
             DmaLog::Everything => {
                 if self.mig_stopped() {
                     into.set_all();
@@ -585,6 +654,38 @@ impl Migratable for VfioPciDevice {
 
 fn lock(space: &Mutex<DmaSpace>) -> MutexGuard<'_, DmaSpace> {
     space.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Read and clear the IOMMU's dirty bits over each IOVA range the device reaches now, one
+/// range at a time and never joined: iommufd refuses a range with a hole in its mappings. The
+/// ranges are widened to whole [`LOG_PAGE`]s (mappings are page-aligned). A range unmapped
+/// since it was listed is skipped (its guest RAM is pending in `space`, see
+/// [`DmaSpace::take_pending`]); any other failure is returned.
+fn read_iommu_log(
+    log: &dyn IommuDirtyLog,
+    space: &Mutex<DmaSpace>,
+) -> Result<Vec<DmaDirtyReport>, VfioError> {
+    let ranges = lock(space).report_ranges(usize::MAX);
+    let mut reports = Vec::with_capacity(ranges.len());
+    for (iova, len) in ranges {
+        let start = iova - iova % LOG_PAGE;
+        let end = iova
+            .saturating_add(len)
+            .div_ceil(LOG_PAGE)
+            .saturating_mul(LOG_PAGE);
+        match log.read_and_clear(start, end - start, LOG_PAGE) {
+            Ok(report) => reports.push(report),
+            Err(e)
+                if !lock(space).report_ranges(usize::MAX).iter().any(|&(a, l)| {
+                    a <= iova && iova.saturating_add(len) <= a.saturating_add(l)
+                }) =>
+            {
+                log::debug!("IOMMU dirty bitmap of {iova:#x}+{len:#x}, unmapped meanwhile: {e}");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(reports)
 }
 
 /// Mark in `into` the guest RAM that the dirty IOVAs of `reports` reach through `space` now,

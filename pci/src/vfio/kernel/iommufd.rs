@@ -110,7 +110,7 @@ impl IommufdSet {
     /// Opens a prepared device (see [`crate::vfio::sysfs::SysfsRoot::prepare`]). On error the
     /// managed binding is given back.
     pub fn open(&self, prepared: PreparedDevice) -> Result<Arc<KernelVfioDevice>, KernelVfioError> {
-        self.open_with(prepared, false)
+        self.open_with(prepared, false).map_err(|e| e.error)
     }
 
     /// Opens a prepared device like [`Self::open`], attached to a page table of its own
@@ -118,11 +118,12 @@ impl IommufdSet {
     /// so that the IOMMU can record its DMA writes: see [`Self::dirty_tracking`]. Fails with
     /// [`KernelVfioError::NoDirtyTracking`] when the IOMMU has no dirty tracking (Intel VT-d
     /// without scalable-mode second-stage dirty bits, AMD-Vi without HDSup, ...) or refuses
-    /// the page table.
+    /// the page table; the prepared device then comes back in the error, closed again, to be
+    /// opened with [`Self::open`].
     pub fn open_dirty_tracking(
         &self,
         prepared: PreparedDevice,
-    ) -> Result<Arc<KernelVfioDevice>, KernelVfioError> {
+    ) -> Result<Arc<KernelVfioDevice>, DirtyOpenError> {
         self.open_with(prepared, true)
     }
 
@@ -145,7 +146,42 @@ impl IommufdSet {
         &self,
         prepared: PreparedDevice,
         dirty: bool,
-    ) -> Result<Arc<KernelVfioDevice>, KernelVfioError> {
+    ) -> Result<Arc<KernelVfioDevice>, DirtyOpenError> {
+        let failed = |error, prepared| DirtyOpenError { error, prepared };
+        let (device, ctx) = self.bind(&prepared, dirty).map_err(|e| failed(e, None))?;
+        let hwpt = if dirty {
+            match attach_dirty_hwpt(&prepared.device.bdf, &device, &ctx.space().vfio) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    // Closed (unbound from iommufd) before the caller opens it again.
+                    drop((device, ctx));
+                    return Err(failed(e, Some(Box::new(prepared))));
+                }
+            }
+        } else {
+            None
+        };
+        let mut dev = KernelVfioDevice::new(
+            "vfio-iommufd",
+            (prepared.device.bdf, prepared.group.id),
+            device,
+            ctx,
+            prepared.binding,
+        )
+        .map_err(|e| failed(e, None))?;
+        if let Some(hwpt) = hwpt {
+            dev.set_dirty_hwpt(hwpt);
+        }
+        Ok(Arc::new(dev))
+    }
+
+    /// Binds the device to iommufd in its group's IOAS; attached to the IOAS too unless it is
+    /// to get a `dirty`-tracking page table of its own.
+    fn bind(
+        &self,
+        prepared: &PreparedDevice,
+        dirty: bool,
+    ) -> Result<(VfioDevice, Arc<SharedDma<IoasSpace>>), KernelVfioError> {
         let bdf = prepared.device.bdf.clone();
         let group = prepared.group.id;
         check_cdev(&bdf, &prepared.device.path)?;
@@ -170,23 +206,18 @@ impl IommufdSet {
         // With dirty tracking the device is bound only, then attached to its own HWPT.
         let device = VfioDevice::new(&prepared.device.path, ops, !dirty)
             .map_err(|e| device_open_error(&bdf, "binding the device to iommufd", e))?;
-        let hwpt = if dirty {
-            Some(attach_dirty_hwpt(&bdf, &device, &ctx.space().vfio)?)
-        } else {
-            None
-        };
-        let mut dev = KernelVfioDevice::new(
-            "vfio-iommufd",
-            (bdf, prepared.group.id),
-            device,
-            ctx,
-            prepared.binding,
-        )?;
-        if let Some(hwpt) = hwpt {
-            dev.set_dirty_hwpt(hwpt);
-        }
-        Ok(Arc::new(dev))
+        Ok((device, ctx))
     }
+}
+
+/// A failed [`IommufdSet::open_dirty_tracking`].
+#[derive(Debug)]
+pub struct DirtyOpenError {
+    /// Why.
+    pub error: KernelVfioError,
+    /// The prepared device, given back when only the dirty tracking failed
+    /// ([`KernelVfioError::NoDirtyTracking`]): open it with [`IommufdSet::open`].
+    pub prepared: Option<Box<PreparedDevice>>,
 }
 
 /// Allocates a dirty-tracking HWPT for the bound (not attached) `device` and attaches it.

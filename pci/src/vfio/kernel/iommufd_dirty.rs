@@ -25,7 +25,7 @@ use vmm_sys_util::ioctl_io_nr;
 
 use super::errno_of;
 use super::migration::{bitmap_words, check_report, report_pieces, MAX_REPORT_BITMAP_BYTES};
-use crate::vfio::mig_backend::DmaDirtyReport;
+use crate::vfio::mig_backend::{DmaDirtyReport, IommuDirtyLog};
 use crate::vfio::VfioError;
 
 // linux/iommufd.h: IOMMU_HWPT_SET_DIRTY_TRACKING _IO(IOMMUFD_TYPE, 0x8b) and
@@ -254,5 +254,20 @@ impl IommuDirtyTracking {
             page_size,
             bitmap,
         })
+    }
+}
+
+impl IommuDirtyLog for IommuDirtyTracking {
+    fn set_enabled(&self, on: bool) -> Result<(), VfioError> {
+        IommuDirtyTracking::set_enabled(self, on)
+    }
+
+    fn read_and_clear(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+    ) -> Result<DmaDirtyReport, VfioError> {
+        IommuDirtyTracking::read_and_clear(self, iova, length, page_size)
     }
 }

@@ -34,7 +34,7 @@ mod iommufd_dirty;
 mod migration;
 
 pub use group::VfioGroupSet;
-pub use iommufd::IommufdSet;
+pub use iommufd::{DirtyOpenError, IommufdSet};
 pub use iommufd_dirty::IommuDirtyTracking;
 
 use std::collections::HashMap;
@@ -63,7 +63,7 @@ use super::backend::{
     DeviceInfo, DmaBacking, DmaProt, IrqInfo, RegionInfo, SparseArea, VfioBackend, VfioError,
     VFIO_PCI_INTX_IRQ_INDEX,
 };
-use super::mig_backend::MigrationBackend;
+use super::mig_backend::{IommuDirtyLog, MigrationBackend};
 use super::sysfs::{ManagedBinding, SysfsError};
 use iommufd_dirty::DirtyHwpt;
 use migration::MigSession;
@@ -740,6 +740,12 @@ impl VfioBackend for KernelVfioDevice {
 
     fn migration(&self) -> Option<&dyn MigrationBackend> {
         Some(self)
+    }
+
+    fn iommu_dirty_log(&self) -> Option<Arc<dyn IommuDirtyLog>> {
+        self.dirty_hwpt
+            .clone()
+            .map(|hwpt| Arc::new(IommuDirtyTracking::new(hwpt)) as Arc<dyn IommuDirtyLog>)
     }
 
     fn reset(&self) -> Result<(), VfioError> {

@@ -10,7 +10,7 @@ use migration::{DirtyBitmap, Migratable, Pausable, Snapshottable};
 
 use super::*;
 use crate::vfio::dma_space::DmaSpace;
-use crate::vfio::mig_backend::{DmaDirtyReport, MigrationBackend};
+use crate::vfio::mig_backend::{DmaDirtyReport, IommuDirtyLog, MigrationBackend};
 
 /// A device's migration side: its state, caps, data, and faults to inject.
 #[derive(Default)]
@@ -154,22 +154,84 @@ impl MigrationBackend for FakeMigration {
                 bitmap: vec![u64::MAX; words + 100],
             });
         }
-        let mut bitmap = vec![0u64; words];
-        // Reporting clears what it reports, only that.
-        g.dirty.retain(|&a| {
-            let inside = a >= iova && a < iova + length;
-            if inside {
-                let n = (a - iova) / page;
-                bitmap[(n / 64) as usize] |= 1 << (n % 64);
-            }
-            !inside
-        });
-        Ok(DmaDirtyReport {
-            iova,
-            length,
-            page_size: page,
-            bitmap,
-        })
+        Ok(take_report(&mut g.dirty, iova, length, page))
+    }
+}
+
+/// The report of `dirty` (IOVAs) over `length` bytes at `iova`, clearing what it reports,
+/// only that.
+fn take_report(dirty: &mut Vec<u64>, iova: u64, length: u64, page: u64) -> DmaDirtyReport {
+    let mut bitmap = vec![0u64; length.div_ceil(page).div_ceil(64) as usize];
+    dirty.retain(|&a| {
+        let inside = a >= iova && a < iova + length;
+        if inside {
+            let n = (a - iova) / page;
+            bitmap[(n / 64) as usize] |= 1 << (n % 64);
+        }
+        !inside
+    });
+    DmaDirtyReport {
+        iova,
+        length,
+        page_size: page,
+        bitmap,
+    }
+}
+
+/// The IOMMU's dirty tracking of a device: records enable calls and reads, reports `dirty`.
+#[derive(Debug, Default)]
+pub(super) struct FakeIommuLog {
+    inner: Mutex<IommuInner>,
+}
+
+#[derive(Debug, Default)]
+struct IommuInner {
+    enables: Vec<bool>,
+    dirty: Vec<u64>,
+    reads: Vec<(u64, u64, u64)>,
+    /// Every read fails (EIO).
+    fail_read: bool,
+    /// Enabling fails (EOPNOTSUPP).
+    fail_enable: bool,
+    /// The first read of this IOVA unmaps it from the space first, then fails (ENOENT): an
+    /// unmap racing the sync.
+    unmap_on_read: Option<(Arc<Mutex<DmaSpace>>, u64, u64)>,
+}
+
+impl IommuDirtyLog for FakeIommuLog {
+    fn set_enabled(&self, on: bool) -> Result<(), VfioError> {
+        let mut g = self.inner.lock().unwrap();
+        g.enables.push(on);
+        if on && g.fail_enable {
+            return Err(VfioError::Refused {
+                what: "IOMMU_HWPT_SET_DIRTY_TRACKING",
+                source: std::io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+            });
+        }
+        Ok(())
+    }
+    fn read_and_clear(
+        &self,
+        iova: u64,
+        length: u64,
+        page: u64,
+    ) -> Result<DmaDirtyReport, VfioError> {
+        let mut g = self.inner.lock().unwrap();
+        g.reads.push((iova, length, page));
+        if g.fail_read {
+            return Err(VfioError::Refused {
+                what: "IOMMU_HWPT_GET_DIRTY_BITMAP",
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        if let Some((space, at, len)) = g.unmap_on_read.take_if(|u| u.1 == iova) {
+            space.lock().unwrap().unmap(at, len);
+            return Err(VfioError::Refused {
+                what: "IOMMU_HWPT_GET_DIRTY_BITMAP",
+                source: std::io::Error::from_raw_os_error(libc::ENOENT),
+            });
+        }
+        Ok(take_report(&mut g.dirty, iova, length, page))
     }
 }
 
@@ -479,4 +541,156 @@ fn hostile_log_answers_mark_only_what_the_mappings_reach() {
         dev.sync_dirty_log(&mut bitmap).unwrap();
         assert_eq!(bitmap.pages(), [0x4000, 0x5000], "page size {page:#x}");
     }
+}
+
+/// A device of `caps` with the IOMMU's dirty tracking (`iommu`) and DMA logging of its own
+/// up to `log_max` bytes a range (`None`: none).
+fn iommu_device(
+    iommu: bool,
+    log_max: Option<u64>,
+) -> (Arc<FakeBackend>, Arc<FakeIommuLog>, VfioPciDevice) {
+    let log = Arc::new(FakeIommuLog::default());
+    let mig = FakeMigration::new(NO_PRECOPY, b"s", &[]);
+    mig.inner.lock().unwrap().log_max = log_max;
+    let backend = Arc::new(FakeBackend {
+        mig: Some(mig),
+        iommu: iommu.then(|| log.clone()),
+        ..FakeBackend::new()
+    });
+    let im = Arc::new(FakeInterruptManager::default());
+    let dev = VfioPciDevice::new("dev0", backend.clone(), im, Some((1, 17))).unwrap();
+    (backend, log, dev)
+}
+
+const IOMMU: &str = "the IOMMU's dirty tracking";
+const NONE: &str = "none (everything it reaches)";
+
+/// A device without DMA logging whose backend has the IOMMU's dirty tracking: it is enabled
+/// at the start, read over each mapped range (never joined across holes) at 4 KiB, its pages
+/// come out at the guest-physical pages the mappings reach, a mapping removed meanwhile is
+/// dirty, nothing is marked wholesale after the stop, and it is disabled at the end.
+#[test]
+fn without_dma_logging_the_iommu_log_is_translated_through_the_mappings() {
+    const RAM: [(u64, u64); 1] = [(0, 1 << 20)];
+    let (_b, log, mut dev) = iommu_device(true, None);
+    let space = Arc::new(Mutex::new(DmaSpace::translated(&RAM, (0, 1 << 48))));
+    dev.set_dma_space(space.clone());
+    space.lock().unwrap().map(0x10_0000_0000, 0x2000, 0x4000);
+    space.lock().unwrap().map(0x20_0000_0000, 0x1000, 0x9000);
+    assert_eq!(dev.dirty_log_source(), "off");
+    dev.start_dirty_log().unwrap();
+    assert_eq!(dev.dirty_log_source(), IOMMU);
+    assert_eq!(log.inner.lock().unwrap().enables, [true]);
+    // Mapped while logging: the IOMMU covers every IOVA.
+    space.lock().unwrap().map(0x30_0000_0000, 0x1000, 0xa000);
+    log.inner.lock().unwrap().dirty = vec![0x10_0000_1000, 0x30_0000_0000, 0x4000];
+    let mut bitmap = DirtyBitmap::new(&RAM).unwrap();
+    dev.sync_dirty_log(&mut bitmap).unwrap();
+    assert_eq!(bitmap.pages(), [0x5000, 0xa000]);
+    assert_eq!(
+        std::mem::take(&mut log.inner.lock().unwrap().reads),
+        [
+            (0x10_0000_0000, 0x2000, 4096),
+            (0x20_0000_0000, 0x1000, 4096),
+            (0x30_0000_0000, 0x1000, 4096)
+        ]
+    );
+    space.lock().unwrap().unmap(0x20_0000_0000, 0x1000);
+    let mut bitmap = DirtyBitmap::new(&RAM).unwrap();
+    dev.sync_dirty_log(&mut bitmap).unwrap();
+    assert_eq!(bitmap.pages(), [0x9000]);
+    dev.quiesce().unwrap();
+    dev.pause().unwrap();
+    log.inner.lock().unwrap().dirty = vec![0x10_0000_0000];
+    let mut bitmap = DirtyBitmap::new(&RAM).unwrap();
+    dev.sync_dirty_log(&mut bitmap).unwrap();
+    assert_eq!(bitmap.pages(), [0x4000], "only what the IOMMU saw");
+    dev.stop_dirty_log().unwrap();
+    assert_eq!(log.inner.lock().unwrap().enables, [true, false]);
+    assert_eq!(dev.dirty_log_source(), "off");
+}
+
+/// The device's own DMA log comes first; a device that refuses it has the IOMMU's; only a
+/// device with neither gets everything marked (and the warning).
+#[test]
+fn the_source_of_dirty_pages_is_the_device_then_the_iommu_then_everything() {
+    let cases = [
+        (true, Some(u64::MAX), "the device's DMA log"),
+        (true, Some(0x1000), IOMMU),
+        (true, None, IOMMU),
+        (false, None, NONE),
+    ];
+    for (iommu, log_max, source) in cases {
+        let (b, log, mut dev) = iommu_device(iommu, log_max);
+        dev.set_dma_ranges(vec![(0, 1 << 20)]);
+        dev.start_dirty_log().unwrap();
+        assert_eq!(dev.dirty_log_source(), source, "{iommu} {log_max:?}");
+        let iommu_on = source == IOMMU;
+        assert_eq!(
+            log.inner.lock().unwrap().enables,
+            [iommu_on][..usize::from(iommu_on)]
+        );
+        dev.quiesce().unwrap();
+        dev.pause().unwrap();
+        log.inner.lock().unwrap().dirty = vec![0x3000];
+        fake(&b).inner.lock().unwrap().dirty = vec![0x3000];
+        let mut bitmap = DirtyBitmap::new(&[(0, 1 << 20)]).unwrap();
+        dev.sync_dirty_log(&mut bitmap).unwrap();
+        let expect: Vec<u64> = if source == NONE {
+            (0..256).map(|p| p << 12).collect()
+        } else {
+            vec![0x3000]
+        };
+        assert_eq!(bitmap.pages(), expect, "{source}");
+        dev.stop_dirty_log().unwrap();
+    }
+    // A device refusing its log with no IOMMU log fails the start, as before.
+    let (_b, _log, mut dev) = iommu_device(false, Some(0x1000));
+    dev.set_dma_ranges(vec![(0, 1 << 20)]);
+    assert!(dev.start_dirty_log().is_err());
+}
+
+/// A failing IOMMU read fails the sync with the device named; a range unmapped between the
+/// listing and its read is skipped (its pages are pending dirty from the unmap).
+#[test]
+fn a_failed_iommu_read_fails_the_sync_unless_the_range_went_away() {
+    const RAM: [(u64, u64); 1] = [(0, 1 << 20)];
+    let (_b, log, mut dev) = iommu_device(true, None);
+    let space = Arc::new(Mutex::new(DmaSpace::translated(&RAM, (0, 1 << 48))));
+    dev.set_dma_space(space.clone());
+    space.lock().unwrap().map(0x10_0000_0000, 0x2000, 0x4000);
+    space.lock().unwrap().map(0x20_0000_0000, 0x1000, 0x9000);
+    dev.start_dirty_log().unwrap();
+    log.inner.lock().unwrap().unmap_on_read = Some((space.clone(), 0x20_0000_0000, 0x1000));
+    log.inner.lock().unwrap().dirty = vec![0x10_0000_0000];
+    let mut bitmap = DirtyBitmap::new(&RAM).unwrap();
+    dev.sync_dirty_log(&mut bitmap).unwrap();
+    assert_eq!(bitmap.pages(), [0x4000, 0x9000]);
+    log.inner.lock().unwrap().fail_read = true;
+    let e = dev.sync_dirty_log(&mut bitmap).unwrap_err().to_string();
+    assert!(
+        e.contains("dev0") && e.contains("IOMMU_HWPT_GET_DIRTY_BITMAP"),
+        "{e}"
+    );
+    dev.stop_dirty_log().unwrap();
+    assert_eq!(log.inner.lock().unwrap().enables, [true, false]);
+}
+
+/// An IOMMU that refuses to start tracking leaves the device with everything marked once it
+/// is stopped (never a failed migration, never pages missed); nothing is disabled at the end.
+#[test]
+fn an_iommu_log_that_cannot_start_falls_back_to_everything() {
+    let (_b, log, mut dev) = iommu_device(true, None);
+    log.inner.lock().unwrap().fail_enable = true;
+    dev.set_dma_ranges(vec![(0, 1 << 20)]);
+    dev.start_dirty_log().unwrap();
+    assert_eq!(dev.dirty_log_source(), NONE);
+    dev.quiesce().unwrap();
+    dev.pause().unwrap();
+    let mut bitmap = DirtyBitmap::new(&[(0, 1 << 20)]).unwrap();
+    dev.sync_dirty_log(&mut bitmap).unwrap();
+    assert_eq!(bitmap.count(), 256, "all RAM");
+    assert!(log.inner.lock().unwrap().reads.is_empty());
+    dev.stop_dirty_log().unwrap();
+    assert_eq!(log.inner.lock().unwrap().enables, [true]);
 }
