@@ -210,7 +210,9 @@ fn main() -> ExitCode {
         }
     };
     let level = if args.verbose { "debug" } else { "info" };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format_timestamp_millis()
+        .init();
     match run(&args) {
         Ok(code) => code,
         Err(e) => {
