@@ -142,6 +142,18 @@ impl TestDev {
         }
     }
 
+    /// Milliseconds of the day at which the device logged its last line containing `what`
+    /// (the test device logs with millisecond timestamps: `[2026-12-06T11:12:13.743Z ...`).
+    fn logged_at(&self, what: &str) -> Option<u64> {
+        let text = std::fs::read_to_string(&self.log).ok()?;
+        let line = text.lines().rev().find(|l| l.contains(what))?;
+        let time = line.split('T').nth(1)?.split('Z').next()?;
+        let (hms, millis) = time.split_once('.')?;
+        let mut parts = hms.split(':').map(|p| p.parse::<u64>().ok());
+        let (h, m, s) = (parts.next()??, parts.next()??, parts.next()??);
+        Some(((h * 60 + m) * 60 + s) * 1000 + millis.parse::<u64>().ok()?)
+    }
+
     /// N of the device's `STOP_COPY: state saved (..., N bytes to read)` log line.
     fn stop_copy_bytes(&self) -> Option<u64> {
         let text = std::fs::read_to_string(&self.log).ok()?;
@@ -177,7 +189,48 @@ struct Outcome {
     progress: MigrationProgress,
     /// Each source device's STOP_COPY bytes (from its log), in device order.
     stop_copy_bytes: Vec<Option<u64>>,
+    /// The first device's arcs inside the downtime, from its two processes' logs.
+    arcs: Option<DeviceArcs>,
     error: Option<String>,
+}
+
+/// Where the first device's share of the downtime went, from the test devices' logs (ms).
+struct DeviceArcs {
+    /// Source device: from the grace state (RUNNING_P2P / PRE_COPY_P2P) to STOP.
+    source_stop: u64,
+    /// From the source device's STOP to the target device's RESUMING -> STOP: the rest of the
+    /// stream, and the target device applying its state and memory.
+    to_target_loaded: u64,
+    /// Target device: from STOP to RUNNING (through RUNNING_P2P).
+    target_run: u64,
+}
+
+impl DeviceArcs {
+    fn read(src: &TestDev, dst: &TestDev) -> Option<Self> {
+        let grace = src
+            .logged_at("-> PreCopyP2p")
+            .or_else(|| src.logged_at("-> RunningP2p"))?;
+        let stopped = src.logged_at("StopCopy -> Stop")?;
+        let loaded = dst.logged_at("Resuming -> Stop")?;
+        let running = dst.logged_at("RunningP2p -> Running")?;
+        Some(DeviceArcs {
+            source_stop: stopped.checked_sub(grace)?,
+            to_target_loaded: loaded.checked_sub(stopped)?,
+            target_run: running.checked_sub(loaded)?,
+        })
+    }
+
+    fn show(a: Option<&DeviceArcs>) -> String {
+        a.map_or_else(
+            || "?".into(),
+            |a| {
+                format!(
+                    "{} + {} + {}",
+                    a.source_stop, a.to_target_loaded, a.target_run
+                )
+            },
+        )
+    }
 }
 
 impl Outcome {
@@ -299,9 +352,14 @@ fn run_case(testdev: &Path, dir: &Path, tag: &str, devs: &[Dev]) -> Outcome {
         .collect();
     let res = migrate(&mut src, &tgt, overrides);
     let stop_copy_bytes = sources.iter().map(TestDev::stop_copy_bytes).collect();
+    let arcs = sources
+        .first()
+        .zip(targets.first())
+        .and_then(|(s, t)| DeviceArcs::read(s, t));
     let mut out = Outcome {
         progress: MigrationProgress::default(),
         stop_copy_bytes,
+        arcs,
         error: None,
     };
     match res {
@@ -365,7 +423,7 @@ fn part_one(testdev: &Path, dir: &Path, sizes: &[u64]) {
         "== 1. One device, idle guest: device downtime, PRE_COPY against STOP_COPY only (pre_copy=off)"
     );
     println!(
-        "{:>8} {:>13} {:>13} {:>7} {:>9} {:>6} {:>28} {:>15}  status",
+        "{:>8} {:>13} {:>13} {:>7} {:>9} {:>6} {:>28} {:>15} {:>22}  status",
         "BAR2",
         "PRE_COPY",
         "STOP_COPY",
@@ -373,7 +431,8 @@ fn part_one(testdev: &Path, dir: &Path, sizes: &[u64]) {
         "cut",
         "≥70 %",
         "STOP_COPY bytes (pre / off)",
-        "total s"
+        "total s",
+        "PRE_COPY arcs ms"
     );
     for &size in sizes {
         let pre = run_case(
@@ -410,7 +469,7 @@ fn part_one(testdev: &Path, dir: &Path, sizes: &[u64]) {
             _ => ("?".into(), "?".into(), "?"),
         };
         println!(
-            "{:>4} MiB {:>13} {:>13} {:>7} {:>9} {:>6} {:>28} {:>15}  {} / {}",
+            "{:>4} MiB {:>13} {:>13} {:>7} {:>9} {:>6} {:>28} {:>15} {:>22}  {} / {}",
             size,
             ms(pre.downtime()),
             ms(off.downtime()),
@@ -423,11 +482,12 @@ fn part_one(testdev: &Path, dir: &Path, sizes: &[u64]) {
                 bytes(off.stop_copy_bytes[0])
             ),
             format!("{} / {}", total_s(&pre), total_s(&off)),
+            DeviceArcs::show(pre.arcs.as_ref()),
             status(&pre),
             status(&off)
         );
     }
-    println!("(downtime: the source's downtime_ms, pause -> target RESUMED; ratio: PRE_COPY / STOP_COPY only; cut: what PRE_COPY saves, target >= {TARGET_CUT_PERCENT:.0} %; STOP_COPY bytes: what the source device produced on entering STOP_COPY, from its log; total: send-migration to completed, PRE_COPY / off)");
+    println!("(downtime: the source's downtime_ms, pause -> target RESUMED; ratio: PRE_COPY / STOP_COPY only; cut: what PRE_COPY saves, target >= {TARGET_CUT_PERCENT:.0} %; STOP_COPY bytes: what the source device produced on entering STOP_COPY, from its log; total: send-migration to completed, PRE_COPY / off; PRE_COPY arcs, from the devices' logs: source grace state -> STOP + source STOP -> target RESUMING->STOP done (the rest of the stream and the target device applying its memory) + target STOP -> RUNNING)");
 }
 
 /// Part 2: two devices with PRE_COPY, and no device at all.
