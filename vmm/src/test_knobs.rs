@@ -79,6 +79,15 @@ pub enum HoldPoint {
 }
 
 impl HoldPoint {
+    /// Every point, in the order a migration reaches them.
+    pub const ALL: [HoldPoint; 5] = [
+        HoldPoint::Config,
+        HoldPoint::Switchover,
+        HoldPoint::Commit,
+        HoldPoint::Restore,
+        HoldPoint::Resumed,
+    ];
+
     /// The name used in the knob's value.
     pub fn name(self) -> &'static str {
         match self {
@@ -120,12 +129,14 @@ fn migration_holds(value: Option<&str>, built_with_knobs: bool) -> Result<Vec<Ho
         return Ok(Vec::new());
     };
     if !built_with_knobs {
-        return Err(format!(
-            "{MIGRATION_HOLD_VAR} is a test knob and this build has none (build with --features vmm/test-knobs)"
-        ));
+        return Err(no_knobs(MIGRATION_HOLD_VAR));
     }
     let bad = |what: &str| {
-        format!("{MIGRATION_HOLD_VAR}={v:?}: {what} (expected POINT[:TIMES][@SECONDS],... with POINT one of config, switchover, commit, restore, resumed)")
+        let points: Vec<_> = HoldPoint::ALL.iter().map(|p| p.name()).collect();
+        format!(
+            "{MIGRATION_HOLD_VAR}={v:?}: {what} (expected POINT[:TIMES][@SECONDS],... with POINT one of {})",
+            points.join(", ")
+        )
     };
     v.split(',')
         .map(|item| {
@@ -137,16 +148,10 @@ fn migration_holds(value: Option<&str>, built_with_knobs: bool) -> Result<Vec<Ho
                 Some((n, t)) => (n, Some(t.parse::<u32>().map_err(|_| bad(item))?)),
                 None => (rest, None),
             };
-            let point = [
-                HoldPoint::Config,
-                HoldPoint::Switchover,
-                HoldPoint::Commit,
-                HoldPoint::Restore,
-                HoldPoint::Resumed,
-            ]
-            .into_iter()
-            .find(|p| p.name() == name)
-            .ok_or_else(|| bad(item))?;
+            let point = HoldPoint::ALL
+                .into_iter()
+                .find(|p| p.name() == name)
+                .ok_or_else(|| bad(item))?;
             Ok(Hold {
                 point,
                 times,
@@ -166,34 +171,29 @@ pub const FORBIDDEN_SYSCALL_VAR: &str = "SKIFF_TEST_FORBIDDEN_SYSCALL";
 
 /// Read the knobs from the environment: `Err` names a knob this build refuses.
 pub fn init_from_env() -> Result<(), String> {
-    let skip = std::env::var(SKIP_P2P_GRACE_VAR).ok();
-    if decide(
-        SKIP_P2P_GRACE_VAR,
-        skip.as_deref(),
-        cfg!(feature = "test-knobs"),
-    )? {
-        log::warn!("TEST KNOB {SKIP_P2P_GRACE_VAR}=1: the P2P grace step is skipped; migrations of passthrough devices may lose peer writes");
-        SKIP_P2P_GRACE.store(true, Ordering::Relaxed);
-    }
-    let drop = std::env::var(DROP_RESUMED_VAR).ok();
-    if decide(
-        DROP_RESUMED_VAR,
-        drop.as_deref(),
-        cfg!(feature = "test-knobs"),
-    )? {
-        log::warn!("TEST KNOB {DROP_RESUMED_VAR}=1: an incoming migration never answers RESUMED");
-        DROP_RESUMED.store(true, Ordering::Relaxed);
-    }
-    let no_realtime = std::env::var(NO_CLOCK_REALTIME_VAR).ok();
-    if decide(
-        NO_CLOCK_REALTIME_VAR,
-        no_realtime.as_deref(),
-        cfg!(feature = "test-knobs"),
-    )? {
-        log::warn!(
-            "TEST KNOB {NO_CLOCK_REALTIME_VAR}=1: the kvmclock is saved without KVM_CLOCK_REALTIME"
-        );
-        NO_CLOCK_REALTIME.store(true, Ordering::Relaxed);
+    let switches: [(&str, &AtomicBool, &str); 3] = [
+        (
+            SKIP_P2P_GRACE_VAR,
+            &SKIP_P2P_GRACE,
+            "the P2P grace step is skipped; migrations of passthrough devices may lose peer writes",
+        ),
+        (
+            DROP_RESUMED_VAR,
+            &DROP_RESUMED,
+            "an incoming migration never answers RESUMED",
+        ),
+        (
+            NO_CLOCK_REALTIME_VAR,
+            &NO_CLOCK_REALTIME,
+            "the kvmclock is saved without KVM_CLOCK_REALTIME",
+        ),
+    ];
+    for (var, flag, what) in switches {
+        let value = std::env::var(var).ok();
+        if decide(var, value.as_deref(), cfg!(feature = "test-knobs"))? {
+            log::warn!("TEST KNOB {var}=1: {what}");
+            flag.store(true, Ordering::Relaxed);
+        }
     }
     let holds = std::env::var(MIGRATION_HOLD_VAR).ok();
     let holds = migration_holds(holds.as_deref(), cfg!(feature = "test-knobs"))?;
@@ -225,9 +225,7 @@ fn forbidden_syscall_kind(
         return Ok(None);
     };
     if !built_with_knobs {
-        return Err(format!(
-            "{FORBIDDEN_SYSCALL_VAR} is a test knob and this build has none (build with --features vmm/test-knobs)"
-        ));
+        return Err(no_knobs(FORBIDDEN_SYSCALL_VAR));
     }
     let (name, ioctl) = match v.strip_suffix(":ioctl") {
         Some(name) => (name, true),
@@ -249,11 +247,14 @@ fn decide(var: &str, value: Option<&str>, built_with_knobs: bool) -> Result<bool
     match (value, built_with_knobs) {
         (None, _) | (Some("0"), _) | (Some(""), _) => Ok(false),
         (Some("1"), true) => Ok(true),
-        (Some("1"), false) => Err(format!(
-            "{var} is a test knob and this build has none (build with --features vmm/test-knobs)"
-        )),
+        (Some("1"), false) => Err(no_knobs(var)),
         (Some(v), _) => Err(format!("{var}={v:?}: expected 0 or 1")),
     }
+}
+
+/// The refusal of knob `var` by a build without the `test-knobs` feature.
+fn no_knobs(var: &str) -> String {
+    format!("{var} is a test knob and this build has none (build with --features vmm/test-knobs)")
 }
 
 #[cfg(test)]
