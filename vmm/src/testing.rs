@@ -5,14 +5,43 @@
 //! to lack it.
 
 use std::fmt::Display;
+use std::path::{Path, PathBuf};
 
 use kvm_ioctls::Kvm;
+
+use crate::config::VmConfig;
 
 /// The environment variable that lets KVM tests skip when `/dev/kvm` is unavailable.
 pub const SKIP_KVM_VAR: &str = "SKIFF_SKIP_KVM";
 
 /// What a test prints when it skips for lack of KVM.
 pub const SKIP_MESSAGE: &str = "skipped: /dev/kvm is not available (SKIFF_SKIP_KVM is set)";
+
+/// A one-vCPU test-guest configuration running `cmdline`, its serial going to `serial.log` in
+/// a fresh temporary directory named after `name` and this process; `extra`, given that
+/// directory, adds top-level fields (e.g. `disks`). Built from JSON so fields added to the
+/// config types later keep their defaults. Returns the configuration, the directory and the
+/// serial file.
+pub fn guest_config(
+    name: &str,
+    cmdline: &str,
+    extra: impl FnOnce(&Path) -> serde_json::Value,
+) -> (VmConfig, PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("skiff-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("test directory");
+    let serial = dir.join("serial.log");
+    let mut json = serde_json::json!({
+        "cpus": { "boot_vcpus": 1 },
+        "serial": { "file": serial },
+        "payload": { "cmdline": cmdline },
+    });
+    if let (Some(all), serde_json::Value::Object(more)) = (json.as_object_mut(), extra(&dir)) {
+        all.extend(more);
+    }
+    let config = serde_json::from_value(json).expect("test guest config");
+    (config, dir, serial)
+}
 
 /// `/dev/kvm` opened, or `None` (after printing [`SKIP_MESSAGE`]) when it cannot be opened and
 /// `SKIFF_SKIP_KVM=1` is set.

@@ -15,7 +15,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::config::VmConfig;
 use vmm::dirty_log::{set_mode_override, DirtyLogMode};
 use vmm::vm::Vm;
 
@@ -255,29 +254,18 @@ fn dirty_log_reports_exactly_the_pages_written() {
 
 fn exactly_the_pages_written(mode: DirtyLogMode) {
     eprintln!("dirty log mode {}", mode.name());
-    let dir = std::env::temp_dir().join(format!(
-        "skiff-dirty-{}-{}",
-        std::process::id(),
-        mode.name()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let serial = dir.join("serial.log");
-    let disk = dir.join("disk.img");
-    // Sector 0 (warm-up read) and sector 1 (round 1) differ, so round 1 changes the buffer.
+    let (config, dir, serial) = vmm::testing::guest_config(
+        &format!("dirty-{}", mode.name()),
+        "scenario=dirty-log",
+        |dir| serde_json::json!({ "disks": [ { "path": dir.join("disk.img") } ] }),
+    );
+    // Written before the VM opens it. Sector 0 (warm-up read) and sector 1 (round 1) differ,
+    // so round 1 changes the buffer.
     let mut img = vec![0x11u8; 1 << 20];
     for (i, b) in img[512..1024].iter_mut().enumerate() {
         *b = 0xd0 ^ i as u8;
     }
-    std::fs::write(&disk, &img).unwrap();
-    // Built from JSON so fields added to the config types later keep their defaults.
-    let config: VmConfig = serde_json::from_value(serde_json::json!({
-        "cpus": { "boot_vcpus": 1 },
-        "serial": { "file": serial },
-        "payload": { "cmdline": "scenario=dirty-log" },
-        "disks": [ { "path": disk } ],
-    }))
-    .expect("config");
+    std::fs::write(dir.join("disk.img"), &img).unwrap();
     let mut vm = Vm::new(config).expect("build VM");
     assert_eq!(vm.dirty_log_mode(), mode, "this host offers every mode");
     vm.start().expect("start vCPUs");

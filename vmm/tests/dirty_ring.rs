@@ -8,7 +8,6 @@
 
 use std::time::{Duration, Instant};
 
-use vmm::config::VmConfig;
 use vmm::dirty_log::{pvm_host, set_mode_override, DirtyLogMode};
 use vmm::vm::Vm;
 
@@ -26,16 +25,11 @@ fn a_full_dirty_ring_never_wedges_the_vcpu() {
     if vmm::testing::require_kvm().is_none() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("skiff-dirty-ring-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let serial = dir.join("serial.log");
-    let config: VmConfig = serde_json::from_value(serde_json::json!({
-        "cpus": { "boot_vcpus": 1 },
-        "serial": { "file": serial },
-        "payload": { "cmdline": "scenario=dirty dirty.mib=16 dirty.rate=0 dirty.report_ms=200 dirty.verify_every=0" },
-    }))
-    .expect("config");
+    let (config, dir, serial) = vmm::testing::guest_config(
+        "dirty-ring",
+        "scenario=dirty dirty.mib=16 dirty.rate=0 dirty.report_ms=200 dirty.verify_every=0",
+        |_| serde_json::json!({}),
+    );
     set_mode_override(Some(DirtyLogMode::Ring));
     let built = Vm::new(config);
     set_mode_override(None);

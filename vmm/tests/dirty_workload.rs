@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::config::VmConfig;
 use vmm::vm::Vm;
 
 /// Emulated guests are slow here (HOST.md): generous waits, failing with the serial log.
@@ -77,17 +76,8 @@ fn wait_until(vm: &Vm, serial: &Path, what: &str, done: impl Fn(&str) -> bool) -
 
 /// A VM running the test guest with `cmdline`, and its serial file.
 fn start(name: &str, cmdline: &str) -> (Vm, std::path::PathBuf, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("skiff-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let serial = dir.join("serial.log");
-    // Built from JSON so fields added to the config types later keep their defaults.
-    let config: VmConfig = serde_json::from_value(serde_json::json!({
-        "cpus": { "boot_vcpus": 1 },
-        "serial": { "file": serial },
-        "payload": { "cmdline": cmdline },
-    }))
-    .expect("config");
+    let (config, dir, serial) =
+        vmm::testing::guest_config(name, cmdline, |_| serde_json::json!({}));
     let mut vm = Vm::new(config).expect("build VM");
     vm.start().expect("start vCPUs");
     (vm, dir, serial)
