@@ -364,10 +364,19 @@ impl Answer {
     /// watcher (a write that failed because the target gave up races with its reason).
     fn failure(&self) -> Option<MigrateError> {
         let deadline = Instant::now() + ANSWER_GRACE;
-        while self.watcher_running() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+        let (lock, arrived) = &*self.queue;
+        let mut queue = lock.lock().unwrap_or_else(|e| e.into_inner());
+        // The watcher's last entry is anything but READY (it ends right after pushing it).
+        while self.watcher_running() && queue.iter().all(|m| matches!(m, Ok(Message::Ready))) {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            queue = arrived
+                .wait_timeout(queue, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
-        let queue = self.queue.0.lock().unwrap_or_else(|e| e.into_inner());
         match queue.back() {
             Some(Ok(Message::Failed(reason))) => Some(MigrateError::TargetFailed(reason.clone())),
             Some(Err(e)) => Some(MigrateError::Unexpected(format!(
@@ -447,7 +456,7 @@ fn watch_replies(
 }
 
 /// Tell the target, which has everything and waits for the commit, that none will come and why
-/// (best effort: the connection may be dead), then shut the connections down.
+/// (best effort: the connection may be dead). The caller then shuts every connection down.
 fn withdraw(conn: &mut Conn, why: &MigrateError) {
     let reason = format!("the source withdrew before its commit: {why}");
     if let Err(e) = conn
@@ -456,7 +465,6 @@ fn withdraw(conn: &mut Conn, why: &MigrateError) {
     {
         log::debug!("migration: the withdrawal did not reach the target: {e}");
     }
-    conn.shutdown();
 }
 
 /// Run a migration of the VM behind `core` (configuration `config`) as `req` asks. On success
