@@ -200,26 +200,32 @@ pub fn enable(vm_fd: &VmFd, requested: DirtyLogMode) -> Result<DirtyLogMode> {
             enable(vm_fd, DirtyLogMode::Manual)
         }
         DirtyLogMode::Ring => {
-            let (cap, max) = [KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING]
-                .into_iter()
-                .map(|c| (c, vm_fd.check_extension_raw(u64::from(c))))
-                .find(|(_, max)| *max > 0)
-                .unwrap_or((0, 0));
-            if max <= 0 {
+            let Some((cap, bytes)) = ring_capability(vm_fd) else {
                 log::warn!("dirty log: KVM lacks the dirty ring; using legacy mode");
                 return Ok(DirtyLogMode::Legacy);
-            }
+            };
             let mut enable = kvm_enable_cap {
                 cap,
                 ..Default::default()
             };
-            enable.args[0] = u64::from(RING_BYTES.min(max as u32));
+            enable.args[0] = u64::from(bytes);
             vm_fd
                 .enable_cap(&enable)
                 .map_err(kvm("KVM_ENABLE_CAP(DIRTY_LOG_RING)"))?;
             Ok(DirtyLogMode::Ring)
         }
     }
+}
+
+/// The dirty-ring capability this KVM offers (the ACQ_REL variant first) and the ring size, in
+/// bytes, skiff uses with it (at most [`RING_BYTES`]); `None` when it has none. [`enable`] turns
+/// the ring on with this size and [`DirtyLog::new`] maps rings of this size.
+fn ring_capability(vm_fd: &VmFd) -> Option<(u32, u32)> {
+    [KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING]
+        .into_iter()
+        .map(|c| (c, vm_fd.check_extension_raw(u64::from(c))))
+        .find(|(_, max)| *max > 0)
+        .map(|(c, max)| (c, RING_BYTES.min(max as u32)))
 }
 
 /// Whether this host is a PVM-based nested KVM (HOST.md), where the dirty ring is unusable.
@@ -393,16 +399,9 @@ impl DirtyLog {
     /// Tracking of `slots` in `mode` (as returned by [`enable`]).
     pub fn new(vm_fd: Arc<VmFd>, mode: DirtyLogMode, slots: Vec<LogSlot>) -> Result<Self> {
         let layout: Vec<(u64, u64)> = slots.iter().map(|s| (s.guest_addr, s.len)).collect();
-        let ring_bytes = if mode == DirtyLogMode::Ring {
-            let max = vm_fd.check_extension_raw(u64::from(KVM_CAP_DIRTY_LOG_RING_ACQ_REL));
-            let max = if max > 0 {
-                max
-            } else {
-                vm_fd.check_extension_raw(u64::from(KVM_CAP_DIRTY_LOG_RING))
-            };
-            RING_BYTES.min(max.max(0) as u32) as usize
-        } else {
-            0
+        let ring_bytes = match mode {
+            DirtyLogMode::Ring => ring_capability(&vm_fd).map_or(0, |(_, bytes)| bytes as usize),
+            _ => 0,
         };
         Ok(Self {
             mode,
