@@ -1,7 +1,8 @@
 //! Migration stream throughput without a VM: guest RAM sent as one pre-copy pass (RAM frames
 //! over one TCP loopback connection) and applied by a receiver into a second guest memory,
 //! against plain TCP carrying the same number of bytes in the same run. Figures only. The
-//! receiving memory is, as skiff's guest RAM, a shared mapping of a tmpfs file.
+//! receiving memory is, as skiff's guest RAM, a shared mapping of a tmpfs file. Each pass also
+//! prints the CPU time of its sending and its receiving thread per GiB.
 //! `SKIFF_BENCH_STREAM_MIB` sets the RAM size (default 512), `SKIFF_BENCH_FRAME_KIB` the RAM
 //! frame size (default: the sender's).
 //!
@@ -27,6 +28,15 @@ fn cpu() -> (f64, f64) {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 100.0;
     (tick(11), tick(12))
+}
+
+/// User + system CPU seconds of the calling thread so far.
+fn thread_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 100.0;
+    tick(11) + tick(12)
 }
 
 fn pair() -> (TcpStream, TcpStream) {
@@ -95,13 +105,23 @@ fn hello() -> Message {
     })
 }
 
-/// Seconds to send `src` as one pass and apply it into `dst`; returns (seconds, stream bytes).
-fn stream(src: &GuestMemoryMmap, dst: &GuestMemoryMmap, layout: &[(u64, u64)]) -> (f64, u64) {
+/// What one pass measured.
+struct Pass {
+    seconds: f64,
+    stream_bytes: u64,
+    /// CPU seconds of the sending and the receiving thread.
+    sender_cpu: f64,
+    receiver_cpu: f64,
+}
+
+/// Send `src` as one pass and apply it into `dst`.
+fn stream(src: &GuestMemoryMmap, dst: &GuestMemoryMmap, layout: &[(u64, u64)]) -> Pass {
     let (tx, rx) = pair();
     let layout_rx = layout.to_vec();
     let t = Instant::now();
     let received = std::thread::scope(|s| {
         let receiver = s.spawn(move || {
+            let c0 = thread_cpu();
             let mut rx = MigrationReceiver::new(rx).expect("receiver");
             let mut applier = RamApplier::new(&layout_rx).expect("applier");
             applier.write_through_files(true);
@@ -111,11 +131,12 @@ fn stream(src: &GuestMemoryMmap, dst: &GuestMemoryMmap, layout: &[(u64, u64)]) -
                         applier.apply(dst, &frame).expect("apply");
                         rx.recycle(frame);
                     }
-                    Message::Complete(_) => return rx.bytes_received(),
+                    Message::Complete(_) => return (rx.bytes_received(), thread_cpu() - c0),
                     _ => {}
                 }
             }
         });
+        let c0 = thread_cpu();
         let mut tx = MigrationSender::new(tx).expect("sender");
         if let Some(kib) = std::env::var("SKIFF_BENCH_FRAME_KIB")
             .ok()
@@ -136,9 +157,16 @@ fn stream(src: &GuestMemoryMmap, dst: &GuestMemoryMmap, layout: &[(u64, u64)]) -
         tx.end_iteration().expect("end");
         tx.send(&Message::State(Vec::new())).expect("state");
         tx.complete().expect("complete");
-        receiver.join().expect("receiver thread")
+        let sender_cpu = thread_cpu() - c0;
+        let (stream_bytes, receiver_cpu) = receiver.join().expect("receiver thread");
+        (stream_bytes, sender_cpu, receiver_cpu)
     });
-    (t.elapsed().as_secs_f64(), received)
+    Pass {
+        seconds: t.elapsed().as_secs_f64(),
+        stream_bytes: received.0,
+        sender_cpu: received.1,
+        receiver_cpu: received.2,
+    }
 }
 
 fn main() {
@@ -160,10 +188,10 @@ fn main() {
     let tcp_s = plain_tcp(size);
     let c1 = cpu();
     let fresh = shared_ram(size);
-    let (fresh_s, bytes) = stream(&src, &fresh, &layout);
+    let fresh_pass = stream(&src, &fresh, &layout);
     let c2 = cpu();
     // The same memory again: its pages are now present.
-    let (warm_s, _) = stream(&src, &fresh, &layout);
+    let warm_pass = stream(&src, &fresh, &layout);
     let c3 = cpu();
     let tcp = mb(size as f64, tcp_s);
     let cpu_of =
@@ -173,15 +201,18 @@ fn main() {
         "  plain TCP            {tcp:7.0} MiB/s  ({})",
         cpu_of(c0, c1)
     );
-    for (name, s, a, b) in [
-        ("stream, fresh target", fresh_s, c1, c2),
-        ("stream, warm target ", warm_s, c2, c3),
+    let gib = size as f64 / (1u64 << 30) as f64;
+    for (name, pass, a, b) in [
+        ("stream, fresh target", &fresh_pass, c1, c2),
+        ("stream, warm target ", &warm_pass, c2, c3),
     ] {
-        let r = mb(bytes as f64, s);
+        let r = mb(pass.stream_bytes as f64, pass.seconds);
         println!(
-            "  {name} {r:7.0} MiB/s  {:3.0} % of plain TCP  ({})",
+            "  {name} {r:7.0} MiB/s  {:3.0} % of plain TCP  ({}; per GiB: sender thread {:.2} s, receiver thread {:.2} s)",
             100.0 * r / tcp,
-            cpu_of(a, b)
+            cpu_of(a, b),
+            pass.sender_cpu / gib,
+            pass.receiver_cpu / gib
         );
     }
 }

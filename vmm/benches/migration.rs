@@ -3,14 +3,19 @@
 //! through `api_server::client`. One run prints:
 //!
 //! 1. RAM throughput against plain TCP: a single-stream TCP transfer (a sender thread writing
-//!    into a socket, a receiver thread reading it) on 127.0.0.1, then an idle 1 GiB guest
+//!    into a socket, a receiver thread reading it) on 127.0.0.1, the receiver reading into one
+//!    reused buffer (the reference figure) and, interleaved, writing each read into a fresh
+//!    memfd (the least any migration target must do: the data ends in new guest memory; on
+//!    this host a fresh page costs far more than the socket copy). Then an idle 1 GiB guest
 //!    migrated over `tcp:127.0.0.1:PORT`: RAM bytes sent during pre-copy / pre-copy time (the
 //!    `precopy` → `switchover` events of the source's event monitor, ns timestamps), and its
-//!    ratio to the plain TCP figure — and to plain TCP measured again while the source guest
-//!    runs (the test guest spins, its delays are rdtsc loops, and this host emulates it: this
-//!    checks whether its vCPU, not skiff, is what slows the migration down).
-//!    The same again between two network namespaces joined by a
-//!    veth pair (created here with `ip netns` / `ip link`, removed at the end), when possible.
+//!    ratio to both figures — and to plain TCP measured again while the source guest runs.
+//!    Two idle guests: the `counter` guest, whose vCPU spins (its delays are rdtsc loops, and
+//!    this host emulates it, so it takes a whole core from the migration), and a halted guest
+//!    (`idle`: the vCPU in HLT, as an idle OS's is). The CPU column splits the source's CPU
+//!    time into its vCPU threads and the rest. The counter guest again between two network
+//!    namespaces joined by a veth pair (created here with `ip netns` / `ip link`, removed at
+//!    the end), when possible. `-- throughput` runs only this part.
 //! 2. Downtime: an idle 256 MiB guest (`dirty` scenario at 1 page/s) — the source's
 //!    `downtime_ms` (pause → target RESUMED) and the guest's own `max_stall_us` before / after;
 //!    then the `dirty` workload at three rates: downtime, iterations, highest throttle, total.
@@ -84,6 +89,37 @@ fn cpu_s(pid: u32) -> Option<(f64, f64)> {
     Some((user, system))
 }
 
+/// User + system CPU seconds the vCPU threads (named `vcpuN`) of process `pid` used so far;
+/// `None` once they have ended (a migrated source's vCPU threads end before it reports).
+fn vcpu_cpu_s(pid: u32) -> Option<f64> {
+    let mut total = 0.0;
+    let mut found = false;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let task = task.ok()?.path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if !comm.starts_with("vcpu") {
+            continue;
+        }
+        found = true;
+        let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // SAFETY: sysconf has no side effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        total += (f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) as f64 / hz;
+    }
+    found.then_some(total)
+}
+
+/// CPU seconds one migration cost: the source's vCPU threads, the rest of the source (the
+/// migration's threads and everything else), the target.
+#[derive(Clone, Copy)]
+struct MigrationCpu {
+    src_vcpus: f64,
+    src_rest: f64,
+    dst: f64,
+}
+
 /// A phase event of the source's event monitor: (seconds since skiff's start, bytes sent).
 fn phase_event(events: &Path, phase: &str) -> Option<(f64, u64)> {
     let text = std::fs::read_to_string(events).ok()?;
@@ -103,8 +139,8 @@ struct Migration {
     /// Pre-copy: (seconds, bytes) from the `precopy` and `switchover` events.
     precopy: Option<(f64, u64)>,
     max_throttle: u8,
-    /// (user, system) CPU seconds the source and the target used during the migration.
-    cpu: Option<((f64, f64), (f64, f64))>,
+    /// CPU seconds the source and the target used during the migration.
+    cpu: Option<MigrationCpu>,
     error: Option<String>,
 }
 
@@ -133,7 +169,7 @@ impl Migration {
     fn cpu(&self) -> String {
         self.cpu.map_or_else(
             || "?".into(),
-            |((su, ss), (tu, ts))| format!("{su:.1}+{ss:.1} / {tu:.1}+{ts:.1}"),
+            |c| format!("{:.2} + {:.2} / {:.2}", c.src_vcpus, c.src_rest, c.dst),
         )
     }
 
@@ -187,12 +223,16 @@ fn send_and_follow(src: &mut Skiff, tgt: &Skiff, req: &SendMigrationRequest) -> 
     let client = src.client();
     let (src_pid, tgt_pid) = (src.child.id(), tgt.child.id());
     let cpu0 = cpu_s(src_pid).zip(cpu_s(tgt_pid));
+    // The vCPU threads' time, sampled while they exist (they end with the migrated source).
+    let vcpu0 = vcpu_cpu_s(src_pid);
+    let mut vcpu1 = vcpu0;
     client.send_migration(req).expect("send-migration");
     let end = Instant::now() + DEADLINE;
     let mut max_throttle = 0;
     let last = loop {
         match client.migration_progress() {
             Ok(p) => {
+                vcpu1 = vcpu_cpu_s(src_pid).or(vcpu1);
                 max_throttle = max_throttle.max(p.throttle_percent);
                 if p.phase.is_final() {
                     break p;
@@ -221,9 +261,14 @@ fn send_and_follow(src: &mut Skiff, tgt: &Skiff, req: &SendMigrationRequest) -> 
         std::thread::sleep(Duration::from_millis(10));
     };
     // The source lingers until its final progress is read: both processes are still there.
-    let cpu = match (cpu0, cpu_s(src_pid).zip(cpu_s(tgt_pid))) {
-        (Some((s0, t0)), Some((s1, t1))) => {
-            Some(((s1.0 - s0.0, s1.1 - s0.1), (t1.0 - t0.0, t1.1 - t0.1)))
+    let cpu = match (cpu0, cpu_s(src_pid).zip(cpu_s(tgt_pid)), vcpu0.zip(vcpu1)) {
+        (Some((s0, t0)), Some((s1, t1)), Some((v0, v1))) => {
+            let src = (s1.0 + s1.1) - (s0.0 + s0.1);
+            Some(MigrationCpu {
+                src_vcpus: v1 - v0,
+                src_rest: src - (v1 - v0),
+                dst: (t1.0 + t1.1) - (t0.0 + t0.1),
+            })
         }
         _ => None,
     };
@@ -333,7 +378,19 @@ fn enter_netns(ns: &str) {
 /// One TCP stream of `mib` MiB from a sender thread to a receiver thread listening on `addr`
 /// (the receiver in namespace `ns.1`, the sender in `ns.0`). Bytes/s seen by the receiver,
 /// from accept to EOF.
-fn plain_tcp(addr: &str, ns: Option<(&str, &str)>, mib: u64) -> f64 {
+/// Where the plain TCP receiver puts what it reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sink {
+    /// One reused 1 MiB buffer (the usual single-stream figure).
+    Buffer,
+    /// A fresh memfd of the transfer's size, `pwrite` after each read: what a migration target
+    /// must do at least (the data ends in new guest memory), with no framing, checks or VMM.
+    FreshMemfd,
+}
+
+/// One single-stream TCP transfer of `mib` MiB to `addr` (sender in `ns.0`, receiver in `ns.1`
+/// when given): bytes/s as the receiver saw them.
+fn plain_tcp(addr: &str, ns: Option<(&str, &str)>, mib: u64, sink: Sink) -> f64 {
     let (tx, rx) = mpsc::channel();
     let recv_ns = ns.map(|n| n.1.to_string());
     let listen_addr = format!("{addr}:0");
@@ -341,6 +398,15 @@ fn plain_tcp(addr: &str, ns: Option<(&str, &str)>, mib: u64) -> f64 {
         if let Some(ns) = recv_ns {
             enter_netns(&ns);
         }
+        let memfd = (sink == Sink::FreshMemfd).then(|| {
+            // SAFETY: memfd_create with a valid C string; the returned fd is owned below.
+            let fd = unsafe { libc::memfd_create(c"bench-sink".as_ptr(), libc::MFD_CLOEXEC) };
+            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+            // SAFETY: `fd` is a new descriptor nobody else owns.
+            let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            f.set_len(mib * MIB).expect("size the memfd");
+            f
+        });
         let l = TcpListener::bind(&listen_addr).expect("bind");
         tx.send(l.local_addr().unwrap()).unwrap();
         let (mut s, _) = l.accept().expect("accept");
@@ -350,7 +416,13 @@ fn plain_tcp(addr: &str, ns: Option<(&str, &str)>, mib: u64) -> f64 {
         loop {
             match s.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => total += n as u64,
+                Ok(n) => {
+                    if let Some(f) = &memfd {
+                        std::os::unix::fs::FileExt::write_all_at(f, &buf[..n], total)
+                            .expect("pwrite");
+                    }
+                    total += n as u64
+                }
                 Err(e) => panic!("read: {e}"),
             }
         }
@@ -376,17 +448,37 @@ fn plain_tcp(addr: &str, ns: Option<(&str, &str)>, mib: u64) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Guests
 
-/// A `scenario=counter` guest of `size` bytes, paused and snapshotted, whose RAM image then has
-/// every page from [`FILL_FROM`] up filled with non-zero data. Returns the snapshot URL and the
-/// non-zero RAM bytes.
-fn filled_snapshot(dir: &Path, size: u64) -> (String, u64) {
+/// What the filled guests run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FilledGuest {
+    /// `scenario=counter`: a spinning vCPU (its delays are rdtsc loops) that dirties ~40 pages/s.
+    Counter,
+    /// `scenario=idle`: the vCPU halts, as an idle OS's does; it takes no host CPU.
+    Halted,
+}
+
+impl FilledGuest {
+    /// (tag, kernel command line, the serial line saying it runs).
+    fn boot(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Self::Counter => ("counter", "scenario=counter", "counter: start"),
+            Self::Halted => ("idle", "scenario=idle", "idle: halting"),
+        }
+    }
+}
+
+/// A `guest` of `size` bytes, paused and snapshotted, whose RAM image then has every page from
+/// [`FILL_FROM`] up filled with non-zero data. Returns the snapshot URL and the non-zero RAM
+/// bytes.
+fn filled_snapshot(dir: &Path, size: u64, guest: FilledGuest) -> (String, u64) {
     let mib = size / MIB;
-    let snap = dir.join(format!("snap-{mib}M"));
-    let serial = dir.join(format!("prep-{mib}M.serial"));
+    let (tag, cmdline, marker) = guest.boot();
+    let snap = dir.join(format!("snap-{tag}-{mib}M"));
+    let serial = dir.join(format!("prep-{tag}-{mib}M.serial"));
     {
         let s = Skiff::spawn(
             dir,
-            &format!("prep-{mib}M"),
+            &format!("prep-{tag}-{mib}M"),
             None,
             &[
                 "--memory",
@@ -394,11 +486,11 @@ fn filled_snapshot(dir: &Path, size: u64) -> (String, u64) {
                 "--serial",
                 &format!("file={}", serial.display()),
                 "--cmdline",
-                "scenario=counter",
+                cmdline,
             ],
         );
-        wait_for("counter guest start", DEADLINE, || {
-            std::fs::read_to_string(&serial).is_ok_and(|t| t.contains("counter: start"))
+        wait_for("filled guest start", DEADLINE, || {
+            std::fs::read_to_string(&serial).is_ok_and(|t| t.contains(marker))
         });
         let c = s.client();
         c.pause().expect("pause");
@@ -473,7 +565,7 @@ fn migrate_snapshot_beside_tcp(
             .info()
             .is_ok_and(|i| format!("{:?}", i.state) == "Running")
     });
-    let tcp = tcp_mib.map(|mib| plain_tcp(host, ns, mib));
+    let tcp = tcp_mib.map(|mib| plain_tcp(host, ns, mib, Sink::Buffer));
     let tgt = Skiff::spawn(dir, &format!("{tag}-dst"), ns.map(|n| n.1), &[]);
     let url = format!("tcp:{host}:{}", free_port());
     (migrate(&mut src, &tgt, &url, connections), tcp)
@@ -512,7 +604,7 @@ fn tls_against_plain(dir: &Path, snap: &str, filled: u64, runs: usize) {
             let m = migrate_tls(&mut src, &tgt, &url, 1, tls);
             let name = if tls.is_some() { "TLS 1.3" } else { "plain" };
             println!(
-                "{name:<8} pre-copy {:>7} MiB/s  total {:>6.2} s  downtime {:>4} ms  CPU usr+sys src / dst {:>21}  {}",
+                "{name:<8} pre-copy {:>7} MiB/s  total {:>6.2} s  downtime {:>4} ms  CPU s src vCPU + rest / dst {:>21}  {}",
                 m.precopy_rate().map_or("?".into(), |r| format!("{:.0}", mib_s(r))),
                 m.total_s(),
                 m.downtime(),
@@ -875,6 +967,75 @@ fn dirty_log_modes(dir: &Path, quick: bool) {
     println!("(256 MiB guests migrated over loopback TCP, 1 connection, default downtime limit; load average {} now)", loadavg());
 }
 
+/// Plain single-stream TCP figures of one path, bytes/s.
+#[derive(Clone, Copy)]
+struct PlainTcp {
+    /// Into a reused buffer: the usual figure, and the throughput target's reference.
+    buffer: f64,
+    /// Into a fresh memfd: the bound for any receiver that stores the data in new memory.
+    memfd: f64,
+}
+
+impl PlainTcp {
+    /// Medians of 3 transfers of `mib` MiB of each kind, interleaved.
+    fn measure(addr: &str, ns: Option<(&str, &str)>, mib: u64) -> PlainTcp {
+        let (mut buffer, mut memfd) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            buffer.push(plain_tcp(addr, ns, mib, Sink::Buffer));
+            memfd.push(plain_tcp(addr, ns, mib, Sink::FreshMemfd));
+        }
+        PlainTcp {
+            buffer: median(buffer),
+            memfd: median(memfd),
+        }
+    }
+}
+
+/// Part 1's table.
+fn print_throughput(rows: &[(String, PlainTcp, Vec<BesideTcp>)]) {
+    println!(
+        "{:<24} {:>10} {:>11} {:>9} {:>9} {:>18} {:>8} {:>9} {:>6} {:>28}  status",
+        "path, guest",
+        "plain TCP",
+        "into memfd",
+        "beside",
+        "pre-copy",
+        "% of plain/memfd/beside",
+        "total s",
+        "downtime",
+        "iters",
+        "CPU s src vCPU + rest / dst"
+    );
+    for (name, tcp, migs) in rows {
+        for (m, beside) in migs {
+            let rate = m.precopy_rate();
+            let pct = |base: Option<f64>| match (rate, base) {
+                (Some(r), Some(b)) => format!("{:.0}", 100.0 * r / b),
+                _ => "?".into(),
+            };
+            println!(
+                "{:<24} {:>10.0} {:>11.0} {:>9} {:>9} {:>18} {:>8.2} {:>6} ms {:>6} {:>28}  {}",
+                name,
+                mib_s(tcp.buffer),
+                mib_s(tcp.memfd),
+                beside.map_or("?".into(), |b| format!("{:.0}", mib_s(b))),
+                rate.map_or("?".into(), |r| format!("{:.0}", mib_s(r))),
+                format!(
+                    "{} / {} / {} %",
+                    pct(Some(tcp.buffer)),
+                    pct(Some(tcp.memfd)),
+                    pct(*beside)
+                ),
+                m.total_s(),
+                m.downtime(),
+                m.last.iteration,
+                m.cpu(),
+                m.status()
+            );
+        }
+    }
+}
+
 fn main() {
     let quick = quick();
     let runs = if quick { 1 } else { 2 };
@@ -901,12 +1062,12 @@ fn main() {
     }
     // Guests filled from the host.
     let t = Instant::now();
-    let (snap_1g, filled_1g) = filled_snapshot(dir, 1 << 30);
+    let (snap_1g, filled_1g) = filled_snapshot(dir, 1 << 30, FilledGuest::Counter);
     if std::env::args().skip(1).any(|a| a == "local") {
         local_downtime(dir, &snap_1g, 5);
         return;
     }
-    let (snap_256m, filled_256m) = filled_snapshot(dir, 256 * MIB);
+    let (snap_256m, filled_256m) = filled_snapshot(dir, 256 * MIB, FilledGuest::Counter);
     println!(
         "prepared filled 1 GiB ({} MiB non-zero) and 256 MiB ({} MiB non-zero) guest images in {:.1} s",
         filled_1g / MIB,
@@ -915,85 +1076,61 @@ fn main() {
     );
 
     // ---- 1. throughput against plain TCP
+    let (snap_idle, _) = filled_snapshot(dir, 1 << 30, FilledGuest::Halted);
     println!();
     println!("== 1. RAM throughput: idle 1 GiB guest ({} MiB non-zero RAM, filled from the host), 1 connection, against one plain TCP stream", filled_1g / MIB);
     let tcp_mib = 1024;
-    let lo_tcp = median(
-        (0..3)
-            .map(|_| plain_tcp("127.0.0.1", None, tcp_mib))
-            .collect(),
-    );
-    let mut lo_runs = Vec::new();
-    for i in 0..runs {
-        lo_runs.push(migrate_snapshot_beside_tcp(
-            dir,
-            &format!("lo1g-{i}"),
-            &snap_1g,
-            None,
-            "127.0.0.1",
-            1,
-            Some(tcp_mib),
-        ));
+    let lo_tcp = PlainTcp::measure("127.0.0.1", None, tcp_mib);
+    let mut rows: Vec<(String, PlainTcp, Vec<BesideTcp>)> = Vec::new();
+    for (name, tag, snap) in [
+        ("loopback, counter guest", "counter", &snap_1g),
+        ("loopback, halted guest", "halted", &snap_idle),
+    ] {
+        let migs = (0..runs)
+            .map(|i| {
+                migrate_snapshot_beside_tcp(
+                    dir,
+                    &format!("lo1g-{tag}-{i}"),
+                    snap,
+                    None,
+                    "127.0.0.1",
+                    1,
+                    Some(tcp_mib),
+                )
+            })
+            .collect();
+        rows.push((name.into(), lo_tcp, migs));
     }
-    let mut rows: Vec<(String, f64, Vec<BesideTcp>)> =
-        vec![("loopback 127.0.0.1".into(), lo_tcp, lo_runs)];
     let netns_note = match NsPair::create() {
         Ok(pair) => {
             let ns = Some((pair.a.as_str(), pair.b.as_str()));
-            let tcp = median((0..3).map(|_| plain_tcp(B_ADDR, ns, tcp_mib)).collect());
-            let mut v = Vec::new();
-            for i in 0..runs {
-                v.push(migrate_snapshot_beside_tcp(
-                    dir,
-                    &format!("ns1g-{i}"),
-                    &snap_1g,
-                    ns,
-                    B_ADDR,
-                    1,
-                    Some(tcp_mib),
-                ));
-            }
-            rows.push(("veth between two netns".into(), tcp, v));
+            let tcp = PlainTcp::measure(B_ADDR, ns, tcp_mib);
+            let migs = (0..runs)
+                .map(|i| {
+                    migrate_snapshot_beside_tcp(
+                        dir,
+                        &format!("ns1g-{i}"),
+                        &snap_1g,
+                        ns,
+                        B_ADDR,
+                        1,
+                        Some(tcp_mib),
+                    )
+                })
+                .collect();
+            rows.push(("veth, counter guest".into(), tcp, migs));
             None
         }
         Err(why) => Some(why),
     };
-    println!(
-        "{:<24} {:>14} {:>16} {:>16} {:>7} {:>10} {:>10} {:>6} {:>21}  status",
-        "path",
-        "plain TCP MiB/s",
-        "beside guest",
-        "pre-copy MiB/s",
-        "ratios",
-        "total s",
-        "downtime",
-        "iters",
-        "CPU usr+sys src / dst"
-    );
-    for (name, tcp, migs) in &rows {
-        for (m, beside) in migs {
-            let rate = m.precopy_rate();
-            let ratio =
-                |base: f64| rate.map_or("?".into(), |r| format!("{:.0} %", 100.0 * r / base));
-            println!(
-                "{:<24} {:>14.0} {:>16} {:>16} {:>7} {:>10.2} {:>7} ms {:>6} {:>21}  {}",
-                name,
-                mib_s(*tcp),
-                beside.map_or("?".into(), |b| format!("{:.0}", mib_s(b))),
-                rate.map_or("?".into(), |r| format!("{:.0}", mib_s(r))),
-                format!("{} / {}", ratio(*tcp), beside.map_or("?".into(), ratio)),
-                m.total_s(),
-                m.downtime(),
-                m.last.iteration,
-                m.cpu(),
-                m.status()
-            );
-        }
-    }
+    print_throughput(&rows);
     if let Some(why) = netns_note {
         println!("veth between two netns: skipped ({why})");
     }
-    println!("(plain TCP: median of 3 single-stream transfers of {tcp_mib} MiB on the quiet host; beside guest: one such transfer while the source guest (a spinning vCPU) runs; ratios: pre-copy against each; pre-copy: bytes sent between the source's precopy and switchover events / that time; target ratio >= 80 %; CPU: user+system seconds of the source / target process from send-migration to the end)");
+    if std::env::args().skip(1).any(|a| a == "throughput") {
+        return;
+    }
+    println!("(plain TCP: median of 3 single-stream transfers of {tcp_mib} MiB, the receiver reading into one reused buffer; into memfd: the same, the receiver writing each read into a fresh memfd (the least a target must do: the data ends in new guest memory), interleaved with the first; beside guest: one plain transfer while the source guest runs; pre-copy: bytes sent between the source's precopy and switchover events / that time; % of: pre-copy against plain / into memfd / beside guest, target >= 80 % of plain; CPU: seconds of the source's vCPU threads + the rest of the source / the target, from send-migration to the end; counter guest: a spinning vCPU, halted guest: a vCPU in HLT)");
 
     tls_against_plain(dir, &snap_1g, filled_1g, runs);
 
@@ -1069,7 +1206,7 @@ fn main() {
         "total s",
         "downtime",
         "iters",
-        "CPU usr+sys src / dst"
+        "CPU s src vCPU + rest / dst"
     );
     let print_row = |name: &str, filled: u64, m: &Migration| {
         println!(
@@ -1097,12 +1234,13 @@ fn main() {
     print_row("256 MiB, 1 connection", filled_256m, &m);
     print_row("1 GiB, 1 connection (part 1)", filled_1g, one_conn_1g);
     local_downtime(dir, &snap_1g, if quick { 3 } else { 5 });
-    let _ = std::fs::remove_dir_all(dir.join("snap-1024M"));
-    let _ = std::fs::remove_dir_all(dir.join("snap-256M"));
+    for snap in ["snap-counter-1024M", "snap-counter-256M", "snap-idle-1024M"] {
+        let _ = std::fs::remove_dir_all(dir.join(snap));
+    }
     if quick {
         println!("4 GiB, 1 connection: skipped (SKIFF_BENCH_QUICK)");
     } else {
-        let (snap_4g, filled_4g) = filled_snapshot(dir, 4 << 30);
+        let (snap_4g, filled_4g) = filled_snapshot(dir, 4 << 30, FilledGuest::Counter);
         let m = migrate_snapshot(dir, "s4g", &snap_4g, None, "127.0.0.1", 1);
         print_row("4 GiB, 1 connection", filled_4g, &m);
     }

@@ -169,17 +169,38 @@ impl PageVersions {
         self.last_applied(gpa).is_some_and(|last| last > iteration)
     }
 
+    /// The version bytes of the `pages` pages from `gpa` that lie in the region holding `gpa`
+    /// (fewer than `pages` if the run leaves it; empty if `gpa` is not RAM).
+    fn run_mut(&mut self, gpa: u64, pages: u64) -> &mut [u8] {
+        match self.locate(gpa) {
+            Some((r, p)) => {
+                let v = &mut self.versions[r];
+                let end = p
+                    .saturating_add(usize::try_from(pages).unwrap_or(usize::MAX))
+                    .min(v.len());
+                &mut v[p..end]
+            }
+            None => &mut [],
+        }
+    }
+
     /// Record that the copy from `iteration` (at most [`MAX_ITERATION`]) of `pages` pages from
     /// `gpa` was applied; pages outside RAM are ignored.
     pub fn mark_applied(&mut self, gpa: u64, pages: u64, iteration: u32) {
         let v = iteration.min(MAX_ITERATION) as u8 + 1;
-        for page in 0..pages {
-            if let Some((r, p)) = gpa
-                .checked_add(page * PAGE_SIZE)
-                .and_then(|a| self.locate(a))
-            {
-                self.versions[r][p] = v;
+        let mut done = 0;
+        while done < pages {
+            let Some(at) = gpa.checked_add(done * PAGE_SIZE) else {
+                return;
+            };
+            let run = self.run_mut(at, pages - done);
+            if run.is_empty() {
+                // Not RAM: skip the page.
+                done += 1;
+                continue;
             }
+            run.fill(v);
+            done += run.len() as u64;
         }
     }
 
@@ -187,16 +208,32 @@ impl PageVersions {
     /// copy from `iteration` is not stale.
     pub fn fresh_runs(&self, gpa: u64, pages: u64, iteration: u32) -> Vec<(u64, u64)> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for page in 0..pages {
-            let stale = gpa
+        let mut push = |page: u64| match runs.last_mut() {
+            Some((first, n)) if *first + *n == page => *n += 1,
+            _ => runs.push((page, 1)),
+        };
+        // A copy is stale if a later iteration's was applied: version byte > iteration + 1.
+        let limit = u64::from(iteration) + 1;
+        let mut page = 0;
+        while page < pages {
+            let located = gpa
                 .checked_add(page * PAGE_SIZE)
-                .is_none_or(|a| self.is_stale(a, iteration));
-            if stale {
+                .and_then(|a| self.locate(a));
+            let Some((r, p)) = located else {
+                // Not RAM (or past the address space): never applied, so not stale.
+                if gpa.checked_add(page * PAGE_SIZE).is_some() {
+                    push(page);
+                }
+                page += 1;
                 continue;
-            }
-            match runs.last_mut() {
-                Some((first, n)) if *first + *n == page => *n += 1,
-                _ => runs.push((page, 1)),
+            };
+            let v = &self.versions[r];
+            let end = p.saturating_add(usize::try_from(pages - page).unwrap_or(usize::MAX));
+            for &version in &v[p..end.min(v.len())] {
+                if u64::from(version) <= limit {
+                    push(page);
+                }
+                page += 1;
             }
         }
         runs

@@ -16,7 +16,13 @@ use crate::memory_file::{memory_layout, read_up_to, PAGE_SIZE};
 use crate::ram::{RamStats, ZeroPages, MAX_RECORD_PAGES};
 
 /// Default payload size at which [`MigrationSender::send_ram`] closes a RAM frame.
-pub const DEFAULT_RAM_FRAME_BYTES: usize = 8 << 20;
+///
+/// Small enough that a frame stays in the CPU cache between being built (guest pages copied,
+/// zero-checked), checksummed and written to the socket, and on the target between being read,
+/// checked and applied: `cargo bench -p migration --bench stream` measured per GiB 0.36–0.40 s
+/// of sender and 0.34–0.42 s of receiver CPU at 512 KiB against 0.48–0.73 s and 0.50–0.60 s at
+/// 8 MiB (warm target), and about twice the throughput.
+pub const DEFAULT_RAM_FRAME_BYTES: usize = 512 << 10;
 /// The largest RAM frame fill: room is left for one more record piece and END.
 const MAX_RAM_FRAME_BYTES: usize = MAX_FRAME_LEN as usize - (2 << 20);
 /// Guest RAM is read in pieces of one record's worth of pages.

@@ -201,6 +201,45 @@ fn page_versions_rule() {
     assert!(PageVersions::new(&[(0, 100)]).is_err());
 }
 
+/// `fresh_runs` and `mark_applied` work on whole runs of a region at a time; runs that cross
+/// a region's end, a hole and the last region's end give the same answers as page-by-page
+/// checks through `is_stale` / `last_applied`.
+#[test]
+fn page_versions_runs_match_page_by_page() {
+    let mut v = PageVersions::new(&layout()).unwrap();
+    let mut rng = Rng(0x5eed_0007);
+    // From 8 pages before the first region's end, across the hole (3..4 MiB) into the second
+    // region, and past its end.
+    let starts = [
+        3 * MIB - 8 * PAGE_SIZE,
+        4 * MIB - 2 * PAGE_SIZE,
+        4 * MIB + MIB,
+    ];
+    for round in 0..200u32 {
+        let gpa = starts[round as usize % starts.len()] + rng.below(4) * PAGE_SIZE;
+        let pages = 1 + rng.below(300);
+        let iteration = rng.below(8) as u32;
+        let expected: Vec<u64> = (0..pages)
+            .filter(|&p| !v.is_stale(gpa + p * PAGE_SIZE, iteration))
+            .collect();
+        let runs = v.fresh_runs(gpa, pages, iteration);
+        let got: Vec<u64> = runs.iter().flat_map(|&(f, n)| f..f + n).collect();
+        assert_eq!(
+            got, expected,
+            "fresh pages of {gpa:#x}+{pages} at {iteration}"
+        );
+        if rng.below(2) == 0 {
+            v.mark_applied(gpa, pages, iteration);
+            for p in 0..pages {
+                let a = gpa + p * PAGE_SIZE;
+                let ram = layout().iter().any(|&(s, l)| a >= s && a < s + l);
+                let want = ram.then_some(iteration);
+                assert_eq!(v.last_applied(a), want, "page {a:#x} after marking");
+            }
+        }
+    }
+}
+
 #[test]
 fn spread_ranges_deals_every_page_once() {
     let ranges = vec![(0x10, 5 * PAGE_SIZE), (MIB, 3 * PAGE_SIZE), (2 * MIB, 0)];
