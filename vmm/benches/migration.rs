@@ -19,8 +19,8 @@
 //! 2. Downtime: an idle 256 MiB guest (`dirty` scenario at 1 page/s) — the source's
 //!    `downtime_ms` (pause → target RESUMED) and the guest's own `max_stall_us` before / after;
 //!    then the `dirty` workload at three rates: downtime, iterations, highest throttle, total.
-//! 3. Scaling: 1/2/4 connections for the 1 GiB guest; 256 MiB / 1 GiB / 4 GiB guests with one
-//!    connection (total time, throughput).
+//! 3. Scaling: 1/2/4 connections for the 1 GiB guests (counter and halted); 256 MiB / 1 GiB /
+//!    4 GiB guests with one connection (total time, throughput).
 //! 4. `local=on` downtime (`-- local` runs only that).
 //! 5. KVM dirty log modes (`-- dirty-log` runs only that): for legacy, manual protection in
 //!    chunks and the dirty ring, the time of one dirty sync of in-process 1 GiB and 4 GiB VMs
@@ -1199,7 +1199,7 @@ fn main() {
     println!();
     println!("== 3. Scaling over loopback TCP");
     println!(
-        "{:<30} {:>10} {:>16} {:>10} {:>10} {:>6} {:>21}  status",
+        "{:<38} {:>10} {:>16} {:>10} {:>10} {:>6} {:>28}  status",
         "guest / connections",
         "RAM MiB",
         "pre-copy MiB/s",
@@ -1210,7 +1210,7 @@ fn main() {
     );
     let print_row = |name: &str, filled: u64, m: &Migration| {
         println!(
-            "{:<30} {:>10} {:>16} {:>10.2} {:>7} ms {:>6} {:>21}  {}",
+            "{:<38} {:>10} {:>16} {:>10.2} {:>7} ms {:>6} {:>28}  {}",
             name,
             filled / MIB,
             m.precopy_rate()
@@ -1224,10 +1224,22 @@ fn main() {
     };
     let one_conn_1g = &rows[0].2[0].0;
     println!("-- connections");
-    print_row("1 GiB, 1 connection (part 1)", filled_1g, one_conn_1g);
-    for n in [2u32, 4] {
-        let m = migrate_snapshot(dir, &format!("c{n}"), &snap_1g, None, "127.0.0.1", n);
-        print_row(&format!("1 GiB, {n} connections"), filled_1g, &m);
+    for (part1, tag, snap) in [(0, "counter", &snap_1g), (1, "halted", &snap_idle)] {
+        let name = |n: u32| {
+            format!(
+                "1 GiB {tag}, {n} connection{}",
+                if n > 1 { "s" } else { "" }
+            )
+        };
+        print_row(
+            &format!("{} (part 1)", name(1)),
+            filled_1g,
+            &rows[part1].2[0].0,
+        );
+        for n in [2u32, 4] {
+            let m = migrate_snapshot(dir, &format!("c{n}-{tag}"), snap, None, "127.0.0.1", n);
+            print_row(&name(n), filled_1g, &m);
+        }
     }
     println!("-- guest size");
     let m = migrate_snapshot(dir, "s256", &snap_256m, None, "127.0.0.1", 1);
