@@ -234,8 +234,8 @@ pub struct Device {
     pub load: Option<Loader>,
     /// DMA logging, when started.
     pub dma_log: Option<DmaLog>,
-    /// Device memory as it was when the device entered STOP/STOP_COPY/RESUMING (while in
-    /// them), to notice writes through the mapping.
+    /// Device memory as it must stay in STOP/STOP_COPY/RESUMING (while in them: bytes or
+    /// digests per chunk), to notice writes through the mapping (`frozen.rs`).
     pub frozen: Option<FrozenMemory>,
     /// The faults to inject (`fault.rs`).
     pub faults: FaultState,
@@ -507,7 +507,7 @@ impl Device {
     pub fn late_peer_write(&mut self, n: u32, how: &str) {
         self.viol.late_peer_write = self.viol.late_peer_write.wrapping_add(n);
         warn!(
-            "violation: late peer write: {how} into device memory in state {} ({n}; it must not change in STOP, STOP_COPY or RESUMING: lost, or corrupting the saved state)",
+            "violation: late peer write: {how} into device memory, noticed in state {} ({n}; it must not change in STOP, STOP_COPY or RESUMING: lost, or corrupting the saved state)",
             self.state.name()
         );
     }

@@ -225,6 +225,6 @@ pub fn mig_data_write(shared: &Shared, p: &[u8]) -> FeatureReply {
     if p.len() != 8 + size {
         return Err(libc::EINVAL);
     }
-    d.mig_data_write(&p[8..])?;
+    d.mig_data_write(&p[8..], &shared.bar2)?;
     Ok(Vec::new())
 }

@@ -1,83 +1,149 @@
-//! Device memory as it was when the device stopped, to notice peer writes that arrive through
-//! the mapping while it must not change (see [`DeviceState::freezes_memory`] for the rule and
-//! why). A REGION_WRITE is seen as it arrives; a store through the shared mapping (a peer's
-//! DMA the VMM maps straight into BAR2, or the guest's own) is only seen by comparing the
-//! bytes with this copy, at the next check (see `transition.rs`): all of them at a state change
-//! request or a REGION_WRITE into BAR2 ([`FrozenMemory::changed_chunks`]), a share at a
-//! MIG_DATA_READ ([`FrozenMemory::changed_chunks_some`]), so that draining a large memory in
-//! many reads costs one comparison of it in all, not one per read.
+//! Device memory as it must stay while the device is stopped, to notice writes that arrive
+//! through the shared mapping while it must not change (see [`DeviceState::freezes_memory`]
+//! for the rule and why). A REGION_WRITE into BAR2 is seen as it arrives; a store through the
+//! mapping (the guest's through the VMM's mapping, or a peer's DMA a VMM maps straight into
+//! BAR2) is made by another process and can only be found by looking at the bytes.
+//!
+//! What is kept per 4 KiB chunk is what it must hold, as bytes or as a [`Digest`], and the
+//! reference comes for free from what the arc already has: the bytes STOP_COPY saved (the
+//! saving session's copy, handed over), or, when the device stops from a running state, the
+//! digests of the memory (one read of it, no copy to allocate and fault in); chunks RESUMING
+//! loads replace their reference as they arrive. A chunk is checked when something touches it
+//! anyway (a REGION_WRITE into it, a loaded chunk about to replace it). The whole memory is
+//! compared only where a change could otherwise never be told apart from a legitimate one or
+//! would be lost ([`FrozenMemory::changed_chunks`]: leaving the frozen states, saving the
+//! counters, a reset, a read of the counters, the end of the session). See `transition.rs` for
+//! where.
 //!
 //! [`DeviceState::freezes_memory`]: crate::device::DeviceState::freezes_memory
 
+use crate::digest::{all_digests, chunk_digest, digest, Digest};
 use crate::mem::Mapping;
 use crate::migration::CHUNK;
 
-/// A copy of device memory taken when the device entered STOP, STOP_COPY or RESUMING.
+/// What every chunk must hold.
+#[derive(Debug)]
+enum Reference {
+    /// The bytes (a saving session's copy of what it sent).
+    Bytes(Vec<u8>),
+    /// Their digests.
+    Digests(Vec<Digest>),
+}
+
+/// Device memory as it must stay (STOP, STOP_COPY, RESUMING), chunk by chunk.
 #[derive(Debug)]
 pub struct FrozenMemory {
-    copy: Vec<u8>,
-    /// Where the next partial check starts (a chunk index, round robin).
-    cursor: usize,
+    reference: Reference,
 }
 
 impl FrozenMemory {
-    /// Copies `mem` (all of BAR 2) now.
+    /// Takes the digests of all of `mem` now (one read of it: used only when the device stops
+    /// from a running state, where nothing else has a reference).
     pub fn of(mem: &Mapping) -> FrozenMemory {
-        let mut copy = vec![0; mem.len()];
-        // Cannot fail for the whole BAR; a failure leaves zeroes (changes then show up once).
-        if !mem.read(0, &mut copy) {
-            log::warn!("device memory could not be copied to notice late writes");
+        FrozenMemory {
+            reference: Reference::Digests(all_digests(mem)),
         }
-        FrozenMemory { copy, cursor: 0 }
     }
 
     /// Takes `copy` (device memory as it is now, taken elsewhere: the bytes a saving session
-    /// just sent, or a resuming session just loaded) as the copy, without copying again.
+    /// just sent) as the reference, without copying again.
     pub fn from_copy(copy: Vec<u8>) -> FrozenMemory {
-        FrozenMemory { copy, cursor: 0 }
-    }
-
-    /// How many chunks of `mem` changed since the copy (or since they were last checked):
-    /// writes made through the mapping while the device was stopped. Each is counted once (the
-    /// copy is updated).
-    pub fn changed_chunks(&mut self, mem: &Mapping) -> u32 {
-        let n = self.copy.len() / CHUNK;
-        self.changed_chunks_some(mem, n)
-    }
-
-    /// [`FrozenMemory::changed_chunks`] for `count` chunks only (at least one, at most all),
-    /// from where the last partial check stopped, round robin.
-    pub fn changed_chunks_some(&mut self, mem: &Mapping, count: usize) -> u32 {
-        let total = self.copy.len() / CHUNK;
-        if total == 0 {
-            return 0;
+        FrozenMemory {
+            reference: Reference::Bytes(copy),
         }
-        let count = count.clamp(1, total);
-        let mut buf = vec![0u8; CHUNK];
-        let mut n = 0;
-        for k in 0..count {
-            let off = (self.cursor + k) % total * CHUNK;
-            if mem.read(off as u64, &mut buf) && buf[..] != self.copy[off..off + CHUNK] {
-                self.copy[off..off + CHUNK].copy_from_slice(&buf);
-                n += 1;
+    }
+
+    fn chunks(&self) -> usize {
+        match &self.reference {
+            Reference::Bytes(b) => b.len() / CHUNK,
+            Reference::Digests(d) => d.len(),
+        }
+    }
+
+    /// Whether chunk `index` changed since its reference was taken (or last checked); the
+    /// reference then follows it, so that a change is counted once. False outside the memory.
+    pub fn changed_chunk(&mut self, mem: &Mapping, index: usize) -> bool {
+        match &mut self.reference {
+            Reference::Bytes(b) => {
+                let Some((off, kept)) = chunk_of(b, index) else {
+                    return false;
+                };
+                let mut now = [0u8; CHUNK];
+                if !mem.read(off as u64, &mut now) || now[..] == *kept {
+                    return false;
+                }
+                kept.copy_from_slice(&now);
+                true
+            }
+            Reference::Digests(d) => {
+                let (Some(now), Some(kept)) = (chunk_digest(mem, index), d.get_mut(index)) else {
+                    return false;
+                };
+                let changed = now != *kept;
+                *kept = now;
+                changed
             }
         }
-        self.cursor = (self.cursor + count) % total;
-        n
     }
 
-    /// Takes the current bytes of `[off, off + len)` into the copy (a write there was already
-    /// counted another way: a REGION_WRITE).
+    /// How many chunks of `mem` changed since the reference (each counted once): the whole
+    /// memory is read.
+    pub fn changed_chunks(&mut self, mem: &Mapping) -> u32 {
+        let n = (0..self.chunks())
+            .filter(|&i| self.changed_chunk(mem, i))
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// [`FrozenMemory::changed_chunks`] for the chunks `[off, off + len)` touches only.
+    pub fn changed_in(&mut self, mem: &Mapping, off: u64, len: usize) -> u32 {
+        let n = chunk_span(off, len).filter(|&i| self.changed_chunk(mem, i));
+        u32::try_from(n.count()).unwrap_or(u32::MAX)
+    }
+
+    /// Takes the current bytes of the chunks `[off, off + len)` touches as the reference (a
+    /// write there was counted another way: a REGION_WRITE).
     pub fn absorb(&mut self, mem: &Mapping, off: u64, len: usize) {
-        let Some(end) = off.checked_add(len as u64) else {
-            return;
-        };
-        if len == 0 || end > self.copy.len() as u64 {
-            return;
+        for i in chunk_span(off, len) {
+            self.changed_chunk(mem, i);
         }
-        let (o, e) = (off as usize, end as usize);
-        // Cannot fail for an in-range span; a failure leaves the old bytes.
-        let _ = mem.read(off, &mut self.copy[o..e]);
+    }
+
+    /// Sets chunk `index`'s reference to `bytes` (RESUMING loaded them into it).
+    pub fn set(&mut self, index: usize, bytes: &[u8]) {
+        match &mut self.reference {
+            Reference::Bytes(b) => {
+                if let Some((_, kept)) = chunk_of(b, index) {
+                    if kept.len() == bytes.len() {
+                        kept.copy_from_slice(bytes);
+                    }
+                }
+            }
+            Reference::Digests(d) => {
+                if let Some(kept) = d.get_mut(index) {
+                    *kept = digest(bytes);
+                }
+            }
+        }
+    }
+}
+
+/// Chunk `index` of `bytes` and its offset (`None` outside).
+fn chunk_of(bytes: &mut [u8], index: usize) -> Option<(usize, &mut [u8])> {
+    let off = index.checked_mul(CHUNK)?;
+    let chunk = bytes.get_mut(off..off.checked_add(CHUNK)?)?;
+    Some((off, chunk))
+}
+
+/// The chunk indices `[off, off + len)` touches (empty for `len` 0 or an overflowing span).
+fn chunk_span(off: u64, len: usize) -> std::ops::Range<usize> {
+    let end = off.checked_add(len as u64).filter(|_| len > 0);
+    match (
+        usize::try_from(off),
+        end.and_then(|e| usize::try_from(e).ok()),
+    ) {
+        (Ok(o), Some(e)) => o / CHUNK..e.div_ceil(CHUNK),
+        _ => 0..0,
     }
 }
 
@@ -96,7 +162,7 @@ mod tests {
         let mem = memory(DEVICE_MEMORY_SIZE);
         assert!(mem.write(0, b"before"));
         let mut f = FrozenMemory::of(&mem);
-        assert_eq!(f.changed_chunks(&mem), 0, "copied with the write");
+        assert_eq!(f.changed_chunks(&mem), 0, "taken with the write");
         assert!(mem.write(3 * CHUNK as u64, b"late"));
         assert!(mem.write(9 * CHUNK as u64 - 1, b"xy"));
         assert_eq!(f.changed_chunks(&mem), 3, "three chunks changed");
@@ -109,22 +175,35 @@ mod tests {
     }
 
     #[test]
-    fn partial_checks_go_round_robin_over_a_larger_memory() {
-        let size = 4 * DEVICE_MEMORY_SIZE;
-        let mem = memory(size);
+    fn a_span_checks_only_the_chunks_it_touches() {
+        let mem = memory(DEVICE_MEMORY_SIZE);
         let mut f = FrozenMemory::of(&mem);
-        let total = size as usize / CHUNK;
-        assert!(mem.write(0, b"first"));
-        assert!(mem.write(size - 1, b"z"));
-        // Chunk 0 is in the first share, the last chunk only in the last one.
-        assert_eq!(f.changed_chunks_some(&mem, 10), 1);
-        assert_eq!(f.changed_chunks_some(&mem, total - 20), 0);
-        assert_eq!(f.changed_chunks_some(&mem, 10), 1, "the last chunk");
-        // Zero still checks one chunk; more than all checks each chunk once.
-        assert!(mem.write(0, b"again"));
-        assert_eq!(f.changed_chunks_some(&mem, 0), 1);
-        assert!(mem.write(5 * CHUNK as u64, b"x"));
-        assert_eq!(f.changed_chunks_some(&mem, 10 * total), 1);
-        assert_eq!(f.changed_chunks(&mem), 0);
+        assert!(mem.write(5 * CHUNK as u64 - 2, b"abcd"));
+        assert!(mem.write(40 * CHUNK as u64, b"far"));
+        assert_eq!(f.changed_in(&mem, 5 * CHUNK as u64, 1), 1, "chunk 5 only");
+        assert_eq!(f.changed_in(&mem, 0, 0), 0, "empty");
+        assert_eq!(f.changed_in(&mem, u64::MAX, 2), 0, "overflowing");
+        assert_eq!(f.changed_chunks(&mem), 2, "chunks 4 and 40 were left");
+        assert!(!f.changed_chunk(&mem, usize::MAX / CHUNK));
+    }
+
+    #[test]
+    fn a_set_reference_is_what_counts_with_bytes_or_digests() {
+        let mem = memory(DEVICE_MEMORY_SIZE);
+        let copy = vec![0u8; DEVICE_MEMORY_SIZE as usize];
+        for mut f in [FrozenMemory::of(&mem), FrozenMemory::from_copy(copy)] {
+            let chunk = vec![0x5a; CHUNK];
+            assert!(mem.write(7 * CHUNK as u64, &chunk));
+            f.set(7, &chunk);
+            f.set(usize::MAX / CHUNK, &chunk);
+            assert_eq!(f.changed_chunks(&mem), 0, "loaded, not changed");
+            assert!(mem.write(7 * CHUNK as u64 + 9, b"late"));
+            assert!(mem.write(8 * CHUNK as u64, b"late"));
+            assert_eq!(f.changed_in(&mem, 7 * CHUNK as u64, 1), 1);
+            assert_eq!(f.changed_chunks(&mem), 1, "chunk 8");
+            assert!(mem.write(0, &[0; 16]) && mem.write(7 * CHUNK as u64, &[0; CHUNK]));
+            assert!(mem.write(8 * CHUNK as u64, &[0; 4]));
+            f.changed_chunks(&mem);
+        }
     }
 }

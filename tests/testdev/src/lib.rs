@@ -9,6 +9,7 @@
 pub mod config;
 pub mod conn;
 pub mod device;
+pub mod digest;
 pub mod dirty_log;
 pub mod engine;
 pub mod fault;

@@ -534,15 +534,48 @@ pub enum LoadError {
     Incomplete(String),
 }
 
-/// The resuming side: parses the stream as it arrives into a staging copy of the state; the
-/// live device is only touched when the whole stream checked out (RESUMING -> STOP).
+/// Where a resuming session puts device memory as it arrives: chunk `index` (in range; the
+/// stream's header matched this device) now holds `bytes` ([`CHUNK`] of them).
+pub trait ChunkSink {
+    /// Applies one chunk; an error poisons the session.
+    fn apply(&mut self, index: usize, bytes: &[u8]) -> Result<(), String>;
+}
+
+/// Writes chunk `index` of device memory `mem`.
+pub fn write_chunk(mem: &Mapping, index: usize, bytes: &[u8]) -> Result<(), String> {
+    let off = index.checked_mul(CHUNK).map(|o| o as u64);
+    match off {
+        Some(off) if mem.write(off, bytes) => Ok(()),
+        _ => Err(format!("chunk {index} does not fit the device memory")),
+    }
+}
+
+/// Straight into memory (no checks: the unit tests' target).
+impl ChunkSink for Mapping {
+    fn apply(&mut self, index: usize, bytes: &[u8]) -> Result<(), String> {
+        write_chunk(self, index, bytes)
+    }
+}
+
+/// The resuming side: parses the stream as it arrives. Device memory is applied record by
+/// record as each MEMORY record arrives whole and checks out (CRC, after a matching header,
+/// chunk in range), through the [`ChunkSink`] given to [`Loader::write`]; the rest of the
+/// state (the DEVICE record) is staged and only handed out by [`Loader::finish`] once the whole
+/// stream checked out (END, counts, every chunk received).
+///
+/// So a stream that turns out corrupt or truncated after some chunks were applied leaves
+/// device memory partly loaded: the device never reports that as a success (RESUMING -> STOP
+/// fails; corrupt: the device goes to ERROR, its memory undefined until the state is loaded
+/// again, as with a real device; truncated: it stays in RESUMING for the rest).
 #[derive(Debug)]
 pub struct Loader {
     /// Bytes of a record not complete yet.
     partial: Vec<u8>,
     msi: bool,
-    mem: Vec<u8>,
+    mem_size: usize,
     got: Vec<bool>,
+    /// MEMORY records applied (a chunk sent twice counts twice).
+    applied: usize,
     header: bool,
     device: Option<DeviceSnapshot>,
     end: bool,
@@ -559,8 +592,9 @@ impl Loader {
         Loader {
             partial: Vec::new(),
             msi,
-            mem: vec![0; mem_size],
+            mem_size,
             got: vec![false; chunks(mem_size)],
+            applied: 0,
             header: false,
             device: None,
             end: false,
@@ -570,13 +604,15 @@ impl Loader {
         }
     }
 
-    /// Feeds `data`; an error poisons the session (every later write and the final check fail).
-    pub fn write(&mut self, data: &[u8]) -> Result<(), String> {
+    /// Feeds `data`: each record completed by it is checked, and a MEMORY record applied to
+    /// `sink` at once. An error poisons the session (every later write and the final check
+    /// fail).
+    pub fn write(&mut self, data: &[u8], sink: &mut dyn ChunkSink) -> Result<(), String> {
         if let Some(e) = &self.poisoned {
             return Err(format!("session already failed: {e}"));
         }
         self.partial.extend_from_slice(data);
-        let res = self.take_records();
+        let res = self.take_records(sink);
         if let Err(e) = &res {
             self.poisoned = Some(e.clone());
             self.partial.clear();
@@ -584,7 +620,7 @@ impl Loader {
         res
     }
 
-    fn take_records(&mut self) -> Result<(), String> {
+    fn take_records(&mut self, sink: &mut dyn ChunkSink) -> Result<(), String> {
         let mut at = 0;
         let res = loop {
             let rest = &self.partial[at..];
@@ -618,7 +654,7 @@ impl Loader {
                 break Err(format!("CRC mismatch in record tag {tag} ({len} bytes)"));
             }
             let body = body.to_vec();
-            if let Err(e) = self.record(tag, &body) {
+            if let Err(e) = self.record(tag, &body, sink) {
                 break Err(e);
             }
             at += OVERHEAD + len;
@@ -627,7 +663,7 @@ impl Loader {
         res
     }
 
-    fn record(&mut self, tag: u32, body: &[u8]) -> Result<(), String> {
+    fn record(&mut self, tag: u32, body: &[u8], sink: &mut dyn ChunkSink) -> Result<(), String> {
         if !self.header && tag != TAG_HEADER {
             return Err(format!("record tag {tag} before the header"));
         }
@@ -647,11 +683,11 @@ impl Loader {
                 let (vendor, device) = (p.u16()?, p.u16()?);
                 let (size, chunk, flags) = (p.u64()?, p.u32()?, p.u32()?);
                 if (vendor, device, size, chunk as usize)
-                    != (VENDOR_ID, DEVICE_ID, self.mem.len() as u64, CHUNK)
+                    != (VENDOR_ID, DEVICE_ID, self.mem_size as u64, CHUNK)
                 {
                     return Err(format!(
                         "foreign device {vendor:04x}:{device:04x}, memory {size:#x} (this device's: {:#x}), chunk {chunk}",
-                        self.mem.len()
+                        self.mem_size
                     ));
                 }
                 if flags != self.msi as u32 {
@@ -676,8 +712,9 @@ impl Loader {
                         self.got.len()
                     ));
                 }
-                self.mem[i * CHUNK..(i + 1) * CHUNK].copy_from_slice(&body[4..]);
+                sink.apply(i, &body[4..])?;
                 self.got[i] = true;
+                self.applied += 1;
             }
             TAG_DEVICE => self.device = Some(DeviceSnapshot::decode(body)?),
             _ => self.end_record(body)?,
@@ -706,19 +743,19 @@ impl Loader {
         Ok(())
     }
 
-    /// The loaded memory, handed over without a copy (after [`Loader::finish`] succeeded and
-    /// it was written to the device: what must not change from now on, `frozen.rs`).
-    pub fn into_memory(self) -> Vec<u8> {
-        self.mem
+    /// MEMORY records applied so far (for the log).
+    pub fn applied(&self) -> usize {
+        self.applied
     }
 
-    /// The loaded memory and device state, once the whole stream arrived and checked out.
-    pub fn finish(&self) -> Result<(&[u8], &DeviceSnapshot), LoadError> {
+    /// The device state (memory was applied on the way), once the whole stream arrived and
+    /// checked out.
+    pub fn finish(&self) -> Result<&DeviceSnapshot, LoadError> {
         if let Some(e) = &self.poisoned {
             return Err(LoadError::Corrupt(e.clone()));
         }
         match &self.device {
-            Some(d) if self.end => Ok((&self.mem, d)),
+            Some(d) if self.end => Ok(d),
             _ => Err(LoadError::Incomplete(format!(
                 "{} records and {} bytes of a record so far, no END",
                 self.records,

@@ -79,17 +79,17 @@ fn stop_copy_stream(d: &Device, mem: &Mapping) -> Vec<u8> {
     s.read(usize::MAX)
 }
 
-/// Loads `stream` written in pieces of `piece` bytes into a fresh device and memory.
+/// Loads `stream` written in pieces of `piece` bytes into a fresh device and memory (the
+/// memory as it arrives, the device state once the stream checked out).
 fn load(stream: &[u8], piece: usize, msi: bool) -> Result<(Device, Mapping), LoadError> {
     let mut l = Loader::new(msi, SIZE);
+    let mut target = memory();
     for c in stream.chunks(piece) {
-        if l.write(c).is_err() {
+        if l.write(c, &mut target).is_err() {
             break;
         }
     }
-    let (mem, snap) = l.finish()?;
-    let target = memory();
-    assert!(target.write(0, mem));
+    let snap = l.finish()?;
     let mut d = Device::new(msi);
     snap.restore(&mut d);
     Ok((d, target))
@@ -137,10 +137,10 @@ fn violations_are_added_to_the_targets() {
     let d = busy_device(false);
     let stream = stop_copy_stream(&d, &memory());
     let mut l = Loader::new(false, SIZE);
-    l.write(&stream).unwrap();
+    l.write(&stream, &mut memory()).unwrap();
     let mut t = Device::new(false);
     t.viol.late_peer_write = 10;
-    l.finish().unwrap().1.restore(&mut t);
+    l.finish().unwrap().restore(&mut t);
     assert_eq!(t.viol.late_peer_write, 13);
     assert_eq!(t.viol.total(), 1 + 2 + 13 + 4);
 }
@@ -223,8 +223,14 @@ fn corrupt_foreign_and_truncated_streams_are_refused() {
     ));
     // A poisoned session stays poisoned, even when good data follows.
     let mut l = Loader::new(false, SIZE);
-    assert!(l.write(&[0xff; 16]).is_err());
-    assert!(l.write(&good).is_err());
+    let mut target = memory();
+    assert!(l.write(&[0xff; 16], &mut target).is_err());
+    assert!(l.write(&good, &mut target).is_err());
+    assert_eq!(
+        contents(&target),
+        vec![0; SIZE],
+        "nothing applied after the poison"
+    );
     assert!(matches!(l.finish(), Err(LoadError::Corrupt(_))));
 }
 
@@ -304,15 +310,23 @@ fn the_stream_follows_the_memory_size_and_a_different_size_is_foreign() {
         (3 * chunks(SIZE) * (OVERHEAD + MEMORY_LEN)) as u64
     );
     let mut l = Loader::new(false, size);
-    l.write(&stream).unwrap();
-    let (loaded, snap) = l.finish().expect("same size loads");
-    assert_eq!(&loaded[size - 8..], b"the end!");
+    let mut target =
+        Mapping::new(&memfd("t4m", size as u64).unwrap(), 0, size as u64, true).unwrap();
+    l.write(&stream, &mut target).unwrap();
+    let snap = l.finish().expect("same size loads");
+    let mut end = [0u8; 8];
+    assert!(target.read(size as u64 - 8, &mut end));
+    assert_eq!(&end, b"the end!");
     assert_eq!(*snap, DeviceSnapshot::of(&d));
-    // A device of another size refuses it at the header, and the other way round.
+    // A device of another size refuses it at the header, and the other way round; nothing of
+    // it is applied.
     let mut l = Loader::new(false, SIZE);
-    assert!(l.write(&stream).unwrap_err().contains("memory 0x400000"));
+    let mut small_target = memory();
+    let e = l.write(&stream, &mut small_target).unwrap_err();
+    assert!(e.contains("memory 0x400000"), "{e}");
+    assert_eq!(contents(&small_target), vec![0; SIZE]);
     let small = stop_copy_stream(&d, &memory());
-    assert!(Loader::new(false, size).write(&small).is_err());
+    assert!(Loader::new(false, size).write(&small, &mut target).is_err());
 }
 
 #[test]
@@ -329,6 +343,8 @@ fn the_saved_memory_is_handed_over_once_after_stop_copy() {
     assert!(s.stop_copy_len(&mem, 0) > 0, "the rest is still to read");
     // Nothing was read yet: the whole stream is pending, and still loads.
     let mut l = Loader::new(false, SIZE);
-    l.write(&s.read(usize::MAX)).unwrap();
-    assert_eq!(l.finish().unwrap().0, &contents(&mem)[..]);
+    let mut target = memory();
+    l.write(&s.read(usize::MAX), &mut target).unwrap();
+    assert!(l.finish().is_ok());
+    assert_eq!(contents(&target), contents(&mem));
 }

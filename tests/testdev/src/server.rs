@@ -147,6 +147,9 @@ pub fn serve(sock: UnixStream, opts: &Options) -> Result<(), Error> {
         .unwrap_or_else(|p| p.into_inner())
         .clear();
     shared.lock().irqs = Default::default();
+    // Late writes through the mapping not counted yet (a source device's after its state was
+    // saved): counted and logged now.
+    shared.lock().check_late_writes(&shared.bar2);
     match &res {
         Ok(()) => info!("{}: client disconnected", opts.id),
         Err(e) => warn!("{}: session ended: {e}", opts.id),
@@ -300,6 +303,8 @@ impl Session {
             CMD_DEVICE_RESET => {
                 info!("device reset");
                 let mut d = self.shared.lock();
+                // The reset drops the reference: count what was written through it first.
+                d.check_late_writes(&self.shared.bar2);
                 d.reset();
                 self.shared.wake.notify_all();
                 ok(Bytes::default())
@@ -652,6 +657,10 @@ impl Session {
         bar0_range(offset, data.len())?;
         let mut d = self.shared.lock();
         d.check_mmio();
+        if reads_violations(offset, data.len()) {
+            // The counters are complete when read (`transition.rs`).
+            d.check_late_writes(&self.shared.bar2);
+        }
         for (i, b) in data.iter_mut().enumerate() {
             *b = bar0_byte(&d, offset + i as u64);
         }
@@ -688,6 +697,15 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Whether a BAR0 read of `n` bytes at `offset` covers a register that counts late peer
+/// writes (REG_VIOLATIONS, REG_VIOL_LATE_PEER_WRITE).
+fn reads_violations(offset: u64, n: usize) -> bool {
+    let end = offset.saturating_add(n as u64);
+    [regs::REG_VIOLATIONS, regs::REG_VIOL_LATE_PEER_WRITE]
+        .iter()
+        .any(|&r| offset < r + 4 && r < end)
 }
 
 fn bar0_range(offset: u64, n: usize) -> Result<u64, i32> {
