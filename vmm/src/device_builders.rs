@@ -434,20 +434,22 @@ pub fn passthrough_function(
     )
     .map_err(|e| DeviceCreateError::new(what, &d.id, e))?;
     dev.set_migration_options(options);
-    // What the device's DMA addresses reach, for its DMA dirty log: guest RAM at its addresses,
-    // or behind the vIOMMU the guest's mappings (kept by the DMA space's listener).
+    // What the device's DMA addresses reach, for its DMA dirty log and the DMA served for it:
+    // guest RAM at its addresses, or behind the vIOMMU the guest's mappings (kept by the DMA
+    // space's listener).
     let ram: Vec<(u64, u64)> = ctx
         .mem
         .iter()
         .map(|r| (r.start_addr().raw_value(), r.len()))
         .collect();
-    let space = match (&ctx.iommu, d.iommu) {
-        (Some(translator), true) => {
+    let translator = ctx.iommu.as_ref().filter(|_| d.iommu);
+    let space = match translator {
+        Some(translator) => {
             let c = *translator.read().config();
             let len = c.input_end.saturating_sub(c.input_start).saturating_add(1);
             DmaSpace::translated(&ram, (c.input_start, len))
         }
-        _ => DmaSpace::identity(&ram),
+        None => DmaSpace::identity(&ram),
     };
     let space = Arc::new(std::sync::Mutex::new(space));
     dev.set_dma_space(space.clone());
@@ -455,7 +457,6 @@ pub fn passthrough_function(
         &d.id,
         slot,
         p2p,
-        d.iommu,
         backend.clone(),
         ctx.dma.clone(),
         dev.stats(),
@@ -463,12 +464,12 @@ pub fn passthrough_function(
     ));
     dev.set_dma_handler(dma.clone());
     dev.set_error_hook(device_error_hook());
-    match (&ctx.iommu, d.iommu) {
-        (Some(translator), true) => translator
+    match translator {
+        Some(translator) => translator
             .write()
             .register_listener(ctx.address.requester_id(), dma)
             .map_err(|e| DeviceCreateError::new(what, &d.id, e))?,
-        _ => dma
+        None => dma
             .map_identity()
             .map_err(|e| DeviceCreateError::new(what, &d.id, e))?,
     }

@@ -14,29 +14,31 @@
 //!
 //! Behind the virtual IOMMU (`iommu=on`), the DMA space follows the guest's MAP/UNMAP requests
 //! for the device's endpoint exactly ([`ExternalMappingListener`]): a mapping of RAM is mapped
-//! with memory behind it, a mapping of anything else (a peer's BAR) without, and is served
-//! here by translating the IOVA with the mappings recorded by the listener (not by locking the
-//! IOMMU: the listener runs under the IOMMU's lock while it waits for the device, and the
-//! device may be waiting for a DMA served here).
+//! with memory behind it, a mapping of anything else (a peer's BAR) without, and DMA served
+//! here is translated with the mappings recorded by the listener (not by locking the IOMMU:
+//! the listener runs under the IOMMU's lock while it waits for the device, and the device may
+//! be waiting for a DMA served here).
 //!
-//! Every change of a device's DMA space is also written to its [`DmaSpace`], the table its
-//! migration translates the device's DMA dirty log with: a mapping is recorded before the
-//! device can use it, and a removal (unmap, bypass change) only once the device's space no longer
-//! has it, so that a write the device made through a mapping is either reported through it or
-//! counted with the removed mapping's pages.
+//! A device's [`DmaSpace`] is the one record of what its DMA space holds (identity, or the
+//! guest's mappings, each one mapping of the backend): the listener asks it what to undo on an
+//! unmap or a bypass change, DMA served here is translated with it, and the device's migration
+//! translates its DMA dirty log with it. A mapping is recorded before the device can use it,
+//! and a removal (unmap, bypass change, a map the device refused) only once the device's space
+//! no longer has it, so that a write the device made through a mapping is either reported
+//! through it or counted with the removed mapping's pages.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use devices::Bus;
 use iommu::ExternalMappingListener;
-use pci::vfio::{DmaBacking, DmaHandler, DmaProt, DmaSpace, VfioBackend, VfioError, VfioStats};
+use pci::vfio::{
+    DmaBacking, DmaHandler, DmaMapping, DmaProt, DmaSpace, VfioBackend, VfioError, VfioStats,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::memory::GuestMemoryMmap;
+use crate::memory::{GuestMemoryMmap, GuestRegionMmap};
 use crate::pci_devices::BarWindows;
 
 /// A passthrough device the DMA of others may target: its slot, its backend (peer-to-peer
@@ -78,13 +80,8 @@ pub struct PassthroughDma {
     backend: Arc<dyn VfioBackend>,
     ctx: DmaContext,
     stats: Arc<VfioStats>,
-    /// Behind the IOMMU and not bypassing: IOVA → (size, guest physical address), for the
-    /// mappings without memory behind them.
-    iova: RwLock<BTreeMap<u64, (u64, u64)>>,
-    translated: AtomicBool,
-    /// The ranges mapped now, to undo on bypass changes.
-    mapped: RwLock<Vec<(u64, u64)>>,
-    /// The IOVA → guest-physical table the device's DMA dirty log is translated with.
+    /// What the device's DMA space holds — identity or the guest's mappings, each one mapping of
+    /// the backend — and the table its DMA dirty log is translated with: the one record of it.
     space: Arc<Mutex<DmaSpace>>,
 }
 
@@ -100,15 +97,13 @@ fn fault(what: &str) -> io::Error {
 }
 
 impl PassthroughDma {
-    /// The DMA space of device `id` in `slot`; `p2p` false for `p2p=off`; `translated` when it
-    /// sits behind the virtual IOMMU (its space then starts empty and follows the guest);
-    /// `space` is kept in step with the guest's mappings.
-    #[allow(clippy::too_many_arguments)]
+    /// The DMA space of device `id` in `slot`; `p2p` false for `p2p=off`; `space` says whether
+    /// it sits behind the virtual IOMMU (it then starts empty and follows the guest) and is kept
+    /// in step with what the device's space holds.
     pub fn new(
         id: &str,
         slot: u8,
         p2p: bool,
-        translated: bool,
         backend: Arc<dyn VfioBackend>,
         ctx: DmaContext,
         stats: Arc<VfioStats>,
@@ -121,92 +116,93 @@ impl PassthroughDma {
             backend,
             ctx,
             stats,
-            iova: RwLock::new(BTreeMap::new()),
-            translated: AtomicBool::new(translated),
-            mapped: RwLock::new(Vec::new()),
             space,
         }
     }
 
+    /// The table, locked: never across a backend call (the device's migration locks it too,
+    /// and a device may be waiting for a DMA served here, which locks it to translate).
     fn space(&self) -> std::sync::MutexGuard<'_, DmaSpace> {
         self.space.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Map RAM at its guest physical addresses and, unless `p2p=off`, the PCI windows without
-    /// memory (identity DMA space).
+    /// The identity DMA space: each RAM region at its guest physical addresses and, unless
+    /// `p2p=off`, each PCI window (mapped without memory).
+    fn identity(&self) -> Vec<DmaMapping> {
+        let ram = self.ctx.mem.iter().map(|r| (r.start_addr().0, r.len()));
+        let windows = self.ctx.pci_windows.iter().filter(|_| self.p2p).copied();
+        ram.chain(windows)
+            .map(|(gpa, len)| DmaMapping {
+                iova: gpa,
+                len,
+                gpa,
+            })
+            .collect()
+    }
+
+    /// Map the identity DMA space; on a failure, what it mapped is unmapped again.
     pub fn map_identity(&self) -> Result<(), VfioError> {
-        for region in self.ctx.mem.iter() {
-            let gpa = region.start_addr().0;
-            self.map_ram(gpa, gpa, region.len())?;
-        }
-        if self.p2p {
-            for &(start, len) in &self.ctx.pci_windows {
-                self.backend
-                    .dma_map(start, len, DmaBacking::Trapped, rw())?;
-                self.record(start, len);
+        let all = self.identity();
+        for (i, m) in all.iter().enumerate() {
+            if let Err(e) = self.dma_map(m) {
+                if let Err(undo) = self.dma_unmap(&all[..i]) {
+                    log::warn!(
+                        "{}: cannot undo a partial identity DMA map: {undo}",
+                        self.id
+                    );
+                }
+                return Err(e);
             }
         }
         Ok(())
     }
 
-    fn record(&self, iova: u64, len: u64) {
-        self.mapped
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((iova, len));
+    /// What the device's DMA space holds now, as [`DmaSpace`] records it: the identity map
+    /// while bypassing, the guest's mappings otherwise.
+    fn held(&self) -> Vec<DmaMapping> {
+        let mappings = {
+            let space = self.space();
+            (!space.is_bypass()).then(|| space.mappings())
+        };
+        mappings.unwrap_or_else(|| self.identity())
     }
 
-    /// Map `len` bytes of guest RAM at `gpa` at `iova`, with the memfd behind it (split at
-    /// region boundaries).
-    fn map_ram(&self, iova: u64, gpa: u64, len: u64) -> Result<(), VfioError> {
-        let mut done = 0;
-        while done < len {
-            let at = gpa + done;
-            let region =
-                self.ctx
-                    .mem
-                    .find_region(GuestAddress(at))
-                    .ok_or_else(|| VfioError::Invalid {
-                        what: "DMA map",
-                        reason: format!("{at:#x} is not guest RAM"),
-                    })?;
-            let within = at - region.start_addr().0;
-            let n = (region.len() - within).min(len - done);
-            let file = region.file_offset().ok_or_else(|| VfioError::Invalid {
-                what: "DMA map",
-                reason: "guest RAM is not file-backed".into(),
-            })?;
-            let host = region.as_ptr() as u64 + within;
-            self.backend.dma_map(
-                iova + done,
-                n,
-                DmaBacking::Memory {
-                    fd: file.file().as_fd(),
-                    offset: file.start() + within,
-                    host_addr: host,
-                },
-                rw(),
-            )?;
-            self.record(iova + done, n);
-            done += n;
-        }
-        Ok(())
+    /// Put `m` in the device's DMA space: guest RAM (within one region) with the memfd behind
+    /// it, anything else without memory.
+    fn dma_map(&self, m: &DmaMapping) -> Result<(), VfioError> {
+        let Some(region) = self.ram_region(m.gpa, m.len) else {
+            return self
+                .backend
+                .dma_map(m.iova, m.len, DmaBacking::Trapped, rw());
+        };
+        let within = m.gpa - region.start_addr().0;
+        let file = region.file_offset().ok_or_else(|| VfioError::Invalid {
+            what: "DMA map",
+            reason: "guest RAM is not file-backed".into(),
+        })?;
+        self.backend.dma_map(
+            m.iova,
+            m.len,
+            DmaBacking::Memory {
+                fd: file.file().as_fd(),
+                offset: file.start() + within,
+                host_addr: region.as_ptr() as u64 + within,
+            },
+            rw(),
+        )
     }
 
-    fn unmap_all(&self) -> io::Result<()> {
-        let ranges = std::mem::take(&mut *self.mapped.write().unwrap_or_else(|e| e.into_inner()));
-        self.iova.write().unwrap_or_else(|e| e.into_inner()).clear();
-        for (iova, len) in ranges {
-            self.backend
-                .dma_unmap(iova, len)
-                .map_err(io::Error::other)?;
-        }
-        Ok(())
+    /// Take `mappings` out of the device's DMA space, up to the first refusal.
+    fn dma_unmap(&self, mappings: &[DmaMapping]) -> Result<(), VfioError> {
+        mappings
+            .iter()
+            .try_for_each(|m| self.backend.dma_unmap(m.iova, m.len))
     }
 
-    fn is_ram(&self, gpa: u64, len: u64) -> bool {
+    /// The RAM region holding all of `len` bytes at guest physical `gpa`.
+    fn ram_region(&self, gpa: u64, len: u64) -> Option<&GuestRegionMmap> {
         let end = gpa.saturating_add(len);
-        self.ctx.mem.iter().any(|r| {
+        self.ctx.mem.iter().find(|r| {
             let s = r.start_addr().0;
             gpa >= s && end <= s + r.len()
         })
@@ -214,24 +210,15 @@ impl PassthroughDma {
 
     /// The guest physical address of `len` bytes at device address `addr`.
     fn to_gpa(&self, addr: u64, len: u64) -> io::Result<u64> {
-        if !self.translated.load(Ordering::SeqCst) {
-            return Ok(addr);
-        }
-        let map = self.iova.read().unwrap_or_else(|e| e.into_inner());
-        let (&iova, &(size, phys)) = map
-            .range(..=addr)
-            .next_back()
-            .ok_or_else(|| fault("IOVA not mapped"))?;
-        if addr.saturating_add(len) > iova + size {
-            return Err(fault("IOVA range not mapped"));
-        }
-        Ok(phys + (addr - iova))
+        self.space()
+            .gpa(addr, len)
+            .ok_or_else(|| fault("IOVA range not mapped"))
     }
 
     /// Route an access of `len` bytes at guest physical `gpa`: RAM, a peer passthrough device's
     /// BAR (its backend, region offset), or the MMIO bus.
     fn route(&self, gpa: u64, len: u64) -> io::Result<Target> {
-        if self.is_ram(gpa, len) {
+        if self.ram_region(gpa, len).is_some() {
             return Ok(Target::Ram);
         }
         let windows = self.ctx.windows.read().unwrap_or_else(|e| e.into_inner());
@@ -340,50 +327,39 @@ impl ExternalMappingListener for PassthroughDma {
     fn map(&self, _endpoint: u32, iova: u64, size: u64, phys: u64, _flags: u32) -> io::Result<()> {
         // Recorded first: the device may write through it as soon as it is mapped.
         self.space().map(iova, size, phys);
-        if self.is_ram(phys, size) {
-            return self.map_ram(iova, phys, size).map_err(io::Error::other);
-        }
-        self.iova
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(iova, (size, phys));
-        self.backend
-            .dma_map(iova, size, DmaBacking::Trapped, rw())
-            .map_err(io::Error::other)?;
-        self.record(iova, size);
-        Ok(())
+        let m = DmaMapping {
+            iova,
+            len: size,
+            gpa: phys,
+        };
+        self.dma_map(&m).map_err(|e| {
+            // The device's space does not have it: neither does the table.
+            self.space().unmap(iova, size);
+            io::Error::other(e)
+        })
     }
 
     fn unmap(&self, _endpoint: u32, iova: u64, size: u64) -> io::Result<()> {
-        let end = iova.saturating_add(size);
-        self.iova
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|&s, _| s < iova || s >= end);
-        let gone: Vec<(u64, u64)> = {
-            let mut mapped = self.mapped.write().unwrap_or_else(|e| e.into_inner());
-            let (gone, keep) = mapped.drain(..).partition(|&(s, _)| s >= iova && s < end);
-            *mapped = keep;
-            gone
-        };
-        let unmapped = gone
-            .into_iter()
-            .try_for_each(|(s, len)| self.backend.dma_unmap(s, len).map_err(io::Error::other));
+        let gone = self.space().mappings_in(iova, size);
+        let unmapped = self.dma_unmap(&gone);
         // Only now can the device no longer write through it (whatever the unmap's outcome:
         // the guest's view has lost the mapping).
         self.space().unmap(iova, size);
-        unmapped
+        unmapped.map_err(io::Error::other)
     }
 
     fn bypass(&self, _endpoint: u32, enabled: bool) -> io::Result<()> {
-        let unmapped = self.unmap_all();
-        self.translated.store(!enabled, Ordering::SeqCst);
-        // The old mappings are gone from the device's space (or the device is broken): the
-        // table follows before the identity map can be used.
-        self.space().set_bypass(enabled);
-        unmapped?;
+        let unmapped = self.dma_unmap(&self.held());
+        // The old mappings are gone from the device's space (or the device is broken, and no
+        // identity map is made): the table follows, before the identity map can be used.
+        self.space().set_bypass(enabled && unmapped.is_ok());
+        unmapped.map_err(io::Error::other)?;
         if enabled {
-            self.map_identity().map_err(io::Error::other)?;
+            if let Err(e) = self.map_identity() {
+                // None of the identity map is left in the device's space.
+                self.space().set_bypass(false);
+                return Err(io::Error::other(e));
+            }
         }
         Ok(())
     }
@@ -393,6 +369,7 @@ impl ExternalMappingListener for PassthroughDma {
 mod tests {
     use super::*;
     use pci::vfio::{DeviceInfo, IrqInfo, RegionInfo};
+    use std::sync::atomic::Ordering;
     use vmm_sys_util::eventfd::EventFd;
 
     /// A device's DMA space that checks, at every unmap, that the [`DmaSpace`] still translates
@@ -400,6 +377,8 @@ mod tests {
     struct Recorder {
         space: Arc<Mutex<DmaSpace>>,
         events: Mutex<Vec<String>>,
+        /// A map at this IOVA is refused.
+        refuse: Mutex<Option<u64>>,
     }
 
     impl VfioBackend for Recorder {
@@ -446,6 +425,16 @@ mod tests {
                 DmaBacking::Memory { .. } => "ram",
                 DmaBacking::Trapped => "trapped",
             };
+            if *self.refuse.lock().unwrap() == Some(iova) {
+                self.events
+                    .lock()
+                    .unwrap()
+                    .push(format!("refused {iova:#x}"));
+                return Err(VfioError::Invalid {
+                    what: "DMA map",
+                    reason: "refused".into(),
+                });
+            }
             self.events
                 .lock()
                 .unwrap()
@@ -469,6 +458,9 @@ mod tests {
         }
     }
 
+    /// The PCI window the identity map maps without memory.
+    const WINDOW: u64 = 0xc000_0000;
+
     fn dma() -> (PassthroughDma, Arc<Recorder>, Arc<Mutex<DmaSpace>>) {
         let (mem, _file) = crate::memory::create_guest_memory(16 << 20).unwrap();
         let space = Arc::new(Mutex::new(DmaSpace::translated(
@@ -478,18 +470,18 @@ mod tests {
         let rec = Arc::new(Recorder {
             space: space.clone(),
             events: Mutex::new(Vec::new()),
+            refuse: Mutex::new(None),
         });
         let ctx = DmaContext {
             mem,
             mmio: Arc::new(Bus::new()),
             windows: Default::default(),
-            pci_windows: Vec::new(),
+            pci_windows: vec![(WINDOW, 0x1000_0000)],
             peers: Default::default(),
         };
         let d = PassthroughDma::new(
             "dev0",
             3,
-            true,
             true,
             rec.clone(),
             ctx,
@@ -532,6 +524,78 @@ mod tests {
         assert!(
             events.iter().any(|e| e == "map 0x0+0x1000000 ram"),
             "{events:?}"
+        );
+    }
+
+    fn events(rec: &Recorder) -> Vec<String> {
+        std::mem::take(&mut *rec.events.lock().unwrap())
+    }
+
+    #[test]
+    fn dma_served_here_is_translated_by_the_dma_space() {
+        let (d, _rec, _space) = dma();
+        let mut got = [0u8; 4];
+        assert!(d.dma_read(0x5000, &mut got).is_err(), "nothing mapped yet");
+        d.map(0x18, 0x10_0000_0000, 0x2000, 0x4000, 3).unwrap();
+        d.dma_write(0x10_0000_1000, &[1, 2, 3, 4]).unwrap();
+        d.ctx
+            .mem
+            .read_slice(&mut got, GuestAddress(0x5000))
+            .unwrap();
+        assert_eq!(got, [1, 2, 3, 4], "written at the GPA the IOVA maps to");
+        assert!(
+            d.dma_write(0x10_0000_1ffe, &[0; 4]).is_err(),
+            "runs past its mapping"
+        );
+        assert!(d.dma_read(0x5000, &mut got).is_err(), "a GPA is no IOVA");
+        d.unmap(0x18, 0x10_0000_0000, 0x2000).unwrap();
+        assert!(d.dma_read(0x10_0000_1000, &mut got).is_err(), "unmapped");
+        // Bypassing: IOVA = GPA.
+        d.bypass(0x18, true).unwrap();
+        got = [0; 4];
+        d.dma_read(0x5000, &mut got).unwrap();
+        assert_eq!(got, [1, 2, 3, 4]);
+        d.bypass(0x18, false).unwrap();
+        assert!(d.dma_read(0x5000, &mut got).is_err());
+        let requests = d.stats.dma_requests.load(Ordering::Relaxed);
+        let errors = d.stats.dma_errors.load(Ordering::Relaxed);
+        assert_eq!((requests, errors), (7, 5));
+    }
+
+    #[test]
+    fn a_refused_map_is_in_neither_the_device_space_nor_the_table() {
+        let (d, rec, space) = dma();
+        *rec.refuse.lock().unwrap() = Some(0x10_0000_0000);
+        assert!(d.map(0x18, 0x10_0000_0000, 0x1000, 0x4000, 3).is_err());
+        assert!(space.lock().unwrap().mappings().is_empty());
+        // The guest still unmaps it: nothing to undo.
+        d.unmap(0x18, 0x10_0000_0000, 0x1000).unwrap();
+        assert_eq!(events(&rec), ["refused 0x1000000000"]);
+        // An identity map refused half-way is undone, and the table does not say bypass.
+        *rec.refuse.lock().unwrap() = Some(WINDOW);
+        assert!(d.bypass(0x18, true).is_err());
+        assert!(!space.lock().unwrap().is_bypass());
+        assert_eq!(
+            events(&rec),
+            [
+                "map 0x0+0x1000000 ram",
+                "refused 0xc0000000",
+                "unmap 0x0+0x1000000 translated 0x1000000",
+            ]
+        );
+        d.bypass(0x18, false).unwrap();
+        assert!(events(&rec).is_empty(), "nothing left to undo");
+        *rec.refuse.lock().unwrap() = None;
+        d.bypass(0x18, true).unwrap();
+        d.bypass(0x18, false).unwrap();
+        assert_eq!(
+            events(&rec),
+            [
+                "map 0x0+0x1000000 ram",
+                "map 0xc0000000+0x10000000 trapped",
+                "unmap 0x0+0x1000000 translated 0x1000000",
+                "unmap 0xc0000000+0x10000000 translated 0x0",
+            ]
         );
     }
 }

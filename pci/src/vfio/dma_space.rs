@@ -3,9 +3,12 @@
 //! endpoint bypasses it, the guest's mappings otherwise), which IOVA ranges the device's DMA
 //! log covers, and what must be marked dirty because a later report can no longer say it.
 //!
-//! Pure data. The VMM's mapping listener updates it after the device's DMA space changed (so a
-//! removed mapping is recorded only once the device can no longer write through it); the
-//! device's `sync_dirty_log` reads it after each DMA_LOGGING_REPORT. Nothing here trusts a
+//! Pure data, and the one record of what the device's DMA space holds: the VMM's mapping
+//! listener records a mapping here before the device's space has it and drops one only once the
+//! device can no longer write through it, and asks it, not a list of its own, what to undo on an
+//! unmap or a bypass change ([`DmaSpace::mappings_in`], [`DmaSpace::mappings`],
+//! [`DmaSpace::is_bypass`]) and what a DMA address the VMM serves reaches ([`DmaSpace::gpa`]);
+//! the device's `sync_dirty_log` reads it after each DMA_LOGGING_REPORT. Nothing here trusts a
 //! value: sums saturate, and a dirty IOVA that maps to nothing, or to something other than guest
 //! RAM (a peer's BAR: its contents travel in that device's state), is skipped.
 //!
@@ -117,7 +120,19 @@ fn join(spans: Vec<Span>, max: usize) -> Vec<Span> {
     out
 }
 
-/// One passthrough device's DMA address space, for dirty tracking.
+/// One mapping of a device's DMA space: the `len` bytes at `iova` reach guest-physical `gpa` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaMapping {
+    /// The first device (IO virtual) address.
+    pub iova: u64,
+    /// Its length in bytes.
+    pub len: u64,
+    /// The guest-physical address `iova` reaches.
+    pub gpa: u64,
+}
+
+/// One passthrough device's DMA address space: what its DMA addresses reach, for dirty tracking
+/// and for the DMA the VMM serves.
 #[derive(Debug, Clone, Default)]
 pub struct DmaSpace {
     /// Guest RAM, merged.
@@ -160,6 +175,49 @@ impl DmaSpace {
         self.aperture.is_some()
     }
 
+    /// Whether the device's addresses are guest-physical now (IOVA == GPA): no vIOMMU, or its
+    /// endpoint bypasses it. Its space then holds the identity map, and no mapping.
+    pub fn is_bypass(&self) -> bool {
+        self.bypass
+    }
+
+    /// The guest-physical address of the `len` bytes at `iova`: `iova` itself while bypassing,
+    /// otherwise through the one mapping that holds all of them; `None` when none does.
+    pub fn gpa(&self, iova: u64, len: u64) -> Option<u64> {
+        if self.bypass {
+            return Some(iova);
+        }
+        let (&start, &(end, gpa)) = self.maps.range(..=iova).next_back()?;
+        (iova.saturating_add(len) <= end).then(|| gpa.saturating_add(iova - start))
+    }
+
+    /// Every mapping, by IOVA (none while bypassing).
+    pub fn mappings(&self) -> Vec<DmaMapping> {
+        self.mappings_in(0, u64::MAX)
+    }
+
+    /// The mappings overlapping `[iova, iova + len)`, by IOVA: what [`DmaSpace::unmap`] of the
+    /// same range removes.
+    pub fn mappings_in(&self, iova: u64, len: u64) -> Vec<DmaMapping> {
+        self.overlapping(span(iova, len))
+            .map(|(&start, &(end, gpa))| DmaMapping {
+                iova: start,
+                len: end - start,
+                gpa,
+            })
+            .collect()
+    }
+
+    /// The mappings overlapping `s`, by IOVA (none for an empty `s`).
+    fn overlapping(&self, s: Span) -> impl Iterator<Item = (&u64, &(u64, u64))> {
+        let before = self
+            .maps
+            .range(..s.0)
+            .next_back()
+            .filter(|(_, &(end, _))| end > s.0 && s.0 < s.1);
+        before.into_iter().chain(self.maps.range(s.0..s.1))
+    }
+
     /// `[iova, iova + len)` now maps to guest-physical `gpa` (replacing what it overlaps).
     pub fn map(&mut self, iova: u64, len: u64, gpa: u64) {
         let s = span(iova, len);
@@ -173,17 +231,7 @@ impl DmaSpace {
     /// Every mapping overlapping `[iova, iova + len)` is gone; while logging, the RAM it reached
     /// is pending dirty.
     pub fn unmap(&mut self, iova: u64, len: u64) {
-        let s = span(iova, len);
-        let first = self
-            .maps
-            .range(..=s.0)
-            .next_back()
-            .filter(|(_, &(end, _))| end > s.0)
-            .map(|(&k, _)| k);
-        let gone: Vec<u64> = first
-            .into_iter()
-            .chain(self.maps.range(s.0..s.1).map(|(&k, _)| k))
-            .collect();
+        let gone: Vec<u64> = self.overlapping(span(iova, len)).map(|(&k, _)| k).collect();
         for k in gone {
             if let Some((end, gpa)) = self.maps.remove(&k) {
                 if self.logged.is_some() {
@@ -248,12 +296,7 @@ impl DmaSpace {
         if self.bypass {
             return self.ram_parts(s, f);
         }
-        let before = self
-            .maps
-            .range(..s.0)
-            .next_back()
-            .filter(|(_, &(end, _))| end > s.0);
-        for (&ms, &(me, gpa)) in before.into_iter().chain(self.maps.range(s.0..s.1)) {
+        for (&ms, &(me, gpa)) in self.overlapping(s) {
             let (lo, hi) = (s.0.max(ms), s.1.min(me));
             if lo < hi {
                 let g = (gpa.saturating_add(lo - ms), gpa.saturating_add(hi - ms));
@@ -397,6 +440,50 @@ mod tests {
         assert_eq!(s.report_ranges(64), [(0x1_0000, 0x2000)]);
     }
 
+    fn m(iova: u64, len: u64, gpa: u64) -> DmaMapping {
+        DmaMapping { iova, len, gpa }
+    }
+
+    #[test]
+    fn the_space_says_what_is_mapped_and_what_an_address_reaches() {
+        let mut s = space();
+        assert!(!s.is_bypass());
+        assert!(s.mappings().is_empty());
+        assert_eq!(s.gpa(0x1000, 4), None, "nothing mapped yet");
+        s.map(0x1_0000, 0x2000, 0x5000);
+        s.map(0x4_0000, 0x1000, 0xfee0_0000); // not RAM: a mapping all the same
+        assert_eq!(
+            s.mappings(),
+            [
+                m(0x1_0000, 0x2000, 0x5000),
+                m(0x4_0000, 0x1000, 0xfee0_0000)
+            ]
+        );
+        assert_eq!(s.gpa(0x1_1000, 0x1000), Some(0x6000));
+        assert_eq!(s.gpa(0x1_1800, 0x1000), None, "runs past its mapping");
+        assert_eq!(s.gpa(0x4_0010, 4), Some(0xfee0_0010));
+        assert_eq!(s.gpa(0x3_0000, 4), None, "between mappings");
+        // What an unmap of a range removes: every mapping it overlaps, and only those.
+        assert_eq!(
+            s.mappings_in(0x1_1000, 0x1000),
+            [m(0x1_0000, 0x2000, 0x5000)]
+        );
+        assert!(s.mappings_in(0x1_2000, 0x2_e000).is_empty());
+        assert!(s.mappings_in(0x1_0000, 0).is_empty());
+        assert_eq!(s.mappings_in(0, 1 << 20), s.mappings());
+        s.unmap(0x1_1000, 0x1000);
+        assert_eq!(s.mappings(), [m(0x4_0000, 0x1000, 0xfee0_0000)]);
+        // Bypassing: every address is itself (RAM or not: the VMM routes it), nothing mapped.
+        s.set_bypass(true);
+        assert!(s.is_bypass());
+        assert!(s.mappings().is_empty());
+        assert_eq!(s.gpa(0xfee0_0010, 4), Some(0xfee0_0010));
+        s.set_bypass(false);
+        assert!(!s.is_bypass());
+        assert_eq!(s.gpa(0x4_0010, 4), None, "the mappings went with bypass");
+        assert!(DmaSpace::identity(&RAM).is_bypass());
+    }
+
     #[test]
     fn an_unmap_while_logging_leaves_its_ram_pending_once() {
         let mut s = space();
@@ -508,8 +595,13 @@ mod tests {
         let _ = dirty(&s, 0, u64::MAX);
         // A mapping to the top of the physical space reaches no RAM.
         assert!(dirty(&s, u64::MAX - 0x1000, 0x1000).is_empty());
+        let _ = s.gpa(u64::MAX, u64::MAX);
+        let _ = s.gpa(u64::MAX - 0x800, 0x1000);
+        let _ = s.mappings_in(u64::MAX, u64::MAX);
+        let _ = s.mappings();
         s.unmap(u64::MAX, u64::MAX);
         s.unmap(0, u64::MAX);
+        assert!(s.mappings().is_empty());
         let _ = s.take_pending();
         let _ = s.report_ranges(0);
         let _ = s.mapped_ranges(0);

@@ -15,4 +15,4 @@ pub use backend::{
     VfioError,
 };
 pub use device::{VfioMigrationOptions, VfioPciDevice, VfioPciError, VfioStats};
-pub use dma_space::DmaSpace;
+pub use dma_space::{DmaMapping, DmaSpace};
