@@ -616,7 +616,22 @@ fn ping_is_answered_without_the_control_thread() {
     let held = std::thread::spawn(move || ApiClient::new(&p).unwrap().pause());
     let pending = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(pending.action, ApiAction::Pause);
-    assert_eq!(probe.read().unwrap(), 1);
+    // The server queues a request, then writes the eventfd: the write may come a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let woken = loop {
+        match probe.read() {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the held request never woke the control thread"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("eventfd: {e}"),
+        }
+    };
+    assert_eq!(woken, 1);
     for _ in 0..5 {
         let ping = c.ping().unwrap();
         assert_eq!(ping, api_server::models::PingResponse::current());
