@@ -183,19 +183,13 @@ impl Vmm {
         self.state = Some(VmState::Paused);
         events::emit("vm", "restored", json!({ "source_url": url }));
         if resume {
-            if let Some(vm) = &self.vm {
-                vm.resume()
-                    .map_err(|e| internal("vm.restore (resume)", e))?;
-                self.state = Some(VmState::Running);
-                events::emit("vm", "resumed", serde_json::Value::Null);
-            }
+            self.resume_paused("vm.restore (resume)")?;
         }
         Ok(())
     }
 
     fn handle(&mut self, action: ApiAction) -> (ApiResponse, AfterAction) {
         use AfterAction::*;
-        let ok = |after| (Ok(ApiReply::Empty), after);
         match action {
             // The API server answers pings itself; this serves other senders of the action.
             ApiAction::Ping => (json_reply(&PingResponse::current()), Continue),
@@ -203,174 +197,178 @@ impl Vmm {
                 if self.vm.is_some() {
                     let _ = self.shutdown("vmm.shutdown");
                 }
-                ok(ExitProcess)
+                done(Ok(()), ExitProcess)
             }
-            ApiAction::Create(config) => match self.create(*config) {
-                Ok(()) => ok(Continue),
-                Err(e) => (Err(e), Continue),
-            },
-            ApiAction::Boot => match self.boot() {
-                Ok(()) => ok(VmStarted),
-                Err(e) => (Err(e), Continue),
-            },
-            ApiAction::Pause => match (self.state, &self.vm) {
-                (Some(VmState::Running), Some(vm)) => match vm.pause() {
+            ApiAction::Create(config) => done(self.create(*config), Continue),
+            ApiAction::Boot => done(self.boot(), VmStarted),
+            ApiAction::Pause => done(self.pause(), Continue),
+            ApiAction::Resume => done(self.resume(), Continue),
+            ApiAction::Shutdown => done(self.shutdown("vm.shutdown"), VmStopped),
+            ApiAction::Reboot => self.reboot(),
+            ApiAction::PowerButton => done(self.power_button(), Continue),
+            ApiAction::Info => (self.info(), Continue),
+            ApiAction::Counters => (self.counters(), Continue),
+            ApiAction::Snapshot(req) => done(self.snapshot(&req.destination_url), Continue),
+            ApiAction::Restore(req) => done(self.restore(&req.source_url, req.resume), VmStarted),
+            ApiAction::Delete => self.delete(),
+            ApiAction::SendMigration(req) => done(self.send_migration(req), Continue),
+            ApiAction::ReceiveMigration(req) => done(self.receive_migration(req), Continue),
+            ApiAction::MigrationProgress => (self.migration_progress(), Continue),
+            ApiAction::MigrationCancel => done(self.migration_cancel(), Continue),
+        }
+    }
+
+    /// Pause every vCPU of the running VM (vm.pause).
+    fn pause(&mut self) -> Result<(), ApiError> {
+        match (self.state, &self.vm) {
+            (Some(VmState::Running), Some(vm)) => {
+                vm.pause().map_err(|e| internal("vm.pause", e))?;
+                self.state = Some(VmState::Paused);
+                events::emit("vm", "paused", serde_json::Value::Null);
+                Ok(())
+            }
+            (s, _) => Err(conflict(s, "vm.pause")),
+        }
+    }
+
+    /// Resume the paused VM (vm.resume).
+    fn resume(&mut self) -> Result<(), ApiError> {
+        match (self.state, &self.vm) {
+            (Some(VmState::Paused), Some(_)) => self.resume_paused("vm.resume"),
+            (s, _) => Err(conflict(s, "vm.resume")),
+        }
+    }
+
+    /// Resume the VM, which is paused, for `what` (the request, for errors).
+    fn resume_paused(&mut self, what: &str) -> Result<(), ApiError> {
+        if let Some(vm) = &self.vm {
+            vm.resume().map_err(|e| internal(what, e))?;
+            self.state = Some(VmState::Running);
+            events::emit("vm", "resumed", serde_json::Value::Null);
+        }
+        Ok(())
+    }
+
+    /// Stop the VM and boot it again from its configuration (vm.reboot).
+    fn reboot(&mut self) -> (ApiResponse, AfterAction) {
+        match self.state {
+            Some(VmState::Running) | Some(VmState::Paused) => {
+                let _ = self.shutdown("vm.reboot");
+                match self.boot() {
                     Ok(()) => {
-                        self.state = Some(VmState::Paused);
-                        events::emit("vm", "paused", serde_json::Value::Null);
-                        ok(Continue)
+                        events::emit("vm", "rebooted", serde_json::Value::Null);
+                        (Ok(ApiReply::Empty), AfterAction::VmStarted)
                     }
-                    Err(e) => (Err(internal("vm.pause", e)), Continue),
-                },
-                (s, _) => (Err(conflict(s, "vm.pause")), Continue),
-            },
-            ApiAction::Resume => match (self.state, &self.vm) {
-                (Some(VmState::Paused), Some(vm)) => match vm.resume() {
-                    Ok(()) => {
-                        self.state = Some(VmState::Running);
-                        events::emit("vm", "resumed", serde_json::Value::Null);
-                        ok(Continue)
-                    }
-                    Err(e) => (Err(internal("vm.resume", e)), Continue),
-                },
-                (s, _) => (Err(conflict(s, "vm.resume")), Continue),
-            },
-            ApiAction::Shutdown => match self.shutdown("vm.shutdown") {
-                Ok(()) => ok(VmStopped),
-                Err(e) => (Err(e), Continue),
-            },
-            ApiAction::Reboot => match self.state {
-                Some(VmState::Running) | Some(VmState::Paused) => {
-                    let _ = self.shutdown("vm.reboot");
-                    match self.boot() {
-                        Ok(()) => {
-                            events::emit("vm", "rebooted", serde_json::Value::Null);
-                            ok(VmStarted)
-                        }
-                        Err(e) => (Err(e), VmStopped),
-                    }
+                    Err(e) => (Err(e), AfterAction::VmStopped),
                 }
-                s => (Err(conflict(s, "vm.reboot")), Continue),
-            },
-            ApiAction::PowerButton => match (self.state, &self.vm) {
-                (Some(VmState::Running), Some(vm)) => {
-                    let r = vm
-                        .ged()
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .notify(GedEvent::PowerButton);
-                    match r {
-                        Ok(()) => {
-                            events::emit("vm", "power-button", serde_json::Value::Null);
-                            ok(Continue)
-                        }
-                        Err(e) => (Err(internal("vm.power-button", e)), Continue),
-                    }
-                }
-                (s, _) => (Err(conflict(s, "vm.power-button")), Continue),
-            },
-            ApiAction::Info => match (&self.config, self.state) {
-                (Some(config), Some(state)) => {
-                    let devices = self
-                        .vm
-                        .as_ref()
-                        .map(|vm| {
-                            vm.pci_devices()
-                                .devices()
-                                .into_iter()
-                                .map(|(id, kind, slot, dev)| DeviceInfo {
-                                    id,
-                                    kind: kind.to_string(),
-                                    pci_address: format!("0000:00:{slot:02x}.0"),
-                                    details: dev
-                                        .lock()
-                                        .unwrap_or_else(|e| e.into_inner())
-                                        .details()
-                                        .into_iter()
-                                        .map(|(k, v)| (k.to_string(), v))
-                                        .collect(),
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    let info = VmInfo {
-                        config: config.clone(),
-                        state,
-                        devices,
-                        memory_actual_size: config.memory.size,
-                    };
-                    (json_reply(&info), Continue)
-                }
-                (_, s) => (Err(conflict(s, "vm.info")), Continue),
-            },
-            ApiAction::Counters => match &self.vm {
-                Some(vm) => {
-                    let mut all: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-                    for (id, _, _, dev) in vm.pci_devices().devices() {
-                        let d = dev.lock().unwrap_or_else(|e| e.into_inner());
-                        let c = d
-                            .counters()
+            }
+            s => (Err(conflict(s, "vm.reboot")), AfterAction::Continue),
+        }
+    }
+
+    /// Press the ACPI power button of the running VM (vm.power-button).
+    fn power_button(&self) -> Result<(), ApiError> {
+        match (self.state, &self.vm) {
+            (Some(VmState::Running), Some(vm)) => {
+                vm.ged()
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .notify(GedEvent::PowerButton)
+                    .map_err(|e| internal("vm.power-button", e))?;
+                events::emit("vm", "power-button", serde_json::Value::Null);
+                Ok(())
+            }
+            (s, _) => Err(conflict(s, "vm.power-button")),
+        }
+    }
+
+    /// The VM's configuration, state and devices (vm.info).
+    fn info(&self) -> ApiResponse {
+        let (Some(config), Some(state)) = (&self.config, self.state) else {
+            return Err(conflict(self.state, "vm.info"));
+        };
+        let devices = self
+            .vm
+            .as_ref()
+            .map(|vm| {
+                vm.pci_devices()
+                    .devices()
+                    .into_iter()
+                    .map(|(id, kind, slot, dev)| DeviceInfo {
+                        id,
+                        kind: kind.to_string(),
+                        pci_address: format!("0000:00:{slot:02x}.0"),
+                        details: dev
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .details()
                             .into_iter()
                             .map(|(k, v)| (k.to_string(), v))
-                            .collect();
-                        all.insert(id, c);
-                    }
-                    (json_reply(&all), Continue)
-                }
-                None => (Err(conflict(self.state, "vm.counters")), Continue),
-            },
-            ApiAction::Snapshot(req) => match self.snapshot(&req.destination_url) {
-                Ok(()) => ok(Continue),
-                Err(e) => (Err(e), Continue),
-            },
-            ApiAction::Restore(req) => match self.restore(&req.source_url, req.resume) {
-                Ok(()) => ok(VmStarted),
-                Err(e) => (Err(e), Continue),
-            },
-            ApiAction::Delete => match self.state {
-                Some(VmState::Running) | Some(VmState::Paused) => {
-                    let _ = self.shutdown("vm.delete");
-                    self.config = None;
-                    self.state = None;
-                    events::emit("vm", "deleted", serde_json::Value::Null);
-                    ok(VmStopped)
-                }
-                Some(_) => {
-                    self.config = None;
-                    self.state = None;
-                    events::emit("vm", "deleted", serde_json::Value::Null);
-                    ok(Continue)
-                }
-                None => (Err(conflict(None, "vm.delete")), Continue),
-            },
-            ApiAction::SendMigration(req) => match self.send_migration(req) {
-                Ok(()) => ok(Continue),
-                Err(e) => (Err(e), Continue),
-            },
-            ApiAction::ReceiveMigration(req) => match self.receive_migration(req) {
-                Ok(()) => ok(Continue),
-                Err(e) => (Err(e), Continue),
-            },
-            ApiAction::MigrationProgress => {
-                let reply = json_reply(&self.migration.get());
-                if let Some(gate) = &self.linger {
-                    *gate.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
-                    gate.1.notify_all();
-                }
-                (reply, Continue)
-            }
-            ApiAction::MigrationCancel => match self.migration.request_cancel() {
-                Ok(()) => ok(Continue),
-                Err(why) => (
-                    Err(ApiError {
-                        status: 409,
-                        message: format!("vm.migration-cancel: {why}"),
-                        state: self.state,
-                    }),
-                    Continue,
-                ),
-            },
+                            .collect(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        json_reply(&VmInfo {
+            config: config.clone(),
+            state,
+            devices,
+            memory_actual_size: config.memory.size,
+        })
+    }
+
+    /// Every device's I/O counters by device id (vm.counters).
+    fn counters(&self) -> ApiResponse {
+        let Some(vm) = &self.vm else {
+            return Err(conflict(self.state, "vm.counters"));
+        };
+        let mut all: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for (id, _, _, dev) in vm.pci_devices().devices() {
+            let d = dev.lock().unwrap_or_else(|e| e.into_inner());
+            let c = d
+                .counters()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            all.insert(id, c);
         }
+        json_reply(&all)
+    }
+
+    /// Stop the VM if it runs and forget it (vm.delete).
+    fn delete(&mut self) -> (ApiResponse, AfterAction) {
+        let after = match self.state {
+            Some(VmState::Running) | Some(VmState::Paused) => {
+                let _ = self.shutdown("vm.delete");
+                AfterAction::VmStopped
+            }
+            Some(_) => AfterAction::Continue,
+            None => return (Err(conflict(None, "vm.delete")), AfterAction::Continue),
+        };
+        self.config = None;
+        self.state = None;
+        events::emit("vm", "deleted", serde_json::Value::Null);
+        (Ok(ApiReply::Empty), after)
+    }
+
+    /// The current (or last) migration's progress (vm.migration-progress); reading it lets a
+    /// migrated source that lingers for its final progress go.
+    fn migration_progress(&self) -> ApiResponse {
+        let reply = json_reply(&self.migration.get());
+        if let Some(gate) = &self.linger {
+            *gate.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            gate.1.notify_all();
+        }
+        reply
+    }
+
+    /// Ask the migration under way to stop (vm.migration-cancel).
+    fn migration_cancel(&self) -> Result<(), ApiError> {
+        self.migration.request_cancel().map_err(|why| ApiError {
+            status: 409,
+            message: format!("vm.migration-cancel: {why}"),
+            state: self.state,
+        })
     }
 
     /// Start sending the running VM to `req.destination_url` (vm.send-migration).
@@ -522,6 +520,15 @@ impl Vmm {
     /// Carry out one API action and answer it.
     pub fn handle_action(&mut self, action: ApiAction) -> (ApiResponse, AfterAction) {
         self.handle(action)
+    }
+}
+
+/// The answer to a request whose work returned `result`: `after` when it succeeded, nothing
+/// more to do when it failed.
+fn done(result: Result<(), ApiError>, after: AfterAction) -> (ApiResponse, AfterAction) {
+    match result {
+        Ok(()) => (Ok(ApiReply::Empty), after),
+        Err(e) => (Err(e), AfterAction::Continue),
     }
 }
 
