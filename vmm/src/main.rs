@@ -188,152 +188,51 @@ fn main() -> ExitCode {
     timing::mark_start();
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    match run(cli) {
+        Ok(code) | Err(code) => code,
+    }
+}
+
+/// Everything after logging is up: check the options, confine the process, run the VM and map
+/// its outcome to an exit status. `Err` carries the status of a failure already reported.
+fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
     if let Err(e) = vmm::test_knobs::init_from_env() {
-        return fail(EXIT_USAGE, e);
+        return Err(fail(EXIT_USAGE, e));
     }
-    let seccomp = match cli.seccomp.parse::<sandbox::SeccompMode>() {
-        Ok(m) => m,
-        Err(e) => return fail(EXIT_USAGE, e),
-    };
-    if !cli.landlock && !cli.landlock_rules.is_empty() {
-        return fail(EXIT_USAGE, "--landlock-rules needs --landlock");
-    }
-    let mut landlock_extra = Vec::new();
-    for r in &cli.landlock_rules {
-        match vmm::confine::parse_landlock_rule(r) {
-            Ok(r) => landlock_extra.push(r),
-            Err(e) => return fail(EXIT_USAGE, e),
-        }
-    }
+    let seccomp = cli
+        .seccomp
+        .parse::<sandbox::SeccompMode>()
+        .map_err(|e| fail(EXIT_USAGE, e))?;
+    let landlock_extra = parse_landlock_rules(&cli)?;
     if let Some(em) = &cli.event_monitor {
-        let path = match config::parse_options("event-monitor", em, &["path"]) {
-            Ok(o) => match o.get("path").filter(|p| !p.is_empty()) {
-                Some(p) => PathBuf::from(p),
-                None => return fail(EXIT_USAGE, "--event-monitor: missing path=FILE"),
-            },
-            Err(e) => return fail(EXIT_USAGE, e),
-        };
-        if let Err(e) = events::open(&path) {
-            return fail(
-                EXIT_USAGE,
-                format!("--event-monitor {}: {e}", path.display()),
-            );
-        }
+        open_event_monitor(em)?;
     }
     let api_socket = cli.api_socket.clone();
     let landlock = cli.landlock;
-    let restore = match &cli.restore {
-        None => None,
-        Some(r) => {
-            if cli.has_vm_options() {
-                return fail(EXIT_USAGE, "--restore takes the VM configuration from the snapshot; do not combine it with VM options");
-            }
-            let o = match config::parse_options("restore", r, &["source_url", "resume"]) {
-                Ok(o) => o,
-                Err(e) => return fail(EXIT_USAGE, e),
-            };
-            let Some(url) = o.get("source_url").cloned() else {
-                return fail(EXIT_USAGE, "--restore: missing source_url=file:///DIR");
-            };
-            let resume = match o.get("resume").map(String::as_str) {
-                None | Some("off") => false,
-                Some("on") => true,
-                Some(v) => {
-                    return fail(
-                        EXIT_USAGE,
-                        format!("--restore: resume={v:?}: expected on or off"),
-                    )
-                }
-            };
-            if !resume && api_socket.is_none() {
-                return fail(
-                    EXIT_USAGE,
-                    "--restore without resume=on and without --api-socket would leave a paused VM \
-                     that nothing can resume: pass resume=on, or --api-socket PATH to resume it later",
-                );
-            }
-            Some((url, resume))
-        }
-    };
+    let restore = parse_restore(&cli)?;
     let boot_now = restore.is_none() && (api_socket.is_none() || cli.has_vm_options());
-    let config = match cli.into_config() {
-        Ok(c) => c,
-        Err(e) => return fail(EXIT_USAGE, e),
-    };
+    let config = cli.into_config().map_err(|e| fail(EXIT_USAGE, e))?;
     // Confinement comes before any other thread starts (both apply to the calling thread and
     // the threads it starts) and before the VM reads any guest input. Landlock first: the
     // control thread's seccomp filter does not allow its syscalls.
     if landlock {
-        let restore_dir = match &restore {
-            Some((url, _)) => match api_server::models::file_url_path(url) {
-                Ok(d) => Some(d),
-                Err(e) => return fail(EXIT_USAGE, e),
-            },
-            None => None,
-        };
-        let rules = match vmm::confine::landlock_rules(
+        apply_landlock(
+            restore.as_ref(),
             boot_now.then_some(&config),
-            restore_dir.as_deref(),
             api_socket.as_deref(),
             &landlock_extra,
-        ) {
-            Ok(r) => r,
-            Err(e) => return fail(EXIT_ERROR, format!("--landlock: {e}")),
-        };
-        if let Err(e) = sandbox::landlock::restrict(&rules) {
-            return fail(EXIT_USAGE, e);
-        }
+        )?;
     }
-    if seccomp == sandbox::SeccompMode::Off {
-        log::warn!("--seccomp false: skiff runs without seccomp filters");
-    }
-    // Every thread installs its kind's filter as it starts; this one is the control thread.
-    if let Err(e) =
-        sandbox::configure(seccomp).and_then(|()| sandbox::apply(sandbox::ThreadKind::Control))
-    {
-        return fail(EXIT_ERROR, e);
-    }
-    let signals = match control::block_termination_signals() {
-        Ok(s) => s,
-        Err(e) => return fail(EXIT_ERROR, e),
-    };
-    let mut api_server = None;
-    let api = match &api_socket {
-        None => None,
+    apply_seccomp(seccomp)?;
+    let signals = control::block_termination_signals().map_err(|e| fail(EXIT_ERROR, e))?;
+    let (api_server, api) = match &api_socket {
+        None => (None, None),
         Some(path) => {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let wake = match EventFd::new(EFD_NONBLOCK) {
-                Ok(w) => w,
-                Err(e) => return fail(EXIT_ERROR, format!("cannot create an eventfd: {e}")),
-            };
-            let server_wake = match wake.try_clone() {
-                Ok(w) => w,
-                Err(e) => return fail(EXIT_ERROR, format!("cannot create an eventfd: {e}")),
-            };
-            match ApiServer::start(path, tx, server_wake) {
-                Ok(s) => api_server = Some(s),
-                Err(e) => return fail(EXIT_ERROR, format!("--api-socket {}: {e}", path.display())),
-            }
-            Some(control::ApiChannel { requests: rx, wake })
+            let (server, channel) = start_api_server(path)?;
+            (Some(server), Some(channel))
         }
     };
-    let mut vmm = Vmm::new();
-    if let Some((url, resume)) = &restore {
-        if let Err(e) = vmm.restore(url, *resume) {
-            return fail(EXIT_ERROR, e.message);
-        }
-        if !*resume {
-            log::warn!("the restored VM is paused: resume it through the API (vm.resume)");
-        }
-    }
-    if boot_now {
-        if let Err(e) = vmm.create(config) {
-            return fail(EXIT_USAGE, e.message);
-        }
-        if let Err(e) = vmm.boot() {
-            return fail(EXIT_ERROR, e.message);
-        }
-    }
+    let vmm = start_vm(restore, boot_now.then_some(config))?;
     let outcome = control::run(vmm, signals, api, api_socket.is_none());
     timing::log_memory_overhead("at VM exit");
     let code = match outcome {
@@ -342,24 +241,150 @@ fn main() -> ExitCode {
             if vmm.vm().is_some() {
                 let _ = vmm.shutdown("skiff exiting");
             }
-            match outcome {
-                VmOutcome::Guest(ExitReason::PowerOff) => {
-                    log::info!("guest powered off");
-                    ExitCode::from(EXIT_POWER_OFF)
-                }
-                VmOutcome::Guest(ExitReason::Reset) => {
-                    log::warn!("guest requested a reboot; ending the VM");
-                    ExitCode::from(EXIT_REBOOT)
-                }
-                VmOutcome::Guest(ExitReason::VcpuError) => {
-                    fail(EXIT_ERROR, "the guest crashed (see the vCPU error above)")
-                }
-                VmOutcome::VmmShutdown => ExitCode::from(EXIT_POWER_OFF),
-                VmOutcome::Signal(sig) => ExitCode::from(128u8.saturating_add(sig as u8)),
-            }
+            exit_code(outcome)
         }
     };
     drop(api_server);
     let _ = std::io::Write::flush(&mut std::io::stdout());
-    code
+    Ok(code)
+}
+
+/// The extra `--landlock-rules` paths, checked to come with `--landlock`.
+fn parse_landlock_rules(cli: &Cli) -> Result<Vec<sandbox::landlock::PathRule>, ExitCode> {
+    if !cli.landlock && !cli.landlock_rules.is_empty() {
+        return Err(fail(EXIT_USAGE, "--landlock-rules needs --landlock"));
+    }
+    cli.landlock_rules
+        .iter()
+        .map(|r| vmm::confine::parse_landlock_rule(r).map_err(|e| fail(EXIT_USAGE, e)))
+        .collect()
+}
+
+/// Open the `--event-monitor path=FILE` output.
+fn open_event_monitor(em: &str) -> Result<(), ExitCode> {
+    let o =
+        config::parse_options("event-monitor", em, &["path"]).map_err(|e| fail(EXIT_USAGE, e))?;
+    let Some(path) = o.get("path").filter(|p| !p.is_empty()).map(PathBuf::from) else {
+        return Err(fail(EXIT_USAGE, "--event-monitor: missing path=FILE"));
+    };
+    events::open(&path).map_err(|e| {
+        fail(
+            EXIT_USAGE,
+            format!("--event-monitor {}: {e}", path.display()),
+        )
+    })
+}
+
+/// `--restore source_url=URL[,resume=on]` as `(url, resume)`, checked against the other options.
+fn parse_restore(cli: &Cli) -> Result<Option<(String, bool)>, ExitCode> {
+    let Some(r) = &cli.restore else {
+        return Ok(None);
+    };
+    if cli.has_vm_options() {
+        return Err(fail(EXIT_USAGE, "--restore takes the VM configuration from the snapshot; do not combine it with VM options"));
+    }
+    let o = config::parse_options("restore", r, &["source_url", "resume"])
+        .map_err(|e| fail(EXIT_USAGE, e))?;
+    let Some(url) = o.get("source_url").cloned() else {
+        return Err(fail(
+            EXIT_USAGE,
+            "--restore: missing source_url=file:///DIR",
+        ));
+    };
+    let resume = match o.get("resume").map(String::as_str) {
+        None | Some("off") => false,
+        Some("on") => true,
+        Some(v) => {
+            return Err(fail(
+                EXIT_USAGE,
+                format!("--restore: resume={v:?}: expected on or off"),
+            ))
+        }
+    };
+    if !resume && cli.api_socket.is_none() {
+        return Err(fail(
+            EXIT_USAGE,
+            "--restore without resume=on and without --api-socket would leave a paused VM \
+             that nothing can resume: pass resume=on, or --api-socket PATH to resume it later",
+        ));
+    }
+    Ok(Some((url, resume)))
+}
+
+/// Confine the process with Landlock to the files the configuration (`boot`, when the VM boots
+/// now), the snapshot to restore, the API socket and the extra rules name.
+fn apply_landlock(
+    restore: Option<&(String, bool)>,
+    boot: Option<&VmConfig>,
+    api_socket: Option<&std::path::Path>,
+    extra: &[sandbox::landlock::PathRule],
+) -> Result<(), ExitCode> {
+    let restore_dir = match restore {
+        Some((url, _)) => {
+            Some(api_server::models::file_url_path(url).map_err(|e| fail(EXIT_USAGE, e))?)
+        }
+        None => None,
+    };
+    let rules = vmm::confine::landlock_rules(boot, restore_dir.as_deref(), api_socket, extra)
+        .map_err(|e| fail(EXIT_ERROR, format!("--landlock: {e}")))?;
+    sandbox::landlock::restrict(&rules).map_err(|e| fail(EXIT_USAGE, e))
+}
+
+/// Configure the seccomp filters and install the control thread's.
+fn apply_seccomp(seccomp: sandbox::SeccompMode) -> Result<(), ExitCode> {
+    if seccomp == sandbox::SeccompMode::Off {
+        log::warn!("--seccomp false: skiff runs without seccomp filters");
+    }
+    // Every thread installs its kind's filter as it starts; this one is the control thread.
+    sandbox::configure(seccomp)
+        .and_then(|()| sandbox::apply(sandbox::ThreadKind::Control))
+        .map_err(|e| fail(EXIT_ERROR, e))
+}
+
+/// Start the REST API server on `path`, with the channel the control loop reads it from.
+fn start_api_server(path: &std::path::Path) -> Result<(ApiServer, control::ApiChannel), ExitCode> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let eventfd_err = |e| fail(EXIT_ERROR, format!("cannot create an eventfd: {e}"));
+    let wake = EventFd::new(EFD_NONBLOCK).map_err(eventfd_err)?;
+    let server_wake = wake.try_clone().map_err(eventfd_err)?;
+    let server = ApiServer::start(path, tx, server_wake)
+        .map_err(|e| fail(EXIT_ERROR, format!("--api-socket {}: {e}", path.display())))?;
+    Ok((server, control::ApiChannel { requests: rx, wake }))
+}
+
+/// The VMM with the VM restored from `restore` or, with `boot`, created and booted.
+fn start_vm(restore: Option<(String, bool)>, boot: Option<VmConfig>) -> Result<Vmm, ExitCode> {
+    let mut vmm = Vmm::new();
+    if let Some((url, resume)) = &restore {
+        vmm.restore(url, *resume)
+            .map_err(|e| fail(EXIT_ERROR, e.message))?;
+        if !*resume {
+            log::warn!("the restored VM is paused: resume it through the API (vm.resume)");
+        }
+    }
+    if let Some(config) = boot {
+        vmm.create(config)
+            .map_err(|e| fail(EXIT_USAGE, e.message))?;
+        vmm.boot().map_err(|e| fail(EXIT_ERROR, e.message))?;
+    }
+    Ok(vmm)
+}
+
+/// The exit status for how the VM ended.
+fn exit_code(outcome: VmOutcome) -> ExitCode {
+    match outcome {
+        VmOutcome::Guest(ExitReason::PowerOff) => {
+            log::info!("guest powered off");
+            ExitCode::from(EXIT_POWER_OFF)
+        }
+        VmOutcome::Guest(ExitReason::Reset) => {
+            log::warn!("guest requested a reboot; ending the VM");
+            ExitCode::from(EXIT_REBOOT)
+        }
+        VmOutcome::Guest(ExitReason::VcpuError) => {
+            fail(EXIT_ERROR, "the guest crashed (see the vCPU error above)")
+        }
+        VmOutcome::VmmShutdown => ExitCode::from(EXIT_POWER_OFF),
+        VmOutcome::Signal(sig) => ExitCode::from(128u8.saturating_add(sig as u8)),
+    }
 }

@@ -201,6 +201,21 @@ fn find_msix(cfg: &[u8]) -> Option<(u16, usize, u64, usize, u64)> {
     None
 }
 
+/// The identity the guest sees: the device's own, read from its configuration space `cfg`.
+fn header_of(cfg: &[u8]) -> PciHeader {
+    PciHeader {
+        vendor_id: le16(cfg, 0),
+        device_id: le16(cfg, 2),
+        revision_id: cfg[8],
+        prog_if: cfg[9],
+        subclass: cfg[10],
+        class_code: cfg[11],
+        subsystem_vendor_id: le16(cfg, 0x2c),
+        subsystem_id: le16(cfg, 0x2e),
+        multifunction: false,
+    }
+}
+
 impl VfioPciDevice {
     /// Build the function for the device behind `backend`: read its configuration space and
     /// regions, set up MSI-X vectors from `interrupts` and, with `intx` = `(pin, gsi)`, INTx.
@@ -210,6 +225,72 @@ impl VfioPciDevice {
         interrupts: Arc<dyn InterruptManager>,
         intx: Option<(u8, u32)>,
     ) -> Result<Self, VfioPciError> {
+        let cfg = Self::read_config_space(id, backend.as_ref())?;
+        let header = header_of(&cfg);
+        let mut config = PciConfiguration::new(&header, ConfigSpaceSize::Legacy);
+        let bars = Self::read_bars(id, backend.as_ref(), &cfg)?;
+        for b in &bars {
+            config
+                .add_bar(b.index, b.size, b.kind, 0)
+                .map_err(|source| VfioPciError::Config {
+                    id: id.to_string(),
+                    source,
+                })?;
+        }
+        let msix = match find_msix(&cfg) {
+            Some(cap) => Some(Self::setup_msix(
+                id,
+                backend.as_ref(),
+                &mut config,
+                interrupts.clone(),
+                cap,
+                &bars,
+            )?),
+            None => None,
+        };
+        let msi = Self::setup_msi(id, backend.as_ref(), &mut config, &interrupts, &cfg)?;
+        let intx = Self::setup_intx(id, backend.as_ref(), &mut config, &interrupts, &cfg, intx)?;
+        let mig = migrate::DeviceMigration::probe(id, backend.migration());
+        let mut dev = Self {
+            id: id.to_string(),
+            backend,
+            config,
+            bars,
+            msix,
+            msi,
+            intx,
+            intx_on_device: false,
+            pending_bar_move: None,
+            failed: Arc::new(AtomicBool::new(false)),
+            error_hook: Default::default(),
+            stats: Arc::new(VfioStats::default()),
+            bad_access: LogLimiter::new(),
+            dma: None,
+            mig,
+        };
+        dev.install_failure_hook();
+        dev.enable_intx().map_err(|source| VfioPciError::Backend {
+            id: id.to_string(),
+            source,
+        })?;
+        log::info!(
+            "{id}: {} {:04x}:{:04x}, BARs {:?}, MSI-X {}, MSI {}, INTx {}",
+            dev.backend.kind(),
+            header.vendor_id,
+            header.device_id,
+            dev.bars
+                .iter()
+                .map(|b| (b.index, b.size))
+                .collect::<Vec<_>>(),
+            dev.msix.as_ref().map_or(0, |m| m.config.num_vectors()),
+            dev.msi.as_ref().map_or(0, |m| m.max_vectors()),
+            dev.intx.is_some()
+        );
+        Ok(dev)
+    }
+
+    /// The first 256 bytes of the device's configuration space, checked to be an endpoint's.
+    fn read_config_space(id: &str, backend: &dyn VfioBackend) -> Result<Vec<u8>, VfioPciError> {
         let be = |source| VfioPciError::Backend {
             id: id.to_string(),
             source,
@@ -236,65 +317,51 @@ impl VfioPciDevice {
                 cfg[0x0e]
             )));
         }
-        let header = PciHeader {
-            vendor_id: le16(&cfg, 0),
-            device_id: le16(&cfg, 2),
-            revision_id: cfg[8],
-            prog_if: cfg[9],
-            subclass: cfg[10],
-            class_code: cfg[11],
-            subsystem_vendor_id: le16(&cfg, 0x2c),
-            subsystem_id: le16(&cfg, 0x2e),
-            multifunction: false,
+        Ok(cfg)
+    }
+
+    /// The emulated MSI capability, when the device's configuration space `cfg` has one and the
+    /// device has MSI vectors.
+    fn setup_msi(
+        id: &str,
+        backend: &dyn VfioBackend,
+        config: &mut PciConfiguration,
+        interrupts: &Arc<dyn InterruptManager>,
+        cfg: &[u8],
+    ) -> Result<Option<Msi>, VfioPciError> {
+        let Some(capable) = find_msi(cfg, MAX_CAPABILITIES) else {
+            return Ok(None);
         };
-        let mut config = PciConfiguration::new(&header, ConfigSpaceSize::Legacy);
-        let cfg_err = |source| VfioPciError::Config {
-            id: id.to_string(),
-            source,
-        };
-        let bars = Self::read_bars(id, backend.as_ref(), &cfg)?;
-        for b in &bars {
-            config
-                .add_bar(b.index, b.size, b.kind, 0)
-                .map_err(cfg_err)?;
+        let count = backend
+            .irq_info(VFIO_PCI_MSI_IRQ_INDEX)
+            .map(|i| i.count)
+            .unwrap_or(0);
+        if count == 0 {
+            return Ok(None);
         }
-        let msix = match find_msix(&cfg) {
-            Some(cap) => Some(Self::setup_msix(
-                id,
-                backend.as_ref(),
-                &mut config,
-                interrupts.clone(),
-                cap,
-                &bars,
-            )?),
-            None => None,
-        };
-        let msi = match find_msi(&cfg, MAX_CAPABILITIES) {
-            Some(capable) => {
-                let count = backend
-                    .irq_info(VFIO_PCI_MSI_IRQ_INDEX)
-                    .map(|i| i.count)
-                    .unwrap_or(0);
-                if count == 0 {
-                    None
-                } else {
-                    Some(
-                        Msi::new(&mut config, capable.min(count), interrupts.clone()).map_err(
-                            |e| VfioPciError::Unsupported {
-                                id: id.to_string(),
-                                reason: e.to_string(),
-                            },
-                        )?,
-                    )
-                }
-            }
-            None => None,
-        };
+        Msi::new(config, capable.min(count), interrupts.clone())
+            .map(Some)
+            .map_err(|e| VfioPciError::Unsupported {
+                id: id.to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// The INTx line `intx` = `(pin, gsi)` asks for, when the device has INTx (an interrupt pin in
+    /// `cfg` and an INTx IRQ), with the pin and line registers set.
+    fn setup_intx(
+        id: &str,
+        backend: &dyn VfioBackend,
+        config: &mut PciConfiguration,
+        interrupts: &Arc<dyn InterruptManager>,
+        cfg: &[u8],
+        intx: Option<(u8, u32)>,
+    ) -> Result<Option<IntxLine>, VfioPciError> {
         let intx_count = backend
             .irq_info(VFIO_PCI_INTX_IRQ_INDEX)
             .map(|i| i.count)
             .unwrap_or(0);
-        let intx = match intx {
+        match intx {
             Some((pin, gsi)) if intx_count > 0 && cfg[0x3d] != 0 => {
                 let line =
                     interrupts
@@ -305,32 +372,19 @@ impl VfioPciDevice {
                         })?;
                 config.set_interrupt_pin(pin);
                 config.set_interrupt_line(u8::try_from(gsi).unwrap_or(0xff));
-                Some(line)
+                Ok(Some(line))
             }
-            _ => None,
-        };
-        let mig = migrate::DeviceMigration::probe(id, backend.migration());
-        let mut dev = Self {
-            id: id.to_string(),
-            backend,
-            config,
-            bars,
-            msix,
-            msi,
-            intx,
-            intx_on_device: false,
-            pending_bar_move: None,
-            failed: Arc::new(AtomicBool::new(false)),
-            error_hook: Default::default(),
-            stats: Arc::new(VfioStats::default()),
-            bad_access: LogLimiter::new(),
-            dma: None,
-            mig,
-        };
-        let failed = dev.failed.clone();
-        let error_hook = dev.error_hook.clone();
-        let hook_id = dev.id.clone();
-        dev.backend.set_failure_hook(Arc::new(move |reason: &str| {
+            _ => Ok(None),
+        }
+    }
+
+    /// Have the backend mark the device failed (and report it to the error hook, once) when it
+    /// dies.
+    fn install_failure_hook(&self) {
+        let failed = self.failed.clone();
+        let error_hook = self.error_hook.clone();
+        let hook_id = self.id.clone();
+        self.backend.set_failure_hook(Arc::new(move |reason: &str| {
             if !failed.swap(true, Ordering::SeqCst) {
                 log::error!("{hook_id}: the device is gone ({reason}); it reads as all-ones");
                 let hook = error_hook.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -339,21 +393,6 @@ impl VfioPciDevice {
                 }
             }
         }));
-        dev.enable_intx().map_err(be)?;
-        log::info!(
-            "{id}: {} {:04x}:{:04x}, BARs {:?}, MSI-X {}, MSI {}, INTx {}",
-            dev.backend.kind(),
-            header.vendor_id,
-            header.device_id,
-            dev.bars
-                .iter()
-                .map(|b| (b.index, b.size))
-                .collect::<Vec<_>>(),
-            dev.msix.as_ref().map_or(0, |m| m.config.num_vectors()),
-            dev.msi.as_ref().map_or(0, |m| m.max_vectors()),
-            dev.intx.is_some()
-        );
-        Ok(dev)
     }
 
     /// The BARs the device reports: sizes from its regions, kinds from its BAR registers.

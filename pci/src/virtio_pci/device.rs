@@ -163,6 +163,89 @@ fn within(offset: u64, len: usize, start: u64, size: u64) -> bool {
             .is_some_and(|end| end <= start + size)
 }
 
+/// The identity the guest sees for a virtio device of type `device_type`.
+fn virtio_header(device_type: u32) -> PciHeader {
+    let (class_code, subclass, prog_if) = class_code(device_type);
+    PciHeader {
+        vendor_id: VIRTIO_PCI_VENDOR_ID,
+        device_id: VIRTIO_PCI_DEVICE_ID_BASE.wrapping_add(device_type as u16),
+        revision_id: 1,
+        class_code,
+        subclass,
+        prog_if,
+        subsystem_vendor_id: VIRTIO_PCI_VENDOR_ID,
+        subsystem_id: VIRTIO_PCI_SUBSYSTEM_ID,
+        multifunction: false,
+    }
+}
+
+/// Add BAR 0 and the virtio and MSI-X capabilities (for `num_queues` queues and `msix`) to
+/// `config`; returns the MSI-X capability's register index.
+fn add_transport_layout(
+    config: &mut PciConfiguration,
+    num_queues: usize,
+    msix: &MsixConfig,
+) -> Result<usize, PciConfigError> {
+    config.add_bar(
+        VIRTIO_BAR_INDEX,
+        VIRTIO_BAR_SIZE,
+        BarKind::Mem64 {
+            prefetchable: false,
+        },
+        0,
+    )?;
+    let notify_len = (num_queues.max(1) as u64) * u64::from(NOTIFY_OFF_MULTIPLIER);
+    for cap in [
+        virtio_cap(
+            VIRTIO_PCI_CAP_COMMON_CFG,
+            COMMON_CFG_OFFSET,
+            COMMON_CFG_LEN,
+            None,
+        ),
+        virtio_cap(VIRTIO_PCI_CAP_ISR_CFG, ISR_OFFSET, ISR_LEN, None),
+        virtio_cap(
+            VIRTIO_PCI_CAP_DEVICE_CFG,
+            DEVICE_CFG_OFFSET,
+            DEVICE_CFG_LEN,
+            None,
+        ),
+        virtio_cap(
+            VIRTIO_PCI_CAP_NOTIFY_CFG,
+            NOTIFY_OFFSET,
+            notify_len,
+            Some(NOTIFY_OFF_MULTIPLIER),
+        ),
+    ] {
+        config.add_capability(&cap)?;
+    }
+    let msix_cap = msix.capability(
+        VIRTIO_BAR_INDEX as u8,
+        MSIX_TABLE_OFFSET as u32,
+        VIRTIO_BAR_INDEX as u8,
+        MSIX_PBA_OFFSET as u32,
+    );
+    let msix_cap_reg = config.add_capability(&msix_cap)? / 4;
+    config.set_writable_bits(msix_cap_reg, MSIX_CAP_WRITABLE_MASK);
+    Ok(msix_cap_reg)
+}
+
+/// The INTx line for `intx` = `(pin, gsi)` from `interrupt_manager`, with the pin and line
+/// registers of `config` set: `(gsi, irqfd, resamplefd)`, all `None` without INTx.
+fn setup_intx(
+    config: &mut PciConfiguration,
+    interrupt_manager: &dyn InterruptManager,
+    intx: Option<(u8, u32)>,
+) -> io::Result<(Option<u32>, Option<EventFd>, Option<EventFd>)> {
+    let Some((pin, gsi)) = intx else {
+        return Ok((None, None, None));
+    };
+    let line = interrupt_manager.intx_irqfd(gsi)?;
+    config.set_interrupt_pin(pin);
+    // Like firmware: the line register names the GSI the _PRT routes the pin to.
+    config.set_interrupt_line(u8::try_from(gsi).unwrap_or(0xff));
+    Ok((Some(gsi), Some(line.irqfd), Some(line.resamplefd)))
+}
+
 impl VirtioPciDevice {
     /// Wrap `device`. MSI-X gets one vector per queue plus one for configuration changes, each
     /// with a GSI from `interrupt_manager`; `intx` is `(pin, gsi)` (pin 1 = INTA#) for the INTx
@@ -191,77 +274,19 @@ impl VirtioPciDevice {
         let num_vectors = num_queues as u16 + 1;
         let msix = MsixConfig::new(num_vectors, interrupt_manager.clone()).map_err(irq_err(&id))?;
 
-        let device_type = device.device_type();
-        let (class_code, subclass, prog_if) = class_code(device_type);
-        let header = PciHeader {
-            vendor_id: VIRTIO_PCI_VENDOR_ID,
-            device_id: VIRTIO_PCI_DEVICE_ID_BASE.wrapping_add(device_type as u16),
-            revision_id: 1,
-            class_code,
-            subclass,
-            prog_if,
-            subsystem_vendor_id: VIRTIO_PCI_VENDOR_ID,
-            subsystem_id: VIRTIO_PCI_SUBSYSTEM_ID,
-            multifunction: false,
-        };
-        let mut config = PciConfiguration::new(&header, ConfigSpaceSize::Legacy);
-        let cfg_err = |id: &str| {
-            let id = id.to_string();
-            move |source| VirtioPciError::Config { id, source }
-        };
-        config
-            .add_bar(
-                VIRTIO_BAR_INDEX,
-                VIRTIO_BAR_SIZE,
-                BarKind::Mem64 {
-                    prefetchable: false,
-                },
-                0,
-            )
-            .map_err(cfg_err(&id))?;
-        let notify_len = (num_queues.max(1) as u64) * u64::from(NOTIFY_OFF_MULTIPLIER);
-        for cap in [
-            virtio_cap(
-                VIRTIO_PCI_CAP_COMMON_CFG,
-                COMMON_CFG_OFFSET,
-                COMMON_CFG_LEN,
-                None,
-            ),
-            virtio_cap(VIRTIO_PCI_CAP_ISR_CFG, ISR_OFFSET, ISR_LEN, None),
-            virtio_cap(
-                VIRTIO_PCI_CAP_DEVICE_CFG,
-                DEVICE_CFG_OFFSET,
-                DEVICE_CFG_LEN,
-                None,
-            ),
-            virtio_cap(
-                VIRTIO_PCI_CAP_NOTIFY_CFG,
-                NOTIFY_OFFSET,
-                notify_len,
-                Some(NOTIFY_OFF_MULTIPLIER),
-            ),
-        ] {
-            config.add_capability(&cap).map_err(cfg_err(&id))?;
-        }
-        let msix_cap = msix.capability(
-            VIRTIO_BAR_INDEX as u8,
-            MSIX_TABLE_OFFSET as u32,
-            VIRTIO_BAR_INDEX as u8,
-            MSIX_PBA_OFFSET as u32,
+        let mut config = PciConfiguration::new(
+            &virtio_header(device.device_type()),
+            ConfigSpaceSize::Legacy,
         );
-        let msix_cap_reg = config.add_capability(&msix_cap).map_err(cfg_err(&id))? / 4;
-        config.set_writable_bits(msix_cap_reg, MSIX_CAP_WRITABLE_MASK);
-
-        let (intx_gsi, irqfd, resamplefd) = match intx {
-            Some((pin, gsi)) => {
-                let line = interrupt_manager.intx_irqfd(gsi).map_err(irq_err(&id))?;
-                config.set_interrupt_pin(pin);
-                // Like firmware: the line register names the GSI the _PRT routes the pin to.
-                config.set_interrupt_line(u8::try_from(gsi).unwrap_or(0xff));
-                (Some(gsi), Some(line.irqfd), Some(line.resamplefd))
-            }
-            None => (None, None, None),
-        };
+        let msix_cap_reg =
+            add_transport_layout(&mut config, num_queues, &msix).map_err(|source| {
+                VirtioPciError::Config {
+                    id: id.clone(),
+                    source,
+                }
+            })?;
+        let (intx_gsi, irqfd, resamplefd) =
+            setup_intx(&mut config, interrupt_manager.as_ref(), intx).map_err(irq_err(&id))?;
         let intx = Arc::new(IntxState {
             isr: AtomicU8::new(0),
             disabled: AtomicBool::new(false),

@@ -340,6 +340,226 @@ fn guest_segments(
     Ok(())
 }
 
+/// A validated chain's buffers, split by direction, with their total lengths.
+struct ChainBuffers {
+    /// Device-readable segments: the header, then any payload.
+    readable: Vec<Segment>,
+    /// Device-writable segments: any data, then the status byte.
+    writable: Vec<Segment>,
+    /// Device-readable bytes, header included.
+    rlen: u64,
+    /// Device-writable bytes, status included.
+    wlen: u64,
+}
+
+/// Step 1 of [`Request::parse`]: collect the chain's descriptors, which are never empty.
+/// virtio-queue bounds a direct chain by the queue size and stops at an unreadable descriptor or
+/// a bad indirect table; indirect tables can be longer, so bound the total here too.
+fn collect_chain<M>(
+    chain: DescriptorChain<M>,
+    max_chain_len: usize,
+) -> Result<Vec<Descriptor>, RequestError>
+where
+    M: Deref<Target = GuestMemoryMmap>,
+{
+    let mut descs: Vec<Descriptor> = Vec::with_capacity(4);
+    for d in chain {
+        if descs.len() >= max_chain_len {
+            return Err(RequestError::ChainTooLong(max_chain_len));
+        }
+        descs.push(d);
+    }
+    let last = descs.last().ok_or(RequestError::EmptyChain)?;
+    // The iterator ends early (loop, bad index, unreadable table) on a descriptor that still
+    // says NEXT.
+    if last.has_next() {
+        return Err(RequestError::UnterminatedChain);
+    }
+    Ok(descs)
+}
+
+/// Step 2 of [`Request::parse`]: the address of the status byte, the last byte of the last
+/// descriptor (`last`, at position `last_index`), and, behind an IOMMU, that descriptor's
+/// translated segments (translated once, here, and reused by [`gather_buffers`]).
+fn status_location(
+    mem: &GuestMemoryMmap,
+    access: Option<&dyn AccessPlatform>,
+    last_index: usize,
+    last: &Descriptor,
+) -> Result<(GuestAddress, Vec<Segment>), RequestError> {
+    if !last.is_write_only() {
+        return Err(RequestError::MissingStatus);
+    }
+    if last.len() == 0 {
+        return Err(RequestError::EmptyStatus);
+    }
+    let mut last_segs: Vec<Segment> = Vec::new();
+    let status_addr = if access.is_some() {
+        guest_segments(mem, access, last_index, last, &mut last_segs)?;
+        match last_segs.last() {
+            // Non-empty segments of a checked range: the last byte is inside it.
+            Some(seg) => GuestAddress(seg.addr.0 + u64::from(seg.len) - 1),
+            None => return Err(RequestError::EmptyStatus),
+        }
+    } else if in_guest_ram(mem, last.addr(), u64::from(last.len())) {
+        GuestAddress(last.addr().0 + u64::from(last.len()) - 1)
+    } else {
+        return Err(RequestError::OutsideGuestMemory {
+            index: last_index,
+            addr: last.addr().0,
+            len: last.len(),
+        });
+    };
+    Ok((status_addr, last_segs))
+}
+
+/// Step 3 of [`Request::parse`]: check every descriptor (non-empty, in guest RAM, readable ones
+/// before writable ones) and sort its segments by direction. `last_segs` are the status
+/// descriptor's segments when [`status_location`] already translated them.
+fn gather_buffers(
+    mem: &GuestMemoryMmap,
+    access: Option<&dyn AccessPlatform>,
+    descs: &[Descriptor],
+    mut last_segs: Vec<Segment>,
+) -> Result<ChainBuffers, RequestError> {
+    let last_index = descs.len() - 1;
+    let mut readable: Vec<Segment> = Vec::with_capacity(2);
+    let mut writable: Vec<Segment> = Vec::with_capacity(2);
+    let (mut rlen, mut wlen) = (0u64, 0u64);
+    for (index, d) in descs.iter().enumerate() {
+        if d.len() == 0 {
+            return Err(RequestError::ZeroLengthDescriptor { index });
+        }
+        if !d.is_write_only() && !writable.is_empty() {
+            return Err(RequestError::ReadableAfterWritable { index });
+        }
+        if index == last_index && !last_segs.is_empty() {
+            // The status descriptor, already translated (it is device-writable).
+            writable.append(&mut last_segs);
+            wlen += u64::from(d.len());
+        } else if d.is_write_only() {
+            guest_segments(mem, access, index, d, &mut writable)?;
+            wlen += u64::from(d.len());
+        } else {
+            guest_segments(mem, access, index, d, &mut readable)?;
+            rlen += u64::from(d.len());
+        }
+    }
+    Ok(ChainBuffers {
+        readable,
+        writable,
+        rlen,
+        wlen,
+    })
+}
+
+impl ChainBuffers {
+    /// Step 4 of [`Request::parse`]: the header's request type and sector.
+    fn header(&self, mem: &GuestMemoryMmap) -> Result<(u32, u64), RequestError> {
+        if self.rlen < HEADER_LEN {
+            return Err(RequestError::ShortHeader(self.rlen));
+        }
+        let mut hdr = [0u8; HEADER_LEN as usize];
+        // The ranges were checked above; a failure means guest memory changed under us.
+        read_from_segments(mem, &self.readable, 0, &mut hdr)
+            .map_err(|_| RequestError::ShortHeader(self.rlen))?;
+        let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let sector = u64::from_le_bytes([
+            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+        ]);
+        Ok((req_type, sector))
+    }
+
+    /// Device-readable bytes after the header.
+    fn payload(&self) -> u64 {
+        self.rlen - HEADER_LEN
+    }
+
+    /// Device-writable bytes before the status.
+    fn out_len(&self) -> u64 {
+        self.wlen - 1
+    }
+
+    /// The error for data in the wrong direction for a `kind` request.
+    fn wrong_direction(&self, kind: &'static str) -> RequestError {
+        RequestError::WrongDirection {
+            kind,
+            readable: self.rlen,
+            writable: self.wlen,
+        }
+    }
+}
+
+/// Check the data length `len` of a read or write starting at `sector`.
+fn check_rw(sector: u64, len: u64, limits: &RequestLimits) -> Result<(), RequestError> {
+    if len > MAX_REQUEST_BYTES {
+        return Err(RequestError::TooLarge(len));
+    }
+    if !len.is_multiple_of(SECTOR_SIZE) {
+        return Err(RequestError::UnalignedLength(len));
+    }
+    check_sectors(sector, len >> SECTOR_SHIFT, limits)
+}
+
+/// Step 5 of [`Request::parse`] for DISCARD and WRITE_ZEROES: check the request and read its
+/// one range from the payload.
+fn range_kind(
+    req_type: u32,
+    bufs: &ChainBuffers,
+    mem: &GuestMemoryMmap,
+    limits: &RequestLimits,
+) -> Result<RequestKind, RequestError> {
+    let discard = req_type == VIRTIO_BLK_T_DISCARD;
+    if (discard && !limits.discard) || (!discard && !limits.write_zeroes) {
+        return Err(RequestError::UnsupportedType(req_type));
+    }
+    if bufs.out_len() != 0 {
+        return Err(bufs.wrong_direction(if discard { "discard" } else { "write-zeroes" }));
+    }
+    if limits.readonly {
+        return Err(RequestError::ReadOnly);
+    }
+    let payload = bufs.payload();
+    if payload != RANGE_LEN {
+        return Err(RequestError::BadRangePayload(payload));
+    }
+    let mut range = [0u8; RANGE_LEN as usize];
+    read_from_segments(mem, &bufs.readable, HEADER_LEN, &mut range)
+        .map_err(|_| RequestError::BadRangePayload(payload))?;
+    let r_sector = u64::from_le_bytes([
+        range[0], range[1], range[2], range[3], range[4], range[5], range[6], range[7],
+    ]);
+    let count = u32::from_le_bytes([range[8], range[9], range[10], range[11]]);
+    let flags = u32::from_le_bytes([range[12], range[13], range[14], range[15]]);
+    let allowed = if discard {
+        0
+    } else {
+        VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+    };
+    if flags & !allowed != 0 {
+        return Err(RequestError::UnsupportedFlags(flags));
+    }
+    if count > limits.max_range_sectors {
+        return Err(RequestError::RangeTooLong {
+            count,
+            max: limits.max_range_sectors,
+        });
+    }
+    check_sectors(r_sector, u64::from(count), limits)?;
+    Ok(if discard {
+        RequestKind::Discard {
+            sector: r_sector,
+            count,
+        }
+    } else {
+        RequestKind::WriteZeroes {
+            sector: r_sector,
+            count,
+            unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+        }
+    })
+}
+
 impl Request {
     /// Walk and validate one descriptor chain. With `access` (a device behind an IOMMU) every
     /// buffer address is a device address, translated (and possibly split) into guest-physical
@@ -357,110 +577,35 @@ impl Request {
             status_addr: None,
             error,
         };
-
-        // 1. Collect the chain. virtio-queue bounds a direct chain by the queue size and stops at
-        // an unreadable descriptor or a bad indirect table; indirect tables can be longer, so
-        // bound the total here too.
-        let mut descs: Vec<Descriptor> = Vec::with_capacity(4);
-        for d in chain {
-            if descs.len() >= limits.max_chain_len {
-                return Err(no_status(RequestError::ChainTooLong(limits.max_chain_len)));
-            }
-            descs.push(d);
-        }
-        let last = *descs.last().ok_or(no_status(RequestError::EmptyChain))?;
-        // The iterator ends early (loop, bad index, unreadable table) on a descriptor that still
-        // says NEXT.
-        if last.has_next() {
-            return Err(no_status(RequestError::UnterminatedChain));
-        }
-
+        // 1. Collect the chain.
+        let descs = collect_chain(chain, limits.max_chain_len).map_err(no_status)?;
         // 2. The status byte is the last byte of the last descriptor.
-        if !last.is_write_only() {
-            return Err(no_status(RequestError::MissingStatus));
-        }
-        if last.len() == 0 {
-            return Err(no_status(RequestError::EmptyStatus));
-        }
         let last_index = descs.len() - 1;
-        // Behind an IOMMU the last descriptor is translated once, here, and reused below.
-        let mut last_segs: Vec<Segment> = Vec::new();
-        let status_addr = if access.is_some() {
-            guest_segments(mem, access, last_index, &last, &mut last_segs).map_err(no_status)?;
-            match last_segs.last() {
-                // Non-empty segments of a checked range: the last byte is inside it.
-                Some(seg) => GuestAddress(seg.addr.0 + u64::from(seg.len) - 1),
-                None => return Err(no_status(RequestError::EmptyStatus)),
-            }
-        } else if in_guest_ram(mem, last.addr(), u64::from(last.len())) {
-            GuestAddress(last.addr().0 + u64::from(last.len()) - 1)
-        } else {
-            return Err(no_status(RequestError::OutsideGuestMemory {
-                index: last_index,
-                addr: last.addr().0,
-                len: last.len(),
-            }));
-        };
+        let (status_addr, last_segs) =
+            status_location(mem, access, last_index, &descs[last_index]).map_err(no_status)?;
         let reject = |error| Rejection {
             status_addr: Some(status_addr),
             error,
         };
-
         // 3. Every descriptor: non-empty, in guest RAM, readable ones before writable ones.
-        let mut readable: Vec<Segment> = Vec::with_capacity(2);
-        let mut writable: Vec<Segment> = Vec::with_capacity(2);
-        let (mut rlen, mut wlen) = (0u64, 0u64);
-        for (index, d) in descs.iter().enumerate() {
-            if d.len() == 0 {
-                return Err(reject(RequestError::ZeroLengthDescriptor { index }));
-            }
-            if !d.is_write_only() && !writable.is_empty() {
-                return Err(reject(RequestError::ReadableAfterWritable { index }));
-            }
-            if index == last_index && !last_segs.is_empty() {
-                // The status descriptor, already translated (it is device-writable).
-                writable.append(&mut last_segs);
-                wlen += u64::from(d.len());
-            } else if d.is_write_only() {
-                guest_segments(mem, access, index, d, &mut writable).map_err(reject)?;
-                wlen += u64::from(d.len());
-            } else {
-                guest_segments(mem, access, index, d, &mut readable).map_err(reject)?;
-                rlen += u64::from(d.len());
-            }
-        }
-
+        let bufs = gather_buffers(mem, access, &descs, last_segs).map_err(reject)?;
         // 4. The header.
-        if rlen < HEADER_LEN {
-            return Err(reject(RequestError::ShortHeader(rlen)));
-        }
-        let mut hdr = [0u8; HEADER_LEN as usize];
-        // The ranges were checked above; a failure means guest memory changed under us.
-        read_from_segments(mem, &readable, 0, &mut hdr)
-            .map_err(|_| reject(RequestError::ShortHeader(rlen)))?;
-        let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let sector = u64::from_le_bytes([
-            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
-        ]);
-        let payload = rlen - HEADER_LEN; // device-readable bytes after the header
-        let out_len = wlen - 1; // device-writable bytes before the status
+        let (req_type, sector) = bufs.header(mem).map_err(reject)?;
+        // 5. Per type.
+        Self::for_type(req_type, sector, &bufs, mem, limits, status_addr).map_err(reject)
+    }
 
-        let direction = |kind| {
-            reject(RequestError::WrongDirection {
-                kind,
-                readable: rlen,
-                writable: wlen,
-            })
-        };
-        let check_rw = |len: u64| -> Result<(), Rejection> {
-            if len > MAX_REQUEST_BYTES {
-                return Err(reject(RequestError::TooLarge(len)));
-            }
-            if !len.is_multiple_of(SECTOR_SIZE) {
-                return Err(reject(RequestError::UnalignedLength(len)));
-            }
-            check_sectors(sector, len >> SECTOR_SHIFT, limits).map_err(reject)
-        };
+    /// Step 5 of [`Request::parse`]: check the buffers against request type `req_type` and build
+    /// the request.
+    fn for_type(
+        req_type: u32,
+        sector: u64,
+        bufs: &ChainBuffers,
+        mem: &GuestMemoryMmap,
+        limits: &RequestLimits,
+        status_addr: GuestAddress,
+    ) -> Result<Request, RequestError> {
+        let (payload, out_len) = (bufs.payload(), bufs.out_len());
         let request = |kind, data, data_len| Request {
             kind,
             sector,
@@ -468,94 +613,45 @@ impl Request {
             data_len,
             status_addr,
         };
-
-        // 5. Per type.
         match req_type {
             VIRTIO_BLK_T_IN => {
                 if payload != 0 {
-                    return Err(direction("read"));
+                    return Err(bufs.wrong_direction("read"));
                 }
-                check_rw(out_len)?;
-                let data = sub_segments(&writable, 0, out_len);
+                check_rw(sector, out_len, limits)?;
+                let data = sub_segments(&bufs.writable, 0, out_len);
                 Ok(request(RequestKind::In, data, out_len))
             }
             VIRTIO_BLK_T_OUT => {
                 if out_len != 0 {
-                    return Err(direction("write"));
+                    return Err(bufs.wrong_direction("write"));
                 }
                 if limits.readonly {
-                    return Err(reject(RequestError::ReadOnly));
+                    return Err(RequestError::ReadOnly);
                 }
-                check_rw(payload)?;
-                let data = sub_segments(&readable, HEADER_LEN, payload);
+                check_rw(sector, payload, limits)?;
+                let data = sub_segments(&bufs.readable, HEADER_LEN, payload);
                 Ok(request(RequestKind::Out, data, payload))
             }
             VIRTIO_BLK_T_FLUSH => {
                 if payload != 0 || out_len != 0 {
-                    return Err(direction("flush"));
+                    return Err(bufs.wrong_direction("flush"));
                 }
                 Ok(request(RequestKind::Flush, Vec::new(), 0))
             }
             VIRTIO_BLK_T_GET_ID => {
                 if payload != 0 {
-                    return Err(direction("get-id"));
+                    return Err(bufs.wrong_direction("get-id"));
                 }
                 let len = out_len.min(ID_BYTES as u64);
-                let data = sub_segments(&writable, 0, len);
+                let data = sub_segments(&bufs.writable, 0, len);
                 Ok(request(RequestKind::GetId, data, len))
             }
             VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-                let discard = req_type == VIRTIO_BLK_T_DISCARD;
-                if (discard && !limits.discard) || (!discard && !limits.write_zeroes) {
-                    return Err(reject(RequestError::UnsupportedType(req_type)));
-                }
-                if out_len != 0 {
-                    return Err(direction(if discard { "discard" } else { "write-zeroes" }));
-                }
-                if limits.readonly {
-                    return Err(reject(RequestError::ReadOnly));
-                }
-                if payload != RANGE_LEN {
-                    return Err(reject(RequestError::BadRangePayload(payload)));
-                }
-                let mut range = [0u8; RANGE_LEN as usize];
-                read_from_segments(mem, &readable, HEADER_LEN, &mut range)
-                    .map_err(|_| reject(RequestError::BadRangePayload(payload)))?;
-                let r_sector = u64::from_le_bytes([
-                    range[0], range[1], range[2], range[3], range[4], range[5], range[6], range[7],
-                ]);
-                let count = u32::from_le_bytes([range[8], range[9], range[10], range[11]]);
-                let flags = u32::from_le_bytes([range[12], range[13], range[14], range[15]]);
-                let allowed = if discard {
-                    0
-                } else {
-                    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
-                };
-                if flags & !allowed != 0 {
-                    return Err(reject(RequestError::UnsupportedFlags(flags)));
-                }
-                if count > limits.max_range_sectors {
-                    return Err(reject(RequestError::RangeTooLong {
-                        count,
-                        max: limits.max_range_sectors,
-                    }));
-                }
-                check_sectors(r_sector, u64::from(count), limits).map_err(reject)?;
-                let kind = if discard {
-                    RequestKind::Discard {
-                        sector: r_sector,
-                        count,
-                    }
-                } else {
-                    RequestKind::WriteZeroes {
-                        sector: r_sector,
-                        count,
-                        unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
-                    }
-                };
+                let kind = range_kind(req_type, bufs, mem, limits)?;
                 Ok(request(kind, Vec::new(), 0))
             }
-            other => Err(reject(RequestError::UnsupportedType(other))),
+            other => Err(RequestError::UnsupportedType(other)),
         }
     }
 
