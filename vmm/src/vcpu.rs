@@ -300,30 +300,28 @@ impl VcpuControl {
         self.requested
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let deadline = std::time::Instant::now() + timeout;
+        let pending = |st: &mut ControlState| st.parked < total && !st.stop;
         let mut st = self.lock();
-        while st.parked < total && !st.stop {
+        while pending(&mut st) {
             drop(st);
             Self::kick(threads);
-            st = self.lock();
-            // The vCPUs may have parked (and notified) between the kick and this lock: look
-            // before waiting, or the wait misses them and the pause takes a whole re-kick
-            // interval (20 ms of downtime in 1 of 5 migrations before this check).
-            if st.parked >= total || st.stop {
-                break;
-            }
-            let now = std::time::Instant::now();
-            if now >= deadline {
+            // `wait_timeout_while` looks before it waits: vCPUs that parked (and notified)
+            // between the kick and this lock are not missed, which used to cost a whole re-kick
+            // interval (20 ms of downtime in 1 of 5 migrations).
+            let wait = deadline
+                .saturating_duration_since(std::time::Instant::now())
+                .min(Duration::from_millis(20));
+            st = self
+                .cv
+                .wait_timeout_while(self.lock(), wait, pending)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            if pending(&mut st) && std::time::Instant::now() >= deadline {
                 return Err(VcpuError::PauseTimeout {
                     parked: st.parked,
                     total,
                 });
             }
-            let wait = (deadline - now).min(Duration::from_millis(20));
-            st = self
-                .cv
-                .wait_timeout(st, wait)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
         }
         Ok(())
     }
