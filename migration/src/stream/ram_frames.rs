@@ -169,19 +169,15 @@ impl PageVersions {
         self.last_applied(gpa).is_some_and(|last| last > iteration)
     }
 
-    /// The version bytes of the `pages` pages from `gpa` that lie in the region holding `gpa`
-    /// (fewer than `pages` if the run leaves it; empty if `gpa` is not RAM).
-    fn run_mut(&mut self, gpa: u64, pages: u64) -> &mut [u8] {
-        match self.locate(gpa) {
-            Some((r, p)) => {
-                let v = &mut self.versions[r];
-                let end = p
-                    .saturating_add(usize::try_from(pages).unwrap_or(usize::MAX))
-                    .min(v.len());
-                &mut v[p..end]
-            }
-            None => &mut [],
-        }
+    /// Where the version bytes of the `pages` pages from `gpa` lie: the region holding `gpa`
+    /// and the range of its pages the run covers (fewer than `pages` if the run leaves the
+    /// region); `None` if `gpa` is not RAM.
+    fn run_at(&self, gpa: u64, pages: u64) -> Option<(usize, std::ops::Range<usize>)> {
+        let (r, p) = self.locate(gpa)?;
+        let end = p
+            .saturating_add(usize::try_from(pages).unwrap_or(usize::MAX))
+            .min(self.versions[r].len());
+        Some((r, p..end))
     }
 
     /// Record that the copy from `iteration` (at most [`MAX_ITERATION`]) of `pages` pages from
@@ -193,14 +189,14 @@ impl PageVersions {
             let Some(at) = gpa.checked_add(done * PAGE_SIZE) else {
                 return;
             };
-            let run = self.run_mut(at, pages - done);
-            if run.is_empty() {
+            match self.run_at(at, pages - done) {
+                Some((r, run)) => {
+                    done += run.len() as u64;
+                    self.versions[r][run].fill(v);
+                }
                 // Not RAM: skip the page.
-                done += 1;
-                continue;
+                None => done += 1,
             }
-            run.fill(v);
-            done += run.len() as u64;
         }
     }
 
@@ -216,24 +212,25 @@ impl PageVersions {
         let limit = u64::from(iteration) + 1;
         let mut page = 0;
         while page < pages {
-            let located = gpa
-                .checked_add(page * PAGE_SIZE)
-                .and_then(|a| self.locate(a));
-            let Some((r, p)) = located else {
-                // Not RAM (or past the address space): never applied, so not stale.
-                if gpa.checked_add(page * PAGE_SIZE).is_some() {
-                    push(page);
-                }
+            // Past the end of the address space: stale (never written).
+            let Some(at) = gpa.checked_add(page * PAGE_SIZE) else {
                 page += 1;
                 continue;
             };
-            let v = &self.versions[r];
-            let end = p.saturating_add(usize::try_from(pages - page).unwrap_or(usize::MAX));
-            for &version in &v[p..end.min(v.len())] {
-                if u64::from(version) <= limit {
-                    push(page);
+            match self.run_at(at, pages - page) {
+                Some((r, run)) => {
+                    for &version in &self.versions[r][run] {
+                        if u64::from(version) <= limit {
+                            push(page);
+                        }
+                        page += 1;
+                    }
                 }
-                page += 1;
+                // Not RAM: never applied, so not stale.
+                None => {
+                    push(page);
+                    page += 1;
+                }
             }
         }
         runs
