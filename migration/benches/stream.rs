@@ -21,22 +21,24 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
 const PAGE: usize = 4096;
 
-/// User and system CPU seconds of this process so far.
-fn cpu() -> (f64, f64) {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+/// User and system CPU seconds in the `/proc` stat file at `path`.
+fn stat_cpu(path: &str) -> (f64, f64) {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let rest = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 100.0;
     (tick(11), tick(12))
 }
 
+/// User and system CPU seconds of this process so far.
+fn cpu() -> (f64, f64) {
+    stat_cpu("/proc/self/stat")
+}
+
 /// User + system CPU seconds of the calling thread so far.
 fn thread_cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 100.0;
-    tick(11) + tick(12)
+    let (user, system) = stat_cpu("/proc/thread-self/stat");
+    user + system
 }
 
 fn pair() -> (TcpStream, TcpStream) {

@@ -80,9 +80,9 @@ fn mib_s(bytes_per_s: f64) -> f64 {
     bytes_per_s / MIB as f64
 }
 
-/// (user, system) CPU seconds process `pid` used so far.
-fn cpu_s(pid: u32) -> Option<(f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// (user, system) CPU seconds in the `/proc` stat file at `path` (a process's or a thread's).
+fn stat_cpu_s(path: &Path) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the command name (which may hold spaces) start at field 3.
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -91,6 +91,11 @@ fn cpu_s(pid: u32) -> Option<(f64, f64)> {
     let user = f.get(11)?.parse::<u64>().ok()? as f64 / hz;
     let system = f.get(12)?.parse::<u64>().ok()? as f64 / hz;
     Some((user, system))
+}
+
+/// (user, system) CPU seconds process `pid` used so far.
+fn cpu_s(pid: u32) -> Option<(f64, f64)> {
+    stat_cpu_s(Path::new(&format!("/proc/{pid}/stat")))
 }
 
 /// User + system CPU seconds the vCPU threads (named `vcpuN`) of process `pid` used so far;
@@ -105,12 +110,8 @@ fn vcpu_cpu_s(pid: u32) -> Option<f64> {
             continue;
         }
         found = true;
-        let stat = std::fs::read_to_string(task.join("stat")).ok()?;
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // SAFETY: sysconf has no side effects.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        total += (f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?) as f64 / hz;
+        let (user, system) = stat_cpu_s(&task.join("stat"))?;
+        total += user + system;
     }
     found.then_some(total)
 }
